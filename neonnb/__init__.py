@@ -1,0 +1,27 @@
+"""neonnb: a background job queue for people who work in Jupyter notebooks."""
+
+from .config import Config, WorkerOptions
+from .drivers.base import QueueCounts
+from .errors import (
+    ConfigError,
+    JobFailed,
+    JobNotFound,
+    JobTimeout,
+    MissingDependency,
+    NeonnbError,
+    PayloadError,
+    Retry,
+    SerializationError,
+    UnknownJobError,
+)
+from .job import Context, Job, JobRecord, Priority, Status
+from .manager import FailedJob, JobHandle, QueueManager, connect
+from .worker import JobEvent, Worker
+
+__all__ = [
+    "Config", "ConfigError", "Context", "FailedJob", "Job", "JobEvent", "JobFailed", "JobHandle",
+    "JobNotFound", "JobRecord", "JobTimeout", "MissingDependency", "NeonnbError", "PayloadError",
+    "Priority", "QueueCounts", "QueueManager", "Retry", "SerializationError", "Status",
+    "UnknownJobError", "Worker", "WorkerOptions", "connect",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,69 @@
+"""One private asyncio loop in a daemon thread; sync calls submit to it.
+
+A notebook kernel already runs a loop on the main thread, and its tasks starve while a cell
+runs sync code, so neonnb keeps its own loop on the ``neonnb-loop`` thread (the pattern of
+dask's LoopRunner). Every sync method of the public API is a one-line bridge to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+_thread: threading.Thread | None = None
+
+
+def get_loop() -> asyncio.AbstractEventLoop:
+    """The background loop, started on first use."""
+    global _loop, _thread
+    with _lock:
+        if _loop is None or _thread is None or not _thread.is_alive():
+            loop = asyncio.new_event_loop()
+            started = threading.Event()
+
+            def run() -> None:
+                asyncio.set_event_loop(loop)
+                loop.call_soon(started.set)
+                loop.run_forever()
+
+            _thread = threading.Thread(target=run, name="neonnb-loop", daemon=True)
+            _thread.start()
+            started.wait()
+            _loop = loop
+        return _loop
+
+
+def on_loop_thread() -> bool:
+    return threading.current_thread() is _thread
+
+
+def submit(coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+    """Schedule ``coro`` on the background loop without waiting for it."""
+    return asyncio.run_coroutine_threadsafe(coro, get_loop())
+
+
+def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+    """Run ``coro`` on the background loop and wait for its result.
+
+    Called from the loop's own thread this would deadlock, so it refuses. A KeyboardInterrupt
+    (the notebook's Interrupt button) cancels the coroutine before it propagates.
+    """
+    if on_loop_thread():
+        coro.close()
+        raise RuntimeError(
+            "a sync neonnb call was made on neonnb's own event loop; inside async code use "
+            "the async twin (e.g. `await qm.adispatch(...)` instead of `qm.dispatch(...)`)"
+        )
+    future = submit(coro)
+    try:
+        return future.result(timeout)
+    except (KeyboardInterrupt, concurrent.futures.TimeoutError):
+        future.cancel()
+        raise

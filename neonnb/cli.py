@@ -1,0 +1,88 @@
+"""The ``neonnb`` command: ``neonnb worker`` runs a standalone worker, ``neonnb demo`` shows
+the queue at work on the embedded SQLite default."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from .config import WorkerOptions
+from .errors import NeonnbError
+from .manager import QueueManager, connect
+
+
+def load_manager(target: str) -> QueueManager:
+    """A URL, a YAML config file, or ``module:attribute`` naming a QueueManager."""
+    if "://" not in target and ":" in target and not target.endswith((".yaml", ".yml")):
+        module_name, _, attribute = target.partition(":")
+        manager = getattr(importlib.import_module(module_name), attribute, None)
+        if not isinstance(manager, QueueManager):
+            raise NeonnbError(f"{target}: {module_name}.{attribute} is not a neonnb QueueManager")
+        return manager
+    return connect(target)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    sys.path.insert(0, os.getcwd())  # so --import finds the project's own modules
+    for module in args.imports:
+        importlib.import_module(module)
+    manager = load_manager(args.target)
+    options = WorkerOptions(max_jobs=args.max_jobs, burst=args.burst)
+    worker = manager.worker(args.queues or None, args.concurrency, options)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.request_stop, args.grace)
+        await worker.arun()
+        await manager.driver.close()
+
+    asyncio.run(main())
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.url, jobs=args.jobs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neonnb", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    worker = commands.add_parser("worker", help="run a standalone worker until SIGTERM/SIGINT")
+    worker.add_argument("target", help="connection URL (sqlite:///jobs.db), config file (queue.yaml) or module:manager")
+    worker.add_argument("-q", "--queue", dest="queues", action="append", default=[],
+                        help="queue to work on; repeat for several (default: the config's default_queue)")
+    worker.add_argument("-c", "--concurrency", type=int, default=None, help="jobs at a time (default: config workers)")
+    worker.add_argument("-i", "--import", dest="imports", action="append", default=[],
+                        help="module that defines jobs; repeat for several")
+    worker.add_argument("--max-jobs", type=int, default=None, help="stop after this many jobs")
+    worker.add_argument("--burst", action="store_true", help="stop when nothing is left to run")
+    worker.add_argument("--grace", type=float, default=10.0,
+                        help="seconds running jobs get to finish on SIGTERM before they are released (default 10)")
+    worker.set_defaults(run=_worker)
+
+    demo = commands.add_parser("demo", help="a small data pipeline on the embedded SQLite default")
+    demo.add_argument("--url", default=None, help="database URL (default: a throwaway SQLite file)")
+    demo.add_argument("--jobs", type=int, default=24, help="partitions to load (default 24)")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.run(args))
+    except NeonnbError as exc:
+        print(f"neonnb: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,182 @@
+"""Typed configuration: the spec's ``queue.Config`` and ``WorkerOptions``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DRIVERS = ("memory", "database", "redis")
+DEFAULT_DATABASE_URL = "sqlite:///neonnb.db"
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+
+
+def parse_duration(value: Any, name: str) -> float:
+    """Seconds from a number, a ``timedelta`` or a string such as ``"1m30s"`` or ``"500ms"``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a duration, got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, str):
+        text = value.strip().replace(" ", "")
+        parts = _DURATION_PART.findall(text)
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            seconds = float(text)
+        elif parts and "".join(n + u for n, u in parts) == text:
+            seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+        else:
+            raise ConfigError(
+                f"{name} must be a duration such as 5, '5s', '1m30s' or '500ms', got {value!r}"
+            )
+    else:
+        raise ConfigError(f"{name} must be a duration in seconds, got {type(value).__name__}")
+    if seconds < 0:
+        raise ConfigError(f"{name} must not be negative, got {value!r}")
+    return seconds
+
+
+def _positive_int(value: Any, name: str, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        least = "0 or more" if allow_zero else "at least 1"
+        raise ConfigError(f"{name} must be an integer {least}, got {value!r}")
+    return value
+
+
+@dataclass
+class Config:
+    """Queue configuration; every field of the spec's ``queue.Config`` plus leases and backoff.
+
+    ``connection`` is a URL (``sqlite:///jobs.db``, ``postgresql://...``, ``memory://``) or an
+    existing SQLAlchemy ``Engine`` for the database driver. Durations are seconds, a
+    ``timedelta`` or a string like ``"5s"``. ``max_retries`` counts retries after the first
+    attempt, so a job runs at most ``max_retries + 1`` times unless it says otherwise.
+    """
+
+    driver: str = "database"
+    connection: Any = None
+    password: str | None = None
+    database: int = 0
+    default_queue: str = "default"
+    max_retries: int = 3
+    retry_delay: Any = 5.0
+    timeout: Any = 60.0
+    workers: int = 5
+    max_jobs: int = 0
+    poll_interval: Any = 1.0
+    table_name: str = "neonnb_jobs"
+    lease_timeout: Any = 30.0
+    backoff_cap: Any = 3600.0
+    backoff_jitter: bool = False
+    result_ttl: Any = 86400.0
+
+    def __post_init__(self) -> None:
+        if self.driver not in DRIVERS:
+            raise ConfigError(f"Config.driver must be one of {', '.join(DRIVERS)}, got {self.driver!r}")
+        if self.connection is None and self.driver == "database":
+            self.connection = DEFAULT_DATABASE_URL
+        if not isinstance(self.default_queue, str) or not self.default_queue:
+            raise ConfigError(f"Config.default_queue must be a non-empty string, got {self.default_queue!r}")
+        if not isinstance(self.table_name, str) or not _TABLE_NAME.fullmatch(self.table_name):
+            raise ConfigError(
+                "Config.table_name must be a SQL identifier (letters, digits and _, not starting "
+                f"with a digit, at most 63 characters), got {self.table_name!r}"
+            )
+        self.database = _positive_int(self.database, "Config.database", allow_zero=True)
+        self.max_retries = _positive_int(self.max_retries, "Config.max_retries", allow_zero=True)
+        self.workers = _positive_int(self.workers, "Config.workers")
+        self.max_jobs = _positive_int(self.max_jobs, "Config.max_jobs", allow_zero=True)
+        for name in ("retry_delay", "timeout", "poll_interval", "lease_timeout", "backoff_cap", "result_ttl"):
+            setattr(self, name, parse_duration(getattr(self, name), f"Config.{name}"))
+        if self.poll_interval <= 0 or self.lease_timeout <= 0:
+            raise ConfigError("Config.poll_interval and Config.lease_timeout must be greater than 0")
+
+    @property
+    def max_attempts(self) -> int:
+        return self.max_retries + 1
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str], section: str = "queue") -> Config:
+        """Load a config file such as the spec's ``config/queue.yaml``.
+
+        ``${VAR}`` and ``${VAR:-default}`` are replaced from the environment before parsing.
+        """
+        import yaml
+
+        text = _expand_env(Path(path).read_text(), str(path))
+        data = yaml.safe_load(text) or {}
+        if isinstance(data, dict) and section in data:
+            data = data[section]
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping under '{section}:'")
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> Config:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}"
+            )
+        # An unset ${VAR} expands to "", which means "not given" for the optional strings.
+        values: dict[str, Any] = {
+            k: (None if v == "" and k in ("connection", "password") else v) for k, v in data.items()
+        }
+        return cls(**values)
+
+
+def _expand_env(text: str, source: str) -> str:
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        value = os.environ.get(name)
+        if value is not None and (value or default is None):
+            return value
+        if default is not None:
+            return default
+        return ""
+
+    return _ENV_VAR.sub(replace, text)
+
+
+@dataclass
+class WorkerOptions:
+    """Per-worker settings (the spec's ``WorkerOptions``); ``None`` means "take it from Config".
+
+    ``max_jobs`` stops the worker after that many jobs (0 = no limit); ``burst`` stops it when
+    nothing is left to run now.
+    """
+
+    max_jobs: int | None = None
+    timeout: Any = None
+    poll_interval: Any = None
+    lease_timeout: Any = None
+    burst: bool = False
+    worker_id: str = field(default="")
+
+    def resolve(self, config: Config) -> WorkerOptions:
+        """A copy with every ``None`` filled in from ``config``, all values validated."""
+        def duration(name: str) -> float:
+            value = getattr(self, name)
+            return parse_duration(getattr(config, name) if value is None else value, f"WorkerOptions.{name}")
+
+        max_jobs = config.max_jobs if self.max_jobs is None else self.max_jobs
+        return WorkerOptions(
+            max_jobs=_positive_int(max_jobs, "WorkerOptions.max_jobs", allow_zero=True),
+            timeout=duration("timeout"),
+            poll_interval=duration("poll_interval"),
+            lease_timeout=duration("lease_timeout"),
+            burst=self.burst,
+            worker_id=self.worker_id,
+        )

@@ -1,0 +1,27 @@
+"""Storage drivers behind one protocol (``base.Driver``); a new driver is one file."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from .base import Driver
+
+
+def create_driver(config: Config) -> Driver:
+    """The driver that ``config.driver`` names."""
+    if config.driver == "memory":
+        from .memory import MemoryDriver
+
+        return MemoryDriver()
+    if config.driver == "database":
+        from .database import DatabaseDriver
+
+        return DatabaseDriver(config.connection, table_name=config.table_name)
+    raise ConfigError(
+        f"Config.driver {config.driver!r} is not available in this version of neonnb; "
+        "use 'memory' or 'database'"
+    )

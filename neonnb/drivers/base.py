@@ -1,0 +1,118 @@
+"""The one Driver protocol every storage backend implements.
+
+Drivers store ``JobRecord``s and make each state change atomic; the manager and worker decide
+which change to make. All times are passed in (``now``) so tests can inject a clock. Methods
+that act for a worker take its ``worker_id`` and do nothing (returning False) when the job is
+no longer that worker's: its lease expired and someone else may have it now.
+
+Drivers must work from any event loop: the sync API runs them on neonnb's background loop,
+the async API on the caller's.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..job import JobRecord, Status
+
+
+@dataclass
+class QueueCounts:
+    """How many jobs of one queue are in each state; ``waiting`` is split by priority."""
+
+    waiting: dict[str, int] = field(default_factory=lambda: {"high": 0, "normal": 0, "low": 0})
+    delayed: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+
+    @property
+    def size(self) -> int:
+        """Jobs not yet started: waiting now plus delayed."""
+        return sum(self.waiting.values()) + self.delayed
+
+
+class Driver(abc.ABC):
+    @abc.abstractmethod
+    async def enqueue(self, records: Sequence[JobRecord]) -> None:
+        """Store new jobs, all in one round trip; when this returns they are durable."""
+
+    @abc.abstractmethod
+    async def reserve(
+        self, queues: Sequence[str], limit: int, worker_id: str, now: float, lease_expires: float
+    ) -> list[JobRecord]:
+        """Claim up to ``limit`` due jobs: highest priority first, FIFO within a priority.
+
+        Each claimed job becomes RUNNING with ``attempts + 1``, ``worker_id`` and the lease.
+        """
+
+    @abc.abstractmethod
+    async def extend_leases(self, ids: Sequence[str], worker_id: str, lease_expires: float) -> None:
+        """Push out the lease of jobs this worker still runs (the heartbeat)."""
+
+    @abc.abstractmethod
+    async def set_progress(self, job_id: str, worker_id: str, progress: dict[str, Any]) -> None: ...
+
+    @abc.abstractmethod
+    async def complete(self, job_id: str, worker_id: str, now: float, result: str | None) -> bool:
+        """Mark a job SUCCEEDED with its JSON result."""
+
+    @abc.abstractmethod
+    async def retry(self, job_id: str, worker_id: str, run_at: float, error: dict[str, Any]) -> bool:
+        """Put a job back to QUEUED, due at ``run_at``, keeping its attempts."""
+
+    @abc.abstractmethod
+    async def fail(self, job_id: str, worker_id: str | None, now: float, error: dict[str, Any]) -> bool:
+        """Move a job to the failed store (FAILED). ``worker_id=None`` fails it whoever holds it."""
+
+    @abc.abstractmethod
+    async def release(self, ids: Sequence[str], worker_id: str, now: float) -> int:
+        """Give jobs back to the queue unfinished (graceful stop); their attempt is not counted."""
+
+    @abc.abstractmethod
+    async def recover_expired(self, now: float) -> list[str]:
+        """Requeue RUNNING jobs whose lease ended (their worker died), attempt counted; those
+        that used up ``max_attempts`` go to the failed store. Returns the requeued ids."""
+
+    @abc.abstractmethod
+    async def purge_finished(self, before: float) -> int:
+        """Delete SUCCEEDED jobs that finished before ``before`` (their result TTL ended)."""
+
+    @abc.abstractmethod
+    async def get(self, job_id: str) -> JobRecord | None: ...
+
+    @abc.abstractmethod
+    async def list_jobs(
+        self, *, status: Status | None = None, queue: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[JobRecord]:
+        """Jobs newest first (FAILED ones by when they failed)."""
+
+    @abc.abstractmethod
+    async def counts(self, now: float) -> dict[str, QueueCounts]:
+        """Per-queue counts of every queue that holds a job."""
+
+    @abc.abstractmethod
+    async def requeue_failed(self, ids: Sequence[str] | None, queue: str | None, now: float) -> list[str]:
+        """Move failed jobs back to the queue with attempts reset; ``ids=None`` means all
+        failed jobs (of ``queue`` if given). Returns the ids moved."""
+
+    @abc.abstractmethod
+    async def delete_failed(self, ids: Sequence[str] | None) -> int:
+        """Forget failed jobs; ``ids=None`` flushes the whole failed store."""
+
+    async def close(self) -> None:  # noqa: B027 - drivers without resources need nothing
+        """Release connections."""
+
+
+LEASE_ERROR: dict[str, Any] = {
+    "type": "LeaseExpired",
+    "message": (
+        "the worker running this job stopped heartbeating (it was killed, crashed or hung) on "
+        "the job's last allowed attempt; look for what kills the worker, then retry the job"
+    ),
+    "traceback": "",
+}
+"""The failure recorded when a job's worker kept dying under it."""

@@ -1,0 +1,377 @@
+"""SQL driver on SQLAlchemy 2 Core: SQLite (the embedded default) and PostgreSQL.
+
+Statements run on a small thread pool so the event loop never blocks. A claim is a single
+transaction that selects due rows in priority order (``FOR UPDATE SKIP LOCKED`` where the
+database has it) and flips them to running; on SQLite every transaction starts with
+``BEGIN IMMEDIATE`` so two processes can't claim the same row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Double,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    Row,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    and_,
+    case,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError, ProgrammingError
+
+from ..errors import ConfigError
+from ..job import JobRecord, Priority, Status
+from .base import LEASE_ERROR, Driver, QueueCounts
+
+T = TypeVar("T")
+
+QUEUED, RUNNING, SUCCEEDED, FAILED = (s.value for s in Status)
+
+
+def jobs_table(name: str) -> Table:
+    """The one table the driver uses; ``name`` comes from ``Config.table_name``."""
+    t = Table(
+        name,
+        MetaData(),
+        Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+        Column("id", String(36), nullable=False, unique=True),
+        Column("queue", String(200), nullable=False),
+        Column("name", String(300), nullable=False),
+        Column("payload", Text, nullable=False),
+        Column("priority", SmallInteger, nullable=False),
+        Column("status", String(10), nullable=False),
+        Column("attempts", Integer, nullable=False),
+        Column("max_attempts", Integer, nullable=False),
+        Column("timeout", Double),
+        Column("run_at", Double, nullable=False),
+        Column("created_at", Double, nullable=False),
+        Column("started_at", Double),
+        Column("finished_at", Double),
+        Column("lease_expires", Double),
+        Column("worker_id", String(100)),
+        Column("progress", Text),
+        Column("result", Text),
+        Column("error", Text),
+    )
+    # The claim reads (queue, status) and orders by (priority, run_at, seq): one index serves it.
+    Index(f"{name}_claim", t.c.queue, t.c.status, t.c.priority, t.c.run_at, t.c.seq)
+    Index(f"{name}_lease", t.c.status, t.c.lease_expires)
+    Index(f"{name}_finished", t.c.status, t.c.finished_at)
+    return t
+
+
+def _sqlite_engine(url: str) -> Engine:
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
+
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control from pysqlite so BEGIN IMMEDIATE below is what runs.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")  # a returned dispatch survives power loss
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+class DatabaseDriver(Driver):
+    def __init__(self, connection: str | Engine, table_name: str = "neonnb_jobs") -> None:
+        if isinstance(connection, Engine):
+            self.engine, self._owns_engine = connection, False
+        elif isinstance(connection, str):
+            url = make_url(connection)
+            if url.get_backend_name() == "sqlite":
+                if url.database in (None, "", ":memory:"):
+                    raise ConfigError(
+                        "Config.connection: an in-memory SQLite database can't be shared between "
+                        "threads and processes; use driver='memory' or a file such as sqlite:///jobs.db"
+                    )
+                self.engine = _sqlite_engine(connection)
+            else:
+                self.engine = create_engine(connection, pool_pre_ping=True)
+            self._owns_engine = True
+        else:
+            raise ConfigError(
+                f"Config.connection must be a database URL or a SQLAlchemy Engine, got {type(connection).__name__}"
+            )
+        self.is_sqlite = self.engine.dialect.name == "sqlite"
+        self.table = jobs_table(table_name)
+        self._returning = self.engine.dialect.update_returning
+        # SQLite serialises writers anyway; one thread avoids busy-waiting on its lock.
+        self._executor = ThreadPoolExecutor(
+            max_workers=1 if self.is_sqlite else 8, thread_name_prefix="neonnb-db"
+        )
+        self._schema_ready = False
+        self._schema_lock = threading.Lock()
+
+    # --- plumbing ---------------------------------------------------------------------
+
+    def _ensure_schema(self) -> None:
+        with self._schema_lock:
+            if self._schema_ready:
+                return
+            try:
+                self.table.metadata.create_all(self.engine, checkfirst=True)
+            except (OperationalError, ProgrammingError):
+                # Another process created it between our check and our CREATE: fine if it's there now.
+                self.table.metadata.create_all(self.engine, checkfirst=True)
+            self._schema_ready = True
+
+    def _in_transaction(self, fn: Callable[..., T], *args: Any) -> T:
+        self._ensure_schema()
+        with self.engine.begin() as conn:
+            return fn(conn, *args)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(self._in_transaction, fn, *args))
+
+    def _record(self, row: Row[Any]) -> JobRecord:
+        m = row._mapping
+        return JobRecord(
+            id=m["id"],
+            queue=m["queue"],
+            name=m["name"],
+            payload=m["payload"],
+            priority=Priority.from_rank(m["priority"]),
+            status=Status(m["status"]),
+            attempts=m["attempts"],
+            max_attempts=m["max_attempts"],
+            timeout=m["timeout"],
+            run_at=m["run_at"],
+            created_at=m["created_at"],
+            started_at=m["started_at"],
+            finished_at=m["finished_at"],
+            lease_expires=m["lease_expires"],
+            worker_id=m["worker_id"],
+            progress=_json_or_none(m["progress"]),
+            result=m["result"],
+            error=_json_or_none(m["error"]),
+        )
+
+    def _owned(self, job_id: str, worker_id: str | None) -> Any:
+        c = self.table.c
+        condition = and_(c.id == job_id, c.status == RUNNING)
+        return condition if worker_id is None else and_(condition, c.worker_id == worker_id)
+
+    def _update_owned(self, job_id: str, owner: str | None, values: dict[str, Any]) -> Callable[[Connection], bool]:
+        def run(conn: Connection) -> bool:
+            stmt = update(self.table).where(self._owned(job_id, owner)).values(**values)
+            return conn.execute(stmt).rowcount == 1
+
+        return run
+
+    # --- the protocol -----------------------------------------------------------------
+
+    async def enqueue(self, records: Sequence[JobRecord]) -> None:
+        rows = [
+            {
+                "id": r.id, "queue": r.queue, "name": r.name, "payload": r.payload,
+                "priority": r.priority.rank, "status": r.status.value, "attempts": r.attempts,
+                "max_attempts": r.max_attempts, "timeout": r.timeout, "run_at": r.run_at,
+                "created_at": r.created_at,
+            }
+            for r in records
+        ]
+        if rows:
+            await self._run(lambda conn: conn.execute(self.table.insert(), rows))
+
+    async def reserve(
+        self, queues: Sequence[str], limit: int, worker_id: str, now: float, lease_expires: float
+    ) -> list[JobRecord]:
+        c = self.table.c
+
+        def claim(conn: Connection) -> list[JobRecord]:
+            due = (
+                select(c.seq)
+                .where(c.queue.in_(queues), c.status == QUEUED, c.run_at <= now)
+                .order_by(c.priority, c.run_at, c.seq)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+            seqs = list(conn.execute(due).scalars())
+            if not seqs:
+                return []
+            stmt = (
+                update(self.table)
+                .where(c.seq.in_(seqs), c.status == QUEUED)
+                .values(status=RUNNING, attempts=c.attempts + 1, worker_id=worker_id,
+                        lease_expires=lease_expires, started_at=now)
+            )
+            if self._returning:
+                rows = list(conn.execute(stmt.returning(*self.table.c)))
+            else:
+                conn.execute(stmt)
+                rows = list(conn.execute(select(self.table).where(c.seq.in_(seqs), c.worker_id == worker_id)))
+            rows.sort(key=lambda row: (row.priority, row.run_at, row.seq))
+            return [self._record(row) for row in rows]
+
+        return await self._run(claim)
+
+    async def extend_leases(self, ids: Sequence[str], worker_id: str, lease_expires: float) -> None:
+        c = self.table.c
+        stmt = (
+            update(self.table)
+            .where(c.id.in_(ids), c.status == RUNNING, c.worker_id == worker_id)
+            .values(lease_expires=lease_expires)
+        )
+        if ids:
+            await self._run(lambda conn: conn.execute(stmt))
+
+    async def set_progress(self, job_id: str, worker_id: str, progress: dict[str, Any]) -> None:
+        await self._run(self._update_owned(job_id, worker_id, {"progress": json.dumps(progress)}))
+
+    async def complete(self, job_id: str, worker_id: str, now: float, result: str | None) -> bool:
+        return await self._run(self._update_owned(
+            job_id, worker_id, {"status": SUCCEEDED, "finished_at": now, "lease_expires": None, "result": result}
+        ))
+
+    async def retry(self, job_id: str, worker_id: str, run_at: float, error: dict[str, Any]) -> bool:
+        return await self._run(self._update_owned(job_id, worker_id, {
+            "status": QUEUED, "run_at": run_at, "worker_id": None, "lease_expires": None,
+            "error": json.dumps(error),
+        }))
+
+    async def fail(self, job_id: str, worker_id: str | None, now: float, error: dict[str, Any]) -> bool:
+        return await self._run(self._update_owned(
+            job_id, worker_id, {"status": FAILED, "finished_at": now, "lease_expires": None, "error": json.dumps(error)}
+        ))
+
+    async def release(self, ids: Sequence[str], worker_id: str, now: float) -> int:
+        c = self.table.c
+        stmt = (
+            update(self.table)
+            .where(c.id.in_(ids), c.status == RUNNING, c.worker_id == worker_id)
+            .values(status=QUEUED, attempts=c.attempts - 1, worker_id=None, lease_expires=None)
+        )
+        return await self._run(lambda conn: conn.execute(stmt).rowcount) if ids else 0
+
+    async def recover_expired(self, now: float) -> list[str]:
+        c = self.table.c
+        expired = and_(c.status == RUNNING, c.lease_expires < now)
+
+        def recover(conn: Connection) -> list[str]:
+            conn.execute(
+                update(self.table)
+                .where(expired, c.attempts >= c.max_attempts)
+                .values(status=FAILED, finished_at=now, lease_expires=None,
+                        error=json.dumps(LEASE_ERROR))
+            )
+            ids = list(conn.execute(select(c.id).where(expired).with_for_update(skip_locked=True)).scalars())
+            if ids:
+                conn.execute(
+                    update(self.table).where(c.id.in_(ids), expired)
+                    .values(status=QUEUED, run_at=now, worker_id=None, lease_expires=None)
+                )
+            return ids
+
+        return await self._run(recover)
+
+    async def purge_finished(self, before: float) -> int:
+        c = self.table.c
+        stmt = delete(self.table).where(c.status == SUCCEEDED, c.finished_at < before)
+        return await self._run(lambda conn: conn.execute(stmt).rowcount)
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        stmt = select(self.table).where(self.table.c.id == job_id)
+
+        def fetch(conn: Connection) -> JobRecord | None:
+            row = conn.execute(stmt).first()
+            return None if row is None else self._record(row)
+
+        return await self._run(fetch)
+
+    async def list_jobs(
+        self, *, status: Status | None = None, queue: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[JobRecord]:
+        c = self.table.c
+        stmt = select(self.table)
+        if status is not None:
+            stmt = stmt.where(c.status == status.value)
+        if queue is not None:
+            stmt = stmt.where(c.queue == queue)
+        newest_first = c.finished_at.desc() if status is Status.FAILED else c.created_at.desc()
+        stmt = stmt.order_by(newest_first, c.seq.desc()).limit(limit).offset(offset)
+        return await self._run(lambda conn: [self._record(row) for row in conn.execute(stmt)])
+
+    async def counts(self, now: float) -> dict[str, QueueCounts]:
+        c = self.table.c
+        state = case((and_(c.status == QUEUED, c.run_at > now), "delayed"), else_=c.status)
+        stmt = select(c.queue, state, c.priority, func.count()).group_by(c.queue, state, c.priority)
+
+        def count(conn: Connection) -> dict[str, QueueCounts]:
+            result: dict[str, QueueCounts] = {}
+            for queue, st, priority, n in conn.execute(stmt):
+                qc = result.setdefault(queue, QueueCounts())
+                if st == QUEUED:
+                    qc.waiting[Priority.from_rank(priority).value] += n
+                else:
+                    setattr(qc, st, getattr(qc, st) + n)
+            return result
+
+        return await self._run(count)
+
+    async def requeue_failed(self, ids: Sequence[str] | None, queue: str | None, now: float) -> list[str]:
+        c = self.table.c
+        condition = c.status == FAILED
+        if ids is not None:
+            condition = and_(condition, c.id.in_(ids))
+        if queue is not None:
+            condition = and_(condition, c.queue == queue)
+
+        def requeue(conn: Connection) -> list[str]:
+            moved = list(conn.execute(select(c.id).where(condition).with_for_update()).scalars())
+            if moved:
+                conn.execute(
+                    update(self.table).where(c.id.in_(moved)).values(
+                        status=QUEUED, attempts=0, run_at=now, finished_at=None, worker_id=None,
+                        lease_expires=None, progress=None,
+                    )
+                )
+            return moved
+
+        return await self._run(requeue)
+
+    async def delete_failed(self, ids: Sequence[str] | None) -> int:
+        c = self.table.c
+        stmt = delete(self.table).where(c.status == FAILED)
+        if ids is not None:
+            stmt = stmt.where(c.id.in_(ids))
+        return await self._run(lambda conn: conn.execute(stmt).rowcount)
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        if self._owns_engine:
+            self.engine.dispose()
+
+
+def _json_or_none(text: str | None) -> Any:
+    return None if text is None else json.loads(text)

@@ -1,0 +1,230 @@
+"""In-process driver: thread-safe, nothing on disk. For development, tests and notebooks."""
+
+from __future__ import annotations
+
+import heapq
+import threading
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from ..job import JobRecord, Status
+from .base import LEASE_ERROR, Driver, QueueCounts
+
+
+class MemoryDriver(Driver):
+    """Jobs in a dict; per queue a heap of not-yet-promoted jobs by due time and a heap of
+    due jobs by (priority, due time, sequence). Heap entries are invalidated lazily: an entry
+    counts only while its sequence number is the job's current one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: dict[str, JobRecord] = {}
+        self._entry_seq: dict[str, int] = {}
+        self._scheduled: dict[str, list[tuple[float, int, str]]] = {}
+        self._ready: dict[str, list[tuple[int, float, int, str]]] = {}
+        self._seq = 0
+
+    def _schedule(self, record: JobRecord) -> None:
+        self._seq += 1
+        self._entry_seq[record.id] = self._seq
+        heapq.heappush(self._scheduled.setdefault(record.queue, []), (record.run_at, self._seq, record.id))
+
+    def _live(self, job_id: str, seq: int) -> bool:
+        return self._entry_seq.get(job_id) == seq
+
+    def _promote_due(self, queue: str, now: float) -> None:
+        scheduled = self._scheduled.get(queue)
+        ready = self._ready.setdefault(queue, [])
+        while scheduled and scheduled[0][0] <= now:
+            run_at, seq, job_id = heapq.heappop(scheduled)
+            if self._live(job_id, seq):
+                heapq.heappush(ready, (self._jobs[job_id].priority.rank, run_at, seq, job_id))
+
+    def _owned(self, job_id: str, worker_id: str | None) -> JobRecord | None:
+        record = self._jobs.get(job_id)
+        if record is None or record.status is not Status.RUNNING:
+            return None
+        if worker_id is not None and record.worker_id != worker_id:
+            return None
+        return record
+
+    async def enqueue(self, records: Sequence[JobRecord]) -> None:
+        with self._lock:
+            for record in records:
+                stored = replace(record)
+                self._jobs[record.id] = stored
+                self._schedule(stored)
+
+    async def reserve(
+        self, queues: Sequence[str], limit: int, worker_id: str, now: float, lease_expires: float
+    ) -> list[JobRecord]:
+        claimed: list[JobRecord] = []
+        with self._lock:
+            for queue in queues:
+                self._promote_due(queue, now)
+            while len(claimed) < limit:
+                best: str | None = None
+                for queue in queues:
+                    ready = self._ready.get(queue)
+                    while ready and not self._live(ready[0][3], ready[0][2]):
+                        heapq.heappop(ready)
+                    if ready and (best is None or ready[0] < self._ready[best][0]):
+                        best = queue
+                if best is None:
+                    break
+                job_id = heapq.heappop(self._ready[best])[3]
+                del self._entry_seq[job_id]
+                record = self._jobs[job_id]
+                record.status = Status.RUNNING
+                record.attempts += 1
+                record.worker_id = worker_id
+                record.lease_expires = lease_expires
+                record.started_at = now
+                claimed.append(replace(record))
+        return claimed
+
+    async def extend_leases(self, ids: Sequence[str], worker_id: str, lease_expires: float) -> None:
+        with self._lock:
+            for job_id in ids:
+                record = self._owned(job_id, worker_id)
+                if record is not None:
+                    record.lease_expires = lease_expires
+
+    async def set_progress(self, job_id: str, worker_id: str, progress: dict[str, Any]) -> None:
+        with self._lock:
+            record = self._owned(job_id, worker_id)
+            if record is not None:
+                record.progress = dict(progress)
+
+    def _finish(self, record: JobRecord, status: Status, now: float) -> None:
+        record.status = status
+        record.finished_at = now
+        record.lease_expires = None
+
+    async def complete(self, job_id: str, worker_id: str, now: float, result: str | None) -> bool:
+        with self._lock:
+            record = self._owned(job_id, worker_id)
+            if record is None:
+                return False
+            self._finish(record, Status.SUCCEEDED, now)
+            record.result = result
+            return True
+
+    async def retry(self, job_id: str, worker_id: str, run_at: float, error: dict[str, Any]) -> bool:
+        with self._lock:
+            record = self._owned(job_id, worker_id)
+            if record is None:
+                return False
+            self._requeue(record, run_at)
+            record.error = error
+            return True
+
+    def _requeue(self, record: JobRecord, run_at: float) -> None:
+        record.status = Status.QUEUED
+        record.run_at = run_at
+        record.worker_id = None
+        record.lease_expires = None
+        self._schedule(record)
+
+    async def fail(self, job_id: str, worker_id: str | None, now: float, error: dict[str, Any]) -> bool:
+        with self._lock:
+            record = self._owned(job_id, worker_id)
+            if record is None:
+                return False
+            self._finish(record, Status.FAILED, now)
+            record.error = error
+            return True
+
+    async def release(self, ids: Sequence[str], worker_id: str, now: float) -> int:
+        released = 0
+        with self._lock:
+            for job_id in ids:
+                record = self._owned(job_id, worker_id)
+                if record is not None:
+                    record.attempts -= 1
+                    self._requeue(record, record.run_at)
+                    released += 1
+        return released
+
+    async def recover_expired(self, now: float) -> list[str]:
+        requeued = []
+        with self._lock:
+            for record in self._jobs.values():
+                if record.status is Status.RUNNING and record.lease_expires is not None and record.lease_expires < now:
+                    if record.attempts >= record.max_attempts:
+                        self._finish(record, Status.FAILED, now)
+                        record.error = dict(LEASE_ERROR)
+                    else:
+                        self._requeue(record, now)
+                        requeued.append(record.id)
+        return requeued
+
+    async def purge_finished(self, before: float) -> int:
+        with self._lock:
+            old = [
+                r.id for r in self._jobs.values()
+                if r.status is Status.SUCCEEDED and r.finished_at is not None and r.finished_at < before
+            ]
+            for job_id in old:
+                del self._jobs[job_id]
+        return len(old)
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            record = self._jobs.get(job_id)
+            return None if record is None else replace(record)
+
+    async def list_jobs(
+        self, *, status: Status | None = None, queue: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[JobRecord]:
+        with self._lock:
+            matching = [
+                r for r in self._jobs.values()
+                if (status is None or r.status is status) and (queue is None or r.queue == queue)
+            ]
+        if status is Status.FAILED:
+            matching.sort(key=lambda r: r.finished_at or 0.0, reverse=True)
+        else:
+            matching.sort(key=lambda r: r.created_at, reverse=True)
+        return [replace(r) for r in matching[offset : offset + limit]]
+
+    async def counts(self, now: float) -> dict[str, QueueCounts]:
+        result: dict[str, QueueCounts] = {}
+        with self._lock:
+            for r in self._jobs.values():
+                c = result.setdefault(r.queue, QueueCounts())
+                if r.status is Status.QUEUED:
+                    if r.run_at > now:
+                        c.delayed += 1
+                    else:
+                        c.waiting[r.priority.value] += 1
+                else:
+                    setattr(c, r.status.value, getattr(c, r.status.value) + 1)
+        return result
+
+    async def requeue_failed(self, ids: Sequence[str] | None, queue: str | None, now: float) -> list[str]:
+        moved = []
+        with self._lock:
+            candidates = list(self._jobs) if ids is None else ids
+            for job_id in candidates:
+                record = self._jobs.get(job_id)
+                if record is None or record.status is not Status.FAILED:
+                    continue
+                if queue is not None and record.queue != queue:
+                    continue
+                record.attempts = 0
+                record.finished_at = None
+                record.progress = None
+                self._requeue(record, now)
+                moved.append(job_id)
+        return moved
+
+    async def delete_failed(self, ids: Sequence[str] | None) -> int:
+        with self._lock:
+            candidates = list(self._jobs) if ids is None else ids
+            doomed = [i for i in candidates if i in self._jobs and self._jobs[i].status is Status.FAILED]
+            for job_id in doomed:
+                del self._jobs[job_id]
+        return len(doomed)
+

@@ -1,0 +1,73 @@
+"""Every error neonnb raises, in one tree.
+
+    NeonnbError
+    ├── ConfigError            a configuration value is wrong (names the field)
+    ├── SerializationError     a job argument can't be stored as JSON (names the field)
+    ├── PayloadError           a stored payload can't be decoded into the job's fields
+    ├── UnknownJobError        a stored job names a type this process hasn't registered
+    ├── JobNotFound            no job with that id
+    ├── JobFailed              waited on a job that ended in the failed store
+    ├── JobTimeout             a job ran past its timeout
+    ├── MissingDependency      a job asked ctx.deps for something nobody provided
+    └── Retry                  raised by a handler to ask for a retry after a delay
+
+Each error's docstring is its default message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class NeonnbError(Exception):
+    """neonnb failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (type(self).__doc__ or "").strip())
+
+
+class ConfigError(NeonnbError, ValueError):
+    """A configuration value is invalid."""
+
+
+class SerializationError(NeonnbError, TypeError):
+    """A job argument can't be serialised to JSON."""
+
+
+class PayloadError(NeonnbError, ValueError):
+    """A stored job payload can't be decoded."""
+
+
+class UnknownJobError(NeonnbError, LookupError):
+    """The stored job names a job type that is not registered in this process."""
+
+
+class JobNotFound(NeonnbError, LookupError):
+    """No job with that id."""
+
+
+class JobFailed(NeonnbError):
+    """The job ended in the failed store."""
+
+    def __init__(self, message: str | None = None, *, error: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.error = error or {}
+
+
+class JobTimeout(NeonnbError, TimeoutError):
+    """The job ran longer than its timeout."""
+
+
+class MissingDependency(NeonnbError, KeyError):
+    """The job asked for a dependency that was never provided."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class Retry(NeonnbError):
+    """The job asked to be retried."""
+
+    def __init__(self, message: str | None = None, *, delay: float | None = None) -> None:
+        super().__init__(message)
+        self.delay = delay

@@ -1,0 +1,360 @@
+"""Jobs: the ``Job`` base class, ``@qm.job`` functions, the registry, records and context.
+
+A stored job names a registered job type and carries its arguments as JSON. Only registered
+types ever run, so a payload can't name an arbitrary callable. Re-defining a job (a re-run
+notebook cell) replaces its registration.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import enum
+import inspect
+import json
+import logging
+import sys
+import threading
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .codec import decode, decode_fields, dumps, encode
+from .errors import MissingDependency, PayloadError, UnknownJobError
+
+if TYPE_CHECKING:
+    from .manager import JobHandle, QueueManager
+
+if sys.version_info >= (3, 11):
+    from typing import dataclass_transform
+else:
+    from typing_extensions import dataclass_transform
+
+logger = logging.getLogger("neonnb.job")
+
+
+class Priority(str, enum.Enum):
+    """The spec's ``PriorityHigh``, ``PriorityNormal`` and ``PriorityLow``."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    @property
+    def rank(self) -> int:
+        """Sort key: 0 runs first."""
+        return _RANKS[self]
+
+    @classmethod
+    def from_rank(cls, rank: int) -> Priority:
+        return _BY_RANK[rank]
+
+
+_RANKS = {Priority.HIGH: 0, Priority.NORMAL: 1, Priority.LOW: 2}
+_BY_RANK = {rank: p for p, rank in _RANKS.items()}
+
+
+class Status(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+FINISHED = (Status.SUCCEEDED, Status.FAILED)
+
+
+@dataclass
+class JobRecord:
+    """A job as a driver stores it. Times are seconds since the epoch.
+
+    ``attempts`` counts reservations, so a job whose worker died has that attempt counted.
+    ``error`` holds ``type``, ``message`` and ``traceback`` of the last failure.
+    """
+
+    id: str
+    queue: str
+    name: str
+    payload: str
+    priority: Priority = Priority.NORMAL
+    status: Status = Status.QUEUED
+    attempts: int = 0
+    max_attempts: int = 4
+    timeout: float | None = None
+    run_at: float = 0.0
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    lease_expires: float | None = None
+    worker_id: str | None = None
+    progress: dict[str, Any] | None = None
+    result: str | None = None
+    error: dict[str, Any] | None = None
+
+    def result_value(self) -> Any:
+        return None if self.result is None else json.loads(self.result)
+
+
+# --- the job types ---------------------------------------------------------------------
+
+
+@dataclass_transform()
+class Job(abc.ABC):
+    """Base class of class jobs: ``class SendEmail(Job)`` with typed fields and ``handle``.
+
+    Subclasses become dataclasses. ``handle(self, ctx)`` may be sync (runs in a thread) or
+    async (runs on the loop). Optional methods, as in the spec: ``should_retry(err)``,
+    ``max_attempts()``, ``delay()`` (seconds), ``priority()``, ``retry_delay(attempt, err)``
+    (seconds) and ``timeout()`` (seconds). ``class X(Job, name="reports.build")`` sets the
+    stored name; by default it is ``module.QualName``.
+    """
+
+    job_name: ClassVar[str]
+
+    def __init_subclass__(cls, name: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__dataclass_fields__" not in cls.__dict__:
+            dataclasses.dataclass(cls)
+        cls.job_name = name or f"{cls.__module__}.{cls.__qualname__}"
+        if not inspect.isabstract(cls):
+            register(cls.job_name, ClassJobType(cls))
+
+    @abc.abstractmethod
+    def handle(self, ctx: Context) -> Any:
+        """Do the work; the return value, if JSON serialisable, is stored as the result."""
+
+
+class JobType(abc.ABC):
+    """A registry entry: turns a stored payload back into something with ``handle(ctx)``."""
+
+    name: str
+
+    @abc.abstractmethod
+    def decode(self, payload: str) -> Any:
+        """The runnable job for ``payload``; raises PayloadError."""
+
+
+class ClassJobType(JobType):
+    def __init__(self, cls: type[Job]) -> None:
+        self.cls = cls
+        self.name = cls.job_name
+
+    def decode(self, payload: str) -> Any:
+        return decode_fields(_loads(payload, self.name), self.cls, self.name)
+
+
+def encode_job(job: Any) -> tuple[str, str]:
+    """``(name, payload)`` of a job instance; raises SerializationError naming the field."""
+    if isinstance(job, FunctionCall):
+        return job.function.name, dumps(job.arguments)
+    if not isinstance(job, Job):
+        raise TypeError(
+            f"can't dispatch {job!r}: expected a neonnb Job instance or a call made with "
+            "my_function.call(...)/dispatch(...) on a @qm.job function"
+        )
+    return job.job_name, dumps(encode(job, type(job).__qualname__))
+
+
+class FunctionJob(JobType):
+    """A plain function registered with ``@qm.job``: ``f(x)`` still calls it directly,
+    ``f.dispatch(x)`` enqueues it and ``f.map(xs)`` enqueues a batch.
+
+    A parameter named ``ctx`` receives the job context and is not stored.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        manager: QueueManager,
+        *,
+        name: str | None = None,
+        queue: str | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+        priority: Priority = Priority.NORMAL,
+    ) -> None:
+        self.fn = fn
+        self.manager = manager
+        self.name = name or f"{fn.__module__}.{fn.__qualname__}"
+        self.queue = queue
+        self.max_attempts = max_attempts
+        self.timeout = timeout
+        self.priority = priority
+        self.signature = inspect.signature(fn)
+        self.wants_ctx = "ctx" in self.signature.parameters
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+        register(self.name, self)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<neonnb job {self.name}>"
+
+    def call(self, *args: Any, **kwargs: Any) -> FunctionCall:
+        """A dispatchable call with these arguments (checked against the signature now)."""
+        if self.wants_ctx:
+            kwargs.setdefault("ctx", None)
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{self.name}: {exc}") from None
+        arguments = {k: encode(v, f"{self.name}({k}=...)") for k, v in bound.arguments.items() if k != "ctx"}
+        return FunctionCall(self, arguments)
+
+    def dispatch(self, *args: Any, **kwargs: Any) -> JobHandle:
+        """Enqueue ``f(*args, **kwargs)`` on the job's queue."""
+        return self.manager.dispatch(self.queue or self.manager.config.default_queue, self.call(*args, **kwargs))
+
+    async def adispatch(self, *args: Any, **kwargs: Any) -> JobHandle:
+        return await self.manager.adispatch(self.queue or self.manager.config.default_queue, self.call(*args, **kwargs))
+
+    def map(self, items: typing.Iterable[Any]) -> list[JobHandle]:
+        """Enqueue ``f(item)`` for every item in one batch."""
+        calls = [self.call(item) for item in items]
+        return self.manager.dispatch_batch(self.queue or self.manager.config.default_queue, calls)
+
+    def decode(self, payload: str) -> FunctionCall:
+        data = _loads(payload, self.name)
+        if not isinstance(data, dict):
+            raise PayloadError(f"{self.name}: expected a JSON object of arguments, got {data!r}")
+        hints = typing.get_type_hints(self.fn)
+        unknown = set(data) - set(self.signature.parameters)
+        if unknown:
+            raise PayloadError(f"{self.name}: unknown argument(s) {', '.join(sorted(unknown))}")
+        arguments = {}
+        for name, param in self.signature.parameters.items():
+            hint = hints.get(name, Any)
+            if name not in data:
+                optional = param.default is not param.empty or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD)
+                if not optional and name != "ctx":
+                    raise PayloadError(f"{self.name}: missing argument {name!r}")
+                continue
+            if param.kind is param.VAR_POSITIONAL:
+                hint = list[hint]  # type: ignore[valid-type]
+            elif param.kind is param.VAR_KEYWORD:
+                hint = dict[str, hint]  # type: ignore[valid-type]
+            arguments[name] = decode(data[name], hint, f"{self.name}({name}=...)")
+        return FunctionCall(self, arguments, decoded=True)
+
+
+class FunctionCall:
+    """One call of a ``FunctionJob``: what gets stored, and what a worker runs."""
+
+    def __init__(self, function: FunctionJob, arguments: dict[str, Any], decoded: bool = False) -> None:
+        self.function = function
+        self.arguments = arguments
+        self.decoded = decoded
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.arguments.items())
+        return f"{self.function.name}({args})"
+
+    def handle(self, ctx: Context) -> Any:
+        arguments = dict(self.arguments)
+        if self.function.wants_ctx:
+            arguments["ctx"] = ctx
+        bound = inspect.BoundArguments(self.function.signature, arguments)
+        return self.function.fn(*bound.args, **bound.kwargs)
+
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.function.fn)
+
+    def max_attempts(self) -> int | None:
+        return self.function.max_attempts
+
+    def timeout(self) -> float | None:
+        return self.function.timeout
+
+    def priority(self) -> Priority:
+        return self.function.priority
+
+
+def is_async_job(job: Any) -> bool:
+    if isinstance(job, FunctionCall):
+        return job.is_async()
+    return inspect.iscoroutinefunction(job.handle)
+
+
+def _loads(payload: str, name: str) -> Any:
+    try:
+        return json.loads(payload)
+    except ValueError as exc:
+        raise PayloadError(f"{name}: the stored payload is not valid JSON ({exc}); it was {payload[:200]!r}") from None
+
+
+# --- registry ----------------------------------------------------------------------------
+
+_registry: dict[str, JobType] = {}
+_registry_lock = threading.Lock()
+
+
+def register(name: str, job_type: JobType) -> None:
+    with _registry_lock:
+        if name in _registry:
+            logger.debug("job %s re-defined; the new definition replaces the old one", name)
+        _registry[name] = job_type
+
+
+def lookup(name: str) -> JobType:
+    with _registry_lock:
+        job_type = _registry.get(name)
+    if job_type is not None:
+        return job_type
+    module = name.rpartition(".")[0]
+    if module == "__main__" or module.startswith("__main__."):
+        hint = (
+            "it was defined in a notebook or a script (module __main__), which other processes "
+            "can't import; move it into a module and start the worker with "
+            "`neonnb worker --import that_module`"
+        )
+    else:
+        hint = f"import the module that defines it (`neonnb worker --import {module}`)"
+    raise UnknownJobError(f"job type {name!r} is not registered in this process: {hint}")
+
+
+# --- the context a handler receives -------------------------------------------------------
+
+
+class Dependencies(dict[str, Any]):
+    """What ``qm.provide(name=value)`` injected; a missing name says how to provide it."""
+
+    def __missing__(self, key: str) -> Any:
+        raise MissingDependency(
+            f"the job asked for dependency {key!r}, which was never provided; "
+            f"call qm.provide({key}=...) before starting the worker"
+        )
+
+
+class Context:
+    """What ``handle(ctx)`` receives: the job's identity, a logger, progress and deps."""
+
+    def __init__(
+        self,
+        record: JobRecord,
+        deps: Mapping[str, Any],
+        report_progress: Callable[[dict[str, Any]], None],
+    ) -> None:
+        self.job_id = record.id
+        self.queue = record.queue
+        self.name = record.name
+        self.attempt = record.attempts
+        self.max_attempts = record.max_attempts
+        self.deps = Dependencies(deps)
+        self.logger = logging.LoggerAdapter(logging.getLogger("neonnb.jobs"), {"job_id": record.id})
+        self._report_progress = report_progress
+        self._cancelled = threading.Event()
+
+    def progress(self, done: float, total: float | None = None, message: str | None = None) -> None:
+        """Report progress: ``ctx.progress(3, 10, "loading")``. Cheap to call often."""
+        self._report_progress({"done": done, "total": total, "message": message})
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the job timed out or the worker is shutting down; long sync loops should check it."""
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        self._cancelled.set()

@@ -1,0 +1,409 @@
+"""QueueManager: the dispatch family, workers, the failed store and a sync facade.
+
+Every public sync method is a one-line bridge to its ``a``-prefixed async twin, run on
+neonnb's background loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, overload
+
+from ._loop import run_sync
+from .config import Config, WorkerOptions, parse_duration
+from .drivers import create_driver
+from .drivers.base import Driver, QueueCounts
+from .errors import ConfigError, JobFailed, JobNotFound
+from .job import FINISHED, FunctionJob, JobRecord, Priority, Status, encode_job
+from .worker import Events, Worker
+
+
+class QueueManager:
+    """The spec's ``queue.Manager``: ``QueueManager(Config(...))`` or ``neonnb.connect(url)``.
+
+    ``clock`` returns seconds since the epoch; tests inject a fake one to control time.
+    """
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        driver: Driver | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config or Config()
+        self.driver = driver or create_driver(self.config)
+        self.clock = clock
+        self.events = Events()
+        self.dependencies: dict[str, Any] = {}
+        self.failed = FailedStore(self)
+        self._workers: set[Worker] = set()
+
+    def __repr__(self) -> str:
+        return f"<neonnb.QueueManager driver={self.config.driver} connection={_safe_url(self.config.connection)}>"
+
+    def __enter__(self) -> QueueManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def provide(self, **dependencies: Any) -> None:
+        """Make objects available to handlers as ``ctx.deps[name]`` (connections, clients)."""
+        self.dependencies.update(dependencies)
+
+    # --- defining jobs and workers -----------------------------------------------------
+
+    @overload
+    def job(self, fn: Callable[..., Any], /) -> FunctionJob: ...
+    @overload
+    def job(
+        self, fn: None = None, /, *, queue: str | None = ..., max_attempts: int | None = ..., timeout: Any = ...,
+        priority: Priority | str = ..., name: str | None = ...,
+    ) -> Callable[[Callable[..., Any]], FunctionJob]: ...
+
+    def job(
+        self,
+        fn: Callable[..., Any] | None = None,
+        /,
+        *,
+        queue: str | None = None,
+        max_attempts: int | None = None,
+        timeout: Any = None,
+        priority: Priority | str = Priority.NORMAL,
+        name: str | None = None,
+    ) -> FunctionJob | Callable[[Callable[..., Any]], FunctionJob]:
+        """Register a function as a job: ``@qm.job`` or ``@qm.job(queue="etl", max_attempts=5)``."""
+        if max_attempts is not None and (not isinstance(max_attempts, int) or max_attempts < 1):
+            raise ConfigError(f"job max_attempts must be an integer of at least 1, got {max_attempts!r}")
+        seconds = None if timeout is None else parse_duration(timeout, "job timeout")
+        prio = _priority(priority)
+
+        def register(f: Callable[..., Any]) -> FunctionJob:
+            return FunctionJob(
+                f, self, name=name, queue=queue, max_attempts=max_attempts, timeout=seconds, priority=prio
+            )
+
+        return register if fn is None else register(fn)
+
+    def worker(
+        self,
+        queue: str | Sequence[str] | None = None,
+        concurrency: int | None = None,
+        options: WorkerOptions | None = None,
+    ) -> Worker:
+        """A worker for one queue or several (in order of preference after priority)."""
+        queues = [queue] if isinstance(queue, str) else list(queue or [self.config.default_queue])
+        return Worker(self, queues, concurrency or self.config.workers, options or WorkerOptions())
+
+    # --- dispatching --------------------------------------------------------------------
+
+    def _record(
+        self, queue: str, job: Any, *, priority: Priority | str | None = None, run_at: float | None = None
+    ) -> JobRecord:
+        """Encode a job and resolve its options (the job's own methods, then config)."""
+        if not isinstance(queue, str) or not queue:
+            raise ValueError(f"queue must be a non-empty string, got {queue!r}")
+        name, payload = encode_job(job)
+        now = self.clock()
+        if run_at is None:
+            delay = job.delay() if hasattr(job, "delay") else 0
+            run_at = now + parse_duration(delay, f"{name}.delay()")
+        if priority is None:
+            priority = job.priority() if hasattr(job, "priority") else Priority.NORMAL
+        max_attempts = job.max_attempts() if hasattr(job, "max_attempts") else None
+        timeout = job.timeout() if hasattr(job, "timeout") else None
+        return JobRecord(
+            id=uuid.uuid4().hex,
+            queue=queue,
+            name=name,
+            payload=payload,
+            priority=_priority(priority),
+            max_attempts=max_attempts or self.config.max_attempts,
+            timeout=None if timeout is None else parse_duration(timeout, f"{name}.timeout()"),
+            run_at=run_at,
+            created_at=now,
+        )
+
+    async def _enqueue(self, records: list[JobRecord]) -> list[JobHandle]:
+        await self.driver.enqueue(records)
+        for worker in list(self._workers):
+            due = [r.run_at for r in records if r.queue in worker.queues]
+            if due:
+                worker.notify(min(due))
+        return [JobHandle(self, r.id, r.queue) for r in records]
+
+    async def adispatch(self, queue: str, job: Any) -> JobHandle:
+        """Enqueue ``job`` on ``queue`` now (or after the job's own ``delay()``)."""
+        return (await self._enqueue([self._record(queue, job)]))[0]
+
+    async def adispatch_after(self, queue: str, job: Any, delay: Any) -> JobHandle:
+        """Enqueue ``job`` to run ``delay`` from now (seconds, timedelta or "5m")."""
+        run_at = self.clock() + parse_duration(delay, "delay")
+        return (await self._enqueue([self._record(queue, job, run_at=run_at)]))[0]
+
+    async def adispatch_at(self, queue: str, job: Any, when: dt.datetime | float) -> JobHandle:
+        """Enqueue ``job`` to run at ``when`` (an aware or local datetime, or an epoch time)."""
+        run_at = when.timestamp() if isinstance(when, dt.datetime) else float(when)
+        return (await self._enqueue([self._record(queue, job, run_at=run_at)]))[0]
+
+    async def adispatch_with_priority(self, queue: str, job: Any, priority: Priority | str) -> JobHandle:
+        return (await self._enqueue([self._record(queue, job, priority=priority)]))[0]
+
+    async def adispatch_batch(self, queue: str, jobs: Iterable[Any]) -> list[JobHandle]:
+        """Enqueue many jobs in one driver round trip; if any can't be encoded, none is."""
+        records = [self._record(queue, job) for job in jobs]
+        return await self._enqueue(records) if records else []
+
+    def dispatch(self, queue: str, job: Any) -> JobHandle:
+        return run_sync(self.adispatch(queue, job))
+
+    def dispatch_after(self, queue: str, job: Any, delay: Any) -> JobHandle:
+        return run_sync(self.adispatch_after(queue, job, delay))
+
+    def dispatch_at(self, queue: str, job: Any, when: dt.datetime | float) -> JobHandle:
+        return run_sync(self.adispatch_at(queue, job, when))
+
+    def dispatch_with_priority(self, queue: str, job: Any, priority: Priority | str) -> JobHandle:
+        return run_sync(self.adispatch_with_priority(queue, job, priority))
+
+    def dispatch_batch(self, queue: str, jobs: Iterable[Any]) -> list[JobHandle]:
+        return run_sync(self.adispatch_batch(queue, jobs))
+
+    # --- looking at queues ----------------------------------------------------------------
+
+    async def astats(self) -> dict[str, QueueCounts]:
+        return await self.driver.counts(self.clock())
+
+    async def asize(self, queue: str | None = None) -> int:
+        """Jobs of ``queue`` not yet started (waiting and delayed)."""
+        counts = (await self.astats()).get(queue or self.config.default_queue)
+        return counts.size if counts else 0
+
+    def stats(self) -> dict[str, QueueCounts]:
+        return run_sync(self.astats())
+
+    def size(self, queue: str | None = None) -> int:
+        return run_sync(self.asize(queue))
+
+    def handle(self, job_id: str) -> JobHandle:
+        """A handle for a job id seen elsewhere (a log line, a DataFrame)."""
+        return JobHandle(self, job_id)
+
+    async def aclose(self) -> None:
+        for worker in list(self._workers):
+            await worker.astop(grace=0)
+        await self.driver.close()
+
+    def close(self) -> None:
+        """Stop this manager's workers (unfinished jobs go back to the queue) and disconnect."""
+        run_sync(self.aclose())
+
+
+class JobHandle:
+    """What dispatch returns: the job's id, its live status and progress, and its result."""
+
+    def __init__(self, manager: QueueManager, job_id: str, queue: str | None = None) -> None:
+        self.manager = manager
+        self.id = job_id
+        self.queue = queue
+
+    def __repr__(self) -> str:
+        return f"<JobHandle {self.id}>"
+
+    async def afetch(self) -> JobRecord:
+        record = await self.manager.driver.get(self.id)
+        if record is None:
+            raise JobNotFound(
+                f"job {self.id} not found: it never existed, was forgotten, or finished more "
+                f"than result_ttl ({self.manager.config.result_ttl:g}s) ago"
+            )
+        return record
+
+    def fetch(self) -> JobRecord:
+        return run_sync(self.afetch())
+
+    @property
+    def status(self) -> Status:
+        return self.fetch().status
+
+    @property
+    def progress(self) -> dict[str, Any] | None:
+        return self.fetch().progress
+
+    async def await_finished(self, timeout: float | None = None) -> JobRecord:
+        """Wait until the job succeeded or failed for good, polling the driver."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.005
+        while True:
+            record = await self.afetch()
+            if record.status in FINISHED:
+                return record
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {self.id} still {record.status.value} after {timeout:g}s")
+            await asyncio.sleep(pause)
+            pause = min(pause * 1.5, 0.2)
+
+    async def aresult(self, timeout: float | None = None) -> Any:
+        record = await self.await_finished(timeout)
+        if record.status is Status.FAILED:
+            error = record.error or {}
+            raise JobFailed(
+                f"job {self.id} ({record.name}) failed after {record.attempts} attempt(s): "
+                f"{error.get('type')}: {error.get('message')}",
+                error=error,
+            )
+        return record.result_value()
+
+    def wait(self, timeout: float | None = None) -> Status:
+        """Block until the job finished; returns SUCCEEDED or FAILED."""
+        return run_sync(self.await_finished(timeout)).status
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Block until the job finished; its stored result, or JobFailed."""
+        return run_sync(self.aresult(timeout))
+
+
+@dataclass
+class FailedJob:
+    """An entry of the failed store (the spec's ``FailedJob``)."""
+
+    id: str
+    queue: str
+    name: str
+    arguments: Any
+    error_type: str
+    error: str
+    traceback: str
+    attempts: int
+    failed_at: dt.datetime
+    created_at: dt.datetime
+
+    @classmethod
+    def from_record(cls, record: JobRecord) -> FailedJob:
+        error = record.error or {}
+        try:
+            arguments = json.loads(record.payload)
+        except ValueError:
+            arguments = record.payload  # a corrupt payload is why it failed; show it as is
+        return cls(
+            id=record.id,
+            queue=record.queue,
+            name=record.name,
+            arguments=arguments,
+            error_type=str(error.get("type", "")),
+            error=str(error.get("message", "")),
+            traceback=str(error.get("traceback", "")),
+            attempts=record.attempts,
+            failed_at=_datetime(record.finished_at or record.created_at),
+            created_at=_datetime(record.created_at),
+        )
+
+
+class FailedStore:
+    """``qm.failed``: list, inspect, retry and forget jobs that used up their attempts."""
+
+    def __init__(self, manager: QueueManager) -> None:
+        self.manager = manager
+
+    async def alist(self, limit: int = 50, offset: int = 0, queue: str | None = None) -> list[FailedJob]:
+        records = await self.manager.driver.list_jobs(status=Status.FAILED, queue=queue, limit=limit, offset=offset)
+        return [FailedJob.from_record(r) for r in records]
+
+    async def aget(self, job_id: str) -> FailedJob:
+        record = await self.manager.driver.get(job_id)
+        if record is None or record.status is not Status.FAILED:
+            raise JobNotFound(f"job {job_id} is not in the failed store")
+        return FailedJob.from_record(record)
+
+    async def aretry(self, job_id: str) -> JobHandle:
+        """Queue the job again: same id and arguments, attempts reset."""
+        if not await self._requeue([job_id], None):
+            raise JobNotFound(f"job {job_id} is not in the failed store")
+        return JobHandle(self.manager, job_id)
+
+    async def aretry_all(self, queue: str | None = None) -> int:
+        return len(await self._requeue(None, queue))
+
+    async def _requeue(self, ids: list[str] | None, queue: str | None) -> list[str]:
+        moved = await self.manager.driver.requeue_failed(ids, queue, self.manager.clock())
+        for worker in list(self.manager._workers):
+            worker.notify()
+        return moved
+
+    async def aforget(self, job_id: str) -> bool:
+        return await self.manager.driver.delete_failed([job_id]) == 1
+
+    async def aflush(self) -> int:
+        return await self.manager.driver.delete_failed(None)
+
+    def list(self, limit: int = 50, offset: int = 0, queue: str | None = None) -> list[FailedJob]:
+        """Failed jobs, newest first."""
+        return run_sync(self.alist(limit, offset, queue))
+
+    def get(self, job_id: str) -> FailedJob:
+        return run_sync(self.aget(job_id))
+
+    def retry(self, job_id: str) -> JobHandle:
+        return run_sync(self.aretry(job_id))
+
+    def retry_all(self, queue: str | None = None) -> int:
+        return run_sync(self.aretry_all(queue))
+
+    def forget(self, job_id: str) -> bool:
+        return run_sync(self.aforget(job_id))
+
+    def flush(self) -> int:
+        return run_sync(self.aflush())
+
+
+def connect(target: str | Path, **settings: Any) -> QueueManager:
+    """A manager for a URL (``sqlite:///jobs.db``, ``postgresql://...``, ``memory://``) or a
+    YAML config file; ``settings`` override config fields (``connect(url, max_retries=5)``)."""
+    text = str(target)
+    if text.endswith((".yaml", ".yml")):
+        config = Config.from_yaml(text)
+        if settings:
+            config = Config.from_dict({**_fields(config), **settings}, source=text)
+        return QueueManager(config)
+    scheme = text.partition("://")[0].split("+")[0].lower()
+    if "://" not in text:
+        raise ConfigError(
+            f"can't connect to {text!r}: give a URL such as sqlite:///jobs.db, "
+            "postgresql://host/db or memory://, or a .yaml config file"
+        )
+    driver = {"memory": "memory", "redis": "redis", "rediss": "redis"}.get(scheme, "database")
+    return QueueManager(Config(driver=driver, connection=None if driver == "memory" else text, **settings))
+
+
+def _fields(config: Config) -> dict[str, Any]:
+    return {k: v for k, v in vars(config).items()}
+
+
+def _priority(value: Priority | str) -> Priority:
+    try:
+        return Priority(value)
+    except ValueError:
+        raise ConfigError(f"priority must be 'high', 'normal' or 'low', got {value!r}") from None
+
+
+def _datetime(epoch: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc)
+
+
+def _safe_url(connection: Any) -> str:
+    if not isinstance(connection, str):
+        return repr(connection)
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(connection).render_as_string(hide_password=True)
+    except Exception:
+        return connection.split("@")[-1]

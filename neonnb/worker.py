@@ -1,0 +1,471 @@
+"""The async worker pool: reserve -> run -> complete / retry / fail, with leases and timeouts.
+
+One task per worker reserves as many jobs as it has free slots, runs each in its own task
+(async handlers on the loop, sync handlers in a thread pool), keeps their leases alive with a
+heartbeat, and records every outcome. Nothing a job does can kill the worker: every failure
+becomes a retry or an entry in the failed store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import functools
+import logging
+import os
+import random
+import socket
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from . import _loop
+from .codec import dumps, encode
+from .config import WorkerOptions
+from .errors import JobTimeout, PayloadError, Retry, SerializationError, UnknownJobError
+from .job import Context, JobRecord, is_async_job, lookup
+
+if TYPE_CHECKING:
+    from .manager import QueueManager
+
+logger = logging.getLogger("neonnb.worker")
+T = TypeVar("T")
+
+
+def backoff_delay(attempt: int, base: float, cap: float, jitter: bool = False) -> float:
+    """Exponential backoff: ``base``, ``2*base``, ``4*base`` ... for attempts 1, 2, 3 ...,
+    capped at ``cap``; with ``jitter`` a random point in the upper half of that delay."""
+    delay = min(cap, base * 2.0 ** max(attempt - 1, 0))
+    return random.uniform(delay / 2, delay) if jitter else delay
+
+
+def retry_delay_for(
+    job: Any, record: JobRecord, exc: BaseException, base: float, cap: float, jitter: bool
+) -> float | None:
+    """Seconds until the next attempt, or None when the job must go to the failed store.
+
+    ``Retry(delay=...)`` asks for a retry; otherwise the job's ``should_retry(err)`` decides.
+    The job's ``retry_delay(attempt, err)`` overrides the exponential backoff.
+    """
+    if record.attempts >= record.max_attempts:
+        return None
+    if isinstance(exc, Retry):
+        if exc.delay is not None:
+            return exc.delay
+    elif job is not None and hasattr(job, "should_retry") and not job.should_retry(exc):
+        return None
+    if job is not None and hasattr(job, "retry_delay"):
+        return max(0.0, float(job.retry_delay(record.attempts, exc)))
+    return backoff_delay(record.attempts, base, cap, jitter)
+
+
+def error_info(exc: BaseException) -> dict[str, Any]:
+    return {
+        "type": f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins."),
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+    }
+
+
+def encode_result(value: Any, record: JobRecord) -> str | None:
+    """The stored result: JSON if the value can be, else nothing (and a log line saying so)."""
+    if value is None:
+        return None
+    try:
+        return dumps(encode(value, "result"))
+    except (SerializationError, ValueError) as exc:
+        logger.warning("job %s (%s) returned a value that can't be stored: %s", record.id, record.name, exc)
+        return None
+
+
+@dataclass
+class JobEvent:
+    """A lifecycle event: ``started``, ``progress``, ``succeeded``, ``retrying`` or ``failed``."""
+
+    kind: str
+    job_id: str
+    queue: str
+    name: str
+    attempt: int
+    progress: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    retry_in: float | None = None
+
+
+class Events:
+    """Subscribers receive every JobEvent, on the worker's loop; they must be quick."""
+
+    def __init__(self) -> None:
+        self._subscribers: list[Callable[[JobEvent], None]] = []
+
+    def subscribe(self, callback: Callable[[JobEvent], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` for each event; returns a function that unsubscribes."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback)
+
+    def emit(self, kind: str, record: JobRecord, **details: Any) -> None:
+        if not self._subscribers:
+            return
+        event = JobEvent(kind, record.id, record.queue, record.name, record.attempts, **details)
+        for callback in list(self._subscribers):
+            try:
+                callback(event)
+            except Exception:
+                logger.exception("event subscriber %r failed on %s", callback, kind)
+
+
+class Worker:
+    """Runs jobs from ``queues`` with up to ``concurrency`` at a time (the spec's ``qm.Worker``).
+
+    ``start()`` runs it on neonnb's background loop and returns at once; ``run()`` blocks;
+    ``await arun()`` runs it on the current loop. ``stop(grace)`` claims nothing new, lets
+    running jobs finish for ``grace`` seconds, then releases the rest back to the queue.
+    """
+
+    def __init__(self, manager: QueueManager, queues: Sequence[str], concurrency: int, options: WorkerOptions) -> None:
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"worker concurrency must be an integer of at least 1, got {concurrency!r}")
+        if not queues:
+            raise ValueError("a worker needs at least one queue name")
+        self.manager = manager
+        self.driver = manager.driver
+        self.queues = list(queues)
+        self.concurrency = concurrency
+        self.options = options.resolve(manager.config)
+        self.id = self.options.worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.jobs_started = 0
+        self._active: dict[str, tuple[asyncio.Task[None], Context]] = {}
+        self._dirty_progress: dict[str, dict[str, Any]] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._stopping = False
+        self._grace = 0.0
+        self._next_maintenance = 0.0
+        self._next_due = float("inf")  # earliest known run_at of a delayed job on our queues
+
+    def __repr__(self) -> str:
+        state = "running" if self.is_running else "stopped"
+        return f"<neonnb.Worker {','.join(self.queues)} x{self.concurrency} {state}>"
+
+    @property
+    def is_running(self) -> bool:
+        return self._loop is not None
+
+    @property
+    def running_jobs(self) -> list[str]:
+        return list(self._active)
+
+    # --- starting and stopping --------------------------------------------------------
+
+    def start(self) -> Worker:
+        """Run on neonnb's background loop; returns at once."""
+        if not self.is_running:
+            _loop.run_sync(self._start_task())
+        return self
+
+    async def _start_task(self) -> None:
+        self._bind_loop()
+        task = contextvars.Context().run(asyncio.get_running_loop().create_task, self._main())
+        task.add_done_callback(_log_crash)
+
+    def run(self) -> None:
+        """Run until stopped (``stop()``, ``max_jobs`` or ``burst``), blocking this thread."""
+        _loop.run_sync(self.arun())
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop claiming, give running jobs ``grace`` seconds, release the rest; blocks until done."""
+        _loop.run_sync(self.astop(grace))
+
+    def request_stop(self, grace: float = 10.0) -> None:
+        """Begin a graceful stop without waiting (safe from signal handlers and any thread)."""
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._begin_stop, grace)
+
+    def run_once(self) -> int:
+        """Claim up to ``concurrency`` due jobs, run them to the end, return how many ran."""
+        return _loop.run_sync(self.arun_once())
+
+    def _bind_loop(self) -> None:
+        if self._loop is not None:
+            raise RuntimeError(f"{self!r} is already running")
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"neonnb-job-{self.queues[0]}")
+
+    def _unbind_loop(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+        self._loop = None
+
+    def _begin_stop(self, grace: float) -> None:
+        self._stopping = True
+        self._grace = grace
+        self.notify()
+
+    async def astop(self, grace: float = 10.0) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        if loop is not asyncio.get_running_loop():
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.astop(grace), loop))
+            return
+        self._begin_stop(grace)
+        while self._loop is not None:
+            await asyncio.sleep(0.01)
+
+    def notify(self, due: float | None = None) -> None:
+        """Wake the worker: a job was dispatched (due at ``due``) or it should stop.
+        Safe from any thread."""
+        loop = self._loop
+        if loop is None:
+            return
+        if _running_loop() is loop:
+            self._wake_for(due)
+        else:
+            loop.call_soon_threadsafe(self._wake_for, due)
+
+    def _wake_for(self, due: float | None) -> None:
+        if due is not None:
+            self._next_due = min(self._next_due, due)
+        if self._wake is not None:
+            self._wake.set()
+
+    # --- the main loop ----------------------------------------------------------------
+
+    async def arun(self) -> None:
+        """Run on the current event loop until stopped."""
+        self._bind_loop()
+        await self._main()
+
+    async def _main(self) -> None:
+        assert self._wake is not None
+        self.manager._workers.add(self)
+        heartbeat = asyncio.create_task(self._heartbeat())
+        logger.info("worker %s started on %s (concurrency %d)", self.id, ",".join(self.queues), self.concurrency)
+        try:
+            while not self._stopping:
+                limit = self._free_slots()
+                if limit == 0 and not self._active:
+                    break  # max_jobs reached and the last job finished
+                claimed = await self._claim(limit) if limit else 0
+                if claimed:
+                    continue
+                if self.options.burst and not self._active:
+                    break
+                self._wake.clear()
+                until_due = self._next_due - self.manager.clock()
+                if until_due <= 0:
+                    self._next_due = float("inf")
+                    continue
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), min(self.options.poll_interval, until_due))
+            await self._drain()
+        finally:
+            heartbeat.cancel()
+            self.manager._workers.discard(self)
+            self._unbind_loop()
+            logger.info("worker %s stopped after %d jobs", self.id, self.jobs_started)
+
+    async def arun_once(self) -> int:
+        """The async twin of ``run_once``."""
+        if self._loop is None:
+            self._bind_loop()
+            try:
+                return await self.arun_once()
+            finally:
+                self._unbind_loop()
+        claimed = await self._claim(self._free_slots())
+        await asyncio.gather(*(task for task, _ in list(self._active.values())))
+        return claimed
+
+    def _free_slots(self) -> int:
+        free = self.concurrency - len(self._active)
+        if self.options.max_jobs:
+            free = min(free, self.options.max_jobs - self.jobs_started)
+        return max(free, 0)
+
+    async def _claim(self, limit: int) -> int:
+        now = self.manager.clock()
+        if now >= self._next_maintenance:
+            self._next_maintenance = now + self.options.poll_interval
+            await self._guard(self._maintain(now), "housekeeping")
+        records = await self._guard(
+            self.driver.reserve(self.queues, limit, self.id, now, now + self.options.lease_timeout),
+            "claiming jobs",
+        )
+        for record in records or ():
+            self.jobs_started += 1
+            ctx = Context(record, self.manager.dependencies, self._progress_reporter(record))
+            # A fresh contextvars.Context: the job must not inherit (and print into) the cell
+            # or task that happened to start the worker.
+            task = contextvars.Context().run(asyncio.get_running_loop().create_task, self._execute(record, ctx))
+            self._active[record.id] = (task, ctx)
+            task.add_done_callback(functools.partial(self._finished, record.id))
+        return len(records or ())
+
+    def _finished(self, job_id: str, _task: object) -> None:
+        self._active.pop(job_id, None)
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _maintain(self, now: float) -> None:
+        recovered = await self.driver.recover_expired(now)
+        if recovered:
+            logger.warning("recovered %d job(s) whose worker stopped heartbeating", len(recovered))
+        await self.driver.purge_finished(now - self.manager.config.result_ttl)
+
+    async def _guard(self, coro: Coroutine[Any, Any, T], doing: str) -> T | None:
+        """Run a driver call; if storage is unreachable, log and carry on (the next poll retries)."""
+        try:
+            return await coro
+        except Exception:
+            logger.exception("worker %s: %s failed; retrying in %.1fs", self.id, doing, self.options.poll_interval)
+            await asyncio.sleep(self.options.poll_interval)
+            return None
+
+    async def _heartbeat(self) -> None:
+        interval = self.options.lease_timeout / 3
+        while True:
+            await asyncio.sleep(min(interval, 0.25) if self._dirty_progress else interval)
+            await self._flush_progress()
+            if self._active:
+                now = self.manager.clock()
+                await self._guard(
+                    self.driver.extend_leases(list(self._active), self.id, now + self.options.lease_timeout),
+                    "extending leases",
+                )
+
+    async def _drain(self) -> None:
+        if not self._active:
+            return
+        tasks = {task: job_id for job_id, (task, _) in self._active.items()}
+        _, unfinished = await asyncio.wait(tasks, timeout=self._grace)
+        if not unfinished:
+            return
+        ids = [tasks[t] for t in unfinished]
+        for task in unfinished:
+            self._active[tasks[task]][1].cancel()
+            task.cancel()
+        await asyncio.gather(*unfinished, return_exceptions=True)
+        released = await self._persist(lambda: self.driver.release(ids, self.id, self.manager.clock()), "release")
+        logger.info("worker %s released %s unfinished job(s) back to the queue", self.id, released)
+
+    # --- running one job --------------------------------------------------------------
+
+    def _progress_reporter(self, record: JobRecord) -> Callable[[dict[str, Any]], None]:
+        loop = asyncio.get_running_loop()
+
+        def note(progress: dict[str, Any]) -> None:
+            self._dirty_progress[record.id] = progress
+            self.manager.events.emit("progress", record, progress=progress)
+
+        def report(progress: dict[str, Any]) -> None:
+            if _running_loop() is loop:
+                note(progress)
+            else:
+                loop.call_soon_threadsafe(note, progress)
+
+        return report
+
+    async def _flush_progress(self, only: str | None = None) -> None:
+        ids = [only] if only is not None else list(self._dirty_progress)
+        for job_id in ids:
+            progress = self._dirty_progress.pop(job_id, None)
+            if progress is not None:
+                await self._guard(self.driver.set_progress(job_id, self.id, progress), "saving progress")
+
+    async def _execute(self, record: JobRecord, ctx: Context) -> None:
+        events = self.manager.events
+        events.emit("started", record)
+        job: Any = None
+        try:
+            job = lookup(record.name).decode(record.payload)
+            value = await self._call(job, ctx, record.timeout or self.options.timeout)
+        except asyncio.CancelledError:
+            raise  # stop(): _drain releases the job
+        except (UnknownJobError, PayloadError) as exc:
+            # Retrying can't help until someone imports or fixes something.
+            await self._fail(record, exc)
+        except Exception as exc:
+            await self._after_error(record, job, exc)
+        else:
+            await self._flush_progress(record.id)
+            result = encode_result(value, record)
+            now = self.manager.clock()
+            if await self._persist(lambda: self.driver.complete(record.id, self.id, now, result), "complete"):
+                events.emit("succeeded", record)
+
+    async def _call(self, job: Any, ctx: Context, timeout: float | None) -> Any:
+        if is_async_job(job):
+            work: Awaitable[Any] = job.handle(ctx)
+        else:
+            loop = asyncio.get_running_loop()
+            work = loop.run_in_executor(self._executor, contextvars.Context().run, job.handle, ctx)
+        try:
+            return await asyncio.wait_for(work, timeout or None)
+        except asyncio.TimeoutError:
+            ctx.cancel()  # a sync handler's thread can't be killed: ask it to stop
+            raise JobTimeout(f"job ran longer than its timeout of {timeout:g}s") from None
+
+    async def _after_error(self, record: JobRecord, job: Any, exc: Exception) -> None:
+        config = self.manager.config
+        try:
+            delay = retry_delay_for(job, record, exc, config.retry_delay, config.backoff_cap, config.backoff_jitter)
+        except Exception as hook_error:
+            logger.exception("job %s: its should_retry/retry_delay raised; failing the job", record.id)
+            exc = hook_error
+            delay = None
+        if delay is None:
+            await self._fail(record, exc)
+            return
+        await self._flush_progress(record.id)
+        info = error_info(exc)
+        run_at = self.manager.clock() + delay
+        if await self._persist(lambda: self.driver.retry(record.id, self.id, run_at, info), "retry"):
+            self._next_due = min(self._next_due, run_at)
+            logger.info("job %s (%s) attempt %d failed (%s); retrying in %.1fs",
+                        record.id, record.name, record.attempts, info["type"], delay)
+            self.manager.events.emit("retrying", record, error=info, retry_in=delay)
+
+    async def _fail(self, record: JobRecord, exc: BaseException) -> None:
+        await self._flush_progress(record.id)
+        info = error_info(exc)
+        if await self._persist(lambda: self.driver.fail(record.id, self.id, self.manager.clock(), info), "fail"):
+            logger.warning("job %s (%s) failed after %d attempt(s): %s: %s",
+                           record.id, record.name, record.attempts, info["type"], info["message"])
+            self.manager.events.emit("failed", record, error=info)
+
+    async def _persist(self, write: Callable[[], Awaitable[T]], what: str) -> T | None:
+        """Record an outcome, retrying while storage is unreachable. If it never comes back
+        the job's lease runs out and another worker runs it again: at-least-once holds."""
+        delay = 0.1
+        for _ in range(8):
+            try:
+                return await write()
+            except Exception:
+                logger.exception("worker %s: could not %s a job; retrying in %.1fs", self.id, what, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        return None
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _log_crash(future: Any) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.error("worker crashed", exc_info=future.exception())
+
