@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from neonnb import Config, QueueManager
+
+DRIVERS = ["memory", "sqlite"]
+
+
+class FakeClock:
+    """A clock tests move by hand: `clock.advance(5)`."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Recorder:
+    """Thread-safe log of what handlers did, shared by the test jobs."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.order: list[Any] = []
+        self.counts: Counter[Any] = Counter()
+
+    def add(self, item: Any) -> None:
+        with self.lock:
+            self.order.append(item)
+            self.counts[item] += 1
+
+
+def config_for(driver: str, tmp_path: Path, **settings: Any) -> Config:
+    if driver == "memory":
+        return Config(driver="memory", **settings)
+    if driver == "sqlite":
+        return Config(driver="database", connection=f"sqlite:///{tmp_path / 'jobs.db'}", **settings)
+    raise AssertionError(driver)
+
+
+@pytest.fixture(params=DRIVERS)
+def make_manager(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., QueueManager]]:
+    """Managers on the driver under test; all closed at the end of the test."""
+    managers: list[QueueManager] = []
+
+    def make(clock: Callable[[], float] | None = None, **settings: Any) -> QueueManager:
+        qm = QueueManager(config_for(request.param, tmp_path, **settings), clock=clock or time.time)
+        managers.append(qm)
+        return qm
+
+    yield make
+    for qm in managers:
+        qm.close()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll until `condition()` holds; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)

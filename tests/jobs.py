@@ -1,0 +1,119 @@
+"""Job types the tests dispatch. Importable, so standalone worker processes can run them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from pathlib import Path
+
+from neonnb import Context, Job, Priority, Retry
+from tests.conftest import Recorder
+
+RECORD = Recorder()
+RELEASE = threading.Event()  # sync blockers wait on this
+
+
+class Note(Job):
+    """Records its tag when it runs."""
+
+    tag: str
+
+    def handle(self, ctx: Context) -> str:
+        RECORD.add(self.tag)
+        return self.tag
+
+
+class AsyncNote(Job):
+    tag: str
+
+    async def handle(self, ctx: Context) -> str:
+        RECORD.add(self.tag)
+        return self.tag
+
+
+class Flaky(Job):
+    """Fails until its attempt reaches `succeed_on` (0 = always fails)."""
+
+    succeed_on: int = 0
+    attempts: int = 5
+
+    def handle(self, ctx: Context) -> int:
+        RECORD.add(("flaky", ctx.attempt))
+        if self.succeed_on and ctx.attempt >= self.succeed_on:
+            return ctx.attempt
+        raise ConnectionError(f"flaky attempt {ctx.attempt}")
+
+    def max_attempts(self) -> int:
+        return self.attempts
+
+
+class Permanent(Job):
+    """Fails with an error its should_retry refuses."""
+
+    def handle(self, ctx: Context) -> None:
+        raise ValueError("bad input, don't retry")
+
+    def should_retry(self, err: Exception) -> bool:
+        return not isinstance(err, ValueError)
+
+
+class CustomDelay(Job):
+    def handle(self, ctx: Context) -> None:
+        raise ConnectionError("rate limited")
+
+    def retry_delay(self, attempt: int, err: Exception) -> float:
+        return 7.0 * attempt
+
+
+class AskRetry(Job):
+    def handle(self, ctx: Context) -> None:
+        raise Retry("upstream busy", delay=42)
+
+
+class Urgent(Job):
+    tag: str
+    urgent: bool
+
+    def handle(self, ctx: Context) -> None:
+        RECORD.add(self.tag)
+
+    def priority(self) -> Priority:
+        return Priority.HIGH if self.urgent else Priority.LOW
+
+
+class SlowAsync(Job):
+    seconds: float
+
+    async def handle(self, ctx: Context) -> str:
+        RECORD.add("slow-start")
+        await asyncio.sleep(self.seconds)
+        return "done"
+
+
+class BlockingSync(Job):
+    """Runs until RELEASE is set or the worker asks it to stop."""
+
+    def handle(self, ctx: Context) -> str:
+        RECORD.add("blocking-start")
+        while not RELEASE.is_set() and not ctx.cancelled:
+            time.sleep(0.01)
+        return "released"
+
+
+class Crashable(Job):
+    """For the crash test: logs its start and end to a file shared between processes."""
+
+    n: int
+    log: str
+    seconds: float = 0.02
+
+    def handle(self, ctx: Context) -> int:
+        path = Path(self.log)
+        with path.open("a") as f:
+            f.write(f"start {ctx.job_id} {ctx.attempt} {os.getpid()}\n")
+        time.sleep(self.seconds)
+        with path.open("a") as f:
+            f.write(f"end {ctx.job_id} {ctx.attempt} {os.getpid()}\n")
+        return self.n

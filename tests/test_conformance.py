@@ -1,0 +1,213 @@
+"""ONE suite of driver behaviour, run against every driver (see conftest.DRIVERS).
+
+Time-dependent behaviour uses an injected clock and `run_once()` steps, never sleeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+import neonnb._loop as loop
+from neonnb import Priority, QueueManager, Status
+from tests import jobs
+from tests.conftest import FakeClock, wait_until
+
+MakeManager = Callable[..., QueueManager]
+
+
+@pytest.fixture(autouse=True)
+def fresh_recorder() -> None:
+    jobs.RECORD.__init__()  # type: ignore[misc]
+    jobs.RELEASE.clear()
+
+
+def test_eight_workers_run_2000_jobs_exactly_once(make_manager: MakeManager) -> None:
+    qm = make_manager(poll_interval=0.05)
+    handles = qm.dispatch_batch("bulk", [jobs.Note(f"job-{i}") for i in range(2000)])
+    workers = [qm.worker("bulk", 1).start() for _ in range(8)]
+    try:
+        wait_until(lambda: qm.stats()["bulk"].succeeded == 2000, timeout=90, what="2000 jobs to succeed")
+    finally:
+        for w in workers:
+            w.stop()
+    assert len(jobs.RECORD.counts) == 2000
+    assert set(jobs.RECORD.counts.values()) == {1}, "a job ran more than once"
+    assert handles[123].result(timeout=1) == "job-123"
+    assert qm.size("bulk") == 0
+
+
+def test_priority_is_strict_and_fifo_within_a_priority(make_manager: MakeManager, clock: FakeClock) -> None:
+    qm = make_manager(clock=clock)
+    order = [Priority.LOW, Priority.NORMAL, Priority.HIGH] * 5
+    for i, priority in enumerate(order):
+        qm.dispatch_with_priority("q", jobs.Note(f"{priority.value}-{i:02d}"), priority)
+        clock.advance(0.001)
+    qm.dispatch("q", jobs.Urgent("high-by-method", urgent=True))
+    qm.dispatch("q", jobs.Urgent("low-by-method", urgent=False))
+    worker = qm.worker("q", 1)
+    while worker.run_once():
+        pass
+    ran = jobs.RECORD.order
+    ranks = [{"h": 0, "n": 1, "l": 2}[tag[0]] for tag in ran]
+    assert ranks == sorted(ranks), ran
+    assert [t for t in ran if t.startswith("high-")] == ["high-02", "high-05", "high-08", "high-11", "high-14",
+                                                         "high-by-method"]
+    assert ran[-1] == "low-by-method"
+
+
+def test_fifo_within_one_priority(make_manager: MakeManager, clock: FakeClock) -> None:
+    qm = make_manager(clock=clock)
+    for i in range(30):
+        qm.dispatch("q", jobs.Note(f"{i:02d}"))  # same timestamp: order of dispatch decides
+    qm.dispatch_batch("q", [jobs.Note(f"b{i:02d}") for i in range(10)])
+    worker = qm.worker("q", 3)
+    while worker.run_once():
+        pass
+    assert jobs.RECORD.order[:30] == sorted(jobs.RECORD.order[:30])
+    assert jobs.RECORD.order[30:] == [f"b{i:02d}" for i in range(10)]
+
+
+def test_delayed_jobs_never_run_early_and_keep_their_priority(make_manager: MakeManager, clock: FakeClock) -> None:
+    qm = make_manager(clock=clock)
+    later = qm.dispatch_after("q", jobs.Urgent("delayed-high", urgent=True), 10)
+    qm.dispatch_at("q", jobs.Note("at"), clock() + 20)
+    worker = qm.worker("q", 1)
+    assert qm.stats()["q"].delayed == 2
+    clock.advance(9.999)
+    assert worker.run_once() == 0
+    assert later.status is Status.QUEUED
+    qm.dispatch_with_priority("q", jobs.Note("normal-now"), Priority.NORMAL)
+    clock.advance(0.001)
+    assert worker.run_once() == 1
+    assert jobs.RECORD.order == ["delayed-high"]
+    assert worker.run_once() == 1
+    clock.advance(9.9)
+    assert worker.run_once() == 0
+    clock.advance(0.1)
+    assert worker.run_once() == 1
+    assert jobs.RECORD.order == ["delayed-high", "normal-now", "at"]
+
+
+def test_backoff_schedule_doubles_until_the_failed_store(make_manager: MakeManager, clock: FakeClock) -> None:
+    qm = make_manager(clock=clock, retry_delay=5)
+    handle = qm.dispatch("q", jobs.Flaky(attempts=5))
+    worker = qm.worker("q", 1)
+    delays = []
+    for _ in range(4):
+        assert worker.run_once() == 1
+        record = handle.fetch()
+        assert record.status is Status.QUEUED
+        delays.append(record.run_at - clock())
+        clock.advance(delays[-1] - 0.01)
+        assert worker.run_once() == 0, "a retry ran before its backoff ended"
+        clock.advance(0.01)
+    assert delays == [5, 10, 20, 40]
+    assert worker.run_once() == 1
+    assert handle.status is Status.FAILED
+    failed = qm.failed.get(handle.id)
+    assert (failed.attempts, failed.error_type, failed.error) == (5, "ConnectionError", "flaky attempt 5")
+    assert "ConnectionError: flaky attempt 5" in failed.traceback
+
+
+def test_retry_rules_of_the_job_are_honoured(make_manager: MakeManager, clock: FakeClock) -> None:
+    qm = make_manager(clock=clock, retry_delay=5, max_retries=3)
+    permanent = qm.dispatch("q", jobs.Permanent())
+    custom = qm.dispatch("q", jobs.CustomDelay())
+    asked = qm.dispatch("q", jobs.AskRetry())
+    recovers = qm.dispatch("q", jobs.Flaky(succeed_on=2))
+    worker = qm.worker("q", 4)
+    assert worker.run_once() == 4
+    assert permanent.status is Status.FAILED and qm.failed.get(permanent.id).attempts == 1
+    assert custom.fetch().run_at == clock() + 7
+    assert asked.fetch().run_at == clock() + 42
+    clock.advance(5)
+    assert worker.run_once() == 1
+    assert recovers.result(timeout=1) == 2
+    clock.advance(2)
+    assert worker.run_once() == 1
+    assert custom.fetch().run_at == clock() + 14
+
+
+def test_failed_store_list_retry_forget_flush(make_manager: MakeManager, clock: FakeClock) -> None:
+    qm = make_manager(clock=clock, max_retries=0)
+    first = qm.dispatch("a", jobs.Flaky(attempts=1))
+    worker = qm.worker(["a", "b"], 1)
+    worker.run_once()
+    clock.advance(1)
+    second = qm.dispatch("b", jobs.Flaky(succeed_on=2, attempts=1))
+    third = qm.dispatch("b", jobs.Permanent())
+    worker.run_once()
+    clock.advance(1)
+    worker.run_once()
+    listed = qm.failed.list()
+    assert [f.id for f in listed] == [third.id, second.id, first.id]  # newest first
+    assert [f.id for f in qm.failed.list(limit=1, offset=1)] == [second.id]
+    assert listed[1].arguments == {"succeed_on": 2, "attempts": 1}
+
+    retried = qm.failed.retry(second.id)
+    assert retried.id == second.id
+    record = retried.fetch()
+    assert (record.status, record.attempts, record.payload) == (Status.QUEUED, 0, '{"succeed_on":2,"attempts":1}')
+    worker.run_once()
+    assert retried.status is Status.FAILED  # attempts reset: attempt 1 again, so it fails again
+    assert qm.failed.retry_all(queue="a") == 1
+    assert first.status is Status.QUEUED
+    assert qm.failed.forget(third.id) is True
+    assert qm.failed.forget(third.id) is False
+    assert qm.failed.flush() == 1
+    assert qm.failed.list() == []
+
+
+def test_graceful_stop_releases_unfinished_and_unstarted_jobs(make_manager: MakeManager) -> None:
+    qm = make_manager(poll_interval=0.05)
+    quick = qm.dispatch("q", jobs.SlowAsync(0.05))
+    slow = qm.dispatch("q", jobs.SlowAsync(60))
+    blocking = qm.dispatch("q", jobs.BlockingSync())
+    waiting = qm.dispatch_batch("q", [jobs.Note(f"w{i}") for i in range(3)])
+    worker = qm.worker("q", 3).start()
+    wait_until(lambda: set(worker.running_jobs) >= {slow.id, blocking.id}, what="both long jobs running")
+    worker.stop(grace=0.2)
+    assert not worker.is_running
+    for handle in (slow, blocking):
+        record = handle.fetch()
+        assert (record.status, record.attempts, record.worker_id) == (Status.QUEUED, 0, None)
+    assert quick.status is Status.SUCCEEDED
+    assert qm.size("q") == 2 + sum(h.status is Status.QUEUED for h in waiting)
+
+
+def test_stop_lets_jobs_finish_within_the_grace_period(make_manager: MakeManager) -> None:
+    qm = make_manager()
+    handle = qm.dispatch("q", jobs.SlowAsync(0.3))
+    worker = qm.worker("q", 1).start()
+    wait_until(lambda: handle.status is Status.RUNNING)
+    worker.stop(grace=10)
+    assert handle.status is Status.SUCCEEDED
+
+
+def test_expired_lease_is_recovered_with_its_attempt_counted(make_manager: MakeManager, clock: FakeClock) -> None:
+    qm = make_manager(clock=clock, lease_timeout=30, max_retries=1)
+    handle = qm.dispatch("q", jobs.Note("survivor"))
+    doomed = qm.dispatch("q", jobs.Note("doomed"))
+    # A worker "dead" reserves both jobs and dies: nobody extends its leases.
+    reserved = loop.run_sync(qm.driver.reserve(["q"], 2, "dead", clock(), clock() + 30))
+    assert {r.id for r in reserved} == {handle.id, doomed.id}
+    worker = qm.worker("q", 1)
+    clock.advance(29)
+    assert worker.run_once() == 0, "a live lease was taken over"
+    clock.advance(2)
+    # Recovery happens on the worker's housekeeping step, then both run again as attempt 2.
+    # `doomed` is killed again: reserve it as the dead worker once more.
+    loop.run_sync(qm.driver.recover_expired(clock()))
+    again = loop.run_sync(qm.driver.reserve(["q"], 1, "dead", clock(), clock() + 30))
+    assert [r.attempts for r in again] == [2]
+    killed_twice = again[0].id
+    survivor = handle.id if killed_twice == doomed.id else doomed.id
+    assert worker.run_once() == 1
+    assert qm.handle(survivor).fetch().attempts == 2
+    assert qm.handle(survivor).status is Status.SUCCEEDED
+    clock.advance(31)
+    assert worker.run_once() == 0  # housekeeping moves the job that died max_attempts times to the failed store
+    failed = qm.failed.get(killed_twice)
+    assert (failed.error_type, failed.attempts) == ("LeaseExpired", 2)
