@@ -94,7 +94,7 @@ def _decode(data: Any, hint: Any, path: str) -> Any:
         if container is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
             if len(args) != len(data):
                 raise PayloadError(f"{path}: expected {len(args)} items, got {len(data)}")
-            return tuple(_decode(item, a, f"{path}[{i}]") for i, (item, a) in enumerate(zip(args, data, strict=False)))
+            return tuple(_decode(item, a, f"{path}[{i}]") for i, (a, item) in enumerate(zip(args, data, strict=True)))
         item_hint = args[0] if args else Any
         return container(_decode(item, item_hint, f"{path}[{i}]") for i, item in enumerate(data))
     if origin is dict or hint is dict:

@@ -315,6 +315,18 @@ def lookup(name: str) -> JobType:
     raise UnknownJobError(f"job type {name!r} is not registered in this process: {hint}")
 
 
+def decode_job(record: JobRecord) -> Any:
+    """The runnable job a record stores; UnknownJobError or PayloadError say what to fix."""
+    job_type = lookup(record.name)
+    try:
+        return job_type.decode(record.payload)
+    except PayloadError as exc:
+        raise PayloadError(
+            f"{exc} (the stored arguments don't fit the current definition of {record.name}: "
+            "change the job to accept them, or forget this job)"
+        ) from None
+
+
 # --- the context a handler receives -------------------------------------------------------
 
 

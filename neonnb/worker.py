@@ -27,7 +27,7 @@ from . import _loop
 from .codec import dumps, encode
 from .config import WorkerOptions
 from .errors import JobTimeout, PayloadError, Retry, SerializationError, UnknownJobError
-from .job import Context, JobRecord, is_async_job, lookup
+from .job import Context, JobRecord, decode_job, is_async_job
 
 if TYPE_CHECKING:
     from .manager import QueueManager
@@ -388,7 +388,7 @@ class Worker:
         events.emit("started", record)
         job: Any = None
         try:
-            job = lookup(record.name).decode(record.payload)
+            job = decode_job(record)
             value = await self._call(job, ctx, record.timeout or self.options.timeout)
         except asyncio.CancelledError:
             raise  # stop(): _drain releases the job

@@ -117,3 +117,57 @@ class Crashable(Job):
         with path.open("a") as f:
             f.write(f"end {ctx.job_id} {ctx.attempt} {os.getpid()}\n")
         return self.n
+
+
+class Progressing(Job):
+    steps: int
+
+    def handle(self, ctx: Context) -> int:
+        for i in range(self.steps):
+            ctx.progress(i + 1, self.steps, f"step {i + 1}")
+        return self.steps
+
+
+class UsesDependency(Job):
+    key: str
+
+    def handle(self, ctx: Context) -> str:
+        return str(ctx.deps[self.key])
+
+
+class TimesOutAsync(Job):
+    async def handle(self, ctx: Context) -> None:
+        await asyncio.sleep(60)
+
+    def timeout(self) -> float:
+        return 0.1
+
+    def max_attempts(self) -> int:
+        return 1
+
+
+class TimesOutSync(Job):
+    """Loops until the worker flags it cancelled (sync threads can't be killed)."""
+
+    def handle(self, ctx: Context) -> None:
+        while not ctx.cancelled:
+            time.sleep(0.005)
+        RECORD.add("noticed-cancel")
+
+    def timeout(self) -> float:
+        return 0.1
+
+    def max_attempts(self) -> int:
+        return 1
+
+
+class Unstorable:
+    """Not JSON: a job field holding one must be refused at dispatch."""
+
+
+class HoldsObject(Job):
+    name: str
+    conn: object
+
+    def handle(self, ctx: Context) -> None:
+        pass

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import uuid
+from decimal import Decimal
+
+import pytest
+
+from neonnb.codec import decode, decode_fields, dumps, encode
+from neonnb.errors import PayloadError, SerializationError
+
+
+class Colour(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+@dataclasses.dataclass
+class Point:
+    x: float
+    y: float
+
+
+@dataclasses.dataclass
+class Everything:
+    when: dt.datetime
+    day: dt.date
+    amount: Decimal
+    key: uuid.UUID
+    colour: Colour
+    points: list[Point]
+    by_name: dict[str, Point]
+    by_id: dict[int, str]
+    maybe: int | None = None
+    pair: tuple[int, str] = (0, "")
+    tags: set[str] = dataclasses.field(default_factory=set)
+
+
+def test_round_trip_of_every_supported_type() -> None:
+    value = Everything(
+        when=dt.datetime(2026, 11, 29, 12, 30, tzinfo=dt.timezone.utc),
+        day=dt.date(2026, 1, 2),
+        amount=Decimal("10.25"),
+        key=uuid.UUID(int=7),
+        colour=Colour.BLUE,
+        points=[Point(1, 2.5)],
+        by_name={"a": Point(0, 0)},
+        by_id={3: "three"},
+        pair=(4, "four"),
+        tags={"b", "a"},
+    )
+    data = encode(value, "Everything")
+    assert dumps(data)  # plain JSON
+    assert decode_fields(data, Everything, "Everything") == value
+
+
+def test_unserialisable_value_names_the_field_path() -> None:
+    @dataclasses.dataclass
+    class Holder:
+        items: list[object]
+
+    with pytest.raises(SerializationError, match=r"Holder\.items\[1\] is a builtins\.object"):
+        encode(Holder(items=[1, object()]), "Holder")
+
+
+def test_decode_errors_name_the_path_and_the_type() -> None:
+    with pytest.raises(PayloadError, match=r"Everything\.points\[0\]\.x: expected float, got 'one'"):
+        decode_fields(
+            {"when": "2026-01-01T00:00:00", "day": "2026-01-01", "amount": "1", "key": str(uuid.UUID(int=1)),
+             "colour": "red", "points": [{"x": "one", "y": 1}], "by_name": {}, "by_id": {}},
+            Everything,
+            "Everything",
+        )
+    with pytest.raises(PayloadError, match="missing field 'y'"):
+        decode({"x": 1}, Point, "p")
+    with pytest.raises(PayloadError, match="unknown field"):
+        decode({"x": 1, "y": 2, "z": 3}, Point, "p")
+    with pytest.raises(PayloadError, match=r"can't decode 'purple' as Colour"):
+        decode("purple", Colour, "c")
+    with pytest.raises(PayloadError, match="expected int"):
+        decode(True, int, "n")

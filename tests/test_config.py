@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+import neonnb
+from neonnb import Config, ConfigError, WorkerOptions
+
+
+def test_defaults_are_the_embedded_sqlite_database() -> None:
+    config = Config()
+    assert (config.driver, config.connection, config.max_attempts) == ("database", "sqlite:///neonnb.db", 4)
+
+
+def test_durations_accept_numbers_strings_and_timedeltas() -> None:
+    config = Config(retry_delay="1m30s", timeout=timedelta(minutes=5), poll_interval="500ms", lease_timeout=12)
+    assert (config.retry_delay, config.timeout, config.poll_interval, config.lease_timeout) == (90, 300, 0.5, 12)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("driver", "kafka", "Config.driver must be one of memory, database, redis, got 'kafka'"),
+        ("workers", 0, "Config.workers must be an integer at least 1, got 0"),
+        ("max_retries", -1, "Config.max_retries must be an integer 0 or more"),
+        ("retry_delay", "soon", "Config.retry_delay must be a duration"),
+        ("table_name", "jobs; drop table x", "Config.table_name must be a SQL identifier"),
+        ("poll_interval", 0, "Config.poll_interval and Config.lease_timeout must be greater than 0"),
+    ],
+)
+def test_invalid_values_name_the_field(field: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Config(**{field: value})  # type: ignore[arg-type]
+
+
+def test_from_yaml_expands_environment_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QUEUE_DB", f"sqlite:///{tmp_path}/q.db")
+    monkeypatch.delenv("QUEUE_PASSWORD", raising=False)
+    path = tmp_path / "queue.yaml"
+    path.write_text(
+        "queue:\n"
+        "  driver: database\n"
+        "  connection: ${QUEUE_DB}\n"
+        "  password: ${QUEUE_PASSWORD}\n"
+        "  default_queue: ${QUEUE_NAME:-reports}\n"
+        "  max_retries: 3\n  retry_delay: 5s\n  timeout: 60s\n"
+        "  workers: 5\n  max_jobs: 100\n  poll_interval: 1s\n  table_name: jobs\n"
+    )
+    config = Config.from_yaml(path)
+    assert config.connection == f"sqlite:///{tmp_path}/q.db"
+    assert config.password is None
+    assert (config.default_queue, config.max_jobs, config.table_name, config.retry_delay) == ("reports", 100, "jobs", 5)
+
+
+def test_from_yaml_rejects_unknown_fields(tmp_path: Path) -> None:
+    path = tmp_path / "queue.yaml"
+    path.write_text("queue:\n  worker: 5\n")
+    with pytest.raises(ConfigError, match="unknown field\\(s\\) worker"):
+        Config.from_yaml(path)
+
+
+def test_connect_picks_the_driver_from_the_url(tmp_path: Path) -> None:
+    with neonnb.connect("memory://") as qm:
+        assert qm.config.driver == "memory"
+    with neonnb.connect(f"sqlite:///{tmp_path}/x.db", max_retries=7) as qm:
+        assert (qm.config.driver, qm.config.max_retries) == ("database", 7)
+    with pytest.raises(ConfigError, match="give a URL such as sqlite:///jobs.db"):
+        neonnb.connect("jobs.db")
+    with pytest.raises(ConfigError, match="in-memory SQLite database can't be shared"):
+        neonnb.connect("sqlite://")
+
+
+def test_worker_options_fall_back_to_config_and_validate() -> None:
+    resolved = WorkerOptions(timeout="2m").resolve(Config(driver="memory", poll_interval=3, max_jobs=9))
+    assert (resolved.timeout, resolved.poll_interval, resolved.max_jobs) == (120, 3, 9)
+    with pytest.raises(ConfigError, match="WorkerOptions.max_jobs"):
+        WorkerOptions(max_jobs=-1).resolve(Config(driver="memory"))
