@@ -66,7 +66,7 @@ def test_connect_picks_the_driver_from_the_url(tmp_path: Path) -> None:
         assert qm.config.driver == "memory"
     with neonnb.connect(f"sqlite:///{tmp_path}/x.db", max_retries=7) as qm:
         assert (qm.config.driver, qm.config.max_retries) == ("database", 7)
-    with pytest.raises(ConfigError, match="give a URL such as sqlite:///jobs.db"):
+    with pytest.raises(ConfigError, match=r"give a URL such as sqlite:///jobs\.db"):
         neonnb.connect("jobs.db")
     with pytest.raises(ConfigError, match="in-memory SQLite database can't be shared"):
         neonnb.connect("sqlite://")
@@ -75,5 +75,5 @@ def test_connect_picks_the_driver_from_the_url(tmp_path: Path) -> None:
 def test_worker_options_fall_back_to_config_and_validate() -> None:
     resolved = WorkerOptions(timeout="2m").resolve(Config(driver="memory", poll_interval=3, max_jobs=9))
     assert (resolved.timeout, resolved.poll_interval, resolved.max_jobs) == (120, 3, 9)
-    with pytest.raises(ConfigError, match="WorkerOptions.max_jobs"):
+    with pytest.raises(ConfigError, match=r"WorkerOptions\.max_jobs"):
         WorkerOptions(max_jobs=-1).resolve(Config(driver="memory"))

@@ -95,7 +95,8 @@ def test_timeouts_fail_async_and_sync_handlers(make_manager: MakeManager) -> Non
     qm.worker("q", 2).run_once()
     for handle in (slow_async, slow_sync):
         failed = qm.failed.get(handle.id)
-        assert (failed.error_type, failed.error) == ("neonnb.errors.JobTimeout", "job ran longer than its timeout of 0.1s")
+        assert failed.error_type == "neonnb.errors.JobTimeout"
+        assert failed.error == "job ran longer than its timeout of 0.1s"
     wait_until(lambda: "noticed-cancel" in jobs.RECORD.counts, what="the sync job to see ctx.cancelled")
 
 
@@ -134,7 +135,7 @@ def test_function_jobs_dispatch_map_and_redefinition(make_manager: MakeManager) 
     assert one.fetch().max_attempts == 2
 
     @qm.job(queue="fn")
-    def scale(x: int, factor: float = 2.0, ctx: object = None) -> float:  # noqa: F811 - a re-run cell
+    def scale(x: int, factor: float = 2.0, ctx: object = None) -> float:
         return -x
 
     qm.worker("fn", 4).run_once()
