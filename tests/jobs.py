@@ -103,17 +103,19 @@ class BlockingSync(Job):
 
 
 class Crashable(Job):
-    """For the crash test: logs its start and end to a file shared between processes."""
+    """For the crash tests: logs its start and end to a file shared between processes.
+    With `hang`, its first attempt hangs so the test can kill the worker mid-job."""
 
     n: int
     log: str
-    seconds: float = 0.02
+    seconds: float = 0.01
+    hang: bool = False
 
     def handle(self, ctx: Context) -> int:
         path = Path(self.log)
         with path.open("a") as f:
             f.write(f"start {ctx.job_id} {ctx.attempt} {os.getpid()}\n")
-        time.sleep(self.seconds)
+        time.sleep(60 if self.hang and ctx.attempt == 1 else self.seconds)
         with path.open("a") as f:
             f.write(f"end {ctx.job_id} {ctx.attempt} {os.getpid()}\n")
         return self.n

@@ -1,0 +1,77 @@
+"""Real worker processes, SIGKILLed mid-job: no dispatched job is ever lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from neonnb import Config, QueueManager, Status
+from tests import jobs
+from tests.conftest import wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_worker(config: Path, tmp_path: Path, n: int) -> subprocess.Popen[bytes]:
+    with (tmp_path / f"worker-{n}.log").open("wb") as log:  # the child keeps its own copy
+        return subprocess.Popen(
+            [sys.executable, "-m", "neonnb", "--log-level", "WARNING", "worker", str(config),
+             "-q", "crash", "-c", "1", "--import", "tests.jobs"],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        )
+
+
+def test_sigkilled_workers_lose_no_job(tmp_path: Path) -> None:
+    db = tmp_path / "crash.db"
+    config_file = tmp_path / "queue.yaml"
+    config_file.write_text(
+        f"queue:\n  driver: database\n  connection: sqlite:///{db}\n  lease_timeout: 2s\n  poll_interval: 200ms\n"
+    )
+    log = tmp_path / "jobs.log"
+    hanging = {100, 250, 400}  # their first attempt hangs until the test kills its worker
+    qm = QueueManager(Config.from_yaml(config_file))
+    handles = qm.dispatch_batch(
+        "crash", [jobs.Crashable(n, str(log), hang=n in hanging) for n in range(500)]
+    )
+    hanging_ids = {handles[n].id for n in hanging}
+    workers = [start_worker(config_file, tmp_path, i) for i in range(2)]
+    killed: set[int] = set()
+    try:
+        for kill in range(3):
+            def victim() -> int | None:
+                lines = log.read_text().splitlines() if log.exists() else []
+                for line in lines:
+                    _, job_id, attempt, pid = line.split()
+                    if line.startswith("start") and job_id in hanging_ids and attempt == "1" and int(pid) not in killed:
+                        return int(pid)
+                return None
+
+            wait_until(lambda: victim() is not None, timeout=60, what=f"a worker hanging mid-job (kill {kill + 1})")
+            pid = victim()
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            killed.add(pid)
+            dead = next(w for w in workers if w.pid == pid)
+            dead.wait(10)
+            workers.remove(dead)
+            workers.append(start_worker(config_file, tmp_path, len(killed) + 1))
+        wait_until(lambda: qm.stats()["crash"].succeeded == 500, timeout=120, what="all 500 jobs to succeed")
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        exit_codes = [worker.wait(30) for worker in workers]
+    assert exit_codes == [0, 0], "workers must exit cleanly on SIGTERM"
+
+    records = [h.fetch() for h in handles]
+    assert [r.status for r in records] == [Status.SUCCEEDED] * 500
+    assert [r.result_value() for r in records] == list(range(500))
+    attempts = Counter(r.attempts for r in records)
+    assert attempts == {1: 497, 2: 3}
+    assert {r.id for r in records if r.attempts == 2} == hanging_ids
+    starts = Counter(line.split()[1] for line in log.read_text().splitlines() if line.startswith("start"))
+    assert all(starts[r.id] == r.attempts for r in records), "every attempt is one start of the handler"
+    qm.close()
