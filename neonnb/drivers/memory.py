@@ -103,13 +103,7 @@ class MemoryDriver(Driver):
         record.lease_expires = None
 
     async def complete(self, job_id: str, worker_id: str, now: float, result: str | None) -> bool:
-        with self._lock:
-            record = self._owned(job_id, worker_id)
-            if record is None:
-                return False
-            self._finish(record, Status.SUCCEEDED, now)
-            record.result = result
-            return True
+        return self._finish_owned(job_id, worker_id, Status.SUCCEEDED, now, result=result)
 
     async def retry(self, job_id: str, worker_id: str, run_at: float, error: dict[str, Any]) -> bool:
         with self._lock:
@@ -128,12 +122,16 @@ class MemoryDriver(Driver):
         self._schedule(record)
 
     async def fail(self, job_id: str, worker_id: str | None, now: float, error: dict[str, Any]) -> bool:
+        return self._finish_owned(job_id, worker_id, Status.FAILED, now, error=error)
+
+    def _finish_owned(self, job_id: str, worker_id: str | None, status: Status, now: float, **fields: Any) -> bool:
         with self._lock:
             record = self._owned(job_id, worker_id)
             if record is None:
                 return False
-            self._finish(record, Status.FAILED, now)
-            record.error = error
+            self._finish(record, status, now)
+            for name, value in fields.items():
+                setattr(record, name, value)
             return True
 
     async def release(self, ids: Sequence[str], worker_id: str, now: float) -> int:
