@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from neonnb import Config, QueueManager
+from tests.services import MariaDBServer, PostgresServer
 
-DRIVERS = ["memory", "sqlite"]
+DRIVERS = ["memory", "sqlite", "postgres", "mariadb"]
 
 
 class FakeClock:
@@ -41,21 +42,40 @@ class Recorder:
             self.counts[item] += 1
 
 
-def config_for(driver: str, tmp_path: Path, **settings: Any) -> Config:
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mariadb_server() -> Iterator[MariaDBServer]:
+    server = MariaDBServer()
+    yield server
+    server.stop()
+
+
+def connection_for(request: pytest.FixtureRequest, driver: str, tmp_path: Path) -> str:
+    """A fresh, empty store for `driver`: a new SQLite file or a new database on the server."""
     if driver == "memory":
-        return Config(driver="memory", **settings)
+        return "memory://"
     if driver == "sqlite":
-        return Config(driver="database", connection=f"sqlite:///{tmp_path / 'jobs.db'}", **settings)
-    raise AssertionError(driver)
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    server = request.getfixturevalue(f"{driver}_server")
+    return str(server.new_database())
 
 
 @pytest.fixture(params=DRIVERS)
 def make_manager(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., QueueManager]]:
-    """Managers on the driver under test; all closed at the end of the test."""
+    """Managers on the driver under test, all sharing one store; closed at the end of the test."""
     managers: list[QueueManager] = []
+    connection = connection_for(request, request.param, tmp_path)
+    driver = "memory" if request.param == "memory" else "database"
 
     def make(clock: Callable[[], float] | None = None, **settings: Any) -> QueueManager:
-        qm = QueueManager(config_for(request.param, tmp_path, **settings), clock=clock or time.time)
+        config = Config(driver=driver, connection=None if driver == "memory" else connection, **settings)
+        qm = QueueManager(config, clock=clock or time.time)
         managers.append(qm)
         return qm
 

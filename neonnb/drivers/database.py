@@ -102,22 +102,36 @@ def _sqlite_engine(url: str) -> Engine:
     return engine
 
 
+# The DBAPI each database gets when the URL names none, and the extra that installs it.
+_DEFAULT_DBAPI = {"postgresql": ("psycopg", "postgres"), "mysql": ("pymysql", "mysql"), "mariadb": ("pymysql", "mysql")}
+
+
+def _engine_for(connection: str) -> Engine:
+    url = make_url(connection)
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        if url.database in (None, "", ":memory:"):
+            raise ConfigError(
+                "Config.connection: an in-memory SQLite database can't be shared between "
+                "threads and processes; use driver='memory' or a file such as sqlite:///jobs.db"
+            )
+        return _sqlite_engine(connection)
+    dbapi, extra = _DEFAULT_DBAPI.get(backend, (None, None))
+    if dbapi is not None and "+" not in url.drivername:
+        url = url.set(drivername=f"{backend}+{dbapi}")
+    try:
+        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    except ModuleNotFoundError as exc:
+        hint = f"pip install 'neonnb[{extra}]'" if extra else f"install the DBAPI module {exc.name}"
+        raise ConfigError(f"Config.connection {url.drivername}:// needs {exc.name}: {hint}") from None
+
+
 class DatabaseDriver(Driver):
     def __init__(self, connection: str | Engine, table_name: str = "neonnb_jobs") -> None:
         if isinstance(connection, Engine):
             self.engine, self._owns_engine = connection, False
         elif isinstance(connection, str):
-            url = make_url(connection)
-            if url.get_backend_name() == "sqlite":
-                if url.database in (None, "", ":memory:"):
-                    raise ConfigError(
-                        "Config.connection: an in-memory SQLite database can't be shared between "
-                        "threads and processes; use driver='memory' or a file such as sqlite:///jobs.db"
-                    )
-                self.engine = _sqlite_engine(connection)
-            else:
-                self.engine = create_engine(connection, pool_pre_ping=True)
-            self._owns_engine = True
+            self.engine, self._owns_engine = _engine_for(connection), True
         else:
             raise ConfigError(
                 f"Config.connection must be a database URL or a SQLAlchemy Engine, got {type(connection).__name__}"

@@ -1,0 +1,143 @@
+"""Throwaway database servers for the tests, started from the installed binaries on free
+loopback ports. Where a binary is missing the test skips with the reason, and with
+NEONNB_REQUIRE_SERVICES=1 (CI) that skip becomes a failure."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REQUIRED = os.environ.get("NEONNB_REQUIRE_SERVICES") == "1"
+
+
+def unavailable(reason: str) -> None:
+    """Skip, or fail where services are required."""
+    if REQUIRED:
+        pytest.fail(f"NEONNB_REQUIRE_SERVICES=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing answered on 127.0.0.1:{port} after {timeout}s")
+
+
+def _as_user(user: str, argv: list[str]) -> list[str]:
+    """PostgreSQL and MariaDB refuse to run as root: drop to their system user."""
+    if os.geteuid() != 0:
+        return argv
+    return ["runuser", "-u", user, "--", *argv]
+
+
+def _owned_tempdir(prefix: str, user: str) -> Path:
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    if os.geteuid() == 0:
+        shutil.chown(path, user, user)
+    return path
+
+
+class PostgresServer:
+    """`initdb` + `pg_ctl` on a free port; `restart()` is `pg_ctl restart -m fast`."""
+
+    def __init__(self) -> None:
+        bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+        bindir = bindirs[-1] if bindirs else None
+        if bindir is None and shutil.which("pg_ctl"):
+            bindir = str(Path(shutil.which("pg_ctl") or "").parent)
+        if bindir is None:
+            unavailable("PostgreSQL's initdb/pg_ctl are not installed (apt-get install postgresql)")
+        self.bin = Path(bindir or "")
+        self.dir = _owned_tempdir("neonnb-pg-", "postgres")
+        self.data = self.dir / "data"
+        self.port = free_port()
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8")
+        self.start()
+
+    def _run(self, tool: str, *args: str) -> None:
+        subprocess.run(_as_user("postgres", [str(self.bin / tool), *args]), check=True, capture_output=True)
+
+    def _ctl(self, action: str, *extra: str) -> None:
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.dir / "log"), "-o", options, "-w", action, *extra)
+
+    def start(self) -> None:
+        self._ctl("start")
+
+    def restart(self) -> None:
+        self._ctl("restart", "-m", "fast")
+
+    def stop(self) -> None:
+        self._ctl("stop", "-m", "immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self) -> str:
+        import psycopg
+
+        name = f"t{os.urandom(6).hex()}"
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True) as c:
+            c.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+
+class MariaDBServer:
+    """`mariadb-install-db` + `mariadbd` on a free port."""
+
+    def __init__(self) -> None:
+        install, server = shutil.which("mariadb-install-db"), shutil.which("mariadbd") or shutil.which("mysqld")
+        if install is None or server is None:
+            unavailable("MariaDB's mariadb-install-db/mariadbd are not installed (apt-get install mariadb-server)")
+        self.dir = _owned_tempdir("neonnb-maria-", "mysql")
+        self.port = free_port()
+        data = self.dir / "data"
+        subprocess.run(
+            _as_user("mysql", [str(install), "--no-defaults", f"--datadir={data}", "--auth-root-authentication-method=normal",
+                               "--skip-test-db"]),
+            check=True, capture_output=True,
+        )
+        self.process = subprocess.Popen(
+            _as_user("mysql", [str(server), "--no-defaults", f"--datadir={data}", f"--port={self.port}",
+                               "--bind-address=127.0.0.1", f"--socket={self.dir / 'sock'}", "--skip-log-bin",
+                               "--innodb-flush-log-at-trx-commit=2", f"--log-error={self.dir / 'log'}"]),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def new_database(self) -> str:
+        import pymysql
+
+        name = f"t{os.urandom(6).hex()}"
+        conn = pymysql.connect(host="127.0.0.1", port=self.port, user="root")
+        with conn.cursor() as cur:
+            cur.execute(f"CREATE DATABASE {name}")
+        conn.close()
+        return f"mysql+pymysql://root@127.0.0.1:{self.port}/{name}"
+
