@@ -140,6 +140,9 @@ class Worker:
         self.jobs_started = 0
         self._active: dict[str, tuple[asyncio.Task[None], Context]] = {}
         self._dirty_progress: dict[str, dict[str, Any]] = {}
+        # Finished jobs waiting to be acknowledged together; each waits for its own outcome.
+        self._acks: list[tuple[JobRecord, str | None, asyncio.Future[bool]]] = []
+        self._ack_flusher: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -399,10 +402,29 @@ class Worker:
             await self._after_error(record, job, exc)
         else:
             await self._flush_progress(record.id)
-            result = encode_result(value, record)
-            now = self.manager.clock()
-            if await self._persist(lambda: self.driver.complete(record.id, self.id, now, result), "complete"):
-                events.emit("succeeded", record)
+            await self._acknowledge(record, encode_result(value, record))
+
+    async def _acknowledge(self, record: JobRecord, result: str | None) -> None:
+        """Mark the job done. Acks that arrive while a write is in flight go together in the
+        next one, so a busy worker acknowledges in batches without ever waiting on a timer.
+        The job keeps its slot (and its lease) until its ack is stored."""
+        outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._acks.append((record, result, outcome))
+        if self._ack_flusher is None or self._ack_flusher.done():
+            self._ack_flusher = asyncio.create_task(self._flush_acks())
+        if await outcome:
+            self.manager.events.emit("succeeded", record)
+
+    async def _flush_acks(self) -> None:
+        while self._acks:
+            batch, self._acks = self._acks, []
+            results = [(record.id, result) for record, result, _ in batch]
+            write = functools.partial(self.driver.complete, results, self.id, self.manager.clock())
+            done = set(await self._persist(write, "complete") or ())
+            for record, _, outcome in batch:
+                if record.id not in done:
+                    logger.warning("job %s finished, but its lease had passed to another worker", record.id)
+                outcome.set_result(record.id in done)
 
     async def _call(self, job: Any, ctx: Context, timeout: float | None) -> Any:
         if is_async_job(job):

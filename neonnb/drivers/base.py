@@ -57,8 +57,9 @@ class Driver(abc.ABC):
     async def set_progress(self, job_id: str, worker_id: str, progress: dict[str, Any]) -> None: ...
 
     @abc.abstractmethod
-    async def complete(self, job_id: str, worker_id: str, now: float, result: str | None) -> bool:
-        """Mark a job SUCCEEDED with its JSON result."""
+    async def complete(self, results: Sequence[tuple[str, str | None]], worker_id: str, now: float) -> list[str]:
+        """Mark jobs SUCCEEDED with their JSON results, all in one round trip where the store
+        allows; returns the ids that were still this worker's."""
 
     @abc.abstractmethod
     async def retry(self, job_id: str, worker_id: str, run_at: float, error: dict[str, Any]) -> bool:

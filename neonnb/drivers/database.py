@@ -9,7 +9,6 @@ database has it) and flips them to running; on SQLite every transaction starts w
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import threading
 from collections.abc import Callable, Sequence
@@ -31,6 +30,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    bindparam,
     case,
     create_engine,
     delete,
@@ -40,7 +40,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError, ProgrammingError
+from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 
 from ..errors import ConfigError
 from ..job import JobRecord, Priority, Status
@@ -120,7 +120,7 @@ def _engine_for(connection: str) -> Engine:
     if dbapi is not None and "+" not in url.drivername:
         url = url.set(drivername=f"{backend}+{dbapi}")
     try:
-        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+        return create_engine(url, pool_size=10, max_overflow=10)
     except ModuleNotFoundError as exc:
         hint = f"pip install 'neonnb[{extra}]'" if extra else f"install the DBAPI module {exc.name}"
         raise ConfigError(f"Config.connection {url.drivername}:// needs {exc.name}: {hint}") from None
@@ -136,13 +136,16 @@ class DatabaseDriver(Driver):
             raise ConfigError(
                 f"Config.connection must be a database URL or a SQLAlchemy Engine, got {type(connection).__name__}"
             )
-        self.is_sqlite = self.engine.dialect.name == "sqlite"
+        dialect = self.engine.dialect.name
         self.table = jobs_table(table_name)
         self._returning = self.engine.dialect.update_returning
-        # SQLite serialises writers anyway; one thread avoids busy-waiting on its lock.
-        self._executor = ThreadPoolExecutor(
-            max_workers=1 if self.is_sqlite else 8, thread_name_prefix="neonnb-db"
+        # On PostgreSQL a single statement needs no BEGIN/COMMIT round trips: run it in
+        # autocommit. Elsewhere every call is a transaction (BEGIN IMMEDIATE on SQLite).
+        self._autocommit = (
+            self.engine.execution_options(isolation_level="AUTOCOMMIT") if dialect == "postgresql" else None
         )
+        # SQLite serialises writers anyway; one thread avoids busy-waiting on its lock.
+        self._executor = ThreadPoolExecutor(max_workers=1 if dialect == "sqlite" else 8, thread_name_prefix="neonnb-db")
         self._schema_ready = False
         self._schema_lock = threading.Lock()
 
@@ -159,14 +162,31 @@ class DatabaseDriver(Driver):
                 self.table.metadata.create_all(self.engine, checkfirst=True)
             self._schema_ready = True
 
-    def _in_transaction(self, fn: Callable[..., T], *args: Any) -> T:
+    def _call(self, fn: Callable[[Connection], T], single_statement: bool) -> T:
         self._ensure_schema()
-        with self.engine.begin() as conn:
-            return fn(conn, *args)
+        for attempt in (1, 2):
+            try:
+                if single_statement and self._autocommit is not None:
+                    with self._autocommit.connect() as conn:
+                        return fn(conn)
+                with self.engine.begin() as conn:
+                    return fn(conn)
+            except DBAPIError as exc:
+                # A pooled connection that died with a server restart: the pool has dropped it,
+                # and a fresh connection gets the call through.
+                if attempt == 2 or not exc.connection_invalidated:
+                    raise
+        raise AssertionError("unreachable")
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _statement(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn``, which issues exactly one statement, on the driver's threads."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(self._in_transaction, fn, *args))
+        return await loop.run_in_executor(self._executor, self._call, fn, True)
+
+    async def _transaction(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn`` (several statements) in one transaction on the driver's threads."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._call, fn, False)
 
     def _record(self, row: Row[Any]) -> JobRecord:
         m = row._mapping
@@ -191,17 +211,14 @@ class DatabaseDriver(Driver):
             error=_json_or_none(m["error"]),
         )
 
-    def _owned(self, job_id: str, worker_id: str | None) -> Any:
+    def _owned(self, ids: Sequence[str], owner: str | None) -> Any:
         c = self.table.c
-        condition = and_(c.id == job_id, c.status == RUNNING)
-        return condition if worker_id is None else and_(condition, c.worker_id == worker_id)
+        condition = and_(c.id.in_(ids), c.status == RUNNING)
+        return condition if owner is None else and_(condition, c.worker_id == owner)
 
-    def _update_owned(self, job_id: str, owner: str | None, values: dict[str, Any]) -> Callable[[Connection], bool]:
-        def run(conn: Connection) -> bool:
-            stmt = update(self.table).where(self._owned(job_id, owner)).values(**values)
-            return conn.execute(stmt).rowcount == 1
-
-        return run
+    async def _update_owned(self, job_id: str, owner: str | None, values: dict[str, Any]) -> bool:
+        stmt = update(self.table).where(self._owned([job_id], owner)).values(**values)
+        return await self._statement(lambda conn: conn.execute(stmt).rowcount == 1)
 
     # --- the protocol -----------------------------------------------------------------
 
@@ -215,69 +232,90 @@ class DatabaseDriver(Driver):
             }
             for r in records
         ]
-        if rows:
-            await self._run(lambda conn: conn.execute(self.table.insert(), rows))
+        insert = self.table.insert()
+        if len(rows) == 1:
+            await self._statement(lambda conn: conn.execute(insert, rows[0]))
+        elif rows:  # a large batch may take several INSERTs: all or none
+            await self._transaction(lambda conn: conn.execute(insert, rows))
 
     async def reserve(
         self, queues: Sequence[str], limit: int, worker_id: str, now: float, lease_expires: float
     ) -> list[JobRecord]:
         c = self.table.c
+        due = (
+            select(c.seq)
+            .where(c.queue.in_(queues), c.status == QUEUED, c.run_at <= now)
+            .order_by(c.priority, c.run_at, c.seq)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        claim = update(self.table).values(
+            status=RUNNING, attempts=c.attempts + 1, worker_id=worker_id, lease_expires=lease_expires, started_at=now
+        )
 
-        def claim(conn: Connection) -> list[JobRecord]:
-            due = (
-                select(c.seq)
-                .where(c.queue.in_(queues), c.status == QUEUED, c.run_at <= now)
-                .order_by(c.priority, c.run_at, c.seq)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            )
-            seqs = list(conn.execute(due).scalars())
-            if not seqs:
-                return []
-            stmt = (
-                update(self.table)
-                .where(c.seq.in_(seqs), c.status == QUEUED)
-                .values(status=RUNNING, attempts=c.attempts + 1, worker_id=worker_id,
-                        lease_expires=lease_expires, started_at=now)
-            )
-            if self._returning:
-                rows = list(conn.execute(stmt.returning(*self.table.c)))
-            else:
-                conn.execute(stmt)
-                rows = list(conn.execute(select(self.table).where(c.seq.in_(seqs), c.worker_id == worker_id)))
+        def in_order(rows: list[Row[Any]]) -> list[JobRecord]:
             rows.sort(key=lambda row: (row.priority, row.run_at, row.seq))
             return [self._record(row) for row in rows]
 
-        return await self._run(claim)
+        if self._returning:  # one statement: claim the due rows and return them
+            # A materialised CTE: as a plain IN-subquery PostgreSQL may re-run the LIMIT ...
+            # SKIP LOCKED select and claim more rows than asked for.
+            due_rows = due.cte("due").prefix_with("MATERIALIZED", dialect="postgresql")
+            stmt = claim.where(c.seq.in_(select(due_rows.c.seq)), c.status == QUEUED).returning(*self.table.c)
+            return await self._statement(lambda conn: in_order(list(conn.execute(stmt))))
+
+        def select_then_claim(conn: Connection) -> list[JobRecord]:  # MariaDB/MySQL: no UPDATE ... RETURNING
+            seqs = list(conn.execute(due).scalars())
+            if not seqs:
+                return []
+            conn.execute(claim.where(c.seq.in_(seqs)))
+            return in_order(list(conn.execute(select(self.table).where(c.seq.in_(seqs)))))
+
+        return await self._transaction(select_then_claim)
 
     async def extend_leases(self, ids: Sequence[str], worker_id: str, lease_expires: float) -> None:
-        c = self.table.c
-        stmt = (
-            update(self.table)
-            .where(c.id.in_(ids), c.status == RUNNING, c.worker_id == worker_id)
-            .values(lease_expires=lease_expires)
-        )
+        stmt = update(self.table).where(self._owned(ids, worker_id)).values(lease_expires=lease_expires)
         if ids:
-            await self._run(lambda conn: conn.execute(stmt))
+            await self._statement(lambda conn: conn.execute(stmt))
 
     async def set_progress(self, job_id: str, worker_id: str, progress: dict[str, Any]) -> None:
-        await self._run(self._update_owned(job_id, worker_id, {"progress": json.dumps(progress)}))
+        await self._update_owned(job_id, worker_id, {"progress": json.dumps(progress)})
 
-    async def complete(self, job_id: str, worker_id: str, now: float, result: str | None) -> bool:
-        return await self._run(self._update_owned(
-            job_id, worker_id, {"status": SUCCEEDED, "finished_at": now, "lease_expires": None, "result": result}
-        ))
+    async def complete(self, results: Sequence[tuple[str, str | None]], worker_id: str, now: float) -> list[str]:
+        c = self.table.c
+        ids = [job_id for job_id, _ in results]
+        done = update(self.table).values(status=SUCCEEDED, finished_at=now, lease_expires=None)
+        with_result = [{"b_id": job_id, "b_result": result} for job_id, result in results if result is not None]
+        set_result = update(self.table).where(c.id == bindparam("b_id")).values(result=bindparam("b_result"))
+
+        def finish(conn: Connection) -> list[str]:
+            if self._returning:
+                finished = list(conn.execute(done.where(self._owned(ids, worker_id)).returning(c.id)).scalars())
+            else:
+                mine = select(c.id).where(self._owned(ids, worker_id)).with_for_update()
+                finished = list(conn.execute(mine).scalars())
+                if finished:
+                    conn.execute(done.where(c.id.in_(finished)))
+            rows = [row for row in with_result if row["b_id"] in set(finished)]
+            if rows:
+                conn.execute(set_result, rows)
+            return finished
+
+        # Without results the claim-back is a single statement; with them, status and result
+        # must appear together, so one transaction.
+        if not with_result and self._returning:
+            return await self._statement(finish)
+        return await self._transaction(finish)
 
     async def retry(self, job_id: str, worker_id: str, run_at: float, error: dict[str, Any]) -> bool:
-        return await self._run(self._update_owned(job_id, worker_id, {
-            "status": QUEUED, "run_at": run_at, "worker_id": None, "lease_expires": None,
-            "error": json.dumps(error),
-        }))
+        return await self._update_owned(job_id, worker_id, {
+            "status": QUEUED, "run_at": run_at, "worker_id": None, "lease_expires": None, "error": json.dumps(error),
+        })
 
     async def fail(self, job_id: str, worker_id: str | None, now: float, error: dict[str, Any]) -> bool:
-        return await self._run(self._update_owned(
-            job_id, worker_id, {"status": FAILED, "finished_at": now, "lease_expires": None, "error": json.dumps(error)}
-        ))
+        return await self._update_owned(job_id, worker_id, {
+            "status": FAILED, "finished_at": now, "lease_expires": None, "error": json.dumps(error),
+        })
 
     async def release(self, ids: Sequence[str], worker_id: str, now: float) -> int:
         c = self.table.c
@@ -286,7 +324,7 @@ class DatabaseDriver(Driver):
             .where(c.id.in_(ids), c.status == RUNNING, c.worker_id == worker_id)
             .values(status=QUEUED, attempts=c.attempts - 1, worker_id=None, lease_expires=None)
         )
-        return await self._run(lambda conn: conn.execute(stmt).rowcount) if ids else 0
+        return await self._statement(lambda conn: conn.execute(stmt).rowcount) if ids else 0
 
     async def recover_expired(self, now: float) -> list[str]:
         c = self.table.c
@@ -307,12 +345,12 @@ class DatabaseDriver(Driver):
                 )
             return ids
 
-        return await self._run(recover)
+        return await self._transaction(recover)
 
     async def purge_finished(self, before: float) -> int:
         c = self.table.c
         stmt = delete(self.table).where(c.status == SUCCEEDED, c.finished_at < before)
-        return await self._run(lambda conn: conn.execute(stmt).rowcount)
+        return await self._statement(lambda conn: conn.execute(stmt).rowcount)
 
     async def get(self, job_id: str) -> JobRecord | None:
         stmt = select(self.table).where(self.table.c.id == job_id)
@@ -321,7 +359,7 @@ class DatabaseDriver(Driver):
             row = conn.execute(stmt).first()
             return None if row is None else self._record(row)
 
-        return await self._run(fetch)
+        return await self._statement(fetch)
 
     async def list_jobs(
         self, *, status: Status | None = None, queue: str | None = None, limit: int = 100, offset: int = 0
@@ -334,7 +372,7 @@ class DatabaseDriver(Driver):
             stmt = stmt.where(c.queue == queue)
         newest_first = c.finished_at.desc() if status is Status.FAILED else c.created_at.desc()
         stmt = stmt.order_by(newest_first, c.seq.desc()).limit(limit).offset(offset)
-        return await self._run(lambda conn: [self._record(row) for row in conn.execute(stmt)])
+        return await self._statement(lambda conn: [self._record(row) for row in conn.execute(stmt)])
 
     async def counts(self, now: float) -> dict[str, QueueCounts]:
         c = self.table.c
@@ -351,7 +389,7 @@ class DatabaseDriver(Driver):
                     setattr(qc, st, getattr(qc, st) + n)
             return result
 
-        return await self._run(count)
+        return await self._statement(count)
 
     async def requeue_failed(self, ids: Sequence[str] | None, queue: str | None, now: float) -> list[str]:
         c = self.table.c
@@ -372,14 +410,14 @@ class DatabaseDriver(Driver):
                 )
             return moved
 
-        return await self._run(requeue)
+        return await self._transaction(requeue)
 
     async def delete_failed(self, ids: Sequence[str] | None) -> int:
         c = self.table.c
         stmt = delete(self.table).where(c.status == FAILED)
         if ids is not None:
             stmt = stmt.where(c.id.in_(ids))
-        return await self._run(lambda conn: conn.execute(stmt).rowcount)
+        return await self._statement(lambda conn: conn.execute(stmt).rowcount)
 
     async def close(self) -> None:
         self._executor.shutdown(wait=True)

@@ -102,8 +102,11 @@ class MemoryDriver(Driver):
         record.finished_at = now
         record.lease_expires = None
 
-    async def complete(self, job_id: str, worker_id: str, now: float, result: str | None) -> bool:
-        return self._finish_owned(job_id, worker_id, Status.SUCCEEDED, now, result=result)
+    async def complete(self, results: Sequence[tuple[str, str | None]], worker_id: str, now: float) -> list[str]:
+        return [
+            job_id for job_id, result in results
+            if self._finish_owned(job_id, worker_id, Status.SUCCEEDED, now, result=result)
+        ]
 
     async def retry(self, job_id: str, worker_id: str, run_at: float, error: dict[str, Any]) -> bool:
         with self._lock:
