@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -23,6 +24,8 @@ from .drivers.base import Driver, QueueCounts
 from .errors import ConfigError, JobFailed, JobNotFound
 from .job import FINISHED, FunctionJob, JobRecord, Priority, Status, encode_job
 from .worker import Events, Worker
+
+logger = logging.getLogger("neonnb.manager")
 
 
 class QueueManager:
@@ -45,6 +48,7 @@ class QueueManager:
         self.dependencies: dict[str, Any] = {}
         self.failed = FailedStore(self)
         self._workers: set[Worker] = set()
+        self._next_housekeeping = 0.0
 
     def __repr__(self) -> str:
         return f"<neonnb.QueueManager driver={self.config.driver} connection={_safe_url(self.config.connection)}>"
@@ -192,6 +196,19 @@ class QueueManager:
 
     def size(self, queue: str | None = None) -> int:
         return run_sync(self.asize(queue))
+
+    async def housekeeping(self, now: float) -> None:
+        """Requeue jobs whose worker died and drop results past their TTL. The workers of a
+        manager share one schedule: a quarter of the lease, so a dead worker's jobs wait at
+        most 1.25 leases, and no more often than the poll interval."""
+        if now < self._next_housekeeping:
+            return
+        config = self.config
+        self._next_housekeeping = now + max(config.poll_interval, config.lease_timeout / 4)
+        recovered = await self.driver.recover_expired(now)
+        if recovered:
+            logger.warning("requeued %d job(s) whose worker stopped heartbeating", len(recovered))
+        await self.driver.purge_finished(now - config.result_ttl)
 
     def handle(self, job_id: str) -> JobHandle:
         """A handle for a job id seen elsewhere (a log line, a DataFrame)."""

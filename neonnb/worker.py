@@ -148,7 +148,6 @@ class Worker:
         self._wake: asyncio.Event | None = None
         self._stopping = False
         self._grace = 0.0
-        self._next_maintenance = 0.0
         self._next_due = float("inf")  # earliest known run_at of a delayed job on our queues
 
     def __repr__(self) -> str:
@@ -298,9 +297,7 @@ class Worker:
 
     async def _claim(self, limit: int) -> int:
         now = self.manager.clock()
-        if now >= self._next_maintenance:
-            self._next_maintenance = now + self.options.poll_interval
-            await self._guard(self._maintain(now), "housekeeping")
+        await self._guard(self.manager.housekeeping(now), "housekeeping")
         records = await self._guard(
             self.driver.reserve(self.queues, limit, self.id, now, now + self.options.lease_timeout),
             "claiming jobs",
@@ -319,12 +316,6 @@ class Worker:
         self._active.pop(job_id, None)
         if self._wake is not None:
             self._wake.set()
-
-    async def _maintain(self, now: float) -> None:
-        recovered = await self.driver.recover_expired(now)
-        if recovered:
-            logger.warning("recovered %d job(s) whose worker stopped heartbeating", len(recovered))
-        await self.driver.purge_finished(now - self.manager.config.result_ttl)
 
     async def _guard(self, coro: Coroutine[Any, Any, T], doing: str) -> T | None:
         """Run a driver call; if storage is unreachable, log and carry on (the next poll retries)."""

@@ -146,7 +146,7 @@ def test_function_jobs_dispatch_map_and_redefinition(make_manager: MakeManager) 
 
 
 def test_results_expire_after_their_ttl(make_manager: MakeManager, clock: FakeClock) -> None:
-    qm = make_manager(clock=clock, result_ttl=60)
+    qm = make_manager(clock=clock, result_ttl=60, lease_timeout=4)  # housekeeping every second
     handle = qm.dispatch("q", jobs.Note("kept"))
     worker = qm.worker("q", 1)
     worker.run_once()
