@@ -10,6 +10,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -48,6 +49,8 @@ class QueueManager:
         self.dependencies: dict[str, Any] = {}
         self.failed = FailedStore(self)
         self._workers: set[Worker] = set()
+        self._workers_lock = threading.Lock()  # the driver's notification thread reads the set
+        self._watching = False
         self._next_housekeeping = 0.0
 
     def __repr__(self) -> str:
@@ -136,9 +139,30 @@ class QueueManager:
             created_at=now,
         )
 
+    def _add_worker(self, worker: Worker) -> None:
+        with self._workers_lock:
+            self._workers.add(worker)
+            if not self._watching:
+                self._watching = True
+                self.driver.watch(self._wake_workers)
+
+    def _remove_worker(self, worker: Worker) -> None:
+        with self._workers_lock:
+            self._workers.discard(worker)
+
+    def _local_workers(self) -> list[Worker]:
+        with self._workers_lock:
+            return list(self._workers)
+
+    def _wake_workers(self, queue: str) -> None:
+        """The driver saw jobs become due on ``queue`` ("*": any), perhaps from another process."""
+        for worker in self._local_workers():
+            if queue == "*" or queue in worker.queues:
+                worker.notify()
+
     async def _enqueue(self, records: list[JobRecord]) -> list[JobHandle]:
         await self.driver.enqueue(records)
-        for worker in list(self._workers):
+        for worker in self._local_workers():
             due = [r.run_at for r in records if r.queue in worker.queues]
             if due:
                 worker.notify(min(due))
@@ -215,7 +239,7 @@ class QueueManager:
         return JobHandle(self, job_id)
 
     async def aclose(self) -> None:
-        for worker in list(self._workers):
+        for worker in self._local_workers():
             await worker.astop(grace=0)
         await self.driver.close()
 
@@ -351,7 +375,7 @@ class FailedStore:
 
     async def _requeue(self, ids: list[str] | None, queue: str | None) -> list[str]:
         moved = await self.manager.driver.requeue_failed(ids, queue, self.manager.clock())
-        for worker in list(self.manager._workers):
+        for worker in self.manager._local_workers():
             worker.notify()
         return moved
 

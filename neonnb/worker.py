@@ -250,7 +250,7 @@ class Worker:
 
     async def _main(self) -> None:
         assert self._wake is not None
-        self.manager._workers.add(self)
+        self.manager._add_worker(self)
         heartbeat = asyncio.create_task(self._heartbeat())
         logger.info("worker %s started on %s (concurrency %d)", self.id, ",".join(self.queues), self.concurrency)
         try:
@@ -273,7 +273,7 @@ class Worker:
             await self._drain()
         finally:
             heartbeat.cancel()
-            self.manager._workers.discard(self)
+            self.manager._remove_worker(self)
             self._unbind_loop()
             logger.info("worker %s stopped after %d jobs", self.id, self.jobs_started)
 

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -114,8 +113,8 @@ class MariaDBServer:
         self.port = free_port()
         data = self.dir / "data"
         subprocess.run(
-            _as_user("mysql", [str(install), "--no-defaults", f"--datadir={data}", "--auth-root-authentication-method=normal",
-                               "--skip-test-db"]),
+            _as_user("mysql", [str(install), "--no-defaults", f"--datadir={data}",
+                               "--auth-root-authentication-method=normal", "--skip-test-db"]),
             check=True, capture_output=True,
         )
         self.process = subprocess.Popen(

@@ -12,7 +12,7 @@ the async API on the caller's.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,6 +103,11 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     async def delete_failed(self, ids: Sequence[str] | None) -> int:
         """Forget failed jobs; ``ids=None`` flushes the whole failed store."""
+
+    def watch(self, callback: Callable[[str], None]) -> None:  # noqa: B027 - polling is the default
+        """Call ``callback(queue)``, from any thread, when another process makes a job of
+        ``queue`` due (``"*"``: any queue may have jobs). Drivers that can't tell leave
+        workers to poll. Called once per driver."""
 
     async def close(self) -> None:  # noqa: B027 - drivers without resources need nothing
         """Release connections."""

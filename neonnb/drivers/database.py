@@ -45,6 +45,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 from ..errors import ConfigError
 from ..job import JobRecord, Priority, Status
 from .base import LEASE_ERROR, Driver, QueueCounts
+from .pg_notify import Listener, install_trigger
 
 T = TypeVar("T")
 
@@ -76,8 +77,12 @@ def jobs_table(name: str) -> Table:
         Column("result", Text),
         Column("error", Text),
     )
-    # The claim reads (queue, status) and orders by (priority, run_at, seq): one index serves it.
-    Index(f"{name}_claim", t.c.queue, t.c.status, t.c.priority, t.c.run_at, t.c.seq)
+    # The claim reads (queue, status) and orders by (priority, run_at, seq): one index serves
+    # it. Where the database allows, it covers only queued rows, so it stays small however
+    # many finished rows the table keeps.
+    queued = t.c.status == "queued"
+    Index(f"{name}_claim", t.c.queue, t.c.status, t.c.priority, t.c.run_at, t.c.seq,
+          postgresql_where=queued, sqlite_where=queued)
     Index(f"{name}_lease", t.c.status, t.c.lease_expires)
     Index(f"{name}_finished", t.c.status, t.c.finished_at)
     return t
@@ -148,6 +153,9 @@ class DatabaseDriver(Driver):
         self._executor = ThreadPoolExecutor(max_workers=1 if dialect == "sqlite" else 8, thread_name_prefix="neonnb-db")
         self._schema_ready = False
         self._schema_lock = threading.Lock()
+        # LISTEN/NOTIFY needs psycopg 3's notifies(); other PostgreSQL DBAPIs poll.
+        self._notifies = dialect == "postgresql" and self.engine.dialect.driver == "psycopg"
+        self._listener: Listener | None = None
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -160,6 +168,9 @@ class DatabaseDriver(Driver):
             except (OperationalError, ProgrammingError):
                 # Another process created it between our check and our CREATE: fine if it's there now.
                 self.table.metadata.create_all(self.engine, checkfirst=True)
+            if self._notifies:
+                with self.engine.begin() as conn:
+                    install_trigger(conn, self.table.name)
             self._schema_ready = True
 
     def _call(self, fn: Callable[[Connection], T], single_statement: bool) -> T:
@@ -419,7 +430,13 @@ class DatabaseDriver(Driver):
             stmt = stmt.where(c.id.in_(ids))
         return await self._statement(lambda conn: conn.execute(stmt).rowcount)
 
+    def watch(self, callback: Callable[[str], None]) -> None:
+        if self._notifies and self._listener is None:
+            self._listener = Listener(self.engine, self.table.name, callback)
+
     async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.stop()
         self._executor.shutdown(wait=True)
         if self._owns_engine:
             self.engine.dispose()

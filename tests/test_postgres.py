@@ -1,0 +1,45 @@
+"""PostgreSQL-only behaviour: LISTEN/NOTIFY wake-ups, sharing an Engine, an existing schema."""
+
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import create_engine, inspect
+
+from neonnb import Config, QueueManager, WorkerOptions
+from tests import jobs
+from tests.services import PostgresServer
+
+
+def test_idle_worker_wakes_on_a_dispatch_from_another_process(postgres_server: PostgresServer) -> None:
+    url = postgres_server.new_database()
+    # poll_interval of a minute: only a notification can explain a quick start.
+    worker_side = QueueManager(Config(connection=url, poll_interval=60))
+    dispatcher = QueueManager(Config(connection=url))
+    try:
+        worker = worker_side.worker("wake", 1, WorkerOptions()).start()
+        worker_side.size("wake")  # the schema and trigger exist before we start timing
+        time.sleep(0.3)  # let the worker reach its idle wait
+        started = time.monotonic()
+        handle = dispatcher.dispatch("wake", jobs.AsyncNote("ping"))
+        assert handle.result(timeout=10) == "ping"
+        assert time.monotonic() - started < 5, "the worker waited for its poll instead of waking"
+        worker.stop()
+    finally:
+        worker_side.close()
+        dispatcher.close()
+
+
+def test_engine_connection_table_name_and_existing_schema(postgres_server: PostgresServer) -> None:
+    engine = create_engine(postgres_server.new_database())
+    first = QueueManager(Config(connection=engine, table_name="jobs"))
+    handle = first.dispatch("q", jobs.Note("one"))
+    # A second process meeting the tables already there accepts them.
+    second = QueueManager(Config(connection=engine, table_name="jobs"))
+    assert second.size("q") == 1
+    assert "jobs" in inspect(engine).get_table_names()
+    second.worker("q", 1).run_once()
+    assert handle.result(timeout=1) == "one"
+    first.close()
+    second.close()
+    engine.dispose()
