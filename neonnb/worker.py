@@ -321,8 +321,8 @@ class Worker:
         """Run a driver call; if storage is unreachable, log and carry on (the next poll retries)."""
         try:
             return await coro
-        except Exception:
-            logger.exception("worker %s: %s failed; retrying in %.1fs", self.id, doing, self.options.poll_interval)
+        except Exception as exc:
+            logger.warning("worker %s: %s failed (%r); retrying in %.1fs", self.id, doing, exc, self.options.poll_interval)
             await asyncio.sleep(self.options.poll_interval)
             return None
 
@@ -464,8 +464,8 @@ class Worker:
         for _ in range(8):
             try:
                 return await write()
-            except Exception:
-                logger.exception("worker %s: could not %s a job; retrying in %.1fs", self.id, what, delay)
+            except Exception as exc:
+                logger.warning("worker %s: could not %s a job (%r); retrying in %.1fs", self.id, what, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         return None

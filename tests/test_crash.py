@@ -9,9 +9,12 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from neonnb import Config, QueueManager, Status
 from tests import jobs
-from tests.conftest import wait_until
+from tests.conftest import connection_for, wait_until
+from tests.services import PostgresServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,20 +28,26 @@ def start_worker(config: Path, tmp_path: Path, n: int) -> subprocess.Popen[bytes
         )
 
 
-def test_sigkilled_workers_lose_no_job(tmp_path: Path) -> None:
-    db = tmp_path / "crash.db"
+@pytest.mark.parametrize(
+    ("store", "total", "processes"),
+    [("sqlite", 500, 2), ("postgres", 1000, 3)],
+)
+def test_sigkilled_workers_lose_no_job(
+    request: pytest.FixtureRequest, tmp_path: Path, store: str, total: int, processes: int
+) -> None:
     config_file = tmp_path / "queue.yaml"
     config_file.write_text(
-        f"queue:\n  driver: database\n  connection: sqlite:///{db}\n  lease_timeout: 2s\n  poll_interval: 200ms\n"
+        f"queue:\n  driver: database\n  connection: {connection_for(request, store, tmp_path)}\n"
+        "  lease_timeout: 2s\n  poll_interval: 200ms\n"
     )
     log = tmp_path / "jobs.log"
-    hanging = {100, 250, 400}  # their first attempt hangs until the test kills its worker
+    hanging = {total // 5, total // 2, total * 4 // 5}  # their first attempt hangs until we kill its worker
     qm = QueueManager(Config.from_yaml(config_file))
     handles = qm.dispatch_batch(
-        "crash", [jobs.Crashable(n, str(log), hang=n in hanging) for n in range(500)]
+        "crash", [jobs.Crashable(n, str(log), hang=n in hanging) for n in range(total)]
     )
     hanging_ids = {handles[n].id for n in hanging}
-    workers = [start_worker(config_file, tmp_path, i) for i in range(2)]
+    workers = [start_worker(config_file, tmp_path, i) for i in range(processes)]
     killed: set[int] = set()
     try:
         for kill in range(3):
@@ -59,19 +68,51 @@ def test_sigkilled_workers_lose_no_job(tmp_path: Path) -> None:
             dead.wait(10)
             workers.remove(dead)
             workers.append(start_worker(config_file, tmp_path, len(killed) + 1))
-        wait_until(lambda: qm.stats()["crash"].succeeded == 500, timeout=120, what="all 500 jobs to succeed")
+        wait_until(lambda: qm.stats()["crash"].succeeded == total, timeout=120, what=f"all {total} jobs to succeed")
     finally:
         for worker in workers:
             worker.send_signal(signal.SIGTERM)
         exit_codes = [worker.wait(30) for worker in workers]
-    assert exit_codes == [0, 0], "workers must exit cleanly on SIGTERM"
+    assert exit_codes == [0] * processes, "workers must exit cleanly on SIGTERM"
 
     records = [h.fetch() for h in handles]
-    assert [r.status for r in records] == [Status.SUCCEEDED] * 500
-    assert [r.result_value() for r in records] == list(range(500))
+    assert [r.status for r in records] == [Status.SUCCEEDED] * total
+    assert [r.result_value() for r in records] == list(range(total))
     attempts = Counter(r.attempts for r in records)
-    assert attempts == {1: 497, 2: 3}
+    assert attempts == {1: total - 3, 2: 3}
     assert {r.id for r in records if r.attempts == 2} == hanging_ids
     starts = Counter(line.split()[1] for line in log.read_text().splitlines() if line.startswith("start"))
     assert all(starts[r.id] == r.attempts for r in records), "every attempt is one start of the handler"
     qm.close()
+
+
+def test_workers_ride_out_a_postgres_restart(postgres_server: PostgresServer, tmp_path: Path) -> None:
+    url = postgres_server.new_database()
+    config_file = tmp_path / "queue.yaml"
+    config_file.write_text(f"queue:\n  connection: {url}\n  lease_timeout: 5s\n  poll_interval: 200ms\n")
+    log = tmp_path / "jobs.log"
+    qm = QueueManager(Config.from_yaml(config_file))
+    qm.size("crash")  # create the schema before the workers race to
+    workers = [start_worker(config_file, tmp_path, i) for i in range(2)]
+    returned, refused = [], 0
+    try:
+        for n in range(300):
+            if n == 100:
+                wait_until(lambda: qm.stats()["crash"].succeeded >= 20, what="the workers to be busy")
+                postgres_server.restart()  # pg_ctl restart -m fast, while workers are busy
+            try:
+                returned.append(qm.dispatch("crash", jobs.Crashable(n, str(log), seconds=0.02)))
+            except Exception:
+                refused += 1  # a dispatch that raised promised nothing
+        wait_until(
+            lambda: all(h.fetch().status is Status.SUCCEEDED for h in returned), timeout=120,
+            what="every returned dispatch to be processed",
+        )
+        assert all(w.poll() is None for w in workers), "a worker died with the server instead of reconnecting"
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        exit_codes = [worker.wait(30) for worker in workers]
+        qm.close()
+    assert exit_codes == [0, 0]
+    assert len(returned) + refused == 300 and len(returned) >= 250
