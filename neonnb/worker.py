@@ -322,8 +322,9 @@ class Worker:
         try:
             return await coro
         except Exception as exc:
-            logger.warning("worker %s: %s failed (%r); retrying in %.1fs", self.id, doing, exc, self.options.poll_interval)
-            await asyncio.sleep(self.options.poll_interval)
+            pause = self.options.poll_interval
+            logger.warning("worker %s: %s failed (%r); retrying in %.1fs", self.id, doing, exc, pause)
+            await asyncio.sleep(pause)
             return None
 
     async def _heartbeat(self) -> None:
