@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import functools
 import json
 import types
 import typing
@@ -142,18 +143,28 @@ def _decode(data: Any, hint: Any, path: str) -> Any:
 def decode_fields(data: Any, cls: type, path: str) -> Any:
     """Build dataclass ``cls`` from a JSON object, decoding each field by its type."""
     _expect(data, dict, path, cls)
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(fields)
+    fields = _fields_of(cls)
+    unknown = data.keys() - fields.keys()
     if unknown:
         raise PayloadError(f"{path}: unknown field(s) {', '.join(sorted(unknown))} for {cls.__qualname__}")
     values = {}
-    for name, f in fields.items():
+    for name, (hint, required) in fields.items():
         if name in data:
-            values[name] = decode(data[name], hints.get(name, Any), f"{path}.{name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            values[name] = decode(data[name], hint, f"{path}.{name}")
+        elif required:
             raise PayloadError(f"{path}: missing field {name!r} of {cls.__qualname__}")
     return cls(**values)
+
+
+@functools.lru_cache(maxsize=1024)
+def _fields_of(cls: type) -> dict[str, tuple[Any, bool]]:
+    """Each field's resolved type and whether it is required: resolving string annotations
+    is the slow part of decoding, so it happens once per class."""
+    hints = typing.get_type_hints(cls)
+    return {
+        f.name: (hints.get(f.name, Any), f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        for f in dataclasses.fields(cls)
+    }
 
 
 def _decode_key(key: str, hint: Any, path: str) -> Any:

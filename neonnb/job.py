@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
+import functools
 import inspect
 import json
 import logging
@@ -183,6 +184,7 @@ class FunctionJob(JobType):
         self.priority = priority
         self.signature = inspect.signature(fn)
         self.wants_ctx = "ctx" in self.signature.parameters
+        self.is_async = inspect.iscoroutinefunction(fn)
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
         register(self.name, self)
@@ -216,11 +218,15 @@ class FunctionJob(JobType):
         calls = [self.call(item) for item in items]
         return self.manager.dispatch_batch(self.queue or self.manager.config.default_queue, calls)
 
+    @functools.cache  # noqa: B019 - one FunctionJob per definition, kept for the process anyway
+    def _hints(self) -> dict[str, Any]:
+        return typing.get_type_hints(self.fn)
+
     def decode(self, payload: str) -> FunctionCall:
         data = _loads(payload, self.name)
         if not isinstance(data, dict):
             raise PayloadError(f"{self.name}: expected a JSON object of arguments, got {data!r}")
-        hints = typing.get_type_hints(self.fn)
+        hints = self._hints()
         unknown = set(data) - set(self.signature.parameters)
         if unknown:
             raise PayloadError(f"{self.name}: unknown argument(s) {', '.join(sorted(unknown))}")
@@ -259,9 +265,6 @@ class FunctionCall:
         bound = inspect.BoundArguments(self.function.signature, arguments)
         return self.function.fn(*bound.args, **bound.kwargs)
 
-    def is_async(self) -> bool:
-        return inspect.iscoroutinefunction(self.function.fn)
-
     def max_attempts(self) -> int | None:
         return self.function.max_attempts
 
@@ -274,8 +277,14 @@ class FunctionCall:
 
 def is_async_job(job: Any) -> bool:
     if isinstance(job, FunctionCall):
-        return job.is_async()
-    return inspect.iscoroutinefunction(job.handle)
+        return job.function.is_async
+    cls = type(job)
+    if cls not in _async_classes:
+        _async_classes[cls] = inspect.iscoroutinefunction(cls.handle)
+    return _async_classes[cls]
+
+
+_async_classes: dict[type, bool] = {}  # iscoroutinefunction is slow enough to matter per job
 
 
 def _loads(payload: str, name: str) -> Any:
@@ -355,9 +364,13 @@ class Context:
         self.attempt = record.attempts
         self.max_attempts = record.max_attempts
         self.deps = Dependencies(deps)
-        self.logger = logging.LoggerAdapter(logging.getLogger("neonnb.jobs"), {"job_id": record.id})
         self._report_progress = report_progress
-        self._cancelled = threading.Event()
+        self._cancelled = False
+
+    @functools.cached_property
+    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
+        """The ``neonnb.jobs`` logger with the job id attached."""
+        return logging.LoggerAdapter(logging.getLogger("neonnb.jobs"), {"job_id": self.job_id})
 
     def progress(self, done: float, total: float | None = None, message: str | None = None) -> None:
         """Report progress: ``ctx.progress(3, 10, "loading")``. Cheap to call often."""
@@ -366,7 +379,7 @@ class Context:
     @property
     def cancelled(self) -> bool:
         """True once the job timed out or the worker is shutting down; long sync loops should check it."""
-        return self._cancelled.is_set()
+        return self._cancelled
 
     def cancel(self) -> None:
-        self._cancelled.set()
+        self._cancelled = True  # a plain flag: handler threads only ever read it

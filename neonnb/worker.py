@@ -140,8 +140,9 @@ class Worker:
         self.jobs_started = 0
         self._active: dict[str, tuple[asyncio.Task[None], Context]] = {}
         self._dirty_progress: dict[str, dict[str, Any]] = {}
-        # Finished jobs waiting to be acknowledged together; each waits for its own outcome.
-        self._acks: list[tuple[JobRecord, str | None, asyncio.Future[bool]]] = []
+        # Finished jobs waiting to be acknowledged together. Their slots are free already;
+        # their leases are kept until the ack is stored.
+        self._acks: list[tuple[JobRecord, str | None]] = []
         self._ack_flusher: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -287,6 +288,7 @@ class Worker:
                 self._unbind_loop()
         claimed = await self._claim(self._free_slots())
         await asyncio.gather(*(task for task, _ in list(self._active.values())))
+        await self._acks_stored()
         return claimed
 
     def _free_slots(self) -> int:
@@ -332,14 +334,20 @@ class Worker:
         while True:
             await asyncio.sleep(min(interval, 0.25) if self._dirty_progress else interval)
             await self._flush_progress()
-            if self._active:
+            held = [*self._active, *(record.id for record, _ in self._acks)]
+            if held:
                 now = self.manager.clock()
                 await self._guard(
-                    self.driver.extend_leases(list(self._active), self.id, now + self.options.lease_timeout),
-                    "extending leases",
+                    self.driver.extend_leases(held, self.id, now + self.options.lease_timeout), "extending leases"
                 )
 
     async def _drain(self) -> None:
+        try:
+            await self._drain_active()
+        finally:
+            await self._acks_stored()
+
+    async def _drain_active(self) -> None:
         if not self._active:
             return
         tasks = {task: job_id for job_id, (task, _) in self._active.items()}
@@ -393,42 +401,62 @@ class Worker:
         except Exception as exc:
             await self._after_error(record, job, exc)
         else:
-            await self._flush_progress(record.id)
-            await self._acknowledge(record, encode_result(value, record))
+            if record.id in self._dirty_progress:
+                await self._flush_progress(record.id)
+            self._acknowledge(record, encode_result(value, record))
 
-    async def _acknowledge(self, record: JobRecord, result: str | None) -> None:
-        """Mark the job done. Acks that arrive while a write is in flight go together in the
-        next one, so a busy worker acknowledges in batches without ever waiting on a timer.
-        The job keeps its slot (and its lease) until its ack is stored."""
-        outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._acks.append((record, result, outcome))
+    def _acknowledge(self, record: JobRecord, result: str | None) -> None:
+        """Queue the job's success. Acks that arrive while a write is in flight go together
+        in the next one, so a busy worker acknowledges in batches without waiting on a timer."""
+        self._acks.append((record, result))
         if self._ack_flusher is None or self._ack_flusher.done():
             self._ack_flusher = asyncio.create_task(self._flush_acks())
-        if await outcome:
-            self.manager.events.emit("succeeded", record)
+
+    async def _acks_stored(self) -> None:
+        if self._ack_flusher is not None:
+            await self._ack_flusher
 
     async def _flush_acks(self) -> None:
         while self._acks:
-            batch, self._acks = self._acks, []
-            results = [(record.id, result) for record, result, _ in batch]
+            batch = self._acks[:]
+            results = [(record.id, result) for record, result in batch]
             write = functools.partial(self.driver.complete, results, self.id, self.manager.clock())
             done = set(await self._persist(write, "complete") or ())
-            for record, _, outcome in batch:
-                if record.id not in done:
+            del self._acks[: len(batch)]  # only now: the heartbeat keeps pending leases alive
+            for record, _ in batch:
+                if record.id in done:
+                    self.manager.events.emit("succeeded", record)
+                else:
                     logger.warning("job %s finished, but its lease had passed to another worker", record.id)
-                outcome.set_result(record.id in done)
 
     async def _call(self, job: Any, ctx: Context, timeout: float | None) -> Any:
-        if is_async_job(job):
-            work: Awaitable[Any] = job.handle(ctx)
-        else:
-            loop = asyncio.get_running_loop()
-            work = loop.run_in_executor(self._executor, contextvars.Context().run, job.handle, ctx)
-        try:
-            return await asyncio.wait_for(work, timeout or None)
-        except asyncio.TimeoutError:
+        """Run the handler in this task; past ``timeout`` the task is cancelled (a timer, not
+        ``wait_for``, which would cost a second task per job)."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        timed_out = False
+
+        def expire() -> None:
+            nonlocal timed_out
+            timed_out = True
             ctx.cancel()  # a sync handler's thread can't be killed: ask it to stop
+            task.cancel()
+
+        timer = loop.call_later(timeout, expire) if timeout else None
+        try:
+            if is_async_job(job):
+                return await job.handle(ctx)
+            return await loop.run_in_executor(self._executor, contextvars.Context().run, job.handle, ctx)
+        except asyncio.CancelledError:
+            if not timed_out:
+                raise
+            if hasattr(task, "uncancel"):
+                task.uncancel()
             raise JobTimeout(f"job ran longer than its timeout of {timeout:g}s") from None
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def _after_error(self, record: JobRecord, job: Any, exc: Exception) -> None:
         config = self.manager.config

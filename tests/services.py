@@ -59,7 +59,8 @@ def _owned_tempdir(prefix: str, user: str) -> Path:
 class PostgresServer:
     """`initdb` + `pg_ctl` on a free port; `restart()` is `pg_ctl restart -m fast`."""
 
-    def __init__(self) -> None:
+    def __init__(self, fsync: bool = False) -> None:
+        self.fsync = fsync  # off for tests (speed); on for benchmarks (what production runs)
         bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
         bindir = bindirs[-1] if bindirs else None
         if bindir is None and shutil.which("pg_ctl"):
@@ -77,7 +78,8 @@ class PostgresServer:
         subprocess.run(_as_user("postgres", [str(self.bin / tool), *args]), check=True, capture_output=True)
 
     def _ctl(self, action: str, *extra: str) -> None:
-        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        fsync = "on" if self.fsync else "off"
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync={fsync} -c max_connections=200"
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.dir / "log"), "-o", options, "-w", action, *extra)
 
     def start(self) -> None:

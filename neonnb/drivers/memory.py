@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import heapq
 import threading
 from collections.abc import Sequence
@@ -81,7 +82,7 @@ class MemoryDriver(Driver):
                 record.worker_id = worker_id
                 record.lease_expires = lease_expires
                 record.started_at = now
-                claimed.append(replace(record))
+                claimed.append(copy.copy(record))
         return claimed
 
     async def extend_leases(self, ids: Sequence[str], worker_id: str, lease_expires: float) -> None:

@@ -1,0 +1,1 @@
+"""neonnb's benchmark suite: `python -m benchmarks` runs every workload on every system."""

@@ -1,0 +1,305 @@
+"""One adapter per system: `async def run(workload, url) -> dict`. Each uses the system's own
+async API where it has one, and settings a user tuning for throughput would pick."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from benchmarks.workloads import (
+    DRAIN_CONCURRENCY,
+    LATENCY_GAP,
+    N_DRAIN,
+    N_ENQUEUE,
+    N_LATENCY,
+    N_SLEEP,
+    SLEEP,
+    SLEEP_CONCURRENCY,
+    latency,
+    rate,
+    wait_for,
+)
+from neonnb import Config, Context, Job, QueueManager, WorkerOptions
+
+Runner = Callable[[str, str], Awaitable[dict[str, Any]]]
+
+
+# --- the ceiling: a bare asyncio.Queue(maxsize=1) producer/consumer -----------------------
+
+async def ceiling(workload: str, url: str) -> dict[str, Any]:
+    queue: asyncio.Queue[int] = asyncio.Queue(maxsize=1)
+
+    async def consume() -> None:
+        for _ in range(N_DRAIN):
+            await queue.get()
+
+    consumer = asyncio.create_task(consume())
+    start = time.perf_counter()
+    for i in range(N_DRAIN):
+        await queue.put(i)
+    await consumer
+    return rate(N_DRAIN, time.perf_counter() - start)
+
+
+# --- neonnb ---------------------------------------------------------------------------------
+
+class Noop(Job, name="bench.Noop"):
+    async def handle(self, ctx: Context) -> None:
+        return None
+
+
+class Sleep(Job, name="bench.Sleep"):
+    async def handle(self, ctx: Context) -> None:
+        await asyncio.sleep(SLEEP)
+
+
+class Stamp(Job, name="bench.Stamp"):
+    sent: float
+
+    async def handle(self, ctx: Context) -> float:
+        return time.time() - self.sent
+
+
+def neonnb_config(url: str) -> Config:
+    if url == "memory://":
+        return Config(driver="memory")
+    # SQLite has no cross-process wake-up: an idle worker polls, so poll often.
+    poll = 0.01 if url.startswith("sqlite") else 1.0
+    return Config(connection=url, poll_interval=poll)
+
+
+async def neonnb_system(workload: str, url: str) -> dict[str, Any]:
+    qm = QueueManager(neonnb_config(url))
+    try:
+        return await _neonnb_workload(qm, workload, url)
+    finally:
+        await qm.aclose()
+
+
+async def _neonnb_workload(qm: QueueManager, workload: str, url: str) -> dict[str, Any]:
+    await qm.asize("b")  # the schema exists before anything is timed
+    if workload == "w1_one":
+        start = time.perf_counter()
+        for _ in range(N_ENQUEUE):
+            await qm.adispatch("b", Noop())
+        return rate(N_ENQUEUE, time.perf_counter() - start)
+    if workload == "w1_batch":
+        start = time.perf_counter()
+        await qm.adispatch_batch("b", [Noop() for _ in range(N_ENQUEUE)])
+        return rate(N_ENQUEUE, time.perf_counter() - start)
+    if workload in ("w2", "w4"):
+        n, job, concurrency = (N_DRAIN, Noop, DRAIN_CONCURRENCY) if workload == "w2" else (N_SLEEP, Sleep, SLEEP_CONCURRENCY)
+        await qm.adispatch_batch("b", [job() for _ in range(n)])
+        worker = qm.worker("b", concurrency, WorkerOptions(burst=True))
+        start = time.perf_counter()
+        await worker.arun()
+        elapsed = time.perf_counter() - start
+        assert (await qm.astats())["b"].succeeded == n
+        return rate(n, elapsed)
+    if workload == "w3":
+        worker = qm.worker("b", 10)
+        running = asyncio.create_task(worker.arun())
+        # Dispatch through a second manager, as another process would: the worker learns of
+        # the job from the store (LISTEN/NOTIFY, polling), not from an in-process shortcut.
+        sender = qm if url == "memory://" else QueueManager(neonnb_config(url))
+        await asyncio.sleep(0.5)
+        handles = []
+        for _ in range(N_LATENCY):
+            handles.append(await sender.adispatch("b", Stamp(time.time())))
+            await asyncio.sleep(LATENCY_GAP)
+        samples = [await h.aresult(timeout=60) for h in handles]
+        await worker.astop()
+        await running
+        if sender is not qm:
+            await sender.aclose()
+        return latency(samples)
+    raise ValueError(workload)
+
+
+# --- huey on SQLite ----------------------------------------------------------------------------
+
+async def huey_system(workload: str, url: str) -> dict[str, Any]:
+    from huey import SqliteHuey
+
+    huey = SqliteHuey(filename=url.removeprefix("sqlite:///"), results=False)
+    done: list[float] = []
+    lock = threading.Lock()
+
+    @huey.task()
+    def noop() -> None:
+        with lock:
+            done.append(0.0)
+
+    @huey.task()
+    def sleep() -> None:
+        time.sleep(SLEEP)
+        with lock:
+            done.append(0.0)
+
+    @huey.task()
+    def stamp(sent: float) -> None:
+        with lock:
+            done.append(time.time() - sent)
+
+    def consumer(workers: int) -> Any:
+        # Fast polling (huey's default backs off to 10 s), threads as its docs suggest for I/O.
+        c = huey.create_consumer(workers=workers, worker_type="thread", periodic=False,
+                                 initial_delay=0.001, backoff=1.0, max_delay=0.001)
+        threading.Thread(target=c.run, daemon=True).start()
+        return c
+
+    if workload == "w1_one":
+        start = time.perf_counter()
+        for _ in range(N_ENQUEUE):
+            noop()
+        return rate(N_ENQUEUE, time.perf_counter() - start)
+    if workload == "w1_batch":
+        return {"n/a": "huey has no batch enqueue"}
+    if workload in ("w2", "w4"):
+        n, task, workers = (N_DRAIN, noop, 8) if workload == "w2" else (N_SLEEP, sleep, SLEEP_CONCURRENCY)
+        for _ in range(n):
+            task()
+        start = time.perf_counter()
+        c = consumer(workers)
+        await wait_for(lambda: len(done) >= n)
+        elapsed = time.perf_counter() - start
+        c.stop(graceful=True)
+        return rate(n, elapsed)
+    if workload == "w3":
+        c = consumer(4)
+        await asyncio.sleep(0.5)
+        for _ in range(N_LATENCY):
+            stamp(time.time())
+            await asyncio.sleep(LATENCY_GAP)
+        await wait_for(lambda: len(done) >= N_LATENCY)
+        c.stop(graceful=True)
+        return latency(done)
+    raise ValueError(workload)
+
+
+# --- pgqueuer --------------------------------------------------------------------------------
+
+async def pgqueuer_system(workload: str, url: str) -> dict[str, Any]:
+    import asyncpg
+    from pgqueuer import AsyncpgDriver, QueueManager as PgQueueManager, Queries
+    from pgqueuer.domain.types import QueueExecutionMode
+
+    dsn = url.replace("postgresql+psycopg://", "postgresql://")
+    connection = await asyncpg.connect(dsn)
+    driver = AsyncpgDriver(connection)
+    queries = Queries(driver)
+    await queries.install()
+    samples: list[float] = []
+    try:
+        if workload == "w1_one":
+            start = time.perf_counter()
+            for _ in range(N_ENQUEUE):
+                await queries.enqueue("noop", None)
+            return rate(N_ENQUEUE, time.perf_counter() - start)
+        if workload == "w1_batch":
+            start = time.perf_counter()
+            await queries.enqueue(["noop"] * N_ENQUEUE, [None] * N_ENQUEUE, [0] * N_ENQUEUE)
+            return rate(N_ENQUEUE, time.perf_counter() - start)
+
+        qm = PgQueueManager(driver)
+
+        @qm.entrypoint("noop")
+        async def noop(job: Any) -> None:
+            return None
+
+        @qm.entrypoint("sleep")
+        async def sleep(job: Any) -> None:
+            await asyncio.sleep(SLEEP)
+
+        @qm.entrypoint("stamp")
+        async def stamp(job: Any) -> None:
+            samples.append(time.time() - float(job.payload.decode()))
+
+        if workload in ("w2", "w4"):
+            n, name, batch = (N_DRAIN, "noop", 100) if workload == "w2" else (N_SLEEP, "sleep", SLEEP_CONCURRENCY)
+            await queries.enqueue([name] * n, [None] * n, [0] * n)
+            start = time.perf_counter()
+            await qm.run(batch_size=batch, mode=QueueExecutionMode.drain)
+            return rate(n, time.perf_counter() - start)
+        if workload == "w3":
+            sender_conn = await asyncpg.connect(dsn)
+            sender = Queries(AsyncpgDriver(sender_conn))
+            running = asyncio.create_task(qm.run(batch_size=10))
+            await asyncio.sleep(0.5)
+            for _ in range(N_LATENCY):
+                await sender.enqueue("stamp", str(time.time()).encode())
+                await asyncio.sleep(LATENCY_GAP)
+            await wait_for(lambda: len(samples) >= N_LATENCY)
+            qm.shutdown.set()
+            await running
+            await sender_conn.close()
+            return latency(samples)
+        raise ValueError(workload)
+    finally:
+        await connection.close()
+
+
+# --- procrastinate -------------------------------------------------------------------------
+
+async def procrastinate_system(workload: str, url: str) -> dict[str, Any]:
+    import procrastinate
+
+    conninfo = url.replace("postgresql+psycopg://", "postgresql://")
+    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=conninfo))
+    samples: list[float] = []
+
+    @app.task(name="noop")
+    async def noop() -> None:
+        return None
+
+    @app.task(name="sleep")
+    async def sleep() -> None:
+        await asyncio.sleep(SLEEP)
+
+    @app.task(name="stamp")
+    async def stamp(sent: float) -> None:
+        samples.append(time.time() - sent)
+
+    async with app.open_async():
+        await app.schema_manager.apply_schema_async()
+        if workload == "w1_one":
+            start = time.perf_counter()
+            for _ in range(N_ENQUEUE):
+                await noop.defer_async()
+            return rate(N_ENQUEUE, time.perf_counter() - start)
+        if workload == "w1_batch":
+            start = time.perf_counter()
+            await noop.batch_defer_async(*[{} for _ in range(N_ENQUEUE)])
+            return rate(N_ENQUEUE, time.perf_counter() - start)
+        if workload in ("w2", "w4"):
+            n, task, concurrency = (N_DRAIN, noop, DRAIN_CONCURRENCY) if workload == "w2" else (N_SLEEP, sleep, SLEEP_CONCURRENCY)
+            await task.batch_defer_async(*[{} for _ in range(n)])
+            start = time.perf_counter()
+            await app.run_worker_async(concurrency=concurrency, wait=False, install_signal_handlers=False)
+            return rate(n, time.perf_counter() - start)
+        if workload == "w3":
+            running = asyncio.create_task(app.run_worker_async(concurrency=10, install_signal_handlers=False))
+            await asyncio.sleep(0.5)
+            for _ in range(N_LATENCY):
+                await stamp.defer_async(sent=time.time())
+                await asyncio.sleep(LATENCY_GAP)
+            await wait_for(lambda: len(samples) >= N_LATENCY)
+            running.cancel()
+            try:
+                await running
+            except asyncio.CancelledError:
+                pass
+            return latency(samples)
+    raise ValueError(workload)
+
+
+SYSTEMS: dict[str, Runner] = {
+    "asyncio-ceiling": ceiling,
+    "neonnb": neonnb_system,
+    "huey": huey_system,
+    "pgqueuer": pgqueuer_system,
+    "procrastinate": procrastinate_system,
+}
