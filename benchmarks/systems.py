@@ -204,7 +204,7 @@ async def pgqueuer_system(workload: str, url: str) -> dict[str, Any]:
             await queries.enqueue(["noop"] * N_ENQUEUE, [None] * N_ENQUEUE, [0] * N_ENQUEUE)
             return rate(N_ENQUEUE, time.perf_counter() - start)
 
-        qm = PgQueueManager(driver)
+        qm = PgQueueManager(queries)
 
         @qm.entrypoint("noop")
         async def noop(job: Any) -> None:

@@ -37,6 +37,7 @@ from sqlalchemy import (
     event,
     func,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import make_url
@@ -45,7 +46,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 from ..errors import ConfigError
 from ..job import JobRecord, Priority, Status
 from .base import LEASE_ERROR, Driver, QueueCounts
-from .pg_notify import Listener, install_trigger
+from .pg_notify import Listener, announce, install_trigger
 
 T = TypeVar("T")
 
@@ -107,6 +108,13 @@ def _sqlite_engine(url: str) -> Engine:
     return engine
 
 
+# The columns a dispatch writes, with their PostgreSQL types for the one-statement batch insert.
+_UNNEST_TYPES = {
+    "id": "varchar", "queue": "varchar", "name": "varchar", "payload": "text", "priority": "smallint",
+    "status": "varchar", "attempts": "integer", "max_attempts": "integer", "timeout": "float8",
+    "run_at": "float8", "created_at": "float8",
+}
+
 # The DBAPI each database gets when the URL names none, and the extra that installs it.
 _DEFAULT_DBAPI = {"postgresql": ("psycopg", "postgres"), "mysql": ("pymysql", "mysql"), "mariadb": ("pymysql", "mysql")}
 
@@ -146,15 +154,28 @@ class DatabaseDriver(Driver):
         self._returning = self.engine.dialect.update_returning
         # On PostgreSQL a single statement needs no BEGIN/COMMIT round trips: run it in
         # autocommit. Elsewhere every call is a transaction (BEGIN IMMEDIATE on SQLite).
-        self._autocommit = (
-            self.engine.execution_options(isolation_level="AUTOCOMMIT") if dialect == "postgresql" else None
+        self._postgres = dialect == "postgresql"
+        # Worker bookkeeping (claims, acks, leases) can skip the commit fsync: a write lost to
+        # a server crash only means a job runs again, which at-least-once allows. Dispatches
+        # and failed-store changes stay durable. Only for engines we create ourselves.
+        relaxed = (
+            create_engine(self.engine.url, pool_size=10, max_overflow=10,
+                          connect_args={"options": "-c synchronous_commit=off"})
+            if self._postgres and self._owns_engine else self.engine
         )
+        self._engines = {True: self.engine, False: relaxed}
+        self._autocommit = {
+            durable: engine.execution_options(isolation_level="AUTOCOMMIT") for durable, engine in self._engines.items()
+        }
         # SQLite serialises writers anyway; one thread avoids busy-waiting on its lock.
         self._executor = ThreadPoolExecutor(max_workers=1 if dialect == "sqlite" else 8, thread_name_prefix="neonnb-db")
         self._schema_ready = False
         self._schema_lock = threading.Lock()
         # LISTEN/NOTIFY needs psycopg 3's notifies(); other PostgreSQL DBAPIs poll.
         self._notifies = dialect == "postgresql" and self.engine.dialect.driver == "psycopg"
+        names = ", ".join(_UNNEST_TYPES)
+        arrays = ", ".join(f"CAST(:{name} AS {sql_type}[])" for name, sql_type in _UNNEST_TYPES.items())
+        self._unnest_insert = text(f'INSERT INTO "{table_name}" ({names}) SELECT * FROM unnest({arrays})')
         self._listener: Listener | None = None
 
     # --- plumbing ---------------------------------------------------------------------
@@ -173,14 +194,14 @@ class DatabaseDriver(Driver):
                     install_trigger(conn, self.table.name)
             self._schema_ready = True
 
-    def _call(self, fn: Callable[[Connection], T], single_statement: bool) -> T:
+    def _call(self, fn: Callable[[Connection], T], single_statement: bool, durable: bool) -> T:
         self._ensure_schema()
         for attempt in (1, 2):
             try:
-                if single_statement and self._autocommit is not None:
-                    with self._autocommit.connect() as conn:
+                if single_statement and self._postgres:
+                    with self._autocommit[durable].connect() as conn:
                         return fn(conn)
-                with self.engine.begin() as conn:
+                with self._engines[durable].begin() as conn:
                     return fn(conn)
             except DBAPIError as exc:
                 # A pooled connection that died with a server restart: the pool has dropped it,
@@ -189,15 +210,15 @@ class DatabaseDriver(Driver):
                     raise
         raise AssertionError("unreachable")
 
-    async def _statement(self, fn: Callable[[Connection], T]) -> T:
+    async def _statement(self, fn: Callable[[Connection], T], durable: bool = True) -> T:
         """Run ``fn``, which issues exactly one statement, on the driver's threads."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call, fn, True)
+        return await loop.run_in_executor(self._executor, self._call, fn, True, durable)
 
-    async def _transaction(self, fn: Callable[[Connection], T]) -> T:
+    async def _transaction(self, fn: Callable[[Connection], T], durable: bool = True) -> T:
         """Run ``fn`` (several statements) in one transaction on the driver's threads."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call, fn, False)
+        return await loop.run_in_executor(self._executor, self._call, fn, False, durable)
 
     def _record(self, row: Row[Any]) -> JobRecord:
         m = row._mapping
@@ -222,6 +243,10 @@ class DatabaseDriver(Driver):
             error=_json_or_none(m["error"]),
         )
 
+    def _announce(self, conn: Connection, queues: set[str]) -> None:
+        if self._notifies:
+            announce(conn, self.table.name, queues)
+
     def _owned(self, ids: Sequence[str], owner: str | None) -> Any:
         c = self.table.c
         condition = and_(c.id.in_(ids), c.status == RUNNING)
@@ -229,7 +254,7 @@ class DatabaseDriver(Driver):
 
     async def _update_owned(self, job_id: str, owner: str | None, values: dict[str, Any]) -> bool:
         stmt = update(self.table).where(self._owned([job_id], owner)).values(**values)
-        return await self._statement(lambda conn: conn.execute(stmt).rowcount == 1)
+        return await self._statement(lambda conn: conn.execute(stmt).rowcount == 1, durable=False)
 
     # --- the protocol -----------------------------------------------------------------
 
@@ -243,6 +268,11 @@ class DatabaseDriver(Driver):
             }
             for r in records
         ]
+        if self._postgres and rows:
+            # One statement however large the batch: the rows travel as one array per column.
+            columns = {name: [row[name] for row in rows] for name in _UNNEST_TYPES}
+            await self._statement(lambda conn: conn.execute(self._unnest_insert, columns))
+            return
         insert = self.table.insert()
         if len(rows) == 1:
             await self._statement(lambda conn: conn.execute(insert, rows[0]))
@@ -273,7 +303,7 @@ class DatabaseDriver(Driver):
             # SKIP LOCKED select and claim more rows than asked for.
             due_rows = due.cte("due").prefix_with("MATERIALIZED", dialect="postgresql")
             stmt = claim.where(c.seq.in_(select(due_rows.c.seq)), c.status == QUEUED).returning(*self.table.c)
-            return await self._statement(lambda conn: in_order(list(conn.execute(stmt))))
+            return await self._statement(lambda conn: in_order(list(conn.execute(stmt))), durable=False)
 
         def select_then_claim(conn: Connection) -> list[JobRecord]:  # MariaDB/MySQL: no UPDATE ... RETURNING
             seqs = list(conn.execute(due).scalars())
@@ -282,12 +312,12 @@ class DatabaseDriver(Driver):
             conn.execute(claim.where(c.seq.in_(seqs)))
             return in_order(list(conn.execute(select(self.table).where(c.seq.in_(seqs)))))
 
-        return await self._transaction(select_then_claim)
+        return await self._transaction(select_then_claim, durable=False)
 
     async def extend_leases(self, ids: Sequence[str], worker_id: str, lease_expires: float) -> None:
         stmt = update(self.table).where(self._owned(ids, worker_id)).values(lease_expires=lease_expires)
         if ids:
-            await self._statement(lambda conn: conn.execute(stmt))
+            await self._statement(lambda conn: conn.execute(stmt), durable=False)
 
     async def set_progress(self, job_id: str, worker_id: str, progress: dict[str, Any]) -> None:
         await self._update_owned(job_id, worker_id, {"progress": json.dumps(progress)})
@@ -315,8 +345,8 @@ class DatabaseDriver(Driver):
         # Without results the claim-back is a single statement; with them, status and result
         # must appear together, so one transaction.
         if not with_result and self._returning:
-            return await self._statement(finish)
-        return await self._transaction(finish)
+            return await self._statement(finish, durable=False)
+        return await self._transaction(finish, durable=False)
 
     async def retry(self, job_id: str, worker_id: str, run_at: float, error: dict[str, Any]) -> bool:
         return await self._update_owned(job_id, worker_id, {
@@ -335,7 +365,15 @@ class DatabaseDriver(Driver):
             .where(c.id.in_(ids), c.status == RUNNING, c.worker_id == worker_id)
             .values(status=QUEUED, attempts=c.attempts - 1, worker_id=None, lease_expires=None)
         )
-        return await self._statement(lambda conn: conn.execute(stmt).rowcount) if ids else 0
+
+        def give_back(conn: Connection) -> int:
+            if not self._postgres:
+                return int(conn.execute(stmt).rowcount)
+            queues = list(conn.execute(stmt.returning(c.queue)).scalars())
+            self._announce(conn, set(queues))
+            return len(queues)
+
+        return await self._transaction(give_back, durable=False) if ids else 0
 
     async def recover_expired(self, now: float) -> list[str]:
         c = self.table.c
@@ -348,15 +386,17 @@ class DatabaseDriver(Driver):
                 .values(status=FAILED, finished_at=now, lease_expires=None,
                         error=json.dumps(LEASE_ERROR))
             )
-            ids = list(conn.execute(select(c.id).where(expired).with_for_update(skip_locked=True)).scalars())
+            rows = list(conn.execute(select(c.id, c.queue).where(expired).with_for_update(skip_locked=True)))
+            ids = [row.id for row in rows]
             if ids:
                 conn.execute(
                     update(self.table).where(c.id.in_(ids), expired)
                     .values(status=QUEUED, run_at=now, worker_id=None, lease_expires=None)
                 )
+                self._announce(conn, {row.queue for row in rows})
             return ids
 
-        return await self._transaction(recover)
+        return await self._transaction(recover, durable=False)
 
     async def purge_finished(self, before: float) -> int:
         c = self.table.c
@@ -411,7 +451,8 @@ class DatabaseDriver(Driver):
             condition = and_(condition, c.queue == queue)
 
         def requeue(conn: Connection) -> list[str]:
-            moved = list(conn.execute(select(c.id).where(condition).with_for_update()).scalars())
+            rows = list(conn.execute(select(c.id, c.queue).where(condition).with_for_update()))
+            moved = [row.id for row in rows]
             if moved:
                 conn.execute(
                     update(self.table).where(c.id.in_(moved)).values(
@@ -419,6 +460,7 @@ class DatabaseDriver(Driver):
                         lease_expires=None, progress=None,
                     )
                 )
+                self._announce(conn, {row.queue for row in rows})
             return moved
 
         return await self._transaction(requeue)
@@ -439,7 +481,8 @@ class DatabaseDriver(Driver):
             self._listener.stop()
         self._executor.shutdown(wait=True)
         if self._owns_engine:
-            self.engine.dispose()
+            for engine in set(self._engines.values()):
+                engine.dispose()
 
 
 def _json_or_none(text: str | None) -> Any:

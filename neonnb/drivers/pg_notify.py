@@ -1,7 +1,8 @@
 """PostgreSQL LISTEN/NOTIFY for the database driver: idle workers wake when a job arrives.
 
-A statement-level trigger on the jobs table sends ``NOTIFY <table>, '<queue>'`` whenever rows
-become due (inserted, retried, released), so a dispatch costs no extra round trip. One
+A statement-level trigger on the jobs table sends ``NOTIFY <table>, '<queue>'`` when inserted
+rows are due, so a dispatch costs no extra round trip; the rarer paths that put jobs back
+(release, recovery, retry from the failed store) call ``announce`` in their transaction. One
 listener thread per driver holds a dedicated connection and calls back with the queue name;
 after a lost connection it reconnects with backoff and wakes everyone with ``"*"``, since
 notifications sent meanwhile are gone.
@@ -33,13 +34,18 @@ def install_trigger(conn: Connection, table: str) -> None:
             RETURN NULL;
         END $$
     """))
-    for event in ("insert", "update"):
-        trigger = f"{table}_notify_{event}"
-        conn.execute(text(f'DROP TRIGGER IF EXISTS "{trigger}" ON "{table}"'))
-        conn.execute(text(
-            f'CREATE TRIGGER "{trigger}" AFTER {event.upper()} ON "{table}" '
-            f'REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION "{function}"()'
-        ))
+    trigger = f"{table}_notify_insert"
+    conn.execute(text(f'DROP TRIGGER IF EXISTS "{trigger}" ON "{table}"'))
+    conn.execute(text(
+        f'CREATE TRIGGER "{trigger}" AFTER INSERT ON "{table}" '
+        f'REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION "{function}"()'
+    ))
+
+
+def announce(conn: Connection, table: str, queues: set[str]) -> None:
+    """Tell listeners that jobs of ``queues`` are due (sent when the transaction commits)."""
+    for queue in sorted(queues):
+        conn.execute(text("SELECT pg_notify(:channel, :queue)"), {"channel": table, "queue": queue})
 
 
 class Listener:

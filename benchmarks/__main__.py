@@ -1,0 +1,120 @@
+"""Run every workload on every system, side by side, and write the table.
+
+    .venv/bin/pip install -e '.[bench]' && .venv/bin/python -m benchmarks
+
+Every (system, workload) runs in a fresh process against a fresh store: memory, a new SQLite
+file, or a new database on one throwaway PostgreSQL server (fsync on) that all PostgreSQL
+systems share. The table goes to stdout and benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.services import PostgresServer
+
+HERE = Path(__file__).resolve().parent
+WORKLOADS = ["w1_one", "w1_batch", "w2", "w3", "w4"]
+# (row label, system, store)
+ROWS = [
+    ("asyncio.Queue(maxsize=1) ceiling", "asyncio-ceiling", "none"),
+    ("neonnb memory", "neonnb", "memory"),
+    ("neonnb SQLite", "neonnb", "sqlite"),
+    ("huey SQLite", "huey", "sqlite"),
+    ("neonnb PostgreSQL", "neonnb", "postgres"),
+    ("pgqueuer PostgreSQL", "pgqueuer", "postgres"),
+    ("procrastinate PostgreSQL", "procrastinate", "postgres"),
+]
+
+
+def run_one(system: str, workload: str, url: str) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.workloads", system, workload, url],
+        capture_output=True, text=True, timeout=600, cwd=HERE.parent,
+    )
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def cell(result: dict[str, Any] | None) -> str:
+    if result is None:
+        return ""
+    if "jobs_per_s" in result:
+        return f"{result['jobs_per_s']:,.0f}"
+    if "p50_ms" in result:
+        return f"{result['p50_ms']:.2f} / {result['p99_ms']:.2f}"
+    return next(iter(result.values())) if "n/a" in result else f"error: {result.get('error', '?')[:60]}"
+
+
+def main() -> None:
+    only = set(sys.argv[1:])
+    postgres = PostgresServer(fsync=True)
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="neonnb-bench-") as tmp:
+            for label, system, store in ROWS:
+                if only and system not in only and label not in only:
+                    continue
+                results[label] = {}
+                for workload in WORKLOADS if system != "asyncio-ceiling" else ["w2"]:
+                    url = {
+                        "none": "-",
+                        "memory": "memory://",
+                        "sqlite": f"sqlite:///{tmp}/{system}-{workload}-{time.monotonic_ns()}.db",
+                        "postgres": postgres.new_database() if store == "postgres" else "",
+                    }[store]
+                    results[label][workload] = run_one(system, workload, url)
+                    print(f"{label:28} {workload:9} {cell(results[label][workload])}", file=sys.stderr, flush=True)
+    finally:
+        postgres.stop()
+    table = render(results)
+    print(table)
+    if not only:
+        (HERE / "RESULTS.md").write_text(table)
+
+
+def render(results: dict[str, dict[str, dict[str, Any]]]) -> str:
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores, Python {platform.python_version()}, "
+        "one run of `python -m benchmarks`.",
+        "",
+        "| system | W1 one-by-one jobs/s | W1 batch jobs/s | W2 drain jobs/s | W3 latency p50 / p99 ms | W4 sleep-10ms jobs/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for label, row in results.items():
+        lines.append(f"| {label} | " + " | ".join(cell(row.get(w)) for w in WORKLOADS) + " |")
+    lines += ["", "Ratios from the same run:", ""]
+    lines += [f"- {text}" for text in ratios(results)]
+    return "\n".join(lines) + "\n"
+
+
+def ratios(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    def jobs(label: str, workload: str) -> float | None:
+        value = results.get(label, {}).get(workload, {}).get("jobs_per_s")
+        return float(value) if value is not None else None
+
+    out = []
+    ceiling, memory = jobs("asyncio.Queue(maxsize=1) ceiling", "w2"), jobs("neonnb memory", "w2")
+    if ceiling and memory:
+        out.append(f"neonnb memory W2 / asyncio ceiling = {memory / ceiling:.0%} (target at least 25%)")
+    for ours, peers in (("neonnb PostgreSQL", ["pgqueuer PostgreSQL", "procrastinate PostgreSQL"]),
+                        ("neonnb SQLite", ["huey SQLite"])):
+        for workload in ("w1_one", "w1_batch", "w2", "w4"):
+            for peer in peers:
+                a, b = jobs(ours, workload), jobs(peer, workload)
+                if a and b:
+                    out.append(f"{ours} / {peer} on {workload}: {a / b:.2f}x")
+    return out
+
+
+if __name__ == "__main__":
+    main()
