@@ -54,8 +54,8 @@ def encode(value: Any, path: str) -> Any:
     )
 
 
-def dumps(data: Any) -> str:
-    return json.dumps(data, separators=(",", ":"), allow_nan=False)
+dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+"""Compact JSON text; NaN and infinities are refused (other languages can't read them)."""
 
 
 def decode(data: Any, hint: Any, path: str) -> Any:

@@ -10,9 +10,9 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +128,7 @@ class QueueManager:
         max_attempts = job.max_attempts() if hasattr(job, "max_attempts") else None
         timeout = job.timeout() if hasattr(job, "timeout") else None
         return JobRecord(
-            id=uuid.uuid4().hex,
+            id=os.urandom(16).hex(),  # a random 128-bit id, like uuid4().hex but cheaper
             queue=queue,
             name=name,
             payload=payload,

@@ -66,8 +66,8 @@ class Driver(abc.ABC):
         """Put a job back to QUEUED, due at ``run_at``, keeping its attempts."""
 
     @abc.abstractmethod
-    async def fail(self, job_id: str, worker_id: str | None, now: float, error: dict[str, Any]) -> bool:
-        """Move a job to the failed store (FAILED). ``worker_id=None`` fails it whoever holds it."""
+    async def fail(self, job_id: str, worker_id: str, now: float, error: dict[str, Any]) -> bool:
+        """Move a job to the failed store (FAILED)."""
 
     @abc.abstractmethod
     async def release(self, ids: Sequence[str], worker_id: str, now: float) -> int:

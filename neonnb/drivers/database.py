@@ -84,8 +84,10 @@ def jobs_table(name: str) -> Table:
     queued = t.c.status == "queued"
     Index(f"{name}_claim", t.c.queue, t.c.status, t.c.priority, t.c.run_at, t.c.seq,
           postgresql_where=queued, sqlite_where=queued)
-    Index(f"{name}_lease", t.c.status, t.c.lease_expires)
-    Index(f"{name}_finished", t.c.status, t.c.finished_at)
+    running = t.c.status == "running"
+    finished = t.c.status.in_(["succeeded", "failed"])
+    Index(f"{name}_lease", t.c.status, t.c.lease_expires, postgresql_where=running, sqlite_where=running)
+    Index(f"{name}_finished", t.c.status, t.c.finished_at, postgresql_where=finished, sqlite_where=finished)
     return t
 
 
@@ -106,6 +108,46 @@ def _sqlite_engine(url: str) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+class HotStatements:
+    """The statements a busy worker runs, built once with bound parameters (``b_*``):
+    building a SQLAlchemy construct costs more than executing its cached compiled form."""
+
+    def __init__(self, t: Table) -> None:
+        c = t.c
+        self.owned = and_(
+            c.id.in_(bindparam("b_ids", expanding=True)), c.status == RUNNING, c.worker_id == bindparam("b_owner")
+        )
+        self.due = (
+            select(c.seq)
+            .where(c.queue.in_(bindparam("b_queues", expanding=True)), c.status == QUEUED)
+            .where(c.run_at <= bindparam("b_now"))
+            .order_by(c.priority, c.run_at, c.seq)
+            .limit(bindparam("b_limit"))
+            .with_for_update(skip_locked=True)
+        )
+        claim = update(t).values(
+            status=RUNNING, attempts=c.attempts + 1, worker_id=bindparam("b_owner"),
+            lease_expires=bindparam("b_lease"), started_at=bindparam("b_now"),
+        )
+        # One statement where UPDATE ... RETURNING exists: a materialised CTE joined on the
+        # primary key alone. As an IN-subquery PostgreSQL may re-run the LIMIT ... SKIP LOCKED
+        # select and claim more rows than asked for; re-checking status here would tempt its
+        # planner (on a young table with no statistics) to scan every queued row. The rows are
+        # locked (on SQLite the whole database is), so they are still queued.
+        due_rows = self.due.cte("due").prefix_with("MATERIALIZED", dialect="postgresql")
+        self.claim = claim.where(c.seq == due_rows.c.seq).returning(*c)
+        self.claim_seqs = claim.where(c.seq.in_(bindparam("b_seqs", expanding=True)))
+        self.rows_by_seq = select(t).where(c.seq.in_(bindparam("b_seqs", expanding=True)))
+        self.extend = update(t).where(self.owned).values(lease_expires=bindparam("b_lease"))
+        self.complete = update(t).where(self.owned).values(
+            status=SUCCEEDED, finished_at=bindparam("b_now"), lease_expires=None
+        )
+        self.complete_returning = self.complete.returning(c.id)
+        self.owned_ids = select(c.id).where(self.owned).with_for_update()
+        self.set_result = update(t).where(c.id == bindparam("b_id")).values(result=bindparam("b_result"))
+        self.by_id = select(t).where(c.id == bindparam("b_id"))
 
 
 # The columns a dispatch writes, with their PostgreSQL types for the one-statement batch insert.
@@ -151,6 +193,7 @@ class DatabaseDriver(Driver):
             )
         dialect = self.engine.dialect.name
         self.table = jobs_table(table_name)
+        self._sql = HotStatements(self.table)
         self._returning = self.engine.dialect.update_returning
         # On PostgreSQL a single statement needs no BEGIN/COMMIT round trips: run it in
         # autocommit. Elsewhere every call is a transaction (BEGIN IMMEDIATE on SQLite).
@@ -247,14 +290,10 @@ class DatabaseDriver(Driver):
         if self._notifies:
             announce(conn, self.table.name, queues)
 
-    def _owned(self, ids: Sequence[str], owner: str | None) -> Any:
-        c = self.table.c
-        condition = and_(c.id.in_(ids), c.status == RUNNING)
-        return condition if owner is None else and_(condition, c.worker_id == owner)
-
-    async def _update_owned(self, job_id: str, owner: str | None, values: dict[str, Any]) -> bool:
-        stmt = update(self.table).where(self._owned([job_id], owner)).values(**values)
-        return await self._statement(lambda conn: conn.execute(stmt).rowcount == 1, durable=False)
+    async def _update_owned(self, job_id: str, owner: str, values: dict[str, Any]) -> bool:
+        stmt = update(self.table).where(self._sql.owned).values(**values)
+        params = {"b_ids": [job_id], "b_owner": owner}
+        return await self._statement(lambda conn: conn.execute(stmt, params).rowcount == 1, durable=False)
 
     # --- the protocol -----------------------------------------------------------------
 
@@ -282,64 +321,51 @@ class DatabaseDriver(Driver):
     async def reserve(
         self, queues: Sequence[str], limit: int, worker_id: str, now: float, lease_expires: float
     ) -> list[JobRecord]:
-        c = self.table.c
-        due = (
-            select(c.seq)
-            .where(c.queue.in_(queues), c.status == QUEUED, c.run_at <= now)
-            .order_by(c.priority, c.run_at, c.seq)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        claim = update(self.table).values(
-            status=RUNNING, attempts=c.attempts + 1, worker_id=worker_id, lease_expires=lease_expires, started_at=now
-        )
+        params = {
+            "b_queues": list(queues), "b_limit": limit, "b_owner": worker_id, "b_now": now, "b_lease": lease_expires
+        }
+        sql = self._sql
 
         def in_order(rows: list[Row[Any]]) -> list[JobRecord]:
             rows.sort(key=lambda row: (row.priority, row.run_at, row.seq))
             return [self._record(row) for row in rows]
 
-        if self._returning:  # one statement: claim the due rows and return them
-            # A materialised CTE: as a plain IN-subquery PostgreSQL may re-run the LIMIT ...
-            # SKIP LOCKED select and claim more rows than asked for.
-            due_rows = due.cte("due").prefix_with("MATERIALIZED", dialect="postgresql")
-            stmt = claim.where(c.seq.in_(select(due_rows.c.seq)), c.status == QUEUED).returning(*self.table.c)
-            return await self._statement(lambda conn: in_order(list(conn.execute(stmt))), durable=False)
+        if self._returning:
+            return await self._statement(lambda conn: in_order(list(conn.execute(sql.claim, params))), durable=False)
 
         def select_then_claim(conn: Connection) -> list[JobRecord]:  # MariaDB/MySQL: no UPDATE ... RETURNING
-            seqs = list(conn.execute(due).scalars())
+            seqs = list(conn.execute(sql.due, params).scalars())
             if not seqs:
                 return []
-            conn.execute(claim.where(c.seq.in_(seqs)))
-            return in_order(list(conn.execute(select(self.table).where(c.seq.in_(seqs)))))
+            conn.execute(sql.claim_seqs, {**params, "b_seqs": seqs})
+            return in_order(list(conn.execute(sql.rows_by_seq, {"b_seqs": seqs})))
 
         return await self._transaction(select_then_claim, durable=False)
 
     async def extend_leases(self, ids: Sequence[str], worker_id: str, lease_expires: float) -> None:
-        stmt = update(self.table).where(self._owned(ids, worker_id)).values(lease_expires=lease_expires)
+        params = {"b_ids": list(ids), "b_owner": worker_id, "b_lease": lease_expires}
         if ids:
-            await self._statement(lambda conn: conn.execute(stmt), durable=False)
+            await self._statement(lambda conn: conn.execute(self._sql.extend, params), durable=False)
 
     async def set_progress(self, job_id: str, worker_id: str, progress: dict[str, Any]) -> None:
         await self._update_owned(job_id, worker_id, {"progress": json.dumps(progress)})
 
     async def complete(self, results: Sequence[tuple[str, str | None]], worker_id: str, now: float) -> list[str]:
-        c = self.table.c
-        ids = [job_id for job_id, _ in results]
-        done = update(self.table).values(status=SUCCEEDED, finished_at=now, lease_expires=None)
+        sql = self._sql
+        params = {"b_ids": [job_id for job_id, _ in results], "b_owner": worker_id, "b_now": now}
         with_result = [{"b_id": job_id, "b_result": result} for job_id, result in results if result is not None]
-        set_result = update(self.table).where(c.id == bindparam("b_id")).values(result=bindparam("b_result"))
 
         def finish(conn: Connection) -> list[str]:
             if self._returning:
-                finished = list(conn.execute(done.where(self._owned(ids, worker_id)).returning(c.id)).scalars())
+                finished = list(conn.execute(sql.complete_returning, params).scalars())
             else:
-                mine = select(c.id).where(self._owned(ids, worker_id)).with_for_update()
-                finished = list(conn.execute(mine).scalars())
+                finished = list(conn.execute(sql.owned_ids, params).scalars())
                 if finished:
-                    conn.execute(done.where(c.id.in_(finished)))
-            rows = [row for row in with_result if row["b_id"] in set(finished)]
+                    conn.execute(sql.complete, {**params, "b_ids": finished})
+            mine = set(finished)
+            rows = [row for row in with_result if row["b_id"] in mine]
             if rows:
-                conn.execute(set_result, rows)
+                conn.execute(sql.set_result, rows)
             return finished
 
         # Without results the claim-back is a single statement; with them, status and result
@@ -353,7 +379,7 @@ class DatabaseDriver(Driver):
             "status": QUEUED, "run_at": run_at, "worker_id": None, "lease_expires": None, "error": json.dumps(error),
         })
 
-    async def fail(self, job_id: str, worker_id: str | None, now: float, error: dict[str, Any]) -> bool:
+    async def fail(self, job_id: str, worker_id: str, now: float, error: dict[str, Any]) -> bool:
         return await self._update_owned(job_id, worker_id, {
             "status": FAILED, "finished_at": now, "lease_expires": None, "error": json.dumps(error),
         })
@@ -404,10 +430,8 @@ class DatabaseDriver(Driver):
         return await self._statement(lambda conn: conn.execute(stmt).rowcount)
 
     async def get(self, job_id: str) -> JobRecord | None:
-        stmt = select(self.table).where(self.table.c.id == job_id)
-
         def fetch(conn: Connection) -> JobRecord | None:
-            row = conn.execute(stmt).first()
+            row = conn.execute(self._sql.by_id, {"b_id": job_id}).first()
             return None if row is None else self._record(row)
 
         return await self._statement(fetch)

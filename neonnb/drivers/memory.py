@@ -42,18 +42,16 @@ class MemoryDriver(Driver):
             if self._live(job_id, seq):
                 heapq.heappush(ready, (self._jobs[job_id].priority.rank, run_at, seq, job_id))
 
-    def _owned(self, job_id: str, worker_id: str | None) -> JobRecord | None:
+    def _owned(self, job_id: str, worker_id: str) -> JobRecord | None:
         record = self._jobs.get(job_id)
-        if record is None or record.status is not Status.RUNNING:
-            return None
-        if worker_id is not None and record.worker_id != worker_id:
+        if record is None or record.status is not Status.RUNNING or record.worker_id != worker_id:
             return None
         return record
 
     async def enqueue(self, records: Sequence[JobRecord]) -> None:
         with self._lock:
             for record in records:
-                stored = replace(record)
+                stored = copy.copy(record)
                 self._jobs[record.id] = stored
                 self._schedule(stored)
 
@@ -125,10 +123,10 @@ class MemoryDriver(Driver):
         record.lease_expires = None
         self._schedule(record)
 
-    async def fail(self, job_id: str, worker_id: str | None, now: float, error: dict[str, Any]) -> bool:
+    async def fail(self, job_id: str, worker_id: str, now: float, error: dict[str, Any]) -> bool:
         return self._finish_owned(job_id, worker_id, Status.FAILED, now, error=error)
 
-    def _finish_owned(self, job_id: str, worker_id: str | None, status: Status, now: float, **fields: Any) -> bool:
+    def _finish_owned(self, job_id: str, worker_id: str, status: Status, now: float, **fields: Any) -> bool:
         with self._lock:
             record = self._owned(job_id, worker_id)
             if record is None:
