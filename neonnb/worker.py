@@ -259,12 +259,14 @@ class Worker:
                 limit = self._free_slots()
                 if limit == 0 and not self._active:
                     break  # max_jobs reached and the last job finished
+                # Clear before claiming: a wake-up that lands while the claim is in flight
+                # must end the wait below, not be lost.
+                self._wake.clear()
                 claimed = await self._claim(limit) if limit else 0
                 if claimed:
                     continue
                 if self.options.burst and not self._active:
                     break
-                self._wake.clear()
                 until_due = self._next_due - self.manager.clock()
                 if until_due <= 0:
                     self._next_due = float("inf")

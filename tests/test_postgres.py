@@ -24,7 +24,9 @@ def test_idle_worker_wakes_on_a_dispatch_from_another_process(postgres_server: P
         handle = dispatcher.dispatch("wake", jobs.AsyncNote("ping"))
         assert handle.result(timeout=10) == "ping"
         assert time.monotonic() - started < 5, "the worker waited for its poll instead of waking"
+        started = time.monotonic()
         worker.stop()
+        assert time.monotonic() - started < 30, "stop() waited for the poll interval"
     finally:
         worker_side.close()
         dispatcher.close()
