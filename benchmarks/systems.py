@@ -219,10 +219,14 @@ async def pgqueuer_system(workload: str, url: str) -> dict[str, Any]:
             samples.append(time.time() - float(job.payload.decode()))
 
         if workload in ("w2", "w4"):
-            n, name, batch = (N_DRAIN, "noop", 100) if workload == "w2" else (N_SLEEP, "sleep", SLEEP_CONCURRENCY)
+            # W4's concurrency cap is max_concurrent_tasks (pgqueuer wants batches of at most
+            # half of it); without a cap it keeps fetching and runs every job at once.
+            n, name, batch, cap = (
+                (N_DRAIN, "noop", 100, None) if workload == "w2" else (N_SLEEP, "sleep", SLEEP_CONCURRENCY // 2, SLEEP_CONCURRENCY)
+            )
             await queries.enqueue([name] * n, [None] * n, [0] * n)
             start = time.perf_counter()
-            await qm.run(batch_size=batch, mode=QueueExecutionMode.drain)
+            await qm.run(batch_size=batch, max_concurrent_tasks=cap, mode=QueueExecutionMode.drain)
             return rate(n, time.perf_counter() - start)
         if workload == "w3":
             sender_conn = await asyncpg.connect(dsn)

@@ -128,7 +128,7 @@ class QueueManager:
         max_attempts = job.max_attempts() if hasattr(job, "max_attempts") else None
         timeout = job.timeout() if hasattr(job, "timeout") else None
         return JobRecord(
-            id=os.urandom(16).hex(),  # a random 128-bit id, like uuid4().hex but cheaper
+            id=new_job_id(),
             queue=queue,
             name=name,
             payload=payload,
@@ -422,6 +422,13 @@ def connect(target: str | Path, **settings: Any) -> QueueManager:
         )
     driver = {"memory": "memory", "redis": "redis", "rediss": "redis"}.get(scheme, "database")
     return QueueManager(Config(driver=driver, connection=None if driver == "memory" else text, **settings))
+
+
+def new_job_id() -> str:
+    """32 hex digits: nanoseconds since the epoch, then 64 random bits. Ids sort by creation
+    time, so the databases' id indexes grow at one end instead of splitting pages everywhere,
+    and they are as hard to guess as they are unique."""
+    return f"{time.time_ns():016x}{os.urandom(8).hex()}"
 
 
 def _fields(config: Config) -> dict[str, Any]:

@@ -37,7 +37,6 @@ from sqlalchemy import (
     event,
     func,
     select,
-    text,
     update,
 )
 from sqlalchemy.engine import make_url
@@ -150,13 +149,6 @@ class HotStatements:
         self.by_id = select(t).where(c.id == bindparam("b_id"))
 
 
-# The columns a dispatch writes, with their PostgreSQL types for the one-statement batch insert.
-_UNNEST_TYPES = {
-    "id": "varchar", "queue": "varchar", "name": "varchar", "payload": "text", "priority": "smallint",
-    "status": "varchar", "attempts": "integer", "max_attempts": "integer", "timeout": "float8",
-    "run_at": "float8", "created_at": "float8",
-}
-
 # The DBAPI each database gets when the URL names none, and the extra that installs it.
 _DEFAULT_DBAPI = {"postgresql": ("psycopg", "postgres"), "mysql": ("pymysql", "mysql"), "mariadb": ("pymysql", "mysql")}
 
@@ -216,9 +208,6 @@ class DatabaseDriver(Driver):
         self._schema_lock = threading.Lock()
         # LISTEN/NOTIFY needs psycopg 3's notifies(); other PostgreSQL DBAPIs poll.
         self._notifies = dialect == "postgresql" and self.engine.dialect.driver == "psycopg"
-        names = ", ".join(_UNNEST_TYPES)
-        arrays = ", ".join(f"CAST(:{name} AS {sql_type}[])" for name, sql_type in _UNNEST_TYPES.items())
-        self._unnest_insert = text(f'INSERT INTO "{table_name}" ({names}) SELECT * FROM unnest({arrays})')
         self._listener: Listener | None = None
 
     # --- plumbing ---------------------------------------------------------------------
@@ -307,16 +296,26 @@ class DatabaseDriver(Driver):
             }
             for r in records
         ]
-        if self._postgres and rows:
-            # One statement however large the batch: the rows travel as one array per column.
-            columns = {name: [row[name] for row in rows] for name in _UNNEST_TYPES}
-            await self._statement(lambda conn: conn.execute(self._unnest_insert, columns))
+        if self._postgres and len(rows) > 1:
+            await self._statement(lambda conn: self._copy_in(conn, rows))
             return
         insert = self.table.insert()
         if len(rows) == 1:
             await self._statement(lambda conn: conn.execute(insert, rows[0]))
         elif rows:  # a large batch may take several INSERTs: all or none
             await self._transaction(lambda conn: conn.execute(insert, rows))
+
+    def _copy_in(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        """A batch on PostgreSQL goes in with COPY: one atomic statement, a third of the time
+        of a multi-row INSERT (which spends it adapting parameters)."""
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        columns = list(rows[0])
+        with raw.cursor() as cursor, cursor.copy(
+            f'COPY "{self.table.name}" ({", ".join(columns)}) FROM STDIN'
+        ) as copy:
+            for row in rows:
+                copy.write_row([row[name] for name in columns])
 
     async def reserve(
         self, queues: Sequence[str], limit: int, worker_id: str, now: float, lease_expires: float
