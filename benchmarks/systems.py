@@ -66,9 +66,7 @@ class Stamp(Job, name="bench.Stamp"):
 def neonnb_config(url: str) -> Config:
     if url == "memory://":
         return Config(driver="memory")
-    # SQLite has no cross-process wake-up: an idle worker polls, so poll often.
-    poll = 0.01 if url.startswith("sqlite") else 1.0
-    return Config(connection=url, poll_interval=poll)
+    return Config(connection=url)
 
 
 async def neonnb_system(workload: str, url: str) -> dict[str, Any]:

@@ -36,9 +36,10 @@ def test_sigkilled_workers_lose_no_job(
     request: pytest.FixtureRequest, tmp_path: Path, store: str, total: int, processes: int
 ) -> None:
     config_file = tmp_path / "queue.yaml"
+    # A short lease so kills recover fast, not so short that a busy CI box loses live leases.
     config_file.write_text(
         f"queue:\n  driver: database\n  connection: {connection_for(request, store, tmp_path)}\n"
-        "  lease_timeout: 2s\n  poll_interval: 200ms\n"
+        "  lease_timeout: 3s\n  poll_interval: 200ms\n"
     )
     log = tmp_path / "jobs.log"
     hanging = {total // 5, total // 2, total * 4 // 5}  # their first attempt hangs until we kill its worker
@@ -79,7 +80,8 @@ def test_sigkilled_workers_lose_no_job(
     assert [r.status for r in records] == [Status.SUCCEEDED] * total
     assert [r.result_value() for r in records] == list(range(total))
     attempts = Counter(r.attempts for r in records)
-    assert attempts == {1: total - 3, 2: 3}
+    extra = [(r.id in hanging_ids, r.attempts, r.worker_id) for r in records if r.attempts > 1]
+    assert attempts == {1: total - 3, 2: 3}, f"jobs with extra attempts (hanging?, attempts, worker): {extra}"
     assert {r.id for r in records if r.attempts == 2} == hanging_ids
     starts = Counter(line.split()[1] for line in log.read_text().splitlines() if line.startswith("start"))
     assert all(starts[r.id] == r.attempts for r in records), "every attempt is one start of the handler"

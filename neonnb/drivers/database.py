@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from sqlalchemy import (
+    ARRAY,
     BigInteger,
     Column,
     Connection,
@@ -30,6 +31,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    any_,
     bindparam,
     case,
     create_engine,
@@ -46,6 +48,7 @@ from ..errors import ConfigError
 from ..job import JobRecord, Priority, Status
 from .base import LEASE_ERROR, Driver, QueueCounts
 from .pg_notify import Listener, announce, install_trigger
+from .sqlite_watch import Watcher
 
 T = TypeVar("T")
 
@@ -99,7 +102,9 @@ def _sqlite_engine(url: str) -> Engine:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")  # a returned dispatch survives power loss
+        # A returned dispatch survives any process crash; a power cut may take the last
+        # commits (WAL with synchronous=NORMAL, huey's default too). FULL would fsync each.
+        cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -113,14 +118,27 @@ class HotStatements:
     """The statements a busy worker runs, built once with bound parameters (``b_*``):
     building a SQLAlchemy construct costs more than executing its cached compiled form."""
 
-    def __init__(self, t: Table) -> None:
+    def __init__(self, t: Table, postgres: bool) -> None:
         c = t.c
+
+        def one_of(column: Any, name: str) -> Any:
+            # PostgreSQL takes the list as one array parameter; an expanding IN would be
+            # re-rendered with a parameter per item on every call.
+            if postgres:
+                return column == any_(bindparam(name, type_=ARRAY(column.type)))
+            return column.in_(bindparam(name, expanding=True))
+
+        # "Running and held by this worker". Only running jobs carry a lease, and testing the
+        # lease rather than the status keeps PostgreSQL's planner on the id index: offered
+        # status = 'running', a young table's planner scans every running row instead.
         self.owned = and_(
-            c.id.in_(bindparam("b_ids", expanding=True)), c.status == RUNNING, c.worker_id == bindparam("b_owner")
+            one_of(c.id, "b_ids"),
+            c.worker_id == bindparam("b_owner"),
+            c.lease_expires.is_not(None),
         )
         self.due = (
             select(c.seq)
-            .where(c.queue.in_(bindparam("b_queues", expanding=True)), c.status == QUEUED)
+            .where(one_of(c.queue, "b_queues"), c.status == QUEUED)
             .where(c.run_at <= bindparam("b_now"))
             .order_by(c.priority, c.run_at, c.seq)
             .limit(bindparam("b_limit"))
@@ -136,9 +154,12 @@ class HotStatements:
         # planner (on a young table with no statistics) to scan every queued row. The rows are
         # locked (on SQLite the whole database is), so they are still queued.
         due_rows = self.due.cte("due").prefix_with("MATERIALIZED", dialect="postgresql")
-        self.claim = claim.where(c.seq == due_rows.c.seq).returning(*c)
+        # What a worker needs of a claimed job; the rest it knows (it just set it) or never reads.
+        claimed = [c.seq, c.id, c.queue, c.name, c.payload, c.priority, c.attempts, c.max_attempts, c.timeout,
+                   c.run_at, c.created_at]
+        self.claim = claim.where(c.seq == due_rows.c.seq).returning(*claimed)
         self.claim_seqs = claim.where(c.seq.in_(bindparam("b_seqs", expanding=True)))
-        self.rows_by_seq = select(t).where(c.seq.in_(bindparam("b_seqs", expanding=True)))
+        self.rows_by_seq = select(*claimed).where(c.seq.in_(bindparam("b_seqs", expanding=True)))
         self.extend = update(t).where(self.owned).values(lease_expires=bindparam("b_lease"))
         self.complete = update(t).where(self.owned).values(
             status=SUCCEEDED, finished_at=bindparam("b_now"), lease_expires=None
@@ -185,7 +206,7 @@ class DatabaseDriver(Driver):
             )
         dialect = self.engine.dialect.name
         self.table = jobs_table(table_name)
-        self._sql = HotStatements(self.table)
+        self._sql = HotStatements(self.table, dialect == "postgresql")
         self._returning = self.engine.dialect.update_returning
         # On PostgreSQL a single statement needs no BEGIN/COMMIT round trips: run it in
         # autocommit. Elsewhere every call is a transaction (BEGIN IMMEDIATE on SQLite).
@@ -208,7 +229,7 @@ class DatabaseDriver(Driver):
         self._schema_lock = threading.Lock()
         # LISTEN/NOTIFY needs psycopg 3's notifies(); other PostgreSQL DBAPIs poll.
         self._notifies = dialect == "postgresql" and self.engine.dialect.driver == "psycopg"
-        self._listener: Listener | None = None
+        self._listener: Listener | Watcher | None = None
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -327,7 +348,15 @@ class DatabaseDriver(Driver):
 
         def in_order(rows: list[Row[Any]]) -> list[JobRecord]:
             rows.sort(key=lambda row: (row.priority, row.run_at, row.seq))
-            return [self._record(row) for row in rows]
+            return [
+                JobRecord(
+                    id=row.id, queue=row.queue, name=row.name, payload=row.payload,
+                    priority=Priority.from_rank(row.priority), status=Status.RUNNING, attempts=row.attempts,
+                    max_attempts=row.max_attempts, timeout=row.timeout, run_at=row.run_at,
+                    created_at=row.created_at, started_at=now, lease_expires=lease_expires, worker_id=worker_id,
+                )
+                for row in rows
+            ]
 
         if self._returning:
             return await self._statement(lambda conn: in_order(list(conn.execute(sql.claim, params))), durable=False)
@@ -496,8 +525,12 @@ class DatabaseDriver(Driver):
         return await self._statement(lambda conn: conn.execute(stmt).rowcount)
 
     def watch(self, callback: Callable[[str], None]) -> None:
-        if self._notifies and self._listener is None:
+        if self._listener is not None:
+            return
+        if self._notifies:
             self._listener = Listener(self.engine, self.table.name, callback)
+        elif self.engine.dialect.name == "sqlite" and self.engine.url.database:
+            self._listener = Watcher(self.engine.url.database, callback)
 
     async def close(self) -> None:
         if self._listener is not None:

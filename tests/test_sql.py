@@ -1,18 +1,25 @@
-"""PostgreSQL-only behaviour: LISTEN/NOTIFY wake-ups, sharing an Engine, an existing schema."""
+"""SQL-store behaviour beyond the conformance suite: cross-process wake-ups (LISTEN/NOTIFY on
+PostgreSQL, data_version on SQLite), sharing an Engine, a schema that is already there."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
+import pytest
 from sqlalchemy import create_engine, inspect
 
 from neonnb import Config, QueueManager, WorkerOptions
 from tests import jobs
+from tests.conftest import connection_for
 from tests.services import PostgresServer
 
 
-def test_idle_worker_wakes_on_a_dispatch_from_another_process(postgres_server: PostgresServer) -> None:
-    url = postgres_server.new_database()
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_idle_worker_wakes_on_a_dispatch_from_another_process(
+    request: pytest.FixtureRequest, tmp_path: Path, store: str
+) -> None:
+    url = connection_for(request, store, tmp_path)
     # poll_interval of a minute: only a notification can explain a quick start.
     worker_side = QueueManager(Config(connection=url, poll_interval=60))
     dispatcher = QueueManager(Config(connection=url))
