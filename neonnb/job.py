@@ -356,7 +356,7 @@ class Context:
         self,
         record: JobRecord,
         deps: Mapping[str, Any],
-        report_progress: Callable[[dict[str, Any]], None],
+        report_progress: Callable[[JobRecord, dict[str, Any]], None],
     ) -> None:
         self.job_id = record.id
         self.queue = record.queue
@@ -365,6 +365,7 @@ class Context:
         self.max_attempts = record.max_attempts
         self.deps = Dependencies(deps)
         self._report_progress = report_progress
+        self._record = record
         self._cancelled = False
 
     @functools.cached_property
@@ -374,7 +375,7 @@ class Context:
 
     def progress(self, done: float, total: float | None = None, message: str | None = None) -> None:
         """Report progress: ``ctx.progress(3, 10, "loading")``. Cheap to call often."""
-        self._report_progress({"done": done, "total": total, "message": message})
+        self._report_progress(self._record, {"done": done, "total": total, "message": message})
 
     @property
     def cancelled(self) -> bool:

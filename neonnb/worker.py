@@ -308,7 +308,7 @@ class Worker:
         )
         for record in records or ():
             self.jobs_started += 1
-            ctx = Context(record, self.manager.dependencies, self._progress_reporter(record))
+            ctx = Context(record, self.manager.dependencies, self._report_progress)
             # A fresh contextvars.Context: the job must not inherit (and print into) the cell
             # or task that happened to start the worker.
             task = contextvars.Context().run(asyncio.get_running_loop().create_task, self._execute(record, ctx))
@@ -366,20 +366,19 @@ class Worker:
 
     # --- running one job --------------------------------------------------------------
 
-    def _progress_reporter(self, record: JobRecord) -> Callable[[dict[str, Any]], None]:
-        loop = asyncio.get_running_loop()
+    def _report_progress(self, record: JobRecord, progress: dict[str, Any]) -> None:
+        """What ``ctx.progress`` calls, from the loop or from a sync handler's thread."""
+        loop = self._loop
+        if loop is None:
+            return
+        if _running_loop() is loop:
+            self._note_progress(record, progress)
+        else:
+            loop.call_soon_threadsafe(self._note_progress, record, progress)
 
-        def note(progress: dict[str, Any]) -> None:
-            self._dirty_progress[record.id] = progress
-            self.manager.events.emit("progress", record, progress=progress)
-
-        def report(progress: dict[str, Any]) -> None:
-            if _running_loop() is loop:
-                note(progress)
-            else:
-                loop.call_soon_threadsafe(note, progress)
-
-        return report
+    def _note_progress(self, record: JobRecord, progress: dict[str, Any]) -> None:
+        self._dirty_progress[record.id] = progress
+        self.manager.events.emit("progress", record, progress=progress)
 
     async def _flush_progress(self, only: str | None = None) -> None:
         ids = [only] if only is not None else list(self._dirty_progress)

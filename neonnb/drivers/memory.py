@@ -80,7 +80,7 @@ class MemoryDriver(Driver):
                 record.worker_id = worker_id
                 record.lease_expires = lease_expires
                 record.started_at = now
-                claimed.append(copy.copy(record))
+                claimed.append(JobRecord(**record.__dict__))  # a copy; copy.copy is slower
         return claimed
 
     async def extend_leases(self, ids: Sequence[str], worker_id: str, lease_expires: float) -> None:
