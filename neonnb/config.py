@@ -80,6 +80,7 @@ class Config:
     backoff_cap: Any = 3600.0
     backoff_jitter: bool = False
     result_ttl: Any = 86400.0
+    key_prefix: str = "neonnb:"
 
     def __post_init__(self) -> None:
         if self.driver not in DRIVERS:
@@ -88,6 +89,8 @@ class Config:
             self.connection = DEFAULT_DATABASE_URL
         if not isinstance(self.default_queue, str) or not self.default_queue:
             raise ConfigError(f"Config.default_queue must be a non-empty string, got {self.default_queue!r}")
+        if not isinstance(self.key_prefix, str) or not self.key_prefix or any(c.isspace() for c in self.key_prefix):
+            raise ConfigError(f"Config.key_prefix must be a non-empty string without spaces, got {self.key_prefix!r}")
         if not isinstance(self.table_name, str) or not _TABLE_NAME.fullmatch(self.table_name):
             raise ConfigError(
                 "Config.table_name must be a SQL identifier (letters, digits and _, not starting "

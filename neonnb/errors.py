@@ -8,6 +8,7 @@
     ├── JobNotFound            no job with that id
     ├── JobFailed              waited on a job that ended in the failed store
     ├── JobTimeout             a job ran past its timeout
+    ├── StoreUnavailable       the queue's store (Redis, the database) can't be reached
     ├── MissingDependency      a job asked ctx.deps for something nobody provided
     └── Retry                  raised by a handler to ask for a retry after a delay
 
@@ -56,6 +57,10 @@ class JobFailed(NeonnbError):
 
 class JobTimeout(NeonnbError, TimeoutError):
     """The job ran longer than its timeout."""
+
+
+class StoreUnavailable(NeonnbError, ConnectionError):
+    """The queue's store can't be reached; nothing was enqueued."""
 
 
 class MissingDependency(NeonnbError, KeyError):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter
@@ -10,9 +11,9 @@ from typing import Any
 import pytest
 
 from neonnb import Config, QueueManager
-from tests.services import MariaDBServer, PostgresServer
+from tests.services import MariaDBServer, PostgresServer, RedisServer
 
-DRIVERS = ["memory", "sqlite", "postgres", "mariadb"]
+DRIVERS = ["memory", "sqlite", "postgres", "mariadb", "redis"]
 
 
 class FakeClock:
@@ -50,6 +51,13 @@ def postgres_server() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def mariadb_server() -> Iterator[MariaDBServer]:
     server = MariaDBServer()
     yield server
@@ -63,7 +71,19 @@ def connection_for(request: pytest.FixtureRequest, driver: str, tmp_path: Path) 
     if driver == "sqlite":
         return f"sqlite:///{tmp_path / 'jobs.db'}"
     server = request.getfixturevalue(f"{driver}_server")
+    if driver == "redis":
+        return f"{server.url()}?prefix={os.urandom(4).hex()}"  # a fresh key space per test
     return str(server.new_database())
+
+
+def config_for(connection: str, **settings: Any) -> Config:
+    """The Config for a connection from `connection_for` (a Redis one carries its key prefix)."""
+    if connection == "memory://":
+        return Config(driver="memory", **settings)
+    if connection.startswith("redis://"):
+        url, _, prefix = connection.partition("?prefix=")
+        return Config(driver="redis", connection=url, key_prefix=f"t{prefix}:", **settings)
+    return Config(driver="database", connection=connection, **settings)
 
 
 @pytest.fixture(params=DRIVERS)
@@ -71,10 +91,9 @@ def make_manager(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cal
     """Managers on the driver under test, all sharing one store; closed at the end of the test."""
     managers: list[QueueManager] = []
     connection = connection_for(request, request.param, tmp_path)
-    driver = "memory" if request.param == "memory" else "database"
 
     def make(clock: Callable[[], float] | None = None, **settings: Any) -> QueueManager:
-        config = Config(driver=driver, connection=None if driver == "memory" else connection, **settings)
+        config = config_for(connection, **settings)
         qm = QueueManager(config, clock=clock or time.time)
         managers.append(qm)
         return qm

@@ -142,3 +142,40 @@ class MariaDBServer:
         conn.close()
         return f"mysql+pymysql://root@127.0.0.1:{self.port}/{name}"
 
+
+
+class RedisServer:
+    """`redis-server` on a free port, started and stopped (even killed) by the tests."""
+
+    def __init__(self, *extra: str) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            unavailable("redis-server is not installed (apt-get install redis-server)")
+        self.binary = str(binary)
+        self.extra = extra
+        self.dir = Path(tempfile.mkdtemp(prefix="neonnb-redis-"))
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--save", "", "--appendonly", "no", *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port)
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def url(self, database: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{database}"

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..errors import ConfigError
-
 if TYPE_CHECKING:
     from ..config import Config
     from .base import Driver
@@ -21,7 +19,9 @@ def create_driver(config: Config) -> Driver:
         from .database import DatabaseDriver
 
         return DatabaseDriver(config.connection, table_name=config.table_name)
-    raise ConfigError(
-        f"Config.driver {config.driver!r} is not available in this version of neonnb; "
-        "use 'memory' or 'database'"
+    from .redis import RedisDriver
+
+    return RedisDriver(
+        config.connection or "redis://127.0.0.1:6379/0", password=config.password,
+        database=config.database, prefix=config.key_prefix,
     )
