@@ -13,7 +13,7 @@ import pytest
 
 from neonnb import Config, QueueManager, Status
 from tests import jobs
-from tests.conftest import connection_for, wait_until
+from tests.conftest import config_for, connection_for, wait_until
 from tests.services import PostgresServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,22 +28,30 @@ def start_worker(config: Path, tmp_path: Path, n: int) -> subprocess.Popen[bytes
         )
 
 
+def write_config(path: Path, connection: str, **settings: str) -> Config:
+    """The YAML file worker processes start from, for a connection from `connection_for`."""
+    config = config_for(connection)
+    fields = {"driver": config.driver, "connection": config.connection or "", "key_prefix": config.key_prefix,
+              **settings}
+    path.write_text("queue:\n" + "".join(f"  {k}: '{v}'\n" for k, v in fields.items()))
+    return Config.from_yaml(path)
+
+
 @pytest.mark.parametrize(
-    ("store", "total", "processes"),
-    [("sqlite", 500, 2), ("postgres", 1000, 3)],
+    ("store", "total", "processes", "kills"),
+    [("sqlite", 500, 2, 3), ("postgres", 1000, 3, 3), ("redis", 1000, 3, 5)],
 )
 def test_sigkilled_workers_lose_no_job(
-    request: pytest.FixtureRequest, tmp_path: Path, store: str, total: int, processes: int
+    request: pytest.FixtureRequest, tmp_path: Path, store: str, total: int, processes: int, kills: int
 ) -> None:
     config_file = tmp_path / "queue.yaml"
     # A short lease so kills recover fast, not so short that a busy CI box loses live leases.
-    config_file.write_text(
-        f"queue:\n  driver: database\n  connection: {connection_for(request, store, tmp_path)}\n"
-        "  lease_timeout: 3s\n  poll_interval: 200ms\n"
+    config = write_config(
+        config_file, connection_for(request, store, tmp_path), lease_timeout="3s", poll_interval="200ms"
     )
     log = tmp_path / "jobs.log"
-    hanging = {total // 5, total // 2, total * 4 // 5}  # their first attempt hangs until we kill its worker
-    qm = QueueManager(Config.from_yaml(config_file))
+    hanging = {total * (k + 1) // (kills + 1) for k in range(kills)}  # first attempts hang until we kill them
+    qm = QueueManager(config)
     handles = qm.dispatch_batch(
         "crash", [jobs.Crashable(n, str(log), hang=n in hanging) for n in range(total)]
     )
@@ -51,7 +59,7 @@ def test_sigkilled_workers_lose_no_job(
     workers = [start_worker(config_file, tmp_path, i) for i in range(processes)]
     killed: set[int] = set()
     try:
-        for kill in range(3):
+        for kill in range(kills):
             def victim() -> int | None:
                 lines = log.read_text().splitlines() if log.exists() else []
                 for line in lines:
@@ -81,7 +89,7 @@ def test_sigkilled_workers_lose_no_job(
     assert [r.result_value() for r in records] == list(range(total))
     attempts = Counter(r.attempts for r in records)
     extra = [(r.id in hanging_ids, r.attempts, r.worker_id) for r in records if r.attempts > 1]
-    assert attempts == {1: total - 3, 2: 3}, f"jobs with extra attempts (hanging?, attempts, worker): {extra}"
+    assert attempts == {1: total - kills, 2: kills}, f"jobs with extra attempts (hanging?, attempts, worker): {extra}"
     assert {r.id for r in records if r.attempts == 2} == hanging_ids
     starts = Counter(line.split()[1] for line in log.read_text().splitlines() if line.startswith("start"))
     assert all(starts[r.id] == r.attempts for r in records), "every attempt is one start of the handler"
