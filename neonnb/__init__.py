@@ -12,6 +12,7 @@ from .errors import (
     PayloadError,
     Retry,
     SerializationError,
+    StoreUnavailable,
     UnknownJobError,
 )
 from .job import Context, Job, JobRecord, Priority, Status
@@ -21,7 +22,7 @@ from .worker import JobEvent, Worker
 __all__ = [
     "Config", "ConfigError", "Context", "FailedJob", "Job", "JobEvent", "JobFailed", "JobHandle",
     "JobNotFound", "JobRecord", "JobTimeout", "MissingDependency", "NeonnbError", "PayloadError",
-    "Priority", "QueueCounts", "QueueManager", "Retry", "SerializationError", "Status",
+    "Priority", "QueueCounts", "QueueManager", "Retry", "SerializationError", "Status", "StoreUnavailable",
     "UnknownJobError", "Worker", "WorkerOptions", "connect",
 ]
 __version__ = "0.1.0"

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from neonnb import Config, QueueManager, Status
+from neonnb import Config, JobHandle, QueueManager, Status, StoreUnavailable
 from tests import jobs
 from tests.conftest import config_for, connection_for, wait_until
-from tests.services import PostgresServer
+from tests.services import PostgresServer, RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,3 +126,36 @@ def test_workers_ride_out_a_postgres_restart(postgres_server: PostgresServer, tm
         qm.close()
     assert exit_codes == [0, 0]
     assert len(returned) + refused == 300 and len(returned) >= 250
+
+
+def test_workers_ride_out_a_redis_kill_and_restart(tmp_path: Path) -> None:
+    server = RedisServer("--appendonly", "yes", "--appendfsync", "always")
+    try:
+        config_file = tmp_path / "queue.yaml"
+        config = write_config(config_file, server.url(), lease_timeout="5s", poll_interval="200ms")
+        log = tmp_path / "jobs.log"
+        qm = QueueManager(config)
+        workers = [start_worker(config_file, tmp_path, i) for i in range(2)]
+        returned: list[JobHandle] = []
+        try:
+            for n in range(300):
+                if n == 100:
+                    wait_until(lambda: qm.stats()["crash"].succeeded >= 20, what="the workers to be busy")
+                    server.kill()  # SIGKILL: only what the append-only file holds survives
+                    with pytest.raises(StoreUnavailable, match="can't be reached"):
+                        qm.dispatch("crash", jobs.Crashable(-1, str(log)))
+                    server.start()
+                returned.append(qm.dispatch("crash", jobs.Crashable(n, str(log), seconds=0.02)))
+            wait_until(
+                lambda: all(h.fetch().status is Status.SUCCEEDED for h in returned), timeout=120,
+                what="every returned dispatch to be processed",
+            )
+            assert all(w.poll() is None for w in workers), "a worker died with Redis instead of reconnecting"
+        finally:
+            for worker in workers:
+                worker.send_signal(signal.SIGTERM)
+            exit_codes = [worker.wait(30) for worker in workers]
+            qm.close()
+        assert exit_codes == [0, 0]
+    finally:
+        server.stop()
