@@ -4,6 +4,7 @@ async API where it has one, and settings a user tuning for throughput would pick
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -64,9 +65,7 @@ class Stamp(Job, name="bench.Stamp"):
 
 
 def neonnb_config(url: str) -> Config:
-    if url == "memory://":
-        return Config(driver="memory")
-    return Config(connection=url)
+    return Config.for_url(url)
 
 
 async def neonnb_system(workload: str, url: str) -> dict[str, Any]:
@@ -182,7 +181,8 @@ async def huey_system(workload: str, url: str) -> dict[str, Any]:
 
 async def pgqueuer_system(workload: str, url: str) -> dict[str, Any]:
     import asyncpg
-    from pgqueuer import AsyncpgDriver, QueueManager as PgQueueManager, Queries
+    from pgqueuer import AsyncpgDriver, Queries
+    from pgqueuer import QueueManager as PgQueueManager
     from pgqueuer.domain.types import QueueExecutionMode
 
     dsn = url.replace("postgresql+psycopg://", "postgresql://")
@@ -290,10 +290,8 @@ async def procrastinate_system(workload: str, url: str) -> dict[str, Any]:
                 await asyncio.sleep(LATENCY_GAP)
             await wait_for(lambda: len(samples) >= N_LATENCY)
             running.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await running
-            except asyncio.CancelledError:
-                pass
             return latency(samples)
     raise ValueError(workload)
 

@@ -4,7 +4,6 @@ the queue at work on the embedded SQLite default."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import logging
 import os
@@ -35,15 +34,12 @@ def _worker(args: argparse.Namespace) -> int:
     manager = load_manager(args.target)
     options = WorkerOptions(max_jobs=args.max_jobs, burst=args.burst)
     worker = manager.worker(args.queues or None, args.concurrency, options)
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, worker.request_stop, args.grace)
-        await worker.arun()
-        await manager.driver.close()
-
-    asyncio.run(main())
+    # The worker runs on neonnb's background loop, where the drivers' clients live; this
+    # thread only waits, and turns SIGTERM/SIGINT into a graceful stop.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda _signum, _frame: worker.request_stop(args.grace))
+    worker.run()
+    manager.close()
     return 0
 
 

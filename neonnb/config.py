@@ -110,6 +110,18 @@ class Config:
         return self.max_retries + 1
 
     @classmethod
+    def for_url(cls, url: str, **settings: Any) -> Config:
+        """The config for a connection URL, the driver picked from its scheme."""
+        if "://" not in url:
+            raise ConfigError(
+                f"can't connect to {url!r}: give a URL such as sqlite:///jobs.db, "
+                "postgresql://host/db, redis://host:6379/0 or memory://, or a .yaml config file"
+            )
+        scheme = url.partition("://")[0].split("+")[0].lower()
+        driver = {"memory": "memory", "redis": "redis", "rediss": "redis"}.get(scheme, "database")
+        return cls(driver=driver, connection=None if driver == "memory" else url, **settings)
+
+    @classmethod
     def from_yaml(cls, path: str | os.PathLike[str], section: str = "queue") -> Config:
         """Load a config file such as the spec's ``config/queue.yaml``.
 

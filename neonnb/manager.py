@@ -414,14 +414,7 @@ def connect(target: str | Path, **settings: Any) -> QueueManager:
         if settings:
             config = Config.from_dict({**_fields(config), **settings}, source=text)
         return QueueManager(config)
-    scheme = text.partition("://")[0].split("+")[0].lower()
-    if "://" not in text:
-        raise ConfigError(
-            f"can't connect to {text!r}: give a URL such as sqlite:///jobs.db, "
-            "postgresql://host/db or memory://, or a .yaml config file"
-        )
-    driver = {"memory": "memory", "redis": "redis", "rediss": "redis"}.get(scheme, "database")
-    return QueueManager(Config(driver=driver, connection=None if driver == "memory" else text, **settings))
+    return QueueManager(Config.for_url(text, **settings))
 
 
 def new_job_id() -> str:
