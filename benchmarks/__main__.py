@@ -3,8 +3,9 @@
     .venv/bin/pip install -e '.[bench]' && .venv/bin/python -m benchmarks
 
 Every (system, workload) runs in a fresh process against a fresh store: memory, a new SQLite
-file, or a new database on one throwaway PostgreSQL server (fsync on) that all PostgreSQL
-systems share. The table goes to stdout and benchmarks/RESULTS.md.
+file, a new database on one throwaway PostgreSQL server (fsync on) that all PostgreSQL
+systems share, or one throwaway redis-server flushed before each run. The table goes to
+stdout and benchmarks/RESULTS.md. `python -m benchmarks neonnb huey` runs only those systems.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.services import PostgresServer
+from redis import Redis
+
+from tests.services import PostgresServer, RedisServer
 
 HERE = Path(__file__).resolve().parent
 WORKLOADS = ["w1_one", "w1_batch", "w2", "w3", "w4"]
@@ -32,6 +35,8 @@ ROWS = [
     ("neonnb PostgreSQL", "neonnb", "postgres"),
     ("pgqueuer PostgreSQL", "pgqueuer", "postgres"),
     ("procrastinate PostgreSQL", "procrastinate", "postgres"),
+    ("neonnb Redis", "neonnb", "redis"),
+    ("huey Redis", "huey", "redis"),
 ]
 
 
@@ -58,6 +63,7 @@ def cell(result: dict[str, Any] | None) -> str:
 def main() -> None:
     only = set(sys.argv[1:])
     postgres = PostgresServer(fsync=True)
+    redis_server = RedisServer()
     results: dict[str, dict[str, dict[str, Any]]] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="neonnb-bench-") as tmp:
@@ -71,11 +77,15 @@ def main() -> None:
                         "memory": "memory://",
                         "sqlite": f"sqlite:///{tmp}/{system}-{workload}-{time.monotonic_ns()}.db",
                         "postgres": postgres.new_database() if store == "postgres" else "",
+                        "redis": redis_server.url(),
                     }[store]
+                    if store == "redis":
+                        Redis(port=redis_server.port).flushall()  # a fresh store for every run
                     results[label][workload] = run_one(system, workload, url)
                     print(f"{label:28} {workload:9} {cell(results[label][workload])}", file=sys.stderr, flush=True)
     finally:
         postgres.stop()
+        redis_server.stop()
     table = render(results)
     print(table)
     if not only:
@@ -87,7 +97,8 @@ def render(results: dict[str, dict[str, dict[str, Any]]]) -> str:
         f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores, Python {platform.python_version()}, "
         "one run of `python -m benchmarks`.",
         "",
-        "| system | W1 one-by-one jobs/s | W1 batch jobs/s | W2 drain jobs/s | W3 latency p50 / p99 ms | W4 sleep-10ms jobs/s |",
+        "| system | W1 one-by-one jobs/s | W1 batch jobs/s | W2 drain jobs/s | W3 latency p50 / p99 ms "
+        "| W4 sleep-10ms jobs/s |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for label, row in results.items():

@@ -88,7 +88,9 @@ async def _neonnb_workload(qm: QueueManager, workload: str, url: str) -> dict[st
         await qm.adispatch_batch("b", [Noop() for _ in range(N_ENQUEUE)])
         return rate(N_ENQUEUE, time.perf_counter() - start)
     if workload in ("w2", "w4"):
-        n, job, concurrency = (N_DRAIN, Noop, DRAIN_CONCURRENCY) if workload == "w2" else (N_SLEEP, Sleep, SLEEP_CONCURRENCY)
+        n, job, concurrency = (
+            (N_DRAIN, Noop, DRAIN_CONCURRENCY) if workload == "w2" else (N_SLEEP, Sleep, SLEEP_CONCURRENCY)
+        )
         await qm.adispatch_batch("b", [job() for _ in range(n)])
         worker = qm.worker("b", concurrency, WorkerOptions(burst=True))
         start = time.perf_counter()
@@ -119,9 +121,12 @@ async def _neonnb_workload(qm: QueueManager, workload: str, url: str) -> dict[st
 # --- huey on SQLite ----------------------------------------------------------------------------
 
 async def huey_system(workload: str, url: str) -> dict[str, Any]:
-    from huey import SqliteHuey
+    from huey import RedisHuey, SqliteHuey
 
-    huey = SqliteHuey(filename=url.removeprefix("sqlite:///"), results=False)
+    if url.startswith("redis://"):
+        huey = RedisHuey(url=url, results=False)
+    else:
+        huey = SqliteHuey(filename=url.removeprefix("sqlite:///"), results=False)
     done: list[float] = []
     lock = threading.Lock()
 
@@ -220,7 +225,8 @@ async def pgqueuer_system(workload: str, url: str) -> dict[str, Any]:
             # W4's concurrency cap is max_concurrent_tasks (pgqueuer wants batches of at most
             # half of it); without a cap it keeps fetching and runs every job at once.
             n, name, batch, cap = (
-                (N_DRAIN, "noop", 100, None) if workload == "w2" else (N_SLEEP, "sleep", SLEEP_CONCURRENCY // 2, SLEEP_CONCURRENCY)
+                (N_DRAIN, "noop", 100, None) if workload == "w2"
+                else (N_SLEEP, "sleep", SLEEP_CONCURRENCY // 2, SLEEP_CONCURRENCY)
             )
             await queries.enqueue([name] * n, [None] * n, [0] * n)
             start = time.perf_counter()
@@ -277,7 +283,9 @@ async def procrastinate_system(workload: str, url: str) -> dict[str, Any]:
             await noop.batch_defer_async(*[{} for _ in range(N_ENQUEUE)])
             return rate(N_ENQUEUE, time.perf_counter() - start)
         if workload in ("w2", "w4"):
-            n, task, concurrency = (N_DRAIN, noop, DRAIN_CONCURRENCY) if workload == "w2" else (N_SLEEP, sleep, SLEEP_CONCURRENCY)
+            n, task, concurrency = (
+                (N_DRAIN, noop, DRAIN_CONCURRENCY) if workload == "w2" else (N_SLEEP, sleep, SLEEP_CONCURRENCY)
+            )
             await task.batch_defer_async(*[{} for _ in range(n)])
             start = time.perf_counter()
             await app.run_worker_async(concurrency=concurrency, wait=False, install_signal_handlers=False)
