@@ -118,7 +118,7 @@ def ratios(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     if ceiling and memory:
         out.append(f"neonnb memory W2 / asyncio ceiling = {memory / ceiling:.0%} (target at least 25%)")
     for ours, peers in (("neonnb PostgreSQL", ["pgqueuer PostgreSQL", "procrastinate PostgreSQL"]),
-                        ("neonnb SQLite", ["huey SQLite"])):
+                        ("neonnb SQLite", ["huey SQLite"]), ("neonnb Redis", ["huey Redis"])):
         for workload in ("w1_one", "w1_batch", "w2", "w4"):
             for peer in peers:
                 a, b = jobs(ours, workload), jobs(peer, workload)
