@@ -1,9 +1,12 @@
-"""SQL driver on SQLAlchemy 2 Core: SQLite (the embedded default) and PostgreSQL.
+"""SQL driver on SQLAlchemy 2 Core: SQLite (the embedded default), PostgreSQL, MariaDB/MySQL.
 
-Statements run on a small thread pool so the event loop never blocks. A claim is a single
-transaction that selects due rows in priority order (``FOR UPDATE SKIP LOCKED`` where the
-database has it) and flips them to running; on SQLite every transaction starts with
-``BEGIN IMMEDIATE`` so two processes can't claim the same row.
+Statements run on a small thread pool so the event loop never blocks. A claim selects due
+rows in priority order with ``FOR UPDATE SKIP LOCKED`` (one statement where the database has
+``UPDATE ... RETURNING``, else a short transaction) and flips them to running; on SQLite every
+transaction starts with ``BEGIN IMMEDIATE`` so two processes can't claim the same row. The
+hot statements are built once (``HotStatements``); PostgreSQL runs single statements in
+autocommit, takes batches with COPY and wakes idle workers with LISTEN/NOTIFY
+(``pg_notify.py``); SQLite wakes them through ``PRAGMA data_version`` (``sqlite_watch.py``).
 """
 
 from __future__ import annotations

@@ -108,25 +108,12 @@ class RedisDriver(Driver):
     # --- the protocol -----------------------------------------------------------------
 
     async def enqueue(self, records: Sequence[JobRecord]) -> None:
-        async def store() -> None:
-            pipe = self._redis().pipeline(transaction=True)
-            for r in records:
-                fields: dict[Any, Any] = {
-                    "id": r.id, "queue": r.queue, "name": r.name, "payload": r.payload,
-                    "priority": r.priority.rank, "status": r.status.value, "attempts": r.attempts,
-                    "max_attempts": r.max_attempts, "run_at": _num(r.run_at), "created_at": _num(r.created_at),
-                }
-                if r.timeout is not None:
-                    fields["timeout"] = _num(r.timeout)
-                pipe.hset(f"{self.prefix}job:{r.id}", mapping=fields)
-                pipe.zadd(f"{self.prefix}q:{r.queue}:ready:{r.priority.rank}", {r.id: r.run_at})
-            for queue in {r.queue for r in records}:
-                pipe.sadd(f"{self.prefix}queues", queue)
-                pipe.publish(f"{self.prefix}wake", queue)
-            await pipe.execute()
-
+        args: list[Any] = []
+        for r in records:
+            args += [r.id, r.queue, r.name, r.payload, r.priority.rank, r.status.value, r.attempts, r.max_attempts,
+                     "" if r.timeout is None else _num(r.timeout), _num(r.run_at), _num(r.created_at)]
         if records:
-            await self._on_loop(store)
+            await self._script("enqueue", args)
 
     async def reserve(
         self, queues: Sequence[str], limit: int, worker_id: str, now: float, lease_expires: float

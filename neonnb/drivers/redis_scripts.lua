@@ -18,6 +18,32 @@
 --
 -- Each script below starts with a line "--! name"; the driver splits the file there.
 
+--! enqueue
+-- ARGV: P, then 11 values per job: id queue name payload priority status attempts
+-- max_attempts timeout run_at created_at (timeout "" when there is none)
+local P = ARGV[1]
+local fields = {'id', 'queue', 'name', 'payload', 'priority', 'status', 'attempts', 'max_attempts', 'timeout',
+                'run_at', 'created_at'}
+local queues = {}
+for i = 2, #ARGV, 11 do
+  local hash = {}
+  for f = 1, 11 do
+    local value = ARGV[i + f - 1]
+    if value ~= '' then
+      hash[#hash + 1] = fields[f]
+      hash[#hash + 1] = value
+    end
+  end
+  redis.call('HSET', P .. 'job:' .. ARGV[i], unpack(hash))
+  redis.call('ZADD', P .. 'q:' .. ARGV[i + 1] .. ':ready:' .. ARGV[i + 4], ARGV[i + 9], ARGV[i])
+  queues[ARGV[i + 1]] = true
+end
+for queue in pairs(queues) do
+  redis.call('SADD', P .. 'queues', queue)
+  redis.call('PUBLISH', P .. 'wake', queue)
+end
+return 0
+
 --! reserve
 -- ARGV: P, now, limit, worker_id, lease_expires, queue...
 local P, limit, worker, lease = ARGV[1], tonumber(ARGV[3]), ARGV[4], ARGV[5]
