@@ -47,17 +47,17 @@ async def ceiling(workload: str, url: str) -> dict[str, Any]:
 
 # --- neonnb ---------------------------------------------------------------------------------
 
-class Noop(Job, name="bench.Noop"):
+class Noop(Job, job_name="bench.Noop"):
     async def handle(self, ctx: Context) -> None:
         return None
 
 
-class Sleep(Job, name="bench.Sleep"):
+class Sleep(Job, job_name="bench.Sleep"):
     async def handle(self, ctx: Context) -> None:
         await asyncio.sleep(SLEEP)
 
 
-class Stamp(Job, name="bench.Stamp"):
+class Stamp(Job, job_name="bench.Stamp"):
     sent: float
 
     async def handle(self, ctx: Context) -> float:

@@ -26,7 +26,7 @@ from .worker import JobEvent
 QUEUE = "pipeline"
 
 
-class LoadPartition(Job, name="neonnb.demo.LoadPartition"):
+class LoadPartition(Job, job_name="neonnb.demo.LoadPartition"):
     """Read one day of sales in chunks and return its totals."""
 
     day: date
@@ -49,7 +49,7 @@ class LoadPartition(Job, name="neonnb.demo.LoadPartition"):
         return not isinstance(err, ValueError)  # corrupt data won't fix itself
 
 
-class BuildReport(Job, name="neonnb.demo.BuildReport"):
+class BuildReport(Job, job_name="neonnb.demo.BuildReport"):
     """Sum the loaded partitions; runs at high priority once the loads are done."""
 
     days: list[date]

@@ -107,17 +107,17 @@ class Job(abc.ABC):
     Subclasses become dataclasses. ``handle(self, ctx)`` may be sync (runs in a thread) or
     async (runs on the loop). Optional methods, as in the spec: ``should_retry(err)``,
     ``max_attempts()``, ``delay()`` (seconds), ``priority()``, ``retry_delay(attempt, err)``
-    (seconds) and ``timeout()`` (seconds). ``class X(Job, name="reports.build")`` sets the
+    (seconds) and ``timeout()`` (seconds). ``class X(Job, job_name="reports.build")`` sets the
     stored name; by default it is ``module.QualName``.
     """
 
     job_name: ClassVar[str]
 
-    def __init_subclass__(cls, name: str | None = None, **kwargs: Any) -> None:
+    def __init_subclass__(cls, job_name: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "__dataclass_fields__" not in cls.__dict__:
             dataclasses.dataclass(cls)
-        cls.job_name = name or f"{cls.__module__}.{cls.__qualname__}"
+        cls.job_name = job_name or f"{cls.__module__}.{cls.__qualname__}"
         if not inspect.isabstract(cls):
             register(cls.job_name, ClassJobType(cls))
 

@@ -173,3 +173,10 @@ class HoldsObject(Job):
 
     def handle(self, ctx: Context) -> None:
         pass
+
+
+class Renamed(Job, job_name="reports.renamed"):
+    """Stored under a name of its choosing, so it can move between modules."""
+
+    def handle(self, ctx: Context) -> str:
+        return ctx.name

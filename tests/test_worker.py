@@ -195,3 +195,11 @@ def test_a_stopped_manager_worker_can_restart(make_manager: MakeManager) -> None
     worker.stop()
     assert threading.current_thread() is threading.main_thread()
     assert handle.status is Status.SUCCEEDED
+
+
+def test_a_job_class_can_choose_its_stored_name(make_manager: MakeManager) -> None:
+    qm = make_manager()
+    handle = qm.dispatch("q", jobs.Renamed())
+    assert handle.fetch().name == "reports.renamed"
+    qm.worker("q", 1).run_once()
+    assert handle.result(timeout=1) == "reports.renamed"
