@@ -37,6 +37,8 @@ ROWS = [
     ("procrastinate PostgreSQL", "procrastinate", "postgres"),
     ("neonnb Redis", "neonnb", "redis"),
     ("huey Redis", "huey", "redis"),
+    ("RQ Redis (SimpleWorker)", "rq", "redis"),
+    ("arq Redis", "arq", "redis"),
 ]
 
 
@@ -118,7 +120,8 @@ def ratios(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     if ceiling and memory:
         out.append(f"neonnb memory W2 / asyncio ceiling = {memory / ceiling:.0%} (target at least 25%)")
     for ours, peers in (("neonnb PostgreSQL", ["pgqueuer PostgreSQL", "procrastinate PostgreSQL"]),
-                        ("neonnb SQLite", ["huey SQLite"]), ("neonnb Redis", ["huey Redis"])):
+                        ("neonnb SQLite", ["huey SQLite"]),
+                        ("neonnb Redis", ["huey Redis", "RQ Redis (SimpleWorker)", "arq Redis"])):
         for workload in ("w1_one", "w1_batch", "w2", "w4"):
             for peer in peers:
                 a, b = jobs(ours, workload), jobs(peer, workload)

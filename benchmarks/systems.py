@@ -310,3 +310,117 @@ SYSTEMS: dict[str, Runner] = {
     "pgqueuer": pgqueuer_system,
     "procrastinate": procrastinate_system,
 }
+
+
+# --- RQ (SimpleWorker: one job at a time, in the worker's own process) -----------------------
+
+RQ_DONE: list[float] = []
+
+
+def rq_noop() -> None:
+    RQ_DONE.append(0.0)
+
+
+def rq_stamp(sent: float) -> None:
+    RQ_DONE.append(time.time() - sent)
+
+
+async def rq_system(workload: str, url: str) -> dict[str, Any]:
+    from redis import Redis
+    from rq import Queue, SimpleWorker
+
+    connection = Redis.from_url(url)
+    queue = Queue("b", connection=connection)
+    if workload == "w1_one":
+        start = time.perf_counter()
+        for _ in range(N_ENQUEUE):
+            queue.enqueue(rq_noop)
+        return rate(N_ENQUEUE, time.perf_counter() - start)
+    if workload in ("w1_batch", "w2"):
+        start = time.perf_counter()
+        queue.enqueue_many([Queue.prepare_data(rq_noop) for _ in range(N_ENQUEUE)])
+        if workload == "w1_batch":
+            return rate(N_ENQUEUE, time.perf_counter() - start)
+        worker = SimpleWorker([queue], connection=connection)
+        start = time.perf_counter()
+        worker.work(burst=True, logging_level="WARNING")  # RQ's worker wants the main thread
+        return rate(len(RQ_DONE), time.perf_counter() - start)
+    if workload == "w3":
+        def send() -> None:
+            time.sleep(0.5)
+            for _ in range(N_LATENCY):
+                queue.enqueue(rq_stamp, time.time())
+                time.sleep(LATENCY_GAP)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        SimpleWorker([queue], connection=connection).work(max_jobs=N_LATENCY, logging_level="WARNING")
+        sender.join()
+        return latency(RQ_DONE)
+    if workload == "w4":
+        return {"n/a": "one job at a time per worker process"}
+    raise ValueError(workload)
+
+
+# --- arq ---------------------------------------------------------------------------------
+
+async def arq_system(workload: str, url: str) -> dict[str, Any]:
+    from arq import Worker, create_pool
+    from arq.connections import RedisSettings
+    from arq.worker import func
+
+    settings = RedisSettings.from_dsn(url)
+    pool = await create_pool(settings)
+    samples: list[float] = []
+
+    async def noop(ctx: dict[str, Any]) -> None:
+        return None
+
+    async def sleep(ctx: dict[str, Any]) -> None:
+        await asyncio.sleep(SLEEP)
+
+    async def stamp(ctx: dict[str, Any], sent: float) -> None:
+        samples.append(time.time() - sent)
+
+    def worker(concurrency: int, burst: bool) -> Worker:
+        functions = [func(noop, name="noop"), func(sleep, name="sleep"), func(stamp, name="stamp")]
+        return Worker(functions=functions, redis_pool=pool, burst=burst, max_jobs=concurrency,
+                      poll_delay=0.001, keep_result=0, handle_signals=False)
+
+    try:
+        if workload == "w1_one":
+            start = time.perf_counter()
+            for _ in range(N_ENQUEUE):
+                await pool.enqueue_job("noop")
+            return rate(N_ENQUEUE, time.perf_counter() - start)
+        if workload == "w1_batch":
+            return {"n/a": "arq has no batch enqueue"}
+        if workload in ("w2", "w4"):
+            n, name, concurrency = (
+                (N_DRAIN, "noop", DRAIN_CONCURRENCY) if workload == "w2" else (N_SLEEP, "sleep", SLEEP_CONCURRENCY)
+            )
+            for _ in range(n):
+                await pool.enqueue_job(name)
+            start = time.perf_counter()
+            await worker(concurrency, burst=True).main()
+            return rate(n, time.perf_counter() - start)
+        if workload == "w3":
+            w = worker(10, burst=False)
+            running = asyncio.create_task(w.main())
+            await asyncio.sleep(0.5)
+            for _ in range(N_LATENCY):
+                await pool.enqueue_job("stamp", time.time())
+                await asyncio.sleep(LATENCY_GAP)
+            await wait_for(lambda: len(samples) >= N_LATENCY)
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+            await w.close()
+            return latency(samples)
+        raise ValueError(workload)
+    finally:
+        await pool.aclose()
+
+
+SYSTEMS["rq"] = rq_system
+SYSTEMS["arq"] = arq_system
