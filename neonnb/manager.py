@@ -420,8 +420,17 @@ def connect(target: str | Path, **settings: Any) -> QueueManager:
 def new_job_id() -> str:
     """32 hex digits: nanoseconds since the epoch, then 64 random bits. Ids sort by creation
     time, so the databases' id indexes grow at one end instead of splitting pages everywhere,
-    and they are as hard to guess as they are unique."""
-    return f"{time.time_ns():016x}{os.urandom(8).hex()}"
+    and Redis orders jobs due at the same moment by them (FIFO). Within a process they strictly
+    increase even if the clock stalls or steps back."""
+    global _last_id_time
+    with _id_lock:
+        _last_id_time = max(time.time_ns(), _last_id_time + 1)
+        stamp = _last_id_time
+    return f"{stamp:016x}{os.urandom(8).hex()}"
+
+
+_id_lock = threading.Lock()
+_last_id_time = 0
 
 
 def _fields(config: Config) -> dict[str, Any]:

@@ -59,14 +59,14 @@ def test_priority_is_strict_and_fifo_within_a_priority(make_manager: MakeManager
 
 def test_fifo_within_one_priority(make_manager: MakeManager, clock: FakeClock) -> None:
     qm = make_manager(clock=clock)
-    for i in range(30):
-        qm.dispatch("q", jobs.Note(f"{i:02d}"))  # same timestamp: order of dispatch decides
-    qm.dispatch_batch("q", [jobs.Note(f"b{i:02d}") for i in range(10)])
-    worker = qm.worker("q", 3)
-    while worker.run_once():
-        pass
-    assert jobs.RECORD.order[:30] == sorted(jobs.RECORD.order[:30])
-    assert jobs.RECORD.order[30:] == [f"b{i:02d}" for i in range(10)]
+    handles = [qm.dispatch("q", jobs.Note(f"{i:02d}")) for i in range(30)]  # one timestamp: dispatch order decides
+    handles += qm.dispatch_batch("q", [jobs.Note(f"b{i:02d}") for i in range(10)])
+    # Claims of three at a time come out in dispatch order. (Running them would not show it:
+    # three jobs of one claim run at once and may finish in any order.)
+    claimed: list[str] = []
+    while batch := loop.run_sync(qm.driver.reserve(["q"], 3, "w", clock(), clock() + 30)):
+        claimed += [record.id for record in batch]
+    assert claimed == [h.id for h in handles]
 
 
 def test_delayed_jobs_never_run_early_and_keep_their_priority(make_manager: MakeManager, clock: FakeClock) -> None:
