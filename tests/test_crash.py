@@ -47,7 +47,7 @@ def test_sigkilled_workers_lose_no_job(
     config_file = tmp_path / "queue.yaml"
     # A short lease so kills recover fast, not so short that a busy CI box loses live leases.
     config = write_config(
-        config_file, connection_for(request, store, tmp_path), lease_timeout="3s", poll_interval="200ms"
+        config_file, connection_for(request, store, tmp_path), lease_timeout="5s", poll_interval="200ms"
     )
     log = tmp_path / "jobs.log"
     hanging = {total * (k + 1) // (kills + 1) for k in range(kills)}  # first attempts hang until we kill them

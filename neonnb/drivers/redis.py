@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from .. import _loop
 from ..errors import ConfigError, StoreUnavailable
@@ -150,7 +150,10 @@ class RedisDriver(Driver):
         return int(await self._script("purge", [_num(before)]))
 
     async def get(self, job_id: str) -> JobRecord | None:
-        fields = await self._on_loop(lambda: self._redis().hgetall(f"{self.prefix}job:{job_id}"))
+        async def fetch() -> dict[Any, Any]:
+            return await cast("Awaitable[dict[Any, Any]]", self._redis().hgetall(f"{self.prefix}job:{job_id}"))
+
+        fields = await self._on_loop(fetch)
         return self._record({str(k): str(v) for k, v in fields.items()}) if fields else None
 
     async def list_jobs(
@@ -211,7 +214,8 @@ class RedisDriver(Driver):
         return await self._on_loop(count)
 
     async def _queues(self, client: aioredis.Redis) -> list[str]:
-        return sorted(str(q) for q in await client.smembers(f"{self.prefix}queues"))
+        members = await cast("Awaitable[set[Any]]", client.smembers(f"{self.prefix}queues"))
+        return sorted(str(q) for q in members)
 
     async def requeue_failed(self, ids: Sequence[str] | None, queue: str | None, now: float) -> list[str]:
         if ids is not None and not ids:
