@@ -12,15 +12,11 @@ notifications sent meanwhile are gone.
 
 from __future__ import annotations
 
-import logging
-import threading
 from collections.abc import Callable
 
 from sqlalchemy import Connection, Engine, text
 
-logger = logging.getLogger("neonnb.drivers.database")
-
-WAKE_ALL = "*"
+from .wakeups import WAKE_ALL, WakeThread
 
 
 def install_trigger(conn: Connection, table: str) -> None:
@@ -47,33 +43,15 @@ def announce(conn: Connection, table: str, queues: set[str]) -> None:
         conn.execute(text("SELECT pg_notify(:channel, :queue)"), {"channel": table, "queue": queue})
 
 
-class Listener:
-    """A daemon thread that LISTENs on the table's channel and calls ``callback(queue)``."""
+class Listener(WakeThread):
+    """LISTENs on the table's channel on a connection of its own."""
 
     def __init__(self, engine: Engine, channel: str, callback: Callable[[str], None]) -> None:
         self.engine = engine
         self.channel = channel
-        self.callback = callback
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"neonnb-listen-{channel}", daemon=True)
-        self._thread.start()
+        super().__init__(f"LISTEN {channel}", callback)
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        backoff = 0.1
-        while not self._stop.is_set():
-            try:
-                self._listen()
-                backoff = 0.1
-            except Exception as exc:
-                logger.warning("LISTEN %s: connection lost (%r); reconnecting in %.1fs", self.channel, exc, backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
-
-    def _listen(self) -> None:
+    def listen(self) -> None:
         pooled = self.engine.raw_connection()
         conn = pooled.driver_connection
         pooled.detach()  # this connection is ours for as long as we listen
@@ -82,8 +60,8 @@ class Listener:
         try:
             conn.autocommit = True
             conn.execute(f'LISTEN "{self.channel}"')
-            self.callback(WAKE_ALL)  # anything sent while we were away is lost: look now
-            while not self._stop.is_set():
+            self.callback(WAKE_ALL)
+            while not self.stopping:
                 for note in conn.notifies(timeout=0.5):
                     self.callback(note.payload)
         finally:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar, cast
@@ -19,6 +18,7 @@ from .. import _loop
 from ..errors import ConfigError, StoreUnavailable
 from ..job import JobRecord, Priority, Status
 from .base import LEASE_ERROR, Driver, QueueCounts
+from .wakeups import WAKE_ALL, WakeThread
 
 try:
     import redis.asyncio as aioredis
@@ -244,35 +244,22 @@ async def _call(work: Callable[[], Awaitable[T]]) -> T:
     return await work()
 
 
-class _Subscriber:
-    """A daemon thread subscribed to the wake channel: ``callback(queue)`` per dispatch."""
+class _Subscriber(WakeThread):
+    """Subscribed to the wake channel: ``callback(queue)`` per dispatch."""
 
     def __init__(self, url: str, options: dict[str, Any], channel: str, callback: Callable[[str], None]) -> None:
-        self.url, self.options, self.channel, self.callback = url, options, channel, callback
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="neonnb-redis-wake", daemon=True)
-        self._thread.start()
+        self.url, self.options, self.channel = url, options, channel
+        super().__init__(f"SUBSCRIBE {channel}", callback)
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        backoff = 0.1
-        while not self._stop.is_set():
-            client = SyncRedis.from_url(self.url, **self.options)
-            try:
-                with client.pubsub(ignore_subscribe_messages=True) as pubsub:  # type: ignore[no-untyped-call]
-                    pubsub.subscribe(self.channel)
-                    self.callback("*")  # whatever was sent while we were away is lost: look now
-                    backoff = 0.1
-                    while not self._stop.is_set():
-                        message = pubsub.get_message(timeout=0.5)
-                        if message is not None:
-                            self.callback(str(message["data"]))
-            except Exception as exc:
-                logger.warning("Redis wake-ups lost (%r); reconnecting in %.1fs", exc, backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
-            finally:
-                client.close()
+    def listen(self) -> None:
+        client = SyncRedis.from_url(self.url, **self.options)
+        try:
+            with client.pubsub(ignore_subscribe_messages=True) as pubsub:  # type: ignore[no-untyped-call]
+                pubsub.subscribe(self.channel)
+                self.callback(WAKE_ALL)
+                while not self.stopping:
+                    message = pubsub.get_message(timeout=0.5)
+                    if message is not None:
+                        self.callback(str(message["data"]))
+        finally:
+            client.close()

@@ -8,42 +8,28 @@ claim (which takes the write lock) per poll.
 
 from __future__ import annotations
 
-import logging
 import sqlite3
-import threading
 from collections.abc import Callable
 
-logger = logging.getLogger("neonnb.drivers.database")
+from .wakeups import WAKE_ALL, WakeThread
 
 INTERVAL = 0.002
 
 
-class Watcher:
+class Watcher(WakeThread):
     def __init__(self, path: str, callback: Callable[[str], None]) -> None:
         self.path = path
-        self.callback = callback
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="neonnb-sqlite-watch", daemon=True)
-        self._thread.start()
+        super().__init__(f"sqlite {path}", callback)
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
+    def listen(self) -> None:
+        conn = sqlite3.connect(self.path, check_same_thread=False)
         try:
-            conn = sqlite3.connect(self.path, check_same_thread=False)
-        except sqlite3.Error as exc:
-            logger.warning("can't watch %s for new jobs (%s); workers will poll", self.path, exc)
-            return
-        try:
-            last = None
+            last = conn.execute("PRAGMA data_version").fetchone()[0]
+            self.callback(WAKE_ALL)
             while not self._stop.wait(INTERVAL):
                 version = conn.execute("PRAGMA data_version").fetchone()[0]
-                if last is not None and version != last:
-                    self.callback("*")
+                if version != last:
+                    self.callback(WAKE_ALL)
                 last = version
-        except sqlite3.Error as exc:
-            logger.warning("stopped watching %s for new jobs (%s); workers will poll", self.path, exc)
         finally:
             conn.close()
