@@ -23,6 +23,8 @@ from .wakeups import WAKE_ALL, WakeThread
 try:
     import redis.asyncio as aioredis
     from redis import Redis as SyncRedis
+    from redis.asyncio.retry import Retry as AsyncRetry
+    from redis.backoff import ExponentialBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as exc:  # pragma: no cover - depends on the install
@@ -63,7 +65,13 @@ class RedisDriver(Driver):
 
     def _redis(self) -> aioredis.Redis:
         if self._client is None:
-            self._client = aioredis.Redis.from_url(self.url, **self._options)
+            # A pooled connection that died with a server restart fails on first use: retry
+            # a few times with backoff (bounded, so a dispatch during an outage still fails
+            # within seconds). Every script is safe to repeat, or recoverable by the lease.
+            retry = AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), retries=3)
+            self._client = aioredis.Redis.from_url(
+                self.url, retry=retry, retry_on_error=[RedisConnectionError, RedisTimeoutError], **self._options
+            )
             self._scripts = {name: self._client.register_script(body) for name, body in _scripts().items()}
         return self._client
 
