@@ -7,6 +7,7 @@ neonnb's background loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -154,18 +155,20 @@ class QueueManager:
         with self._workers_lock:
             return list(self._workers)
 
-    def _wake_workers(self, queue: str) -> None:
-        """The driver saw jobs become due on ``queue`` ("*": any), perhaps from another process."""
+    def _wake_workers(self, queue: str = "*", due: float | None = None) -> None:
+        """Jobs of ``queue`` ("*": any) are due at ``due`` (None: now). Called after our own
+        dispatches, and by the driver when another process made jobs due."""
         for worker in self._local_workers():
             if queue == "*" or queue in worker.queues:
-                worker.notify()
+                worker.notify(due)
 
     async def _enqueue(self, records: list[JobRecord]) -> list[JobHandle]:
         await self.driver.enqueue(records)
-        for worker in self._local_workers():
-            due = [r.run_at for r in records if r.queue in worker.queues]
-            if due:
-                worker.notify(min(due))
+        earliest: dict[str, float] = {}
+        for r in records:
+            earliest[r.queue] = min(r.run_at, earliest.get(r.queue, r.run_at))
+        for queue, due in earliest.items():
+            self._wake_workers(queue, due)
         return [JobHandle(self, r.id, r.queue) for r in records]
 
     async def adispatch(self, queue: str, job: Any) -> JobHandle:
@@ -375,8 +378,7 @@ class FailedStore:
 
     async def _requeue(self, ids: list[str] | None, queue: str | None) -> list[str]:
         moved = await self.manager.driver.requeue_failed(ids, queue, self.manager.clock())
-        for worker in self.manager._local_workers():
-            worker.notify()
+        self.manager._wake_workers()
         return moved
 
     async def aforget(self, job_id: str) -> bool:
@@ -412,7 +414,7 @@ def connect(target: str | Path, **settings: Any) -> QueueManager:
     if text.endswith((".yaml", ".yml")):
         config = Config.from_yaml(text)
         if settings:
-            config = Config.from_dict({**_fields(config), **settings}, source=text)
+            config = dataclasses.replace(config, **settings)  # re-validated by __post_init__
         return QueueManager(config)
     return QueueManager(Config.for_url(text, **settings))
 
@@ -431,10 +433,6 @@ def new_job_id() -> str:
 
 _id_lock = threading.Lock()
 _last_id_time = 0
-
-
-def _fields(config: Config) -> dict[str, Any]:
-    return {k: v for k, v in vars(config).items()}
 
 
 def _priority(value: Priority | str) -> Priority:
