@@ -263,7 +263,7 @@ class JobHandle:
         return f"<JobHandle {self.id}>"
 
     async def afetch(self) -> JobRecord:
-        record = await self.manager.driver.get(self.id)
+        record = await self.manager.driver.get(self.id, self.queue)
         if record is None:
             raise JobNotFound(
                 f"job {self.id} not found: it never existed, was forgotten, or finished more "

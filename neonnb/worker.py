@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from . import _loop
 from .codec import dumps, encode
@@ -118,6 +118,14 @@ class Events:
                 logger.exception("event subscriber %r failed on %s", callback, kind)
 
 
+class _Running(NamedTuple):
+    """A job this worker has claimed and is running."""
+
+    record: JobRecord
+    task: asyncio.Task[None]
+    ctx: Context
+
+
 class Worker:
     """Runs jobs from ``queues`` with up to ``concurrency`` at a time (the spec's ``qm.Worker``).
 
@@ -138,8 +146,8 @@ class Worker:
         self.options = options.resolve(manager.config)
         self.id = self.options.worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.jobs_started = 0
-        self._active: dict[str, tuple[asyncio.Task[None], Context]] = {}
-        self._dirty_progress: dict[str, dict[str, Any]] = {}
+        self._active: dict[str, _Running] = {}
+        self._dirty_progress: dict[str, tuple[JobRecord, dict[str, Any]]] = {}
         # Finished jobs waiting to be acknowledged together. Their slots are free already;
         # their leases are kept until the ack is stored.
         self._acks: list[tuple[JobRecord, str | None]] = []
@@ -289,7 +297,7 @@ class Worker:
             finally:
                 self._unbind_loop()
         claimed = await self._claim(self._free_slots())
-        await asyncio.gather(*(task for task, _ in list(self._active.values())))
+        await asyncio.gather(*(running.task for running in list(self._active.values())))
         await self._acks_stored()
         return claimed
 
@@ -312,7 +320,7 @@ class Worker:
             # A fresh contextvars.Context: the job must not inherit (and print into) the cell
             # or task that happened to start the worker.
             task = contextvars.Context().run(asyncio.get_running_loop().create_task, self._execute(record, ctx))
-            self._active[record.id] = (task, ctx)
+            self._active[record.id] = _Running(record, task, ctx)
             task.add_done_callback(functools.partial(self._finished, record.id))
         return len(records or ())
 
@@ -336,7 +344,7 @@ class Worker:
         while True:
             await asyncio.sleep(min(interval, 0.25) if self._dirty_progress else interval)
             await self._flush_progress()
-            held = [*self._active, *(record.id for record, _ in self._acks)]
+            held = [*(running.record for running in self._active.values()), *(record for record, _ in self._acks)]
             if held:
                 now = self.manager.clock()
                 await self._guard(
@@ -352,16 +360,16 @@ class Worker:
     async def _drain_active(self) -> None:
         if not self._active:
             return
-        tasks = {task: job_id for job_id, (task, _) in self._active.items()}
+        tasks = {running.task: running for running in self._active.values()}
         _, unfinished = await asyncio.wait(tasks, timeout=self._grace)
         if not unfinished:
             return
-        ids = [tasks[t] for t in unfinished]
         for task in unfinished:
-            self._active[tasks[task]][1].cancel()
+            tasks[task].ctx.cancel()
             task.cancel()
         await asyncio.gather(*unfinished, return_exceptions=True)
-        released = await self._persist(lambda: self.driver.release(ids, self.id, self.manager.clock()), "release")
+        jobs = [tasks[task].record for task in unfinished]
+        released = await self._persist(lambda: self.driver.release(jobs, self.id, self.manager.clock()), "release")
         logger.info("worker %s released %s unfinished job(s) back to the queue", self.id, released)
 
     # --- running one job --------------------------------------------------------------
@@ -377,15 +385,16 @@ class Worker:
             loop.call_soon_threadsafe(self._note_progress, record, progress)
 
     def _note_progress(self, record: JobRecord, progress: dict[str, Any]) -> None:
-        self._dirty_progress[record.id] = progress
+        self._dirty_progress[record.id] = (record, progress)
         self.manager.events.emit("progress", record, progress=progress)
 
     async def _flush_progress(self, only: str | None = None) -> None:
         ids = [only] if only is not None else list(self._dirty_progress)
         for job_id in ids:
-            progress = self._dirty_progress.pop(job_id, None)
-            if progress is not None:
-                await self._guard(self.driver.set_progress(job_id, self.id, progress), "saving progress")
+            dirty = self._dirty_progress.pop(job_id, None)
+            if dirty is not None:
+                record, progress = dirty
+                await self._guard(self.driver.set_progress(record, self.id, progress), "saving progress")
 
     async def _execute(self, record: JobRecord, ctx: Context) -> None:
         events = self.manager.events
@@ -420,8 +429,7 @@ class Worker:
     async def _flush_acks(self) -> None:
         while self._acks:
             batch = self._acks[:]
-            results = [(record.id, result) for record, result in batch]
-            write = functools.partial(self.driver.complete, results, self.id, self.manager.clock())
+            write = functools.partial(self.driver.complete, batch, self.id, self.manager.clock())
             done = set(await self._persist(write, "complete") or ())
             del self._acks[: len(batch)]  # only now: the heartbeat keeps pending leases alive
             for record, _ in batch:
@@ -473,7 +481,7 @@ class Worker:
         await self._flush_progress(record.id)
         info = error_info(exc)
         run_at = self.manager.clock() + delay
-        if await self._persist(lambda: self.driver.retry(record.id, self.id, run_at, info), "retry"):
+        if await self._persist(lambda: self.driver.retry(record, self.id, run_at, info), "retry"):
             self._next_due = min(self._next_due, run_at)
             logger.info("job %s (%s) attempt %d failed (%s); retrying in %.1fs",
                         record.id, record.name, record.attempts, info["type"], delay)
@@ -482,7 +490,7 @@ class Worker:
     async def _fail(self, record: JobRecord, exc: BaseException) -> None:
         await self._flush_progress(record.id)
         info = error_info(exc)
-        if await self._persist(lambda: self.driver.fail(record.id, self.id, self.manager.clock(), info), "fail"):
+        if await self._persist(lambda: self.driver.fail(record, self.id, self.manager.clock(), info), "fail"):
             logger.warning("job %s (%s) failed after %d attempt(s): %s: %s",
                            record.id, record.name, record.attempts, info["type"], info["message"])
             self.manager.events.emit("failed", record, error=info)

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from neonnb import Config, QueueManager
-from tests.services import MariaDBServer, PostgresServer, RedisServer
+from tests.services import MariaDBServer, PostgresServer, RedisClusterServer, RedisServer
 
-DRIVERS = ["memory", "sqlite", "postgres", "mariadb", "redis"]
+DRIVERS = ["memory", "sqlite", "postgres", "mariadb", "redis", "redis_cluster"]
 
 
 class FakeClock:
@@ -58,6 +58,13 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="session")
+def redis_cluster_server() -> Iterator[RedisClusterServer]:
+    server = RedisClusterServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def mariadb_server() -> Iterator[MariaDBServer]:
     server = MariaDBServer()
     yield server
@@ -71,7 +78,7 @@ def connection_for(request: pytest.FixtureRequest, driver: str, tmp_path: Path) 
     if driver == "sqlite":
         return f"sqlite:///{tmp_path / 'jobs.db'}"
     server = request.getfixturevalue(f"{driver}_server")
-    if driver == "redis":
+    if driver.startswith("redis"):
         return f"{server.url()}?prefix={os.urandom(4).hex()}"  # a fresh key space per test
     return str(server.new_database())
 

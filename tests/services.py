@@ -31,6 +31,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_cluster_port() -> int:
+    """A free port whose Redis Cluster bus port (port + 10000) is free too."""
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
 def wait_for_port(port: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -147,14 +161,14 @@ class MariaDBServer:
 class RedisServer:
     """`redis-server` on a free port, started and stopped (even killed) by the tests."""
 
-    def __init__(self, *extra: str) -> None:
+    def __init__(self, *extra: str, port: int | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             unavailable("redis-server is not installed (apt-get install redis-server)")
         self.binary = str(binary)
         self.extra = extra
         self.dir = Path(tempfile.mkdtemp(prefix="neonnb-redis-"))
-        self.port = free_port()
+        self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -179,3 +193,35 @@ class RedisServer:
 
     def url(self, database: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{database}"
+
+
+class RedisClusterServer:
+    """Three `redis-server --cluster-enabled yes` masters on loopback, joined by
+    `redis-cli --cluster create` (no replicas: the tests need slots, not failover)."""
+
+    def __init__(self) -> None:
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            unavailable("redis-cli is not installed (apt-get install redis-tools)")
+        self.nodes = [
+            RedisServer("--cluster-enabled", "yes", "--cluster-node-timeout", "2000", port=free_cluster_port())
+            for _ in range(3)
+        ]
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run([str(cli), "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 30
+        for node in self.nodes:
+            while b"cluster_state:ok" not in subprocess.run(
+                [str(cli), "-p", str(node.port), "cluster", "info"], capture_output=True, timeout=10
+            ).stdout:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Redis Cluster on {addresses} did not reach cluster_state:ok")
+                time.sleep(0.1)
+
+    def url(self) -> str:
+        return self.nodes[0].url()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

@@ -2,8 +2,9 @@
 
 Drivers store ``JobRecord``s and make each state change atomic; the manager and worker decide
 which change to make. All times are passed in (``now``) so tests can inject a clock. Methods
-that act for a worker take its ``worker_id`` and do nothing (returning False) when the job is
-no longer that worker's: its lease expired and someone else may have it now.
+that act for a worker take the records it holds (not bare ids: Redis finds a job under its
+queue's hash tag) and its ``worker_id``, and do nothing (returning False) when the job is no
+longer that worker's: its lease expired and someone else may have it now.
 
 Drivers must work from any event loop: the sync API runs them on neonnb's background loop,
 the async API on the caller's.
@@ -50,27 +51,27 @@ class Driver(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def extend_leases(self, ids: Sequence[str], worker_id: str, lease_expires: float) -> None:
+    async def extend_leases(self, jobs: Sequence[JobRecord], worker_id: str, lease_expires: float) -> None:
         """Push out the lease of jobs this worker still runs (the heartbeat)."""
 
     @abc.abstractmethod
-    async def set_progress(self, job_id: str, worker_id: str, progress: dict[str, Any]) -> None: ...
+    async def set_progress(self, job: JobRecord, worker_id: str, progress: dict[str, Any]) -> None: ...
 
     @abc.abstractmethod
-    async def complete(self, results: Sequence[tuple[str, str | None]], worker_id: str, now: float) -> list[str]:
+    async def complete(self, results: Sequence[tuple[JobRecord, str | None]], worker_id: str, now: float) -> list[str]:
         """Mark jobs SUCCEEDED with their JSON results, all in one round trip where the store
         allows; returns the ids that were still this worker's."""
 
     @abc.abstractmethod
-    async def retry(self, job_id: str, worker_id: str, run_at: float, error: dict[str, Any]) -> bool:
+    async def retry(self, job: JobRecord, worker_id: str, run_at: float, error: dict[str, Any]) -> bool:
         """Put a job back to QUEUED, due at ``run_at``, keeping its attempts."""
 
     @abc.abstractmethod
-    async def fail(self, job_id: str, worker_id: str, now: float, error: dict[str, Any]) -> bool:
+    async def fail(self, job: JobRecord, worker_id: str, now: float, error: dict[str, Any]) -> bool:
         """Move a job to the failed store (FAILED)."""
 
     @abc.abstractmethod
-    async def release(self, ids: Sequence[str], worker_id: str, now: float) -> int:
+    async def release(self, jobs: Sequence[JobRecord], worker_id: str, now: float) -> int:
         """Give jobs back to the queue unfinished (graceful stop); their attempt is not counted."""
 
     @abc.abstractmethod
@@ -83,7 +84,8 @@ class Driver(abc.ABC):
         """Delete SUCCEEDED jobs that finished before ``before`` (their result TTL ended)."""
 
     @abc.abstractmethod
-    async def get(self, job_id: str) -> JobRecord | None: ...
+    async def get(self, job_id: str, queue: str | None = None) -> JobRecord | None:
+        """The job's record; ``queue``, when the caller knows it, spares Redis a search."""
 
     @abc.abstractmethod
     async def list_jobs(

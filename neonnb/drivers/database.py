@@ -384,18 +384,18 @@ class DatabaseDriver(Driver):
 
         return await self._transaction(select_then_claim, durable=False)
 
-    async def extend_leases(self, ids: Sequence[str], worker_id: str, lease_expires: float) -> None:
-        params = {"b_ids": list(ids), "b_owner": worker_id, "b_lease": lease_expires}
-        if ids:
+    async def extend_leases(self, jobs: Sequence[JobRecord], worker_id: str, lease_expires: float) -> None:
+        params = {"b_ids": [job.id for job in jobs], "b_owner": worker_id, "b_lease": lease_expires}
+        if jobs:
             await self._statement(lambda conn: conn.execute(self._sql.extend, params), durable=False)
 
-    async def set_progress(self, job_id: str, worker_id: str, progress: dict[str, Any]) -> None:
-        await self._update_owned(job_id, worker_id, {"progress": json.dumps(progress)})
+    async def set_progress(self, job: JobRecord, worker_id: str, progress: dict[str, Any]) -> None:
+        await self._update_owned(job.id, worker_id, {"progress": json.dumps(progress)})
 
-    async def complete(self, results: Sequence[tuple[str, str | None]], worker_id: str, now: float) -> list[str]:
+    async def complete(self, results: Sequence[tuple[JobRecord, str | None]], worker_id: str, now: float) -> list[str]:
         sql = self._sql
-        params = {"b_ids": [job_id for job_id, _ in results], "b_owner": worker_id, "b_now": now}
-        with_result = [{"b_id": job_id, "b_result": result} for job_id, result in results if result is not None]
+        params = {"b_ids": [job.id for job, _ in results], "b_owner": worker_id, "b_now": now}
+        with_result = [{"b_id": job.id, "b_result": result} for job, result in results if result is not None]
 
         def finish(conn: Connection) -> list[str]:
             if self._returning:
@@ -416,21 +416,21 @@ class DatabaseDriver(Driver):
             return await self._statement(finish, durable=False)
         return await self._transaction(finish, durable=False)
 
-    async def retry(self, job_id: str, worker_id: str, run_at: float, error: dict[str, Any]) -> bool:
-        return await self._update_owned(job_id, worker_id, {
+    async def retry(self, job: JobRecord, worker_id: str, run_at: float, error: dict[str, Any]) -> bool:
+        return await self._update_owned(job.id, worker_id, {
             "status": QUEUED, "run_at": run_at, "worker_id": None, "lease_expires": None, "error": json.dumps(error),
         })
 
-    async def fail(self, job_id: str, worker_id: str, now: float, error: dict[str, Any]) -> bool:
-        return await self._update_owned(job_id, worker_id, {
+    async def fail(self, job: JobRecord, worker_id: str, now: float, error: dict[str, Any]) -> bool:
+        return await self._update_owned(job.id, worker_id, {
             "status": FAILED, "finished_at": now, "lease_expires": None, "error": json.dumps(error),
         })
 
-    async def release(self, ids: Sequence[str], worker_id: str, now: float) -> int:
+    async def release(self, jobs: Sequence[JobRecord], worker_id: str, now: float) -> int:
         c = self.table.c
         stmt = (
             update(self.table)
-            .where(c.id.in_(ids), c.status == RUNNING, c.worker_id == worker_id)
+            .where(c.id.in_([job.id for job in jobs]), c.status == RUNNING, c.worker_id == worker_id)
             .values(status=QUEUED, attempts=c.attempts - 1, worker_id=None, lease_expires=None)
         )
 
@@ -441,7 +441,7 @@ class DatabaseDriver(Driver):
             self._announce(conn, set(queues))
             return len(queues)
 
-        return await self._transaction(give_back, durable=False) if ids else 0
+        return await self._transaction(give_back, durable=False) if jobs else 0
 
     async def recover_expired(self, now: float) -> list[str]:
         c = self.table.c
@@ -471,7 +471,7 @@ class DatabaseDriver(Driver):
         stmt = delete(self.table).where(c.status == SUCCEEDED, c.finished_at < before)
         return await self._statement(lambda conn: conn.execute(stmt).rowcount)
 
-    async def get(self, job_id: str) -> JobRecord | None:
+    async def get(self, job_id: str, queue: str | None = None) -> JobRecord | None:
         def fetch(conn: Connection) -> JobRecord | None:
             row = conn.execute(self._sql.by_id, {"b_id": job_id}).first()
             return None if row is None else self._record(row)

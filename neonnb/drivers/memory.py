@@ -83,16 +83,16 @@ class MemoryDriver(Driver):
                 claimed.append(JobRecord(**record.__dict__))  # a copy; copy.copy is slower
         return claimed
 
-    async def extend_leases(self, ids: Sequence[str], worker_id: str, lease_expires: float) -> None:
+    async def extend_leases(self, jobs: Sequence[JobRecord], worker_id: str, lease_expires: float) -> None:
         with self._lock:
-            for job_id in ids:
-                record = self._owned(job_id, worker_id)
+            for job in jobs:
+                record = self._owned(job.id, worker_id)
                 if record is not None:
                     record.lease_expires = lease_expires
 
-    async def set_progress(self, job_id: str, worker_id: str, progress: dict[str, Any]) -> None:
+    async def set_progress(self, job: JobRecord, worker_id: str, progress: dict[str, Any]) -> None:
         with self._lock:
-            record = self._owned(job_id, worker_id)
+            record = self._owned(job.id, worker_id)
             if record is not None:
                 record.progress = dict(progress)
 
@@ -101,15 +101,15 @@ class MemoryDriver(Driver):
         record.finished_at = now
         record.lease_expires = None
 
-    async def complete(self, results: Sequence[tuple[str, str | None]], worker_id: str, now: float) -> list[str]:
+    async def complete(self, results: Sequence[tuple[JobRecord, str | None]], worker_id: str, now: float) -> list[str]:
         return [
-            job_id for job_id, result in results
-            if self._finish_owned(job_id, worker_id, Status.SUCCEEDED, now, result=result)
+            job.id for job, result in results
+            if self._finish_owned(job.id, worker_id, Status.SUCCEEDED, now, result=result)
         ]
 
-    async def retry(self, job_id: str, worker_id: str, run_at: float, error: dict[str, Any]) -> bool:
+    async def retry(self, job: JobRecord, worker_id: str, run_at: float, error: dict[str, Any]) -> bool:
         with self._lock:
-            record = self._owned(job_id, worker_id)
+            record = self._owned(job.id, worker_id)
             if record is None:
                 return False
             self._requeue(record, run_at)
@@ -123,8 +123,8 @@ class MemoryDriver(Driver):
         record.lease_expires = None
         self._schedule(record)
 
-    async def fail(self, job_id: str, worker_id: str, now: float, error: dict[str, Any]) -> bool:
-        return self._finish_owned(job_id, worker_id, Status.FAILED, now, error=error)
+    async def fail(self, job: JobRecord, worker_id: str, now: float, error: dict[str, Any]) -> bool:
+        return self._finish_owned(job.id, worker_id, Status.FAILED, now, error=error)
 
     def _finish_owned(self, job_id: str, worker_id: str, status: Status, now: float, **fields: Any) -> bool:
         with self._lock:
@@ -136,11 +136,11 @@ class MemoryDriver(Driver):
                 setattr(record, name, value)
             return True
 
-    async def release(self, ids: Sequence[str], worker_id: str, now: float) -> int:
+    async def release(self, jobs: Sequence[JobRecord], worker_id: str, now: float) -> int:
         released = 0
         with self._lock:
-            for job_id in ids:
-                record = self._owned(job_id, worker_id)
+            for job in jobs:
+                record = self._owned(job.id, worker_id)
                 if record is not None:
                     record.attempts -= 1
                     self._requeue(record, record.run_at)
@@ -170,7 +170,7 @@ class MemoryDriver(Driver):
                 del self._jobs[job_id]
         return len(old)
 
-    async def get(self, job_id: str) -> JobRecord | None:
+    async def get(self, job_id: str, queue: str | None = None) -> JobRecord | None:
         with self._lock:
             record = self._jobs.get(job_id)
             return None if record is None else replace(record)

@@ -23,6 +23,7 @@ from .wakeups import WAKE_ALL, WakeThread
 try:
     import redis.asyncio as aioredis
     from redis import Redis as SyncRedis
+    from redis.asyncio.cluster import RedisCluster
     from redis.asyncio.retry import Retry as AsyncRetry
     from redis.backoff import ExponentialBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
@@ -49,31 +50,58 @@ def _num(value: float) -> str:
 class RedisDriver(Driver):
     def __init__(self, url: str, *, password: str | None = None, database: int | None = None,
                  prefix: str = "neonnb:") -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ConfigError(
+                f"key_prefix {prefix!r} must not contain braces: neonnb puts each queue's name in "
+                "a {hash tag} after the prefix so that a queue's keys share one Redis Cluster slot"
+            )
         self.url = url
         self.prefix = prefix
+        self.channel = f"{prefix}wake"
         self._options: dict[str, Any] = {"decode_responses": True, "socket_connect_timeout": 5,
                                          "health_check_interval": 30}
         if password:
             self._options["password"] = password
         if database:
             self._options["db"] = database
-        self._client: aioredis.Redis | None = None
+        self._client: aioredis.Redis | RedisCluster | None = None
+        self._connecting = asyncio.Lock()  # one client even when the first calls come together
+        self.cluster = False
         self._scripts: dict[str, Any] = {}
+        self._registered: set[str] = set()  # queues this process has added to P.."queues"
         self._watcher: _Subscriber | None = None
 
     # --- plumbing ---------------------------------------------------------------------
 
-    def _redis(self) -> aioredis.Redis:
-        if self._client is None:
-            # A pooled connection that died with a server restart fails on first use: retry
-            # a few times with backoff (bounded, so a dispatch during an outage still fails
-            # within seconds). Every script is safe to repeat, or recoverable by the lease.
-            retry = AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), retries=3)
-            self._client = aioredis.Redis.from_url(
-                self.url, retry=retry, retry_on_error=[RedisConnectionError, RedisTimeoutError], **self._options
-            )
-            self._scripts = {name: self._client.register_script(body) for name, body in _scripts().items()}
+    async def _connected(self) -> aioredis.Redis | RedisCluster:
+        if self._client is not None:
+            return self._client
+        async with self._connecting:
+            if self._client is None:
+                await self._connect()
+        assert self._client is not None
         return self._client
+
+    async def _connect(self) -> None:
+        # A pooled connection that died with a server restart fails on first use: retry a
+        # few times with backoff (bounded, so a dispatch during an outage still fails within
+        # seconds). Every script is safe to repeat, or recoverable by the lease.
+        options = {
+            "retry": AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), retries=3),
+            "retry_on_error": [RedisConnectionError, RedisTimeoutError], **self._options,
+        }
+        client: aioredis.Redis | RedisCluster = aioredis.Redis.from_url(self.url, **options)
+        try:
+            cluster = bool((await client.info("cluster")).get("cluster_enabled"))
+        except BaseException:
+            await client.aclose()
+            raise
+        if cluster:
+            await client.aclose()
+            client = RedisCluster.from_url(self.url, **options)
+        self.cluster = cluster
+        self._scripts = {name: client.register_script(body) for name, body in _scripts().items()}
+        self._client = client
 
     async def _on_loop(self, work: Callable[[], Awaitable[T]]) -> T:
         """Run ``work`` on the background loop (where the client lives), translating a
@@ -89,12 +117,20 @@ class RedisDriver(Driver):
     def _where(self) -> str:
         return self.url.split("@")[-1]
 
-    async def _script(self, name: str, args: Sequence[Any]) -> Any:
+    def _base(self, queue: str) -> str:
+        """Where queue's keys start; {queue} is their Redis Cluster hash tag."""
+        return f"{self.prefix}{{{queue}}}:"
+
+    async def _script(self, name: str, queues: Sequence[str], args: Sequence[Any]) -> Any:
         async def run() -> Any:
-            self._redis()
-            return await self._scripts[name](args=[self.prefix, *args])
+            await self._connected()
+            return await self._scripts[name](keys=[self._base(q) for q in queues], args=args)
 
         return await self._on_loop(run)
+
+    async def _per_queue(self, name: str, groups: dict[str, list[Any]], args: Callable[[str], list[Any]]) -> list[Any]:
+        """Run script ``name`` once per queue (a script touches one queue's slot), concurrently."""
+        return list(await asyncio.gather(*(self._script(name, [q], [*args(q), *extra]) for q, extra in groups.items())))
 
     def _record(self, fields: dict[str, str]) -> JobRecord:
         def number(name: str) -> float | None:
@@ -116,76 +152,102 @@ class RedisDriver(Driver):
     # --- the protocol -----------------------------------------------------------------
 
     async def enqueue(self, records: Sequence[JobRecord]) -> None:
-        args: list[Any] = []
+        groups: dict[str, list[Any]] = {}
         for r in records:
-            args += [r.id, r.queue, r.name, r.payload, r.priority.rank, r.status.value, r.attempts, r.max_attempts,
-                     "" if r.timeout is None else _num(r.timeout), _num(r.run_at), _num(r.created_at)]
-        if records:
-            await self._script("enqueue", args)
+            groups.setdefault(r.queue, []).extend([
+                r.id, r.name, r.payload, r.priority.rank, r.status.value, r.attempts, r.max_attempts,
+                "" if r.timeout is None else _num(r.timeout), _num(r.run_at), _num(r.created_at),
+            ])
+        new = set(groups) - self._registered
+        if new:
+            async def register() -> None:
+                client = await self._connected()
+                await client.sadd(f"{self.prefix}queues", *new)
+
+            await self._on_loop(register)
+            self._registered |= new
+        await self._per_queue("enqueue", groups, lambda q: [self.channel, q])
 
     async def reserve(
         self, queues: Sequence[str], limit: int, worker_id: str, now: float, lease_expires: float
     ) -> list[JobRecord]:
-        rows = await self._script("reserve", [_num(now), limit, worker_id, _num(lease_expires), *queues])
-        return [self._record(dict(zip(row[::2], row[1::2], strict=True))) for row in rows]
+        await self._on_loop(self._connected)
+        # On a cluster each queue lives in its own slot: claim queue by queue, in the order
+        # given; on one server a single script keeps priority strict across all of them.
+        rounds = [[q] for q in queues] if self.cluster else [list(queues)]
+        claimed: list[JobRecord] = []
+        for group in rounds:
+            if len(claimed) >= limit:
+                break
+            args = [_num(now), limit - len(claimed), worker_id, _num(lease_expires)]
+            rows = await self._script("reserve", group, args)
+            claimed += [self._record(dict(zip(row[::2], row[1::2], strict=True))) for row in rows]
+        return claimed
 
-    async def extend_leases(self, ids: Sequence[str], worker_id: str, lease_expires: float) -> None:
-        if ids:
-            await self._script("extend", [worker_id, _num(lease_expires), *ids])
+    async def extend_leases(self, jobs: Sequence[JobRecord], worker_id: str, lease_expires: float) -> None:
+        await self._per_queue("extend", _ids_by_queue(jobs), lambda q: [worker_id, _num(lease_expires)])
 
-    async def set_progress(self, job_id: str, worker_id: str, progress: dict[str, Any]) -> None:
-        await self._script("progress", [job_id, worker_id, json.dumps(progress)])
+    async def set_progress(self, job: JobRecord, worker_id: str, progress: dict[str, Any]) -> None:
+        await self._script("progress", [job.queue], [job.id, worker_id, json.dumps(progress)])
 
-    async def complete(self, results: Sequence[tuple[str, str | None]], worker_id: str, now: float) -> list[str]:
-        args: list[Any] = [worker_id, _num(now)]
-        for job_id, result in results:
-            args += [job_id, "0" if result is None else "1", result or ""]
-        return list(await self._script("complete", args))
+    async def complete(self, results: Sequence[tuple[JobRecord, str | None]], worker_id: str, now: float) -> list[str]:
+        groups: dict[str, list[Any]] = {}
+        for job, result in results:
+            groups.setdefault(job.queue, []).extend([job.id, "0" if result is None else "1", result or ""])
+        done = await self._per_queue("complete", groups, lambda q: [worker_id, _num(now)])
+        return [job_id for ids in done for job_id in ids]
 
-    async def retry(self, job_id: str, worker_id: str, run_at: float, error: dict[str, Any]) -> bool:
-        return bool(await self._script("retry", [job_id, worker_id, _num(run_at), json.dumps(error)]))
+    async def retry(self, job: JobRecord, worker_id: str, run_at: float, error: dict[str, Any]) -> bool:
+        return bool(await self._script("retry", [job.queue], [job.id, worker_id, _num(run_at), json.dumps(error)]))
 
-    async def fail(self, job_id: str, worker_id: str, now: float, error: dict[str, Any]) -> bool:
-        return bool(await self._script("fail", [job_id, worker_id, _num(now), json.dumps(error)]))
+    async def fail(self, job: JobRecord, worker_id: str, now: float, error: dict[str, Any]) -> bool:
+        return bool(await self._script("fail", [job.queue], [job.id, worker_id, _num(now), json.dumps(error)]))
 
-    async def release(self, ids: Sequence[str], worker_id: str, now: float) -> int:
-        return int(await self._script("release", [worker_id, *ids])) if ids else 0
+    async def release(self, jobs: Sequence[JobRecord], worker_id: str, now: float) -> int:
+        released = await self._per_queue("release", _ids_by_queue(jobs), lambda q: [self.channel, q, worker_id])
+        return sum(released)
 
     async def recover_expired(self, now: float) -> list[str]:
-        return list(await self._script("recover", [_num(now), json.dumps(LEASE_ERROR)]))
+        every = await self._by_queue(None, None)
+        requeued = await self._per_queue("recover", every, lambda q: [self.channel, q, _num(now), _LEASE_ERROR])
+        return [job_id for ids in requeued for job_id in ids]
 
     async def purge_finished(self, before: float) -> int:
-        return int(await self._script("purge", [_num(before)]))
+        return sum(await self._per_queue("purge", await self._by_queue(None, None), lambda q: [_num(before)]))
 
-    async def get(self, job_id: str) -> JobRecord | None:
-        async def fetch() -> dict[Any, Any]:
-            return await cast("Awaitable[dict[Any, Any]]", self._redis().hgetall(f"{self.prefix}job:{job_id}"))
+    async def get(self, job_id: str, queue: str | None = None) -> JobRecord | None:
+        async def fetch() -> list[dict[str, str]]:
+            client = await self._connected()
+            queues = [queue] if queue is not None else await self._queues()
+            pipe = client.pipeline(transaction=False)
+            for q in queues:
+                pipe.hgetall(f"{self._base(q)}job:{job_id}")
+            return [fields for fields in await pipe.execute() if fields]  # decode_responses: str
 
-        fields = await self._on_loop(fetch)
-        return self._record({str(k): str(v) for k, v in fields.items()}) if fields else None
+        found = await self._on_loop(fetch)
+        return self._record(found[0]) if found else None
 
     async def list_jobs(
         self, *, status: Status | None = None, queue: str | None = None, limit: int = 100, offset: int = 0
     ) -> list[JobRecord]:
         async def collect() -> list[JobRecord]:
-            client = self._redis()
-            queues = [queue] if queue is not None else await self._queues(client)
+            client = await self._connected()
+            queues = [queue] if queue is not None else await self._queues()
             statuses = [status] if status is not None else list(Status)
             keys = []
             for q in queues:
                 for st in statuses:
                     suffix = _STATUS_KEYS[st]
-                    keys += [f"{self.prefix}q:{q}:ready:{p}" for p in range(3)] if suffix is None else [
-                        f"{self.prefix}q:{q}:{suffix}"
-                    ]
+                    names = [f"ready:{p}" for p in range(3)] if suffix is None else [suffix]
+                    keys += [(q, f"{self._base(q)}{name}") for name in names]
             pipe = client.pipeline(transaction=False)
-            for key in keys:
+            for _, key in keys:
                 pipe.zrange(key, 0, -1)
-            ids = [job_id for found in await pipe.execute() for job_id in found]
+            ids = [(q, job_id) for (q, _), found in zip(keys, await pipe.execute(), strict=True) for job_id in found]
             pipe = client.pipeline(transaction=False)
-            for job_id in ids:
-                pipe.hgetall(f"{self.prefix}job:{job_id}")
-            return [self._record(fields) for fields in await pipe.execute() if fields]  # decode_responses: str
+            for q, job_id in ids:
+                pipe.hgetall(f"{self._base(q)}job:{job_id}")
+            return [self._record(fields) for fields in await pipe.execute() if fields]
 
         records = await self._on_loop(collect)
         if status is Status.FAILED:
@@ -196,17 +258,17 @@ class RedisDriver(Driver):
 
     async def counts(self, now: float) -> dict[str, QueueCounts]:
         async def count() -> dict[str, QueueCounts]:
-            client = self._redis()
-            queues = await self._queues(client)
+            client = await self._connected()
+            queues = await self._queues()
             pipe = client.pipeline(transaction=False)
             for q in queues:
-                base = f"{self.prefix}q:{q}"
+                base = self._base(q)
                 for p in range(3):
-                    pipe.zcount(f"{base}:ready:{p}", "-inf", _num(now))
-                    pipe.zcount(f"{base}:ready:{p}", f"({_num(now)}", "+inf")
-                pipe.zcard(f"{base}:running")
-                pipe.zcard(f"{base}:done")
-                pipe.zcard(f"{base}:failed")
+                    pipe.zcount(f"{base}ready:{p}", "-inf", _num(now))
+                    pipe.zcount(f"{base}ready:{p}", f"({_num(now)}", "+inf")
+                pipe.zcard(f"{base}running")
+                pipe.zcard(f"{base}done")
+                pipe.zcard(f"{base}failed")
             values = iter(await pipe.execute())
             result = {}
             for q in queues:
@@ -221,23 +283,43 @@ class RedisDriver(Driver):
 
         return await self._on_loop(count)
 
-    async def _queues(self, client: aioredis.Redis) -> list[str]:
+    async def _queues(self) -> list[str]:
+        client = await self._connected()
         members = await cast("Awaitable[set[Any]]", client.smembers(f"{self.prefix}queues"))
         return sorted(str(q) for q in members)
 
+    async def _by_queue(self, ids: Sequence[str] | None, queue: str | None) -> dict[str, list[Any]]:
+        """The jobs with these ids grouped by queue. Without ids: every queue (or just
+        ``queue``) with an empty list, which the scripts read as all of that queue's jobs."""
+        queues = [queue] if queue is not None else await self._on_loop(self._queues)
+        if ids is None:
+            return {q: [] for q in queues}
+
+        async def locate() -> list[Any]:
+            client = await self._connected()
+            pipe = client.pipeline(transaction=False)
+            for q in queues:
+                for job_id in ids:
+                    pipe.exists(f"{self._base(q)}job:{job_id}")
+            return list(await pipe.execute())
+
+        found = iter(await self._on_loop(locate))
+        groups = {q: [job_id for job_id in ids if next(found)] for q in queues}
+        return {q: group for q, group in groups.items() if group}
+
     async def requeue_failed(self, ids: Sequence[str] | None, queue: str | None, now: float) -> list[str]:
-        if ids is not None and not ids:
-            return []
-        return list(await self._script("requeue_failed", [_num(now), queue or "", *(ids or [])]))
+        groups = await self._by_queue(ids, queue)
+        moved = await self._per_queue("requeue_failed", groups, lambda q: [self.channel, q, _num(now)])
+        return [job_id for group in moved for job_id in group]
 
     async def delete_failed(self, ids: Sequence[str] | None) -> int:
-        if ids is not None and not ids:
-            return 0
-        return int(await self._script("delete_failed", list(ids or [])))
+        return sum(await self._per_queue("delete_failed", await self._by_queue(ids, None), lambda q: []))
 
     def watch(self, callback: Callable[[str], None]) -> None:
+        # A cluster forwards every PUBLISH to all nodes, so subscribing on the node of the URL
+        # hears them all.
         if self._watcher is None:
-            self._watcher = _Subscriber(self.url, self._options, f"{self.prefix}wake", callback)
+            self._watcher = _Subscriber(self.url, self._options, self.channel, callback)
 
     async def close(self) -> None:
         if self._watcher is not None:
@@ -246,6 +328,16 @@ class RedisDriver(Driver):
         if client is not None:
             self._client = None
             await self._on_loop(client.aclose)
+
+
+def _ids_by_queue(jobs: Sequence[JobRecord]) -> dict[str, list[Any]]:
+    groups: dict[str, list[Any]] = {}
+    for job in jobs:
+        groups.setdefault(job.queue, []).append(job.id)
+    return groups
+
+
+_LEASE_ERROR = json.dumps(LEASE_ERROR)
 
 
 async def _call(work: Callable[[], Awaitable[T]]) -> T:
