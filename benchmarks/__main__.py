@@ -35,11 +35,17 @@ ROWS = [
     ("neonnb PostgreSQL", "neonnb", "postgres"),
     ("pgqueuer PostgreSQL", "pgqueuer", "postgres"),
     ("procrastinate PostgreSQL", "procrastinate", "postgres"),
+    ("redis-benchmark ceiling (LPUSH, PING)", "redis-ceiling", "redis"),
     ("neonnb Redis", "neonnb", "redis"),
     ("huey Redis", "huey", "redis"),
     ("RQ Redis (SimpleWorker)", "rq", "redis"),
     ("arq Redis", "arq", "redis"),
+    ("SAQ Redis", "saq", "redis"),
+    ("taskiq Redis (ListQueueBroker)", "taskiq", "redis"),
+    ("Dramatiq Redis", "dramatiq", "redis"),
+    ("Celery Redis (threads pool)", "celery", "redis"),
 ]
+REDIS_PEERS = [label for label, system, store in ROWS if store == "redis" and system not in ("neonnb", "redis-ceiling")]
 
 
 def run_one(system: str, workload: str, url: str) -> dict[str, Any]:
@@ -111,22 +117,33 @@ def render(results: dict[str, dict[str, dict[str, Any]]]) -> str:
 
 
 def ratios(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
-    def jobs(label: str, workload: str) -> float | None:
-        value = results.get(label, {}).get(workload, {}).get("jobs_per_s")
-        return float(value) if value is not None else None
+    def value(label: str, workload: str) -> float | None:
+        found = results.get(label, {}).get(workload, {})
+        number = found.get("jobs_per_s", found.get("p50_ms"))
+        return float(number) if number is not None else None
 
     out = []
-    ceiling, memory = jobs("asyncio.Queue(maxsize=1) ceiling", "w2"), jobs("neonnb memory", "w2")
+    ceiling, memory = value("asyncio.Queue(maxsize=1) ceiling", "w2"), value("neonnb memory", "w2")
     if ceiling and memory:
         out.append(f"neonnb memory W2 / asyncio ceiling = {memory / ceiling:.0%} (target at least 25%)")
     for ours, peers in (("neonnb PostgreSQL", ["pgqueuer PostgreSQL", "procrastinate PostgreSQL"]),
                         ("neonnb SQLite", ["huey SQLite"]),
-                        ("neonnb Redis", ["huey Redis", "RQ Redis (SimpleWorker)", "arq Redis"])):
-        for workload in ("w1_one", "w1_batch", "w2", "w4"):
-            for peer in peers:
-                a, b = jobs(ours, workload), jobs(peer, workload)
-                if a and b:
-                    out.append(f"{ours} / {peer} on {workload}: {a / b:.2f}x")
+                        ("neonnb Redis", REDIS_PEERS)):
+        for workload in WORKLOADS:
+            mine = value(ours, workload)
+            theirs = {peer: v for peer in peers if (v := value(peer, workload))}
+            if not mine or not theirs:
+                continue
+            if workload == "w3":  # latency: lower is better
+                best = min(theirs, key=theirs.__getitem__)
+                out.append(f"{ours} on w3: p50 {mine:.2f} ms, best peer {best} {theirs[best]:.2f} ms "
+                           f"({theirs[best] / mine:.2f}x)")
+            else:
+                best = max(theirs, key=theirs.__getitem__)
+                out.append(f"{ours} on {workload}: {mine / theirs[best]:.2f}x the best peer ({best})")
+        w4 = value(ours, "w4")
+        if w4:
+            out.append(f"{ours} on w4: {w4 / 5000:.0%} of the ideal 5,000 jobs/s")
     return out
 
 

@@ -424,3 +424,260 @@ async def arq_system(workload: str, url: str) -> dict[str, Any]:
 
 SYSTEMS["rq"] = rq_system
 SYSTEMS["arq"] = arq_system
+
+
+# --- SAQ -----------------------------------------------------------------------------------
+
+async def saq_system(workload: str, url: str) -> dict[str, Any]:
+    from saq import Queue, Worker
+
+    queue = Queue.from_url(url, name="b")
+    await queue.connect()
+    samples: list[float] = []
+
+    async def noop(ctx: Any) -> None:
+        samples.append(0.0)
+
+    async def sleep(ctx: Any) -> None:
+        await asyncio.sleep(SLEEP)
+        samples.append(0.0)
+
+    async def stamp(ctx: Any, *, sent: float) -> None:
+        samples.append(time.time() - sent)
+
+    def worker(concurrency: int) -> Any:
+        return Worker(queue, functions=[("noop", noop), ("sleep", sleep), ("stamp", stamp)], concurrency=concurrency)
+
+    try:
+        if workload == "w1_one":
+            start = time.perf_counter()
+            for _ in range(N_ENQUEUE):
+                await queue.enqueue("noop")
+            return rate(N_ENQUEUE, time.perf_counter() - start)
+        if workload == "w1_batch":
+            return {"n/a": "SAQ has no batch enqueue"}
+        if workload in ("w2", "w4"):
+            n, name, concurrency = (
+                (N_DRAIN, "noop", DRAIN_CONCURRENCY) if workload == "w2" else (N_SLEEP, "sleep", SLEEP_CONCURRENCY)
+            )
+            for _ in range(n):
+                await queue.enqueue(name)
+            w = worker(concurrency)
+            start = time.perf_counter()
+            running = asyncio.create_task(w.start())
+            await wait_for(lambda: len(samples) >= n)
+            elapsed = time.perf_counter() - start
+            await _stop(running, w.stop())
+            return rate(n, elapsed)
+        if workload == "w3":
+            w = worker(10)
+            running = asyncio.create_task(w.start())
+            await asyncio.sleep(0.5)
+            for _ in range(N_LATENCY):
+                await queue.enqueue("stamp", sent=time.time())
+                await asyncio.sleep(LATENCY_GAP)
+            await wait_for(lambda: len(samples) >= N_LATENCY)
+            await _stop(running, w.stop())
+            return latency(samples)
+        raise ValueError(workload)
+    finally:
+        await queue.disconnect()
+
+
+async def _stop(running: asyncio.Task[Any], stopping: Awaitable[Any]) -> None:
+    await stopping
+    running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running
+
+
+# --- taskiq (ListQueueBroker: BRPOP on a Redis list) ------------------------------------------
+
+async def taskiq_system(workload: str, url: str) -> dict[str, Any]:
+    from taskiq.receiver import Receiver
+    from taskiq_redis import ListQueueBroker
+
+    broker = ListQueueBroker(url, queue_name="b")
+    samples: list[float] = []
+
+    @broker.task(task_name="noop")
+    async def noop() -> None:
+        samples.append(0.0)
+
+    @broker.task(task_name="sleep")
+    async def sleep() -> None:
+        await asyncio.sleep(SLEEP)
+        samples.append(0.0)
+
+    @broker.task(task_name="stamp")
+    async def stamp(sent: float) -> None:
+        samples.append(time.time() - sent)
+
+    async def consume(concurrency: int, until: Callable[[], bool]) -> float:
+        finished = asyncio.Event()
+        receiver = Receiver(broker, max_async_tasks=concurrency, run_startup=False)
+        start = time.perf_counter()
+        listening = asyncio.create_task(receiver.listen(finished))
+        await wait_for(until)
+        elapsed = time.perf_counter() - start
+        finished.set()
+        listening.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listening
+        return elapsed
+
+    await broker.startup()
+    try:
+        if workload == "w1_one":
+            start = time.perf_counter()
+            for _ in range(N_ENQUEUE):
+                await noop.kiq()
+            return rate(N_ENQUEUE, time.perf_counter() - start)
+        if workload == "w1_batch":
+            return {"n/a": "taskiq has no batch enqueue"}
+        if workload in ("w2", "w4"):
+            n, task, concurrency = (
+                (N_DRAIN, noop, DRAIN_CONCURRENCY) if workload == "w2" else (N_SLEEP, sleep, SLEEP_CONCURRENCY)
+            )
+            for _ in range(n):
+                await task.kiq()
+            return rate(n, await consume(concurrency, lambda: len(samples) >= n))
+        if workload == "w3":
+            async def send() -> None:
+                await asyncio.sleep(0.5)
+                for _ in range(N_LATENCY):
+                    await stamp.kiq(time.time())
+                    await asyncio.sleep(LATENCY_GAP)
+
+            sender = asyncio.create_task(send())
+            await consume(10, lambda: len(samples) >= N_LATENCY)
+            await sender
+            return latency(samples)
+        raise ValueError(workload)
+    finally:
+        await broker.shutdown()
+
+
+# --- Dramatiq and Celery: thread-based workers, sync API ---------------------------------------
+
+def _counting_tasks(register: Callable[..., Any]) -> tuple[Any, Any, Any, list[float]]:
+    """noop, sleep and stamp tasks for a sync library; `register(fn, name)` declares one."""
+    done: list[float] = []
+    lock = threading.Lock()
+
+    def noop() -> None:
+        with lock:
+            done.append(0.0)
+
+    def sleep() -> None:
+        time.sleep(SLEEP)
+        with lock:
+            done.append(0.0)
+
+    def stamp(sent: float) -> None:
+        with lock:
+            done.append(time.time() - sent)
+
+    return register(noop, "noop"), register(sleep, "sleep"), register(stamp, "stamp"), done
+
+
+async def _sync_peer(
+    workload: str, send: Callable[[Any, tuple[Any, ...]], None], tasks: tuple[Any, Any, Any, list[float]],
+    start_worker: Callable[[int], Callable[[], None]],
+) -> dict[str, Any]:
+    """The workloads for a library with a sync `send(task, args)` and a thread-pool worker
+    that `start_worker(threads)` starts and whose returned function stops it."""
+    noop, sleep, stamp, done = tasks
+    if workload == "w1_one":
+        start = time.perf_counter()
+        for _ in range(N_ENQUEUE):
+            send(noop, ())
+        return rate(N_ENQUEUE, time.perf_counter() - start)
+    if workload == "w1_batch":
+        return {"n/a": "no batch enqueue"}
+    if workload in ("w2", "w4"):
+        n, task, threads = (N_DRAIN, noop, 8) if workload == "w2" else (N_SLEEP, sleep, SLEEP_CONCURRENCY)
+        for _ in range(n):
+            send(task, ())
+        start = time.perf_counter()
+        stop = start_worker(threads)
+        await wait_for(lambda: len(done) >= n)
+        elapsed = time.perf_counter() - start
+        stop()
+        return rate(n, elapsed)
+    if workload == "w3":
+        stop = start_worker(4)
+        await asyncio.sleep(0.5)
+        for _ in range(N_LATENCY):
+            send(stamp, (time.time(),))
+            await asyncio.sleep(LATENCY_GAP)
+        await wait_for(lambda: len(done) >= N_LATENCY)
+        stop()
+        return latency(done)
+    raise ValueError(workload)
+
+
+async def dramatiq_system(workload: str, url: str) -> dict[str, Any]:
+    import dramatiq
+    from dramatiq.brokers.redis import RedisBroker
+
+    broker = RedisBroker(url=url)
+    dramatiq.set_broker(broker)
+    tasks = _counting_tasks(lambda fn, name: dramatiq.actor(fn, actor_name=name, queue_name="b", max_retries=0))
+
+    def start_worker(threads: int) -> Callable[[], None]:
+        worker = dramatiq.Worker(broker, worker_threads=threads, worker_timeout=1)
+        worker.start()
+        return worker.stop
+
+    return await _sync_peer(workload, lambda task, args: task.send(*args), tasks, start_worker)
+
+
+async def celery_system(workload: str, url: str) -> dict[str, Any]:
+    from celery import Celery
+    from celery.contrib.testing.worker import start_worker as celery_worker
+
+    app = Celery("bench", broker=url, set_as_current=True)
+    app.conf.update(task_ignore_result=True, worker_prefetch_multiplier=64, broker_connection_retry_on_startup=True)
+    tasks = _counting_tasks(lambda fn, name: app.task(name=name)(fn))
+
+    def start_worker(threads: int) -> Callable[[], None]:
+        running = celery_worker(app, pool="threads", concurrency=threads, perform_ping_check=False,
+                                loglevel="WARNING", shutdown_timeout=5)
+        running.__enter__()
+        return lambda: running.__exit__(None, None, None)
+
+    return await _sync_peer(workload, lambda task, args: task.apply_async(args), tasks, start_worker)
+
+
+SYSTEMS["saq"] = saq_system
+SYSTEMS["taskiq"] = taskiq_system
+SYSTEMS["dramatiq"] = dramatiq_system
+SYSTEMS["celery"] = celery_system
+
+
+# --- the Redis ceiling: redis-benchmark (C, one connection) against the same server ----------
+
+async def redis_ceiling(workload: str, url: str) -> dict[str, Any]:
+    import csv
+    import subprocess
+    from urllib.parse import urlparse
+
+    port = str(urlparse(url).port or 6379)
+
+    def bench(*args: str) -> dict[str, str]:
+        out = subprocess.run(["redis-benchmark", "-p", port, "-c", "1", "--csv", *args],
+                             capture_output=True, text=True, check=True, timeout=120).stdout
+        return list(csv.DictReader(out.splitlines()))[-1]
+
+    if workload == "w1_one":  # LPUSH, one at a time: what any one-by-one enqueue is bound by
+        return rate(1, 1 / float(bench("-n", "20000", "-t", "lpush")["rps"]))
+    if workload == "w1_batch":  # LPUSH pipelined 1,000 deep
+        return rate(1, 1 / float(bench("-n", "500000", "-P", "1000", "-t", "lpush")["rps"]))
+    if workload == "w3":  # one round trip
+        row = bench("-n", "20000", "-t", "ping")
+        return {"p50_ms": float(row["p50_latency_ms"]), "p99_ms": float(row["p99_latency_ms"]), "n": 20000}
+    return {"n/a": "-"}
+
+
+SYSTEMS["redis-ceiling"] = redis_ceiling

@@ -17,12 +17,13 @@ from .errors import (
 )
 from .job import Context, Job, JobRecord, Priority, Status
 from .manager import FailedJob, JobHandle, QueueManager, connect
+from .notebook import load_ipython_extension, unload_ipython_extension
 from .worker import JobEvent, Worker
 
 __all__ = [
     "Config", "ConfigError", "Context", "FailedJob", "Job", "JobEvent", "JobFailed", "JobHandle",
     "JobNotFound", "JobRecord", "JobTimeout", "MissingDependency", "NeonnbError", "PayloadError",
     "Priority", "QueueCounts", "QueueManager", "Retry", "SerializationError", "Status", "StoreUnavailable",
-    "UnknownJobError", "Worker", "WorkerOptions", "connect",
+    "UnknownJobError", "Worker", "WorkerOptions", "connect", "load_ipython_extension", "unload_ipython_extension",
 ]
 __version__ = "0.1.0"

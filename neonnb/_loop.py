@@ -40,6 +40,28 @@ def get_loop() -> asyncio.AbstractEventLoop:
         return _loop
 
 
+def shutdown(timeout: float = 5.0) -> None:
+    """Stop the background loop and its thread (``%unload_ext neonnb``); tasks still on it
+    are cancelled. The next neonnb call starts a fresh loop."""
+    global _loop, _thread
+    with _lock:
+        loop, thread, _loop, _thread = _loop, _thread, None, None
+    if loop is None or thread is None:
+        return
+
+    async def cancel_all() -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        loop.stop()
+
+    asyncio.run_coroutine_threadsafe(cancel_all(), loop)
+    thread.join(timeout)
+    if not thread.is_alive():
+        loop.close()
+
+
 def on_loop_thread() -> bool:
     return threading.current_thread() is _thread
 

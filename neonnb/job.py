@@ -92,6 +92,7 @@ class JobRecord:
     progress: dict[str, Any] | None = None
     result: str | None = None
     error: dict[str, Any] | None = None
+    output: str | None = None  # what the last attempt printed and logged (neonnb.capture)
 
     def result_value(self) -> Any:
         return None if self.result is None else json.loads(self.result)

@@ -17,8 +17,9 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
+from . import frames
 from ._loop import run_sync
 from .config import Config, WorkerOptions, parse_duration
 from .drivers import create_driver
@@ -26,6 +27,11 @@ from .drivers.base import Driver, QueueCounts
 from .errors import ConfigError, JobFailed, JobNotFound
 from .job import FINISHED, FunctionJob, JobRecord, Priority, Status, encode_job
 from .worker import Events, Worker
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .notebook.dashboard import Dashboard
 
 logger = logging.getLogger("neonnb.manager")
 
@@ -57,11 +63,28 @@ class QueueManager:
     def __repr__(self) -> str:
         return f"<neonnb.QueueManager driver={self.config.driver} connection={_safe_url(self.config.connection)}>"
 
+    def _repr_html_(self) -> str:
+        from .notebook import html
+
+        try:
+            body = html.queues_table(self.stats())
+        except Exception as exc:  # a repr must render even when the store is down
+            body = f"<span style='color:{html.ERROR}'>{html.escape(str(exc))}</span>"
+        workers = f"<div>{len(self.workers)} worker(s) in this kernel</div>"
+        title = f"neonnb {self.config.driver} {_safe_url(self.config.connection)}"
+        return html.panel(title, body + workers, "neonnb-panel neonnb-manager")
+
     def __enter__(self) -> QueueManager:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    async def __aenter__(self) -> QueueManager:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     def provide(self, **dependencies: Any) -> None:
         """Make objects available to handlers as ``ctx.deps[name]`` (connections, clients)."""
@@ -237,6 +260,43 @@ class QueueManager:
             logger.warning("requeued %d job(s) whose worker stopped heartbeating", len(recovered))
         await self.driver.purge_finished(now - config.result_ttl)
 
+    async def ajobs(
+        self, status: Status | str | None = None, queue: str | None = None, limit: int = 100
+    ) -> list[JobRecord]:
+        """Jobs newest first, of one status and queue if given (failed ones by when they failed)."""
+        wanted = None if status is None else _status(status)
+        return await self.driver.list_jobs(status=wanted, queue=queue, limit=limit)
+
+    def jobs(self, status: Status | str | None = None, queue: str | None = None, limit: int = 100) -> list[JobRecord]:
+        return run_sync(self.ajobs(status, queue, limit))
+
+    @property
+    def workers(self) -> list[Worker]:
+        """The workers this manager runs in this process."""
+        return self._local_workers()
+
+    # --- pandas views (neonnb.frames; pip install 'neonnb[notebook]') -----------------------
+
+    def queues_df(self) -> pd.DataFrame:
+        """One row per queue: waiting jobs by priority, delayed, running, succeeded, failed."""
+        return frames.queues_frame(self.stats())
+
+    def jobs_df(self, status: Status | str | None = None, queue: str | None = None, limit: int = 100) -> pd.DataFrame:
+        return frames.jobs_frame(self.jobs(status, queue, limit))
+
+    def failed_df(self, queue: str | None = None, limit: int = 100) -> pd.DataFrame:
+        return frames.failed_frame(self.jobs(Status.FAILED, queue, limit))
+
+    def workers_df(self) -> pd.DataFrame:
+        return frames.workers_frame(self.workers)
+
+    def dashboard(self, interval: float | None = 0.5) -> Dashboard:
+        """The live ipywidgets panel (what ``%neonnb status`` shows); refreshes every
+        ``interval`` seconds until its ``close()``."""
+        from .notebook.dashboard import Dashboard
+
+        return Dashboard(self, interval=interval).start()
+
     def handle(self, job_id: str) -> JobHandle:
         """A handle for a job id seen elsewhere (a log line, a DataFrame)."""
         return JobHandle(self, job_id)
@@ -262,6 +322,23 @@ class JobHandle:
     def __repr__(self) -> str:
         return f"<JobHandle {self.id}>"
 
+    def _repr_html_(self) -> str:
+        from . import frames
+        from .notebook import html
+
+        try:
+            record = self.fetch()
+        except JobNotFound as exc:
+            return html.panel(f"job {self.id}", html.escape(str(exc)), "neonnb-panel neonnb-job")
+        rows = [["name", record.name], ["queue", record.queue], ["status", html.status_badge(record.status.value)],
+                ["attempts", f"{record.attempts} of {record.max_attempts}"]]
+        if record.status is Status.RUNNING or record.progress:
+            progress = record.progress or {}
+            rows.append(["progress", html.progress_bar(frames.fraction(progress), progress.get("message"))])
+        if record.error:
+            rows.append(["last error", f"{record.error.get('type')}: {record.error.get('message')}"])
+        return html.panel(f"job {self.id}", html.table(["", ""], rows, "neonnb-job-fields"), "neonnb-panel neonnb-job")
+
     async def afetch(self) -> JobRecord:
         record = await self.manager.driver.get(self.id, self.queue)
         if record is None:
@@ -281,6 +358,11 @@ class JobHandle:
     @property
     def progress(self) -> dict[str, Any] | None:
         return self.fetch().progress
+
+    @property
+    def output(self) -> str | None:
+        """What the job's last attempt printed and logged (None: nothing)."""
+        return self.fetch().output
 
     async def await_finished(self, timeout: float | None = None) -> JobRecord:
         """Wait until the job succeeded or failed for good, polling the driver."""
@@ -315,7 +397,7 @@ class JobHandle:
         return run_sync(self.aresult(timeout))
 
 
-@dataclass
+@dataclass(repr=False)
 class FailedJob:
     """An entry of the failed store (the spec's ``FailedJob``)."""
 
@@ -329,6 +411,19 @@ class FailedJob:
     attempts: int
     failed_at: dt.datetime
     created_at: dt.datetime
+
+    def __repr__(self) -> str:
+        return f"<FailedJob {self.id} {self.name}: {self.error_type}>"
+
+    def _repr_html_(self) -> str:
+        from .notebook import html
+
+        rows: list[list[Any]] = [["name", self.name], ["queue", self.queue], ["attempts", self.attempts],
+                ["failed at", html.when(self.failed_at)], ["error", f"{self.error_type}: {self.error}"],
+                ["arguments", html.Raw(f"<code>{html.escape(json.dumps(self.arguments, default=str))}</code>")]]
+        trace = f"<details><summary>traceback</summary><pre>{html.escape(self.traceback)}</pre></details>"
+        return html.panel(f"failed job {self.id}", html.table(["", ""], rows, "neonnb-failed-fields") + trace,
+                          "neonnb-panel neonnb-failed-job")
 
     @classmethod
     def from_record(cls, record: JobRecord) -> FailedJob:
@@ -433,6 +528,13 @@ def new_job_id() -> str:
 
 _id_lock = threading.Lock()
 _last_id_time = 0
+
+
+def _status(value: Status | str) -> Status:
+    try:
+        return Status(value)
+    except ValueError:
+        raise ConfigError(f"unknown status {value!r}: use one of {', '.join(s.value for s in Status)}") from None
 
 
 def _priority(value: Priority | str) -> Priority:

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from . import _loop
+from . import _loop, capture
 from .codec import dumps, encode
 from .config import WorkerOptions
 from .errors import JobTimeout, PayloadError, Retry, SerializationError, UnknownJobError
@@ -162,6 +162,15 @@ class Worker:
     def __repr__(self) -> str:
         state = "running" if self.is_running else "stopped"
         return f"<neonnb.Worker {','.join(self.queues)} x{self.concurrency} {state}>"
+
+    def _repr_html_(self) -> str:
+        from .notebook import html
+
+        state = html.status_badge("running" if self.is_running else "stopped")
+        rows: list[list[Any]] = [["id", self.id], ["queues", ", ".join(self.queues)], ["state", state],
+                ["running now", f"{len(self._active)} of {self.concurrency}"], ["jobs started", self.jobs_started]]
+        fields = html.table(["", ""], rows, "neonnb-worker-fields")
+        return html.panel("neonnb worker", fields, "neonnb-panel neonnb-worker")
 
     @property
     def is_running(self) -> bool:
@@ -400,9 +409,15 @@ class Worker:
         events = self.manager.events
         events.emit("started", record)
         job: Any = None
+        output = capture.Output()
+        capture.activate(output)  # this task runs in its own context (see _claim)
         try:
             job = decode_job(record)
-            value = await self._call(job, ctx, record.timeout or self.options.timeout)
+            try:
+                value = await self._call(job, ctx, record.timeout or self.options.timeout, output)
+            finally:
+                if output:
+                    await self._guard(self.driver.save_output(record, self.id, output.text()), "saving output")
         except asyncio.CancelledError:
             raise  # stop(): _drain releases the job
         except (UnknownJobError, PayloadError) as exc:
@@ -438,7 +453,7 @@ class Worker:
                 else:
                     logger.warning("job %s finished, but its lease had passed to another worker", record.id)
 
-    async def _call(self, job: Any, ctx: Context, timeout: float | None) -> Any:
+    async def _call(self, job: Any, ctx: Context, timeout: float | None, output: capture.Output) -> Any:
         """Run the handler in this task; past ``timeout`` the task is cancelled (a timer, not
         ``wait_for``, which would cost a second task per job)."""
         loop = asyncio.get_running_loop()
@@ -456,7 +471,8 @@ class Worker:
         try:
             if is_async_job(job):
                 return await job.handle(ctx)
-            return await loop.run_in_executor(self._executor, contextvars.Context().run, job.handle, ctx)
+            handle = capture.calling(output, job.handle)
+            return await loop.run_in_executor(self._executor, contextvars.Context().run, handle, ctx)
         except asyncio.CancelledError:
             if not timed_out:
                 raise

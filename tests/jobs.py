@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -128,6 +129,37 @@ class Progressing(Job):
         for i in range(self.steps):
             ctx.progress(i + 1, self.steps, f"step {i + 1}")
         return self.steps
+
+
+class Chatty(Job):
+    """Prints, writes to stderr and logs, from a thread (sync) or the loop (async twin)."""
+
+    words: str
+
+    def handle(self, ctx: Context) -> str:
+        print(f"stdout: {self.words}")
+        print(f"stderr: {self.words}", file=sys.stderr)
+        ctx.logger.warning("log: %s", self.words)
+        return self.words
+
+
+class ChattyAsync(Job):
+    words: str
+
+    async def handle(self, ctx: Context) -> str:
+        print(f"async stdout: {self.words}")
+        await asyncio.sleep(0)
+        ctx.logger.warning("async log: %s", self.words)
+        return self.words
+
+
+class Halfway(Job):
+    """Reports 1 of 2 steps, then waits for RELEASE (a running job with progress to look at)."""
+
+    def handle(self, ctx: Context) -> str:
+        ctx.progress(1, 2, "half way")
+        RELEASE.wait(30)
+        return "done"
 
 
 class UsesDependency(Job):

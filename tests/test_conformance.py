@@ -211,3 +211,23 @@ def test_expired_lease_is_recovered_with_its_attempt_counted(make_manager: MakeM
     assert worker.run_once() == 0  # housekeeping moves the job that died max_attempts times to the failed store
     failed = qm.failed.get(killed_twice)
     assert (failed.error_type, failed.attempts) == ("LeaseExpired", 2)
+
+
+def test_what_a_job_prints_and_logs_is_kept_with_it_not_printed(
+    make_manager: MakeManager, capsys: pytest.CaptureFixture[str]
+) -> None:
+    qm = make_manager()
+    sync = [qm.dispatch("q", jobs.Chatty(f"sync-{i}")) for i in range(3)]
+    concurrent = [qm.dispatch("q", jobs.ChattyAsync(f"async-{i}")) for i in range(3)]
+    worker = qm.worker("q", 6)
+    while worker.run_once():
+        pass
+    for i, handle in enumerate(sync):
+        output = handle.output or ""
+        assert f"stdout: sync-{i}\n" in output and f"stderr: sync-{i}\n" in output and f"log: sync-{i}" in output
+        assert "sync-" not in output.replace(f"sync-{i}", ""), "another job's lines leaked in"
+    for i, handle in enumerate(concurrent):
+        assert f"async stdout: async-{i}" in (handle.output or "") and f"async log: async-{i}" in (handle.output or "")
+    printed = capsys.readouterr()
+    assert "sync-" not in printed.out + printed.err
+    assert qm.dispatch("q", jobs.Note("quiet")).output is None

@@ -169,6 +169,7 @@ def test_async_api_works_from_another_event_loop(make_manager: MakeManager) -> N
         result = await handle.aresult(timeout=10)
         await worker.astop()
         await runner
+        await qm.aclose()  # this loop's connections end with it
         return str(result)
 
     assert asyncio.run(main()) == "from my loop"

@@ -58,6 +58,10 @@ class Driver(abc.ABC):
     async def set_progress(self, job: JobRecord, worker_id: str, progress: dict[str, Any]) -> None: ...
 
     @abc.abstractmethod
+    async def save_output(self, job: JobRecord, worker_id: str, output: str) -> None:
+        """Store what the job's attempt printed and logged (replacing an earlier attempt's)."""
+
+    @abc.abstractmethod
     async def complete(self, results: Sequence[tuple[JobRecord, str | None]], worker_id: str, now: float) -> list[str]:
         """Mark jobs SUCCEEDED with their JSON results, all in one round trip where the store
         allows; returns the ids that were still this worker's."""

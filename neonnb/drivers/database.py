@@ -82,6 +82,7 @@ def jobs_table(name: str) -> Table:
         Column("progress", Text),
         Column("result", Text),
         Column("error", Text),
+        Column("output", Text),
     )
     # The claim reads (queue, status) and orders by (priority, run_at, seq): one index serves
     # it. Where the database allows, it covers only queued rows, so it stays small however
@@ -312,6 +313,7 @@ class DatabaseDriver(Driver):
             progress=_json_or_none(m["progress"]),
             result=m["result"],
             error=_json_or_none(m["error"]),
+            output=m["output"],
         )
 
     def _announce(self, conn: Connection, queues: set[str]) -> None:
@@ -391,6 +393,9 @@ class DatabaseDriver(Driver):
 
     async def set_progress(self, job: JobRecord, worker_id: str, progress: dict[str, Any]) -> None:
         await self._update_owned(job.id, worker_id, {"progress": json.dumps(progress)})
+
+    async def save_output(self, job: JobRecord, worker_id: str, output: str) -> None:
+        await self._update_owned(job.id, worker_id, {"output": output})
 
     async def complete(self, results: Sequence[tuple[JobRecord, str | None]], worker_id: str, now: float) -> list[str]:
         sql = self._sql

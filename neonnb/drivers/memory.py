@@ -96,6 +96,12 @@ class MemoryDriver(Driver):
             if record is not None:
                 record.progress = dict(progress)
 
+    async def save_output(self, job: JobRecord, worker_id: str, output: str) -> None:
+        with self._lock:
+            record = self._owned(job.id, worker_id)
+            if record is not None:
+                record.output = output
+
     def _finish(self, record: JobRecord, status: Status, now: float) -> None:
         record.status = status
         record.finished_at = now

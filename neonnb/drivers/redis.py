@@ -1,8 +1,8 @@
 """Redis driver on redis-py's asyncio client. The key layout and every state change are in
 ``redis_scripts.lua`` (one Lua script per change, loaded once and called by SHA).
 
-The client lives on neonnb's background loop; calls from another loop are handed to it, so
-the driver works from any loop like the others.
+Each event loop that calls the driver gets its own client (redis-py's asyncio clients are
+bound to one loop), so the driver works from any loop like the others, without hopping threads.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
-from .. import _loop
 from ..errors import ConfigError, StoreUnavailable
 from ..job import JobRecord, Priority, Status
 from .base import LEASE_ERROR, Driver, QueueCounts
@@ -64,25 +64,20 @@ class RedisDriver(Driver):
             self._options["password"] = password
         if database:
             self._options["db"] = database
-        self._client: aioredis.Redis | RedisCluster | None = None
-        self._connecting = asyncio.Lock()  # one client even when the first calls come together
-        self.cluster = False
-        self._scripts: dict[str, Any] = {}
+        # redis-py's asyncio clients belong to the loop that made them: one per loop, so a
+        # call from the caller's loop goes straight to Redis instead of hopping threads.
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Client] = weakref.WeakKeyDictionary()
+        self.cluster: bool | None = None  # asked of the server on first use
         self._registered: set[str] = set()  # queues this process has added to P.."queues"
         self._watcher: _Subscriber | None = None
 
     # --- plumbing ---------------------------------------------------------------------
 
-    async def _connected(self) -> aioredis.Redis | RedisCluster:
-        if self._client is not None:
-            return self._client
-        async with self._connecting:
-            if self._client is None:
-                await self._connect()
-        assert self._client is not None
-        return self._client
-
-    async def _connect(self) -> None:
+    async def _client(self) -> _Client:
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is not None:
+            return client
         # A pooled connection that died with a server restart fails on first use: retry a
         # few times with backoff (bounded, so a dispatch during an outage still fails within
         # seconds). Every script is safe to repeat, or recoverable by the lease.
@@ -90,27 +85,23 @@ class RedisDriver(Driver):
             "retry": AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), retries=3),
             "retry_on_error": [RedisConnectionError, RedisTimeoutError], **self._options,
         }
-        client: aioredis.Redis | RedisCluster = aioredis.Redis.from_url(self.url, **options)
-        try:
-            cluster = bool((await client.info("cluster")).get("cluster_enabled"))
-        except BaseException:
-            await client.aclose()
-            raise
-        if cluster:
-            await client.aclose()
-            client = RedisCluster.from_url(self.url, **options)
-        self.cluster = cluster
-        self._scripts = {name: client.register_script(body) for name, body in _scripts().items()}
-        self._client = client
+        if self.cluster is None:
+            probe = aioredis.Redis.from_url(self.url, **options)
+            try:
+                self.cluster = bool((await probe.info("cluster")).get("cluster_enabled"))
+            finally:
+                await probe.aclose()
+        client = self._clients.get(loop)  # another task of this loop may have made it meanwhile
+        if client is None:
+            connection = (RedisCluster if self.cluster else aioredis.Redis).from_url(self.url, **options)
+            scripts = {name: connection.register_script(body) for name, body in _scripts().items()}
+            client = self._clients[loop] = _Client(connection, scripts)
+        return client
 
-    async def _on_loop(self, work: Callable[[], Awaitable[T]]) -> T:
-        """Run ``work`` on the background loop (where the client lives), translating a
-        lost connection into StoreUnavailable."""
-        background = _loop.get_loop()
+    async def _reach(self, work: Callable[[_Client], Awaitable[T]]) -> T:
+        """``work(client)``, with a lost connection reported as StoreUnavailable."""
         try:
-            if asyncio.get_running_loop() is background:
-                return await work()
-            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_call(work), background))
+            return await work(await self._client())
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise StoreUnavailable(f"Redis at {self._where()} can't be reached: {exc}") from exc
 
@@ -122,15 +113,15 @@ class RedisDriver(Driver):
         return f"{self.prefix}{{{queue}}}:"
 
     async def _script(self, name: str, queues: Sequence[str], args: Sequence[Any]) -> Any:
-        async def run() -> Any:
-            await self._connected()
-            return await self._scripts[name](keys=[self._base(q) for q in queues], args=args)
-
-        return await self._on_loop(run)
+        keys = [self._base(q) for q in queues]
+        return await self._reach(lambda client: client.scripts[name](keys=keys, args=args, client=client.redis))
 
     async def _per_queue(self, name: str, groups: dict[str, list[Any]], args: Callable[[str], list[Any]]) -> list[Any]:
         """Run script ``name`` once per queue (a script touches one queue's slot), concurrently."""
-        return list(await asyncio.gather(*(self._script(name, [q], [*args(q), *extra]) for q, extra in groups.items())))
+        calls = [self._script(name, [q], [*args(q), *extra]) for q, extra in groups.items()]
+        if len(calls) == 1:  # the usual case: no tasks to create
+            return [await calls[0]]
+        return list(await asyncio.gather(*calls))
 
     def _record(self, fields: dict[str, str]) -> JobRecord:
         def number(name: str) -> float | None:
@@ -147,6 +138,7 @@ class RedisDriver(Driver):
             progress=json.loads(fields["progress"]) if fields.get("progress") else None,
             result=fields.get("result"),
             error=json.loads(fields["error"]) if fields.get("error") else None,
+            output=fields.get("output"),
         )
 
     # --- the protocol -----------------------------------------------------------------
@@ -160,18 +152,14 @@ class RedisDriver(Driver):
             ])
         new = set(groups) - self._registered
         if new:
-            async def register() -> None:
-                client = await self._connected()
-                await client.sadd(f"{self.prefix}queues", *new)
-
-            await self._on_loop(register)
+            await self._reach(lambda client: client.redis.sadd(f"{self.prefix}queues", *new))
             self._registered |= new
         await self._per_queue("enqueue", groups, lambda q: [self.channel, q])
 
     async def reserve(
         self, queues: Sequence[str], limit: int, worker_id: str, now: float, lease_expires: float
     ) -> list[JobRecord]:
-        await self._on_loop(self._connected)
+        await self._client()  # learn whether it is a cluster
         # On a cluster each queue lives in its own slot: claim queue by queue, in the order
         # given; on one server a single script keeps priority strict across all of them.
         rounds = [[q] for q in queues] if self.cluster else [list(queues)]
@@ -188,7 +176,10 @@ class RedisDriver(Driver):
         await self._per_queue("extend", _ids_by_queue(jobs), lambda q: [worker_id, _num(lease_expires)])
 
     async def set_progress(self, job: JobRecord, worker_id: str, progress: dict[str, Any]) -> None:
-        await self._script("progress", [job.queue], [job.id, worker_id, json.dumps(progress)])
+        await self._script("set_owned", [job.queue], [job.id, worker_id, "progress", json.dumps(progress)])
+
+    async def save_output(self, job: JobRecord, worker_id: str, output: str) -> None:
+        await self._script("set_owned", [job.queue], [job.id, worker_id, "output", output])
 
     async def complete(self, results: Sequence[tuple[JobRecord, str | None]], worker_id: str, now: float) -> list[str]:
         groups: dict[str, list[Any]] = {}
@@ -216,23 +207,21 @@ class RedisDriver(Driver):
         return sum(await self._per_queue("purge", await self._by_queue(None, None), lambda q: [_num(before)]))
 
     async def get(self, job_id: str, queue: str | None = None) -> JobRecord | None:
-        async def fetch() -> list[dict[str, str]]:
-            client = await self._connected()
-            queues = [queue] if queue is not None else await self._queues()
-            pipe = client.pipeline(transaction=False)
+        async def fetch(client: _Client) -> list[dict[str, str]]:
+            queues = [queue] if queue is not None else await self._queues(client)
+            pipe = client.redis.pipeline(transaction=False)
             for q in queues:
                 pipe.hgetall(f"{self._base(q)}job:{job_id}")
             return [fields for fields in await pipe.execute() if fields]  # decode_responses: str
 
-        found = await self._on_loop(fetch)
+        found = await self._reach(fetch)
         return self._record(found[0]) if found else None
 
     async def list_jobs(
         self, *, status: Status | None = None, queue: str | None = None, limit: int = 100, offset: int = 0
     ) -> list[JobRecord]:
-        async def collect() -> list[JobRecord]:
-            client = await self._connected()
-            queues = [queue] if queue is not None else await self._queues()
+        async def collect(client: _Client) -> list[JobRecord]:
+            queues = [queue] if queue is not None else await self._queues(client)
             statuses = [status] if status is not None else list(Status)
             keys = []
             for q in queues:
@@ -240,16 +229,16 @@ class RedisDriver(Driver):
                     suffix = _STATUS_KEYS[st]
                     names = [f"ready:{p}" for p in range(3)] if suffix is None else [suffix]
                     keys += [(q, f"{self._base(q)}{name}") for name in names]
-            pipe = client.pipeline(transaction=False)
+            pipe = client.redis.pipeline(transaction=False)
             for _, key in keys:
                 pipe.zrange(key, 0, -1)
             ids = [(q, job_id) for (q, _), found in zip(keys, await pipe.execute(), strict=True) for job_id in found]
-            pipe = client.pipeline(transaction=False)
+            pipe = client.redis.pipeline(transaction=False)
             for q, job_id in ids:
                 pipe.hgetall(f"{self._base(q)}job:{job_id}")
             return [self._record(fields) for fields in await pipe.execute() if fields]
 
-        records = await self._on_loop(collect)
+        records = await self._reach(collect)
         if status is Status.FAILED:
             records.sort(key=lambda r: (r.finished_at or 0.0, r.id), reverse=True)
         else:
@@ -257,10 +246,9 @@ class RedisDriver(Driver):
         return records[offset : offset + limit]
 
     async def counts(self, now: float) -> dict[str, QueueCounts]:
-        async def count() -> dict[str, QueueCounts]:
-            client = await self._connected()
-            queues = await self._queues()
-            pipe = client.pipeline(transaction=False)
+        async def count(client: _Client) -> dict[str, QueueCounts]:
+            queues = await self._queues(client)
+            pipe = client.redis.pipeline(transaction=False)
             for q in queues:
                 base = self._base(q)
                 for p in range(3):
@@ -281,29 +269,27 @@ class RedisDriver(Driver):
                     result[q] = c
             return result
 
-        return await self._on_loop(count)
+        return await self._reach(count)
 
-    async def _queues(self) -> list[str]:
-        client = await self._connected()
-        members = await cast("Awaitable[set[Any]]", client.smembers(f"{self.prefix}queues"))
+    async def _queues(self, client: _Client) -> list[str]:
+        members = await cast("Awaitable[set[Any]]", client.redis.smembers(f"{self.prefix}queues"))
         return sorted(str(q) for q in members)
 
     async def _by_queue(self, ids: Sequence[str] | None, queue: str | None) -> dict[str, list[Any]]:
         """The jobs with these ids grouped by queue. Without ids: every queue (or just
         ``queue``) with an empty list, which the scripts read as all of that queue's jobs."""
-        queues = [queue] if queue is not None else await self._on_loop(self._queues)
+        queues = [queue] if queue is not None else await self._reach(self._queues)
         if ids is None:
             return {q: [] for q in queues}
 
-        async def locate() -> list[Any]:
-            client = await self._connected()
-            pipe = client.pipeline(transaction=False)
+        async def locate(client: _Client) -> list[Any]:
+            pipe = client.redis.pipeline(transaction=False)
             for q in queues:
                 for job_id in ids:
                     pipe.exists(f"{self._base(q)}job:{job_id}")
             return list(await pipe.execute())
 
-        found = iter(await self._on_loop(locate))
+        found = iter(await self._reach(locate))
         groups = {q: [job_id for job_id in ids if next(found)] for q in queues}
         return {q: group for q, group in groups.items() if group}
 
@@ -324,10 +310,14 @@ class RedisDriver(Driver):
     async def close(self) -> None:
         if self._watcher is not None:
             self._watcher.stop()
-        client = self._client
-        if client is not None:
-            self._client = None
-            await self._on_loop(client.aclose)
+        here = asyncio.get_running_loop()
+        clients, self._clients = list(self._clients.items()), weakref.WeakKeyDictionary()
+        for loop, client in clients:
+            if loop is here:
+                await client.redis.aclose()
+            elif loop.is_running():  # another thread's loop: close there, without waiting on it
+                asyncio.run_coroutine_threadsafe(client.redis.aclose(), loop)
+            # a loop that has ended took its connections with it
 
 
 def _ids_by_queue(jobs: Sequence[JobRecord]) -> dict[str, list[Any]]:
@@ -340,8 +330,11 @@ def _ids_by_queue(jobs: Sequence[JobRecord]) -> dict[str, list[Any]]:
 _LEASE_ERROR = json.dumps(LEASE_ERROR)
 
 
-async def _call(work: Callable[[], Awaitable[T]]) -> T:
-    return await work()
+class _Client(NamedTuple):
+    """One loop's connection (pool) and the Lua scripts bound to it."""
+
+    redis: aioredis.Redis | RedisCluster
+    scripts: dict[str, Any]
 
 
 class _Subscriber(WakeThread):

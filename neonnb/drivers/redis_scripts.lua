@@ -9,6 +9,7 @@
 --   B.."job:"..id        HASH  the job record: id queue name payload priority status
 --                              attempts max_attempts timeout run_at created_at started_at
 --                              finished_at lease_expires worker_id progress result error
+--                              output
 --   B.."ready:"..p       ZSET  queued jobs of priority p (0 high, 1 normal, 2 low), scored
 --                              by run_at: due and delayed jobs alike, so a delayed job needs
 --                              no promotion step and keeps its priority; equal scores order
@@ -83,12 +84,12 @@ for i = 3, #ARGV do
 end
 return 0
 
---! progress
--- KEYS: B.  ARGV: id, worker_id, progress_json
+--! set_owned
+-- KEYS: B.  ARGV: id, worker_id, field ("progress" or "output"), value
 local key = KEYS[1] .. 'job:' .. ARGV[1]
 local held = redis.call('HMGET', key, 'worker_id', 'status')
 if held[1] == ARGV[2] and held[2] == 'running' then
-  redis.call('HSET', key, 'progress', ARGV[3])
+  redis.call('HSET', key, ARGV[3], ARGV[4])
   return 1
 end
 return 0

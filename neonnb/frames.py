@@ -1,0 +1,98 @@
+"""pandas views of queues, jobs, failed jobs and workers, with typed columns: counts are
+int64, times are UTC timestamps, statuses and priorities are categoricals.
+
+The QueueManager's ``queues_df()``, ``jobs_df()``, ``failed_df()`` and ``workers_df()`` call
+these; pandas is imported only here (``pip install 'neonnb[notebook]'``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from .drivers.base import QueueCounts
+from .errors import MissingDependency
+from .job import JobRecord, Priority, Status
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .worker import Worker
+
+TIMES = ("created_at", "run_at", "started_at", "finished_at")
+
+
+def _pandas() -> Any:
+    try:
+        import pandas
+    except ImportError as exc:
+        raise MissingDependency("DataFrame views need pandas: pip install 'neonnb[notebook]'") from exc
+    return pandas
+
+
+def queues_frame(counts: dict[str, QueueCounts]) -> pd.DataFrame:
+    pd = _pandas()
+    columns = ["high", "normal", "low", "delayed", "running", "succeeded", "failed"]
+    rows = [[c.waiting["high"], c.waiting["normal"], c.waiting["low"], c.delayed, c.running, c.succeeded, c.failed]
+            for c in counts.values()]
+    frame = pd.DataFrame(rows, index=pd.Index(list(counts), name="queue", dtype="object"), columns=columns)
+    frame = frame.astype("int64")
+    frame.insert(3, "waiting", frame[["high", "normal", "low"]].sum(axis=1).astype("int64"))
+    return frame
+
+
+def jobs_frame(records: Sequence[JobRecord]) -> pd.DataFrame:
+    pd = _pandas()
+    frame = pd.DataFrame({
+        "id": pd.Series([r.id for r in records], dtype="object"),
+        "queue": pd.Series([r.queue for r in records], dtype="object"),
+        "name": pd.Series([r.name for r in records], dtype="object"),
+        "status": pd.Categorical([r.status.value for r in records], categories=[s.value for s in Status]),
+        "priority": pd.Categorical([r.priority.value for r in records], categories=[p.value for p in Priority],
+                                   ordered=True),
+        "attempts": pd.Series([r.attempts for r in records], dtype="int64"),
+        "max_attempts": pd.Series([r.max_attempts for r in records], dtype="int64"),
+        **{name: _timestamps(pd, [getattr(r, name) for r in records]) for name in TIMES},
+        "progress": pd.Series([fraction(r.progress) for r in records], dtype="float64"),
+        "message": pd.Series([(r.progress or {}).get("message") for r in records], dtype="object"),
+        "worker_id": pd.Series([r.worker_id for r in records], dtype="object"),
+        "error": pd.Series([(r.error or {}).get("message") for r in records], dtype="object"),
+    })
+    return frame
+
+
+def failed_frame(records: Sequence[JobRecord]) -> pd.DataFrame:
+    pd = _pandas()
+    return pd.DataFrame({
+        "id": pd.Series([r.id for r in records], dtype="object"),
+        "queue": pd.Series([r.queue for r in records], dtype="object"),
+        "name": pd.Series([r.name for r in records], dtype="object"),
+        "attempts": pd.Series([r.attempts for r in records], dtype="int64"),
+        "failed_at": _timestamps(pd, [r.finished_at for r in records]),
+        "error_type": pd.Series([(r.error or {}).get("type") for r in records], dtype="object"),
+        "error": pd.Series([(r.error or {}).get("message") for r in records], dtype="object"),
+    })
+
+
+def workers_frame(workers: Sequence[Worker]) -> pd.DataFrame:
+    pd = _pandas()
+    return pd.DataFrame({
+        "id": pd.Series([w.id for w in workers], dtype="object"),
+        "queues": pd.Series([", ".join(w.queues) for w in workers], dtype="object"),
+        "concurrency": pd.Series([w.concurrency for w in workers], dtype="int64"),
+        "running": pd.Series([len(w.running_jobs) for w in workers], dtype="int64"),
+        "jobs_started": pd.Series([w.jobs_started for w in workers], dtype="int64"),
+        "is_running": pd.Series([w.is_running for w in workers], dtype="bool"),
+    })
+
+
+def _timestamps(pd: Any, epochs: list[float | None]) -> Any:
+    # nanoseconds whatever the pandas version's default unit, so the dtype is stable
+    return pd.to_datetime(pd.Series(epochs, dtype="float64"), unit="s", utc=True).astype("datetime64[ns, UTC]")
+
+
+def fraction(progress: dict[str, Any] | None) -> float | None:
+    """done/total in [0, 1], or None when the job reported no total."""
+    if not progress or not progress.get("total"):
+        return None
+    return min(max(float(progress["done"]) / float(progress["total"]), 0.0), 1.0)

@@ -1,0 +1,122 @@
+"""``%neonnb``: connect, start and stop in-kernel workers, status, failed jobs, a job's
+captured output, and ``%neonnb debug ID`` to replay a failed job under the debugger.
+
+    %neonnb connect sqlite:///jobs.db      # binds `qm` in the notebook (--as NAME to rename)
+    %neonnb start -q etl -c 4              # a worker on the background loop
+    %neonnb status                         # the live dashboard
+    %neonnb failed                         # the failed store as a DataFrame
+    %neonnb retry ID | --all               # back to the queue
+    %neonnb output ID                      # what the job printed and logged
+    %neonnb debug ID                       # run its handler again here, under pdb
+    %neonnb stop
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from ..job import Context, decode_job, is_async_job
+from ..manager import QueueManager, connect
+
+
+@magics_class
+class NeonnbMagics(Magics):
+    manager: QueueManager | None = None
+
+    @line_magic
+    def neonnb(self, line: str) -> Any:
+        command, _, rest = line.strip().partition(" ")
+        handler = COMMANDS.get(command or "status")
+        if handler is None:
+            raise UsageError(f"unknown %neonnb command {command!r}; use one of: {', '.join(COMMANDS)}")
+        return handler(self, rest)
+
+    def _manager(self) -> QueueManager:
+        if self.manager is None:
+            raise UsageError("no queue yet: run `%neonnb connect URL` first (e.g. sqlite:///jobs.db or memory://)")
+        return self.manager
+
+    @magic_arguments(name="%neonnb connect")
+    @argument("target", help="a URL (memory://, sqlite:///jobs.db, postgresql://..., redis://...) or a YAML file")
+    @argument("--as", dest="name", default="qm", help="the notebook variable to bind the QueueManager to")
+    def connect(self, rest: str) -> QueueManager:
+        args = parse_argstring(self.connect, rest)
+        if self.manager is not None:
+            self.manager.close()
+        self.manager = connect(args.target)
+        assert self.shell is not None
+        self.shell.push({args.name: self.manager})
+        return self.manager
+
+    @magic_arguments(name="%neonnb start")
+    @argument("-q", "--queue", action="append", help="a queue to work (repeat for several)")
+    @argument("-c", "--concurrency", type=int, default=None, help="jobs at a time")
+    def start(self, rest: str) -> Any:
+        args = parse_argstring(self.start, rest)
+        return self._manager().worker(args.queue, args.concurrency).start()
+
+    @magic_arguments(name="%neonnb stop")
+    @argument("--grace", type=float, default=10.0, help="seconds running jobs may take to finish")
+    def stop(self, rest: str) -> None:
+        args = parse_argstring(self.stop, rest)
+        for worker in self._manager().workers:
+            worker.stop(args.grace)
+
+    def status(self, rest: str) -> Any:
+        return self._manager().dashboard()
+
+    @magic_arguments(name="%neonnb failed")
+    @argument("-q", "--queue", default=None)
+    @argument("-n", "--limit", type=int, default=50)
+    def failed(self, rest: str) -> Any:
+        args = parse_argstring(self.failed, rest)
+        return self._manager().failed_df(queue=args.queue, limit=args.limit)
+
+    @magic_arguments(name="%neonnb retry")
+    @argument("job_id", nargs="?", help="the failed job to retry")
+    @argument("--all", action="store_true", help="retry every failed job")
+    def retry(self, rest: str) -> Any:
+        args = parse_argstring(self.retry, rest)
+        failed = self._manager().failed
+        if args.all:
+            return failed.retry_all()
+        if not args.job_id:
+            raise UsageError("say which job: `%neonnb retry ID`, or `%neonnb retry --all`")
+        return failed.retry(args.job_id)
+
+    @magic_arguments(name="%neonnb output")
+    @argument("job_id")
+    def output(self, rest: str) -> None:
+        args = parse_argstring(self.output, rest)
+        text = self._manager().handle(args.job_id).output
+        print(text if text else f"job {args.job_id} printed and logged nothing")
+
+    @magic_arguments(name="%neonnb debug")
+    @argument("job_id", help="a job (usually a failed one) whose handler to run again here")
+    def debug(self, rest: str) -> Any:
+        """Decode the job's stored arguments and call its handler in the kernel under the
+        IPython debugger: step through it, fix the code, re-run the cell that defines it."""
+        args = parse_argstring(self.debug, rest)
+        manager = self._manager()
+        record = manager.handle(args.job_id).fetch()
+        job = decode_job(record)
+        if is_async_job(job):
+            raise UsageError(
+                f"job {record.id} ({record.name}) has an async handler; the debugger steps through sync code "
+                "only: `await` it yourself with a `breakpoint()` inside, or make a sync twin to debug"
+            )
+        from IPython.core.debugger import Pdb
+
+        ctx = Context(record, manager.dependencies, lambda _record, _progress: None)
+        return Pdb().runcall(job.handle, ctx)
+
+
+COMMANDS = {
+    "connect": NeonnbMagics.connect, "start": NeonnbMagics.start, "stop": NeonnbMagics.stop,
+    "status": NeonnbMagics.status, "failed": NeonnbMagics.failed, "retry": NeonnbMagics.retry,
+    "output": NeonnbMagics.output, "debug": NeonnbMagics.debug,
+}

@@ -1,0 +1,118 @@
+"""The dashboard, reprs and DataFrames without a kernel: trait values after a refresh."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+import neonnb._loop as loop
+from neonnb import Config, QueueManager, Status
+from tests import jobs
+from tests.conftest import FakeClock, wait_until
+
+
+@pytest.fixture
+def qm(clock: FakeClock) -> Iterator[QueueManager]:
+    manager = QueueManager(Config(driver="memory"), clock=clock)
+    yield manager
+    manager.close()
+
+
+def test_refresh_shows_queues_running_progress_and_failed_jobs(qm: QueueManager) -> None:
+    jobs.RELEASE.clear()
+    qm.dispatch("q", jobs.Note("waiting-1"))
+    qm.dispatch_with_priority("q", jobs.Note("urgent"), "high")
+    qm.dispatch("q", jobs.Permanent())
+    qm.dispatch("q", jobs.Halfway())  # reports 1 of 2, then waits for RELEASE
+    worker = qm.worker("q", 4).start()
+    try:
+        wait_until(lambda: qm.stats()["q"].failed == 1 and qm.stats()["q"].running == 1, what="one failed, one running")
+        wait_until(lambda: (qm.jobs(Status.RUNNING)[0].progress or {}).get("done") == 1, what="progress saved")
+        dashboard = qm.dashboard(interval=None)
+        loop.run_sync(dashboard.refresh())
+
+        assert "neonnb-queues" in dashboard.queues.value
+        assert "<td style" in dashboard.queues.value and ">1</td>" in dashboard.queues.value  # one failed
+        [running] = dashboard.running.children
+        bar = running.children[0]
+        assert bar.value == 0.5 and "neonnb-progress" in bar._dom_classes
+        assert running.children[1].value == "half way"
+        [failed_row] = dashboard.failed.children
+        assert "ValueError" in failed_row.children[2].value
+        assert "Note" in dashboard.recent.value
+
+        shown = dashboard.queues.value
+        loop.run_sync(dashboard.refresh())
+        assert dashboard.queues.value is shown, "an unchanged refresh must not set the trait again"
+
+        jobs.RELEASE.set()
+        worker.stop()  # so the retried job stays in the queue for us to see
+        loop.run_sync(dashboard.refresh())
+        assert dashboard.running.children == ()
+
+        failed_row.children[0].click()  # retry: back to the queue, attempts reset
+        wait_until(lambda: not dashboard.failed.children, what="the failed row to go after retry")
+        counts = qm.stats()["q"]
+        assert counts.failed == 0 and counts.waiting["normal"] == 1
+        dashboard.close()
+    finally:
+        jobs.RELEASE.set()
+        worker.stop()
+
+
+def test_worker_controls_start_and_stop_a_worker(qm: QueueManager) -> None:
+    dashboard = qm.dashboard(interval=None)
+    dashboard.queue_name.value = "controls"
+    dashboard.concurrency.value = 3
+    dashboard.start_button.click()
+    [worker] = qm.workers
+    assert worker.queues == ["controls"] and worker.concurrency == 3
+    handle = qm.dispatch("controls", jobs.Note("via the button"))
+    assert handle.result(timeout=10) == "via the button"
+    dashboard.stop_button.click()
+    wait_until(lambda: not worker.is_running, what="the worker to stop")
+    dashboard.close()
+
+
+def test_dataframes_have_typed_columns(qm: QueueManager, clock: FakeClock) -> None:
+    qm.dispatch("q", jobs.Note("a"))
+    qm.dispatch_after("q", jobs.Note("later"), 60)
+    qm.dispatch("q", jobs.Permanent())
+    worker = qm.worker("q", 1)
+    while worker.run_once():
+        pass
+
+    queues = qm.queues_df()
+    assert queues.loc["q", "delayed"] == 1 and queues.loc["q", "succeeded"] == 1 and queues.loc["q", "failed"] == 1
+    assert str(queues.dtypes["waiting"]) == "int64"
+
+    frame = qm.jobs_df()
+    assert len(frame) == 3
+    assert str(frame.dtypes["created_at"]) == "datetime64[ns, UTC]"
+    assert str(frame.dtypes["status"]) == "category"
+    assert set(frame["status"]) == {"queued", "succeeded", "failed"}
+    assert list(qm.jobs_df(status="succeeded")["name"]) == [jobs.Note.job_name]
+
+    failed = qm.failed_df()
+    assert list(failed["error_type"]) == ["ValueError"]
+    assert str(failed.dtypes["failed_at"]) == "datetime64[ns, UTC]"
+
+    with pytest.raises(Exception, match="unknown status 'done'"):
+        qm.jobs_df(status="done")
+
+    qm.worker("q", 2).start()
+    workers = qm.workers_df()
+    assert list(workers["concurrency"]) == [2] and workers["is_running"].all()
+
+
+def test_reprs_are_short_text_and_themed_html(qm: QueueManager) -> None:
+    handle = qm.dispatch("q", jobs.Permanent())
+    qm.worker("q", 1).run_once()
+    assert repr(handle) == f"<JobHandle {handle.id}>"
+    assert "neonnb-job" in handle._repr_html_() and "failed" in handle._repr_html_()
+    failed = qm.failed.get(handle.id)
+    assert repr(failed) == f"<FailedJob {handle.id} {jobs.Permanent.job_name}: ValueError>"
+    assert "--jp-" in failed._repr_html_() and "traceback" in failed._repr_html_()
+    assert "neonnb-manager" in qm._repr_html_()
+    assert "neonnb-worker" in qm.worker("q", 2)._repr_html_()
