@@ -185,6 +185,10 @@ class FunctionJob(JobType):
         self.priority = priority
         self.signature = inspect.signature(fn)
         self.wants_ctx = "ctx" in self.signature.parameters
+        # What callers pass: everything but ctx, which the worker supplies (first or not).
+        self._caller_signature = self.signature.replace(
+            parameters=[p for p in self.signature.parameters.values() if p.name != "ctx"]
+        )
         self.is_async = inspect.iscoroutinefunction(fn)
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
@@ -198,13 +202,11 @@ class FunctionJob(JobType):
 
     def call(self, *args: Any, **kwargs: Any) -> FunctionCall:
         """A dispatchable call with these arguments (checked against the signature now)."""
-        if self.wants_ctx:
-            kwargs.setdefault("ctx", None)
         try:
-            bound = self.signature.bind(*args, **kwargs)
+            bound = self._caller_signature.bind(*args, **kwargs)
         except TypeError as exc:
             raise TypeError(f"{self.name}: {exc}") from None
-        arguments = {k: encode(v, f"{self.name}({k}=...)") for k, v in bound.arguments.items() if k != "ctx"}
+        arguments = {k: encode(v, f"{self.name}({k}=...)") for k, v in bound.arguments.items()}
         return FunctionCall(self, arguments)
 
     def dispatch(self, *args: Any, **kwargs: Any) -> JobHandle:
@@ -260,11 +262,16 @@ class FunctionCall:
         return f"{self.function.name}({args})"
 
     def handle(self, ctx: Context) -> Any:
+        fn, args, kwargs = self.target(ctx)
+        return fn(*args, **kwargs)
+
+    def target(self, ctx: Context) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+        """The user's function and what ``handle`` calls it with (``%neonnb debug`` steps into it)."""
         arguments = dict(self.arguments)
         if self.function.wants_ctx:
             arguments["ctx"] = ctx
         bound = inspect.BoundArguments(self.function.signature, arguments)
-        return self.function.fn(*bound.args, **bound.kwargs)
+        return self.function.fn, bound.args, bound.kwargs
 
     def max_attempts(self) -> int | None:
         return self.function.max_attempts

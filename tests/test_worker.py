@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 import neonnb._loop as loop
-from neonnb import JobEvent, JobFailed, JobRecord, QueueManager, SerializationError, Status, WorkerOptions
+from neonnb import Context, JobEvent, JobFailed, JobRecord, QueueManager, SerializationError, Status, WorkerOptions
 from tests import jobs
 from tests.conftest import FakeClock, wait_until
 
@@ -143,6 +143,15 @@ def test_function_jobs_dispatch_map_and_redefinition(make_manager: MakeManager) 
     assert [h.result(timeout=1) for h in many] == [-1, -2, -3]
     with pytest.raises(TypeError, match="missing a required argument: 'x'"):
         scale.dispatch(factor=3)
+
+    @qm.job(queue="fn")
+    def ctx_first(ctx: Context, x: int) -> int:  # callers pass x only, positionally or not
+        ctx.progress(1, 1)
+        return x + 1
+
+    handles = [ctx_first.dispatch(1), ctx_first.dispatch(x=2)]
+    qm.worker("fn", 2).run_once()
+    assert [h.result(timeout=1) for h in handles] == [2, 3]
 
 
 def test_results_expire_after_their_ttl(make_manager: MakeManager, clock: FakeClock) -> None:

@@ -130,7 +130,8 @@ class Dashboard:
     def _show_running(self, records: list[JobRecord]) -> None:
         for record in records:
             if record.id not in self._bars:
-                bar = _with_class(w.FloatProgress(min=0.0, max=1.0, description=record.name[-24:]), "neonnb-progress")
+                short_name = record.name.rpartition(".")[2][-24:]
+                bar = _with_class(w.FloatProgress(min=0.0, max=1.0, description=short_name), "neonnb-progress")
                 label = w.Label()
                 self._bars[record.id] = (_with_class(w.HBox([bar, label]), "neonnb-running-job"), bar, label)
             _, bar, label = self._bars[record.id]

@@ -19,7 +19,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from ..job import Context, decode_job, is_async_job
+from ..job import Context, FunctionCall, decode_job, is_async_job
 from ..manager import QueueManager, connect
 
 
@@ -112,7 +112,8 @@ class NeonnbMagics(Magics):
         from IPython.core.debugger import Pdb
 
         ctx = Context(record, manager.dependencies, lambda _record, _progress: None)
-        return Pdb().runcall(job.handle, ctx)
+        fn, args, kwargs = job.target(ctx) if isinstance(job, FunctionCall) else (job.handle, (ctx,), {})
+        return Pdb().runcall(fn, *args, **kwargs)
 
 
 COMMANDS = {

@@ -1,0 +1,112 @@
+"""The dashboard in a real browser: JupyterLab on loopback, a notebook run in headless
+Chromium driven by Playwright. Skips where Chromium is missing (fails under
+NEONNB_REQUIRE_SERVICES=1); `.ci/run` installs it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+from tests.services import free_port, unavailable
+
+CHROMIUM = "/usr/bin/chromium"
+
+CELLS = [
+    "import time\nimport neonnb\nqm = neonnb.connect('memory://')",
+    # Reaches 100% and stays on the running list a while, so the bar can be seen full.
+    "@qm.job\ndef crunch(ctx, steps: int) -> int:\n    for i in range(steps):\n        time.sleep(0.05)\n"
+    "        ctx.progress(i + 1, steps, f'step {i + 1}')\n    time.sleep(30)\n    return steps",
+    "@qm.job(queue='fragile', max_attempts=1)\ndef explode() -> None:\n"
+    "    raise ValueError('boom from the browser test')",
+    "dashboard = qm.dashboard(interval=0.2)\ndashboard",
+    # One job each: the 'fragile' worker stops after its job, so a retried job stays queued.
+    "qm.worker('default', 1).start()\nqm.worker('fragile', 1, neonnb.WorkerOptions(max_jobs=1)).start()\n"
+    "crunch.dispatch(10)\nexplode.dispatch()",
+]
+
+
+@pytest.fixture
+def jupyterlab(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    if not Path(CHROMIUM).exists():
+        unavailable(f"{CHROMIUM} is missing (apt-get install chromium)")
+    pytest.importorskip("playwright.sync_api")
+    root = tmp_path / "lab"
+    root.mkdir()
+    kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    notebook = new_notebook(cells=[new_code_cell(c) for c in CELLS], metadata={"kernelspec": kernelspec})
+    nbformat.write(notebook, root / "dashboard.ipynb")
+    port, token = free_port(), os.urandom(8).hex()
+    log = open(tmp_path / "jupyterlab.log", "w")  # noqa: SIM115 - closed in the finally below
+    lab = subprocess.Popen(
+        [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root", "--ServerApp.ip=127.0.0.1",
+         f"--ServerApp.port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+        stdout=subprocess.DEVNULL, stderr=log,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status?token={token}", timeout=2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or lab.poll() is not None:
+                    raise RuntimeError(f"JupyterLab did not start; see {tmp_path / 'jupyterlab.log'}") from None
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}/lab/tree/dashboard.ipynb?token={token}", tmp_path
+    finally:
+        lab.terminate()
+        lab.wait(30)
+        log.close()
+        shutil.rmtree(root / ".ipynb_checkpoints", ignore_errors=True)
+
+
+def test_dashboard_shows_progress_and_failed_job_and_retry_moves_it_back(jupyterlab: tuple[str, Path]) -> None:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    from playwright.sync_api import expect, sync_playwright
+
+    url, output = jupyterlab
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        try:
+            page.goto(url)
+            page.locator(".jp-Notebook").wait_for(timeout=60_000)
+            select_kernel = page.locator(".jp-Dialog").get_by_role("button", name="Select", exact=True)
+            with contextlib.suppress(PlaywrightTimeout):  # JupyterLab asks for a kernel on some runs
+                select_kernel.click(timeout=10_000)
+            page.locator(".lm-MenuBar-itemLabel", has_text="Run").click()
+            page.get_by_text("Run All Cells", exact=True).click()
+
+            dashboard = page.locator(".neonnb-dashboard")
+            dashboard.wait_for(timeout=60_000)
+            bar = dashboard.locator(".neonnb-progress .progress-bar")
+            expect(bar).to_have_attribute("style", re.compile(r"\bwidth: 100%"), timeout=30_000)
+            failed = dashboard.locator(".neonnb-failed-job")
+            expect(failed).to_contain_text("boom from the browser test", timeout=30_000)
+            page.screenshot(path=str(output / "dashboard.png"), full_page=True)
+
+            failed.locator(".neonnb-retry").click()
+            expect(failed).to_have_count(0, timeout=30_000)
+            fragile = dashboard.locator(".neonnb-queues tr", has_text="fragile")
+            # queue, high, normal, low, delayed, running, succeeded, failed
+            expect(fragile.locator("td").nth(2)).to_have_text("1", timeout=30_000)
+            expect(fragile.locator("td").nth(7)).to_have_text("0")
+            page.screenshot(path=str(output / "after-retry.png"), full_page=True)
+        except Exception:
+            page.screenshot(path=str(output / "failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()

@@ -1,0 +1,107 @@
+"""neonnb inside a real IPython kernel (nbclient) and an in-process IPython shell."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+from nbclient import NotebookClient
+from nbformat.v4 import new_code_cell, new_notebook
+
+import neonnb._loop as loop
+
+
+@pytest.fixture
+def kernel() -> Iterator[Any]:
+    """Run cells one at a time in a fresh kernel: `run(source)` returns (outputs, seconds)."""
+    notebook = new_notebook()
+    client = NotebookClient(notebook, timeout=60, kernel_name="python3")
+
+    def run(source: str) -> tuple[list[Any], float]:
+        cell = new_code_cell(source)
+        notebook.cells.append(cell)
+        started = time.perf_counter()
+        client.execute_cell(cell, len(notebook.cells) - 1)
+        return cell.outputs, time.perf_counter() - started
+
+    with client.setup_kernel():
+        yield run
+
+
+def text(outputs: list[Any]) -> str:
+    return "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", "")) for o in outputs)
+
+
+def test_the_kernel_stays_responsive_while_jobs_run_and_top_level_await_works(kernel: Any) -> None:
+    kernel("%load_ext neonnb\n%load_ext neonnb\n%neonnb connect memory://")  # loading twice is harmless
+    kernel("import time\n@qm.job\ndef nap(i: int) -> int:\n    time.sleep(1)\n    return i")
+    kernel("handles = nap.map(range(20))\n%neonnb start -c 20")
+    kernel("import threading\nassert sum(t.name.startswith('neonnb-job') for t in threading.enumerate()) > 0")
+    outputs, seconds = kernel("sum(range(10))")
+    assert text(outputs) == "45"
+    assert seconds < 0.5, f"a trivial cell took {seconds:.2f}s while jobs ran"
+    outputs, _ = kernel("still_running = qm.stats()['default'].running\nstill_running")
+    assert int(text(outputs)) > 0, "the jobs had finished before the responsiveness check meant anything"
+    outputs, _ = kernel("await handles[7].aresult(timeout=30)")
+    assert text(outputs) == "7"
+    outputs, _ = kernel("sum(h.result(timeout=30) for h in handles)")
+    assert text(outputs) == "190"
+    kernel("%unload_ext neonnb")
+    outputs, _ = kernel("import neonnb._loop\nneonnb._loop._thread is None")
+    assert text(outputs) == "True"
+
+
+def test_a_job_defined_in_a_cell_is_replaced_by_re_running_the_cell(kernel: Any) -> None:
+    kernel("%load_ext neonnb\n%neonnb connect memory://\n%neonnb start")
+    kernel("@qm.job\ndef greet(name: str) -> str:\n    return f'hello {name}'")
+    kernel("@qm.job\ndef greet(name: str) -> str:\n    return f'goodbye {name}'")
+    outputs, _ = kernel("greet.dispatch('you').result(timeout=10)")
+    assert text(outputs) == "'goodbye you'"
+
+
+@pytest.fixture
+def shell() -> Iterator[InteractiveShell]:
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "neonnb")
+    yield ip
+    ip.run_line_magic("unload_ext", "neonnb")
+    InteractiveShell.clear_instance()
+    assert loop._thread is None
+
+
+def test_magics_connect_start_status_failed_retry_output_and_debug(
+    shell: InteractiveShell, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shell.run_line_magic("neonnb", "connect memory://")
+    qm = shell.user_ns["qm"]
+    shell.run_cell("@qm.job(max_attempts=1)\ndef parse(text: str) -> int:\n"
+                   "    print('parsing', text)\n    return int(text)")
+    parse = shell.user_ns["parse"]
+    bad = parse.dispatch("forty-two")
+    worker = shell.run_line_magic("neonnb", "start -c 2")
+    assert worker.is_running
+    bad.wait(timeout=10)
+
+    failed = shell.run_line_magic("neonnb", "failed")
+    assert list(failed["id"]) == [bad.id] and list(failed["error_type"]) == ["ValueError"]
+    shell.run_line_magic("neonnb", f"output {bad.id}")
+    assert "parsing forty-two" in capsys.readouterr().out
+
+    # The debugger replays the handler with the stored argument: print it, then continue.
+    monkeypatch.setattr("sys.stdin", io.StringIO("p text\ncontinue\n"))
+    with pytest.raises(ValueError, match="forty-two"):
+        shell.run_line_magic("neonnb", f"debug {bad.id}")
+    assert "'forty-two'" in capsys.readouterr().out
+
+    dashboard = shell.run_line_magic("neonnb", "status")
+    assert "neonnb-dashboard" in dashboard.widget._dom_classes
+    shell.run_line_magic("neonnb", "stop")
+    assert not worker.is_running
+    handle = shell.run_line_magic("neonnb", f"retry {bad.id}")
+    assert handle.id == bad.id and qm.size() == 1
+    with pytest.raises(Exception, match="unknown %neonnb command 'frobnicate'"):
+        shell.run_line_magic("neonnb", "frobnicate")
