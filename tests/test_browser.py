@@ -34,6 +34,8 @@ CELLS = [
     # One job each: the 'fragile' worker stops after its job, so a retried job stays queued.
     "qm.worker('default', 1).start()\nqm.worker('fragile', 1, neonnb.WorkerOptions(max_jobs=1)).start()\n"
     "crunch.dispatch(10)\nexplode.dispatch()",
+    # The kernel is busy in sync code while the jobs run: the panel must move anyway.
+    "time.sleep(15)",
 ]
 
 
@@ -94,6 +96,8 @@ def test_dashboard_shows_progress_and_failed_job_and_retry_moves_it_back(jupyter
             dashboard.wait_for(timeout=60_000)
             bar = dashboard.locator(".neonnb-progress .progress-bar")
             expect(bar).to_have_attribute("style", re.compile(r"\bwidth: 100%"), timeout=30_000)
+            busy = page.locator(".jp-Cell").last.locator(".jp-InputPrompt")
+            expect(busy).to_have_text("[*]:")  # the bar moved while the kernel ran the sleeping cell
             failed = dashboard.locator(".neonnb-failed-job")
             expect(failed).to_contain_text("boom from the browser test", timeout=30_000)
             page.screenshot(path=str(output / "dashboard.png"), full_page=True)
