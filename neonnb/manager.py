@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from .notebook.dashboard import Dashboard
+    from .scheduler import Scheduler
 
 logger = logging.getLogger("neonnb.manager")
 
@@ -289,6 +290,13 @@ class QueueManager:
 
     def workers_df(self) -> pd.DataFrame:
         return frames.workers_frame(self.workers)
+
+    def scheduler(self, poll_interval: float = 1.0) -> Scheduler:
+        """A scheduler for cron and recurring jobs (see neonnb.scheduler); several, in any
+        processes, may run the same schedules: each tick is dispatched once."""
+        from .scheduler import Scheduler
+
+        return Scheduler(self, poll_interval=poll_interval)
 
     def dashboard(self, interval: float | None = 0.5) -> Dashboard:
         """The live ipywidgets panel (what ``%neonnb status`` shows); refreshes every

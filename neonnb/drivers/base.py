@@ -42,6 +42,11 @@ class Driver(abc.ABC):
         """Store new jobs, all in one round trip; when this returns they are durable."""
 
     @abc.abstractmethod
+    async def enqueue_once(self, record: JobRecord) -> bool:
+        """Store the job unless one with its id exists (in any state, until purged); True if
+        stored. Atomic: of several processes enqueuing the same id at once, one wins."""
+
+    @abc.abstractmethod
     async def reserve(
         self, queues: Sequence[str], limit: int, worker_id: str, now: float, lease_expires: float
     ) -> list[JobRecord]:

@@ -125,17 +125,27 @@ ENQUEUED_COLUMNS = (
 )
 
 
+def _enqueued_row(r: JobRecord) -> tuple[Any, ...]:
+    return (r.id, r.queue, r.name, r.payload, r.priority.rank, r.status.value, r.attempts, r.max_attempts,
+            r.timeout, r.run_at, r.created_at)  # in ENQUEUED_COLUMNS order
+
+
 class HotStatements:
     """The statements a busy worker runs, built once with bound parameters (``b_*``):
     building a SQLAlchemy construct costs more than executing its cached compiled form."""
 
-    def __init__(self, t: Table, postgres: bool, paramstyle: str, quoted_table: str) -> None:
+    def __init__(self, t: Table, postgres: bool, mysql: bool, paramstyle: str, quoted_table: str) -> None:
         c = t.c
         marker = {"qmark": "?", "format": "%s", "pyformat": "%s"}.get(paramstyle)
         if marker is None:
             raise ConfigError(f"Config.connection: DBAPI paramstyle {paramstyle!r} is not supported")
         columns, markers = ", ".join(ENQUEUED_COLUMNS), ", ".join([marker] * len(ENQUEUED_COLUMNS))
         self.insert_one = f"INSERT INTO {quoted_table} ({columns}) VALUES ({markers})"
+        # enqueue_once: MySQL and MariaDB lack ON CONFLICT, the others INSERT IGNORE.
+        self.insert_new = (
+            f"INSERT IGNORE INTO {quoted_table} ({columns}) VALUES ({markers})" if mysql
+            else f"{self.insert_one} ON CONFLICT (id) DO NOTHING"
+        )
 
         def one_of(column: Any, name: str) -> Any:
             # PostgreSQL takes the list as one array parameter; an expanding IN would be
@@ -223,7 +233,7 @@ class DatabaseDriver(Driver):
         dialect = self.engine.dialect.name
         self.table = jobs_table(table_name)
         self._sql = HotStatements(
-            self.table, dialect == "postgresql", self.engine.dialect.paramstyle,
+            self.table, dialect == "postgresql", dialect in ("mysql", "mariadb"), self.engine.dialect.paramstyle,
             self.engine.dialect.identifier_preparer.quote(table_name),
         )
         self._returning = self.engine.dialect.update_returning
@@ -328,11 +338,7 @@ class DatabaseDriver(Driver):
     # --- the protocol -----------------------------------------------------------------
 
     async def enqueue(self, records: Sequence[JobRecord]) -> None:
-        rows = [
-            (r.id, r.queue, r.name, r.payload, r.priority.rank, r.status.value, r.attempts, r.max_attempts,
-             r.timeout, r.run_at, r.created_at)
-            for r in records
-        ]  # in ENQUEUED_COLUMNS order
+        rows = [_enqueued_row(r) for r in records]
         if len(rows) == 1:
             # Plain DBAPI SQL: a one-row dispatch spends more in SQLAlchemy's statement
             # machinery than in the database.
@@ -342,6 +348,10 @@ class DatabaseDriver(Driver):
         elif rows:  # a large batch may take several INSERTs: all or none
             named = [dict(zip(ENQUEUED_COLUMNS, row, strict=True)) for row in rows]
             await self._transaction(lambda conn: conn.execute(self.table.insert(), named))
+
+    async def enqueue_once(self, record: JobRecord) -> bool:
+        row = _enqueued_row(record)
+        return await self._statement(lambda conn: conn.exec_driver_sql(self._sql.insert_new, row).rowcount == 1)
 
     def _copy_in(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
         """A batch on PostgreSQL goes in with COPY: one atomic statement, a third of the time

@@ -51,9 +51,19 @@ class MemoryDriver(Driver):
     async def enqueue(self, records: Sequence[JobRecord]) -> None:
         with self._lock:
             for record in records:
-                stored = copy.copy(record)
-                self._jobs[record.id] = stored
-                self._schedule(stored)
+                self._store(record)
+
+    async def enqueue_once(self, record: JobRecord) -> bool:
+        with self._lock:
+            if record.id in self._jobs:
+                return False
+            self._store(record)
+            return True
+
+    def _store(self, record: JobRecord) -> None:
+        stored = copy.copy(record)
+        self._jobs[record.id] = stored
+        self._schedule(stored)
 
     async def reserve(
         self, queues: Sequence[str], limit: int, worker_id: str, now: float, lease_expires: float

@@ -144,17 +144,26 @@ class RedisDriver(Driver):
     # --- the protocol -----------------------------------------------------------------
 
     async def enqueue(self, records: Sequence[JobRecord]) -> None:
-        groups: dict[str, list[Any]] = {}
+        await self._store(records, only_new=False)
+
+    async def enqueue_once(self, record: JobRecord) -> bool:
+        return await self._store([record], only_new=True) == 1
+
+    async def _store(self, records: Sequence[JobRecord], only_new: bool) -> int:
+        """Run the enqueue script per queue; returns how many jobs it stored."""
+        by_queue: dict[str, list[list[str]]] = {}
         for r in records:
-            groups.setdefault(r.queue, []).extend([
-                r.id, r.name, r.payload, r.priority.rank, r.status.value, r.attempts, r.max_attempts,
+            by_queue.setdefault(r.queue, []).append([
+                r.id, r.name, r.payload, str(r.priority.rank), r.status.value, str(r.attempts), str(r.max_attempts),
                 "" if r.timeout is None else _num(r.timeout), _num(r.run_at), _num(r.created_at),
             ])
-        new = set(groups) - self._registered
+        new = set(by_queue) - self._registered
         if new:
             await self._reach(lambda client: client.redis.sadd(f"{self.prefix}queues", *new))
             self._registered |= new
-        await self._per_queue("enqueue", groups, lambda q: [self.channel, q])
+        groups = {queue: [json.dumps(jobs)] for queue, jobs in by_queue.items()}
+        flag = "1" if only_new else "0"
+        return sum(await self._per_queue("enqueue", groups, lambda q: [self.channel, q, flag]))
 
     async def reserve(
         self, queues: Sequence[str], limit: int, worker_id: str, now: float, lease_expires: float
@@ -169,7 +178,7 @@ class RedisDriver(Driver):
                 break
             args = [_num(now), limit - len(claimed), worker_id, _num(lease_expires)]
             rows = await self._script("reserve", group, args)
-            claimed += [self._record(dict(zip(row[::2], row[1::2], strict=True))) for row in rows]
+            claimed += [self._record(json.loads(row)) for row in rows]
         return claimed
 
     async def extend_leases(self, jobs: Sequence[JobRecord], worker_id: str, lease_expires: float) -> None:
