@@ -4,6 +4,7 @@ from .config import Config, WorkerOptions
 from .drivers.base import QueueCounts
 from .errors import (
     ConfigError,
+    JobCancelled,
     JobFailed,
     JobNotFound,
     JobTimeout,
@@ -21,7 +22,7 @@ from .notebook import load_ipython_extension, unload_ipython_extension
 from .worker import JobEvent, Worker
 
 __all__ = [
-    "Config", "ConfigError", "Context", "FailedJob", "Job", "JobEvent", "JobFailed", "JobHandle",
+    "Config", "ConfigError", "Context", "FailedJob", "Job", "JobCancelled", "JobEvent", "JobFailed", "JobHandle",
     "JobNotFound", "JobRecord", "JobTimeout", "MissingDependency", "NeonnbError", "PayloadError",
     "Priority", "QueueCounts", "QueueManager", "Retry", "SerializationError", "Status", "StoreUnavailable",
     "UnknownJobError", "Worker", "WorkerOptions", "connect", "load_ipython_extension", "unload_ipython_extension",

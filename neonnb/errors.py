@@ -7,6 +7,7 @@
     ├── UnknownJobError        a stored job names a type this process hasn't registered
     ├── JobNotFound            no job with that id
     ├── JobFailed              waited on a job that ended in the failed store
+    ├── JobCancelled           waited on a job that was cancelled
     ├── JobTimeout             a job ran past its timeout
     ├── StoreUnavailable       the queue's store (Redis, the database) can't be reached
     ├── MissingDependency      a job asked ctx.deps for something nobody provided
@@ -45,6 +46,10 @@ class UnknownJobError(NeonnbError, LookupError):
 
 class JobNotFound(NeonnbError, LookupError):
     """No job with that id."""
+
+
+class JobCancelled(NeonnbError):
+    """The job was cancelled before it finished."""
 
 
 class JobFailed(NeonnbError):

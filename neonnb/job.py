@@ -11,6 +11,7 @@ import abc
 import dataclasses
 import enum
 import functools
+import hashlib
 import inspect
 import json
 import logging
@@ -26,6 +27,7 @@ from .errors import MissingDependency, PayloadError, UnknownJobError
 
 if TYPE_CHECKING:
     from .manager import JobHandle, QueueManager
+    from .workflows import BatchHandle
 
 if sys.version_info >= (3, 11):
     from typing import dataclass_transform
@@ -61,9 +63,10 @@ class Status(str, enum.Enum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
-FINISHED = (Status.SUCCEEDED, Status.FAILED)
+FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
 
 
 @dataclass
@@ -93,6 +96,9 @@ class JobRecord:
     result: str | None = None
     error: dict[str, Any] | None = None
     output: str | None = None  # what the last attempt printed and logged (neonnb.capture)
+    chain: dict[str, Any] | None = None  # set on the steps of a chain (neonnb.workflows)
+    unique_key: str | None = None  # at most one queued or running job per key
+    cancel_requested: bool = False  # someone asked this running job to stop
 
     def result_value(self) -> Any:
         return None if self.result is None else json.loads(self.result)
@@ -108,8 +114,10 @@ class Job(abc.ABC):
     Subclasses become dataclasses. ``handle(self, ctx)`` may be sync (runs in a thread) or
     async (runs on the loop). Optional methods, as in the spec: ``should_retry(err)``,
     ``max_attempts()``, ``delay()`` (seconds), ``priority()``, ``retry_delay(attempt, err)``
-    (seconds) and ``timeout()`` (seconds). ``class X(Job, job_name="reports.build")`` sets the
-    stored name; by default it is ``module.QualName``.
+    (seconds) and ``timeout()`` (seconds); and ``unique_key()``: while a job with the same key
+    is queued or running, dispatching another returns that one's handle instead.
+    ``class X(Job, job_name="reports.build")`` sets the stored name; by default it is
+    ``module.QualName``.
     """
 
     job_name: ClassVar[str]
@@ -175,8 +183,10 @@ class FunctionJob(JobType):
         max_attempts: int | None = None,
         timeout: float | None = None,
         priority: Priority = Priority.NORMAL,
+        unique: bool = False,
     ) -> None:
         self.fn = fn
+        self.unique = unique
         self.manager = manager
         self.name = name or f"{fn.__module__}.{fn.__qualname__}"
         self.queue = queue
@@ -216,7 +226,7 @@ class FunctionJob(JobType):
     async def adispatch(self, *args: Any, **kwargs: Any) -> JobHandle:
         return await self.manager.adispatch(self.queue or self.manager.config.default_queue, self.call(*args, **kwargs))
 
-    def map(self, items: typing.Iterable[Any]) -> list[JobHandle]:
+    def map(self, items: typing.Iterable[Any]) -> BatchHandle:
         """Enqueue ``f(item)`` for every item in one batch."""
         calls = [self.call(item) for item in items]
         return self.manager.dispatch_batch(self.queue or self.manager.config.default_queue, calls)
@@ -281,6 +291,13 @@ class FunctionCall:
 
     def priority(self) -> Priority:
         return self.function.priority
+
+    def unique_key(self) -> str | None:
+        """With ``@qm.job(unique=True)``: the function and its arguments."""
+        if not self.function.unique:
+            return None
+        arguments = json.dumps(self.arguments, sort_keys=True, separators=(",", ":"))
+        return f"{self.function.name}:{hashlib.sha256(arguments.encode()).hexdigest()[:32]}"
 
 
 def is_async_job(job: Any) -> bool:
@@ -375,6 +392,12 @@ class Context:
         self._report_progress = report_progress
         self._record = record
         self._cancelled = False
+
+    @property
+    def previous(self) -> Any:
+        """In a chain, the result of the step before this one (None for the first step)."""
+        previous = (self._record.chain or {}).get("previous")
+        return None if previous is None else json.loads(previous)
 
     @functools.cached_property
     def logger(self) -> logging.LoggerAdapter[logging.Logger]:

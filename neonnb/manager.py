@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
-from . import frames
+from . import frames, workflows
 from ._loop import run_sync
 from .config import Config, WorkerOptions, parse_duration
 from .drivers import create_driver
 from .drivers.base import Driver, QueueCounts
-from .errors import ConfigError, JobFailed, JobNotFound
+from .errors import ConfigError, JobCancelled, JobFailed, JobNotFound
 from .job import FINISHED, FunctionJob, JobRecord, Priority, Status, encode_job
 from .worker import Events, Worker
 
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
     from .notebook.dashboard import Dashboard
     from .scheduler import Scheduler
+    from .workflows import BatchHandle, ChainHandle
 
 logger = logging.getLogger("neonnb.manager")
 
@@ -98,7 +99,7 @@ class QueueManager:
     @overload
     def job(
         self, fn: None = None, /, *, queue: str | None = ..., max_attempts: int | None = ..., timeout: Any = ...,
-        priority: Priority | str = ..., name: str | None = ...,
+        priority: Priority | str = ..., name: str | None = ..., unique: bool = ...,
     ) -> Callable[[Callable[..., Any]], FunctionJob]: ...
 
     def job(
@@ -111,8 +112,11 @@ class QueueManager:
         timeout: Any = None,
         priority: Priority | str = Priority.NORMAL,
         name: str | None = None,
+        unique: bool = False,
     ) -> FunctionJob | Callable[[Callable[..., Any]], FunctionJob]:
-        """Register a function as a job: ``@qm.job`` or ``@qm.job(queue="etl", max_attempts=5)``."""
+        """Register a function as a job: ``@qm.job`` or ``@qm.job(queue="etl", max_attempts=5)``.
+        ``unique=True``: while a call with the same arguments is queued or running, dispatching
+        it again returns that job's handle instead of enqueuing another."""
         if max_attempts is not None and (not isinstance(max_attempts, int) or max_attempts < 1):
             raise ConfigError(f"job max_attempts must be an integer of at least 1, got {max_attempts!r}")
         seconds = None if timeout is None else parse_duration(timeout, "job timeout")
@@ -120,7 +124,8 @@ class QueueManager:
 
         def register(f: Callable[..., Any]) -> FunctionJob:
             return FunctionJob(
-                f, self, name=name, queue=queue, max_attempts=max_attempts, timeout=seconds, priority=prio
+                f, self, name=name, queue=queue, max_attempts=max_attempts, timeout=seconds, priority=prio,
+                unique=unique,
             )
 
         return register if fn is None else register(fn)
@@ -162,6 +167,7 @@ class QueueManager:
             timeout=None if timeout is None else parse_duration(timeout, f"{name}.timeout()"),
             run_at=run_at,
             created_at=now,
+            unique_key=job.unique_key() if hasattr(job, "unique_key") else None,
         )
 
     def _add_worker(self, worker: Worker) -> None:
@@ -187,7 +193,12 @@ class QueueManager:
                 worker.notify(due)
 
     async def _enqueue(self, records: list[JobRecord]) -> list[JobHandle]:
-        await self.driver.enqueue(records)
+        plain = [r for r in records if r.unique_key is None]
+        if plain:
+            await self.driver.enqueue(plain)
+        for r in records:
+            if r.unique_key is not None:
+                r.id = await self.driver.enqueue_unique(r)  # the id of whichever job holds the key
         earliest: dict[str, float] = {}
         for r in records:
             earliest[r.queue] = min(r.run_at, earliest.get(r.queue, r.run_at))
@@ -212,10 +223,26 @@ class QueueManager:
     async def adispatch_with_priority(self, queue: str, job: Any, priority: Priority | str) -> JobHandle:
         return (await self._enqueue([self._record(queue, job, priority=priority)]))[0]
 
-    async def adispatch_batch(self, queue: str, jobs: Iterable[Any]) -> list[JobHandle]:
-        """Enqueue many jobs in one driver round trip; if any can't be encoded, none is."""
+    async def adispatch_batch(self, queue: str, jobs: Iterable[Any]) -> BatchHandle:
+        """Enqueue many jobs in one driver round trip; if any can't be encoded, none is. The
+        handle is the list of the jobs' handles, with the batch's counts and progress."""
         records = [self._record(queue, job) for job in jobs]
-        return await self._enqueue(records) if records else []
+        return workflows.BatchHandle(self, await self._enqueue(records) if records else [])
+
+    async def achain(self, queue: str, jobs: Sequence[Any]) -> ChainHandle:
+        """Run ``jobs`` in order on ``queue``, each once the one before succeeded (see
+        neonnb.workflows). Every step is encoded first: one that can't be stored stops the
+        chain before anything is enqueued."""
+        records = [self._record(queue, job) for job in jobs]
+        if not records:
+            raise ValueError("a chain needs at least one job")
+        chain_id = new_job_id()
+        first = workflows.first_step(chain_id, records)
+        await self._enqueue([first])
+        return workflows.ChainHandle(self, chain_id, queue, len(records))
+
+    def chain(self, queue: str, jobs: Sequence[Any]) -> ChainHandle:
+        return run_sync(self.achain(queue, jobs))
 
     def dispatch(self, queue: str, job: Any) -> JobHandle:
         return run_sync(self.adispatch(queue, job))
@@ -229,7 +256,7 @@ class QueueManager:
     def dispatch_with_priority(self, queue: str, job: Any, priority: Priority | str) -> JobHandle:
         return run_sync(self.adispatch_with_priority(queue, job, priority))
 
-    def dispatch_batch(self, queue: str, jobs: Iterable[Any]) -> list[JobHandle]:
+    def dispatch_batch(self, queue: str, jobs: Iterable[Any]) -> BatchHandle:
         return run_sync(self.adispatch_batch(queue, jobs))
 
     # --- looking at queues ----------------------------------------------------------------
@@ -305,6 +332,15 @@ class QueueManager:
 
         return Dashboard(self, interval=interval).start()
 
+    async def acancel(self, job_id: str, queue: str | None = None) -> Status | None:
+        """Cancel a job: a queued or delayed one never runs; a running one is asked to stop
+        (``ctx.cancelled`` turns true for sync handlers, async ones are cancelled) at its
+        worker's next heartbeat. Returns the status the job had (None: no such job)."""
+        return await self.driver.cancel(job_id, queue, self.clock())
+
+    def cancel(self, job_id: str, queue: str | None = None) -> Status | None:
+        return run_sync(self.acancel(job_id, queue))
+
     def handle(self, job_id: str) -> JobHandle:
         """A handle for a job id seen elsewhere (a log line, a DataFrame)."""
         return JobHandle(self, job_id)
@@ -331,7 +367,6 @@ class JobHandle:
         return f"<JobHandle {self.id}>"
 
     def _repr_html_(self) -> str:
-        from . import frames
         from .notebook import html
 
         try:
@@ -385,8 +420,14 @@ class JobHandle:
             await asyncio.sleep(pause)
             pause = min(pause * 1.5, 0.2)
 
+    def cancel(self) -> Status | None:
+        """See ``QueueManager.cancel``."""
+        return self.manager.cancel(self.id, self.queue)
+
     async def aresult(self, timeout: float | None = None) -> Any:
         record = await self.await_finished(timeout)
+        if record.status is Status.CANCELLED:
+            raise JobCancelled(f"job {self.id} ({record.name}) was cancelled")
         if record.status is Status.FAILED:
             error = record.error or {}
             raise JobFailed(

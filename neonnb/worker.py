@@ -23,11 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from . import _loop, capture
+from . import _loop, capture, workflows
 from .codec import dumps, encode
 from .config import WorkerOptions
-from .errors import JobTimeout, PayloadError, Retry, SerializationError, UnknownJobError
-from .job import Context, JobRecord, decode_job, is_async_job
+from .errors import JobCancelled, JobTimeout, PayloadError, Retry, SerializationError, UnknownJobError
+from .job import Context, JobRecord, Status, decode_job, is_async_job
 
 if TYPE_CHECKING:
     from .manager import QueueManager
@@ -84,7 +84,8 @@ def encode_result(value: Any, record: JobRecord) -> str | None:
 
 @dataclass
 class JobEvent:
-    """A lifecycle event: ``started``, ``progress``, ``succeeded``, ``retrying`` or ``failed``."""
+    """A lifecycle event: ``started``, ``progress``, ``succeeded``, ``retrying``, ``failed`` or
+    ``cancelled``."""
 
     kind: str
     job_id: str
@@ -147,6 +148,7 @@ class Worker:
         self.id = self.options.worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.jobs_started = 0
         self._active: dict[str, _Running] = {}
+        self._cancelling: set[str] = set()  # jobs being stopped because someone cancelled them
         self._dirty_progress: dict[str, tuple[JobRecord, dict[str, Any]]] = {}
         # Finished jobs waiting to be acknowledged together. Their slots are free already;
         # their leases are kept until the ack is stored.
@@ -356,9 +358,20 @@ class Worker:
             held = [*(running.record for running in self._active.values()), *(record for record, _ in self._acks)]
             if held:
                 now = self.manager.clock()
-                await self._guard(
+                stopping = await self._guard(
                     self.driver.extend_leases(held, self.id, now + self.options.lease_timeout), "extending leases"
                 )
+                for job_id in stopping or ():
+                    self._stop_job(job_id)
+
+    def _stop_job(self, job_id: str) -> None:
+        """Someone cancelled a job we run: a sync handler sees ``ctx.cancelled``, an async one
+        is cancelled; either way it ends CANCELLED (see _execute)."""
+        running = self._active.get(job_id)
+        if running is not None and job_id not in self._cancelling:
+            self._cancelling.add(job_id)
+            running.ctx.cancel()
+            running.task.cancel()
 
     async def _drain(self) -> None:
         try:
@@ -419,7 +432,11 @@ class Worker:
                 if output:
                     await self._guard(self.driver.save_output(record, self.id, output.text()), "saving output")
         except asyncio.CancelledError:
-            raise  # stop(): _drain releases the job
+            if record.id not in self._cancelling:
+                raise  # stop(): _drain releases the job
+            self._cancelling.discard(record.id)
+            _uncancel()
+            await self._fail(record, JobCancelled("cancelled while running"), Status.CANCELLED)
         except (UnknownJobError, PayloadError) as exc:
             # Retrying can't help until someone imports or fixes something.
             await self._fail(record, exc)
@@ -428,7 +445,22 @@ class Worker:
         else:
             if record.id in self._dirty_progress:
                 await self._flush_progress(record.id)
-            self._acknowledge(record, encode_result(value, record))
+            result = encode_result(value, record)
+            if record.chain is not None and not await self._continue_chain(record, result):
+                return  # no ack: the lease runs out and the step runs again, chain intact
+            self._acknowledge(record, result)
+
+    async def _continue_chain(self, record: JobRecord, result: str | None) -> bool:
+        """Store the chain's next step (once, whoever tries) before this step is acknowledged."""
+        step = workflows.next_step(record, result, self.manager.clock())
+        if step is None:
+            return True
+        stored = await self._persist(lambda: self.driver.enqueue_once(step), "continue the chain of")
+        if stored is None:
+            return False
+        if stored:
+            self.manager._wake_workers(step.queue)
+        return True
 
     def _acknowledge(self, record: JobRecord, result: str | None) -> None:
         """Queue the job's success. Acks that arrive while a write is in flight go together
@@ -476,8 +508,7 @@ class Worker:
         except asyncio.CancelledError:
             if not timed_out:
                 raise
-            if hasattr(task, "uncancel"):
-                task.uncancel()
+            _uncancel()
             raise JobTimeout(f"job ran longer than its timeout of {timeout:g}s") from None
         finally:
             if timer is not None:
@@ -503,13 +534,14 @@ class Worker:
                         record.id, record.name, record.attempts, info["type"], delay)
             self.manager.events.emit("retrying", record, error=info, retry_in=delay)
 
-    async def _fail(self, record: JobRecord, exc: BaseException) -> None:
+    async def _fail(self, record: JobRecord, exc: BaseException, status: Status = Status.FAILED) -> None:
         await self._flush_progress(record.id)
         info = error_info(exc)
-        if await self._persist(lambda: self.driver.fail(record, self.id, self.manager.clock(), info), "fail"):
-            logger.warning("job %s (%s) failed after %d attempt(s): %s: %s",
-                           record.id, record.name, record.attempts, info["type"], info["message"])
-            self.manager.events.emit("failed", record, error=info)
+        now = self.manager.clock()
+        if await self._persist(lambda: self.driver.fail(record, self.id, now, info, status), status.value):
+            logger.warning("job %s (%s) %s after %d attempt(s): %s: %s", record.id, record.name, status.value,
+                           record.attempts, info["type"], info["message"])
+            self.manager.events.emit(status.value, record, error=info)
 
     async def _persist(self, write: Callable[[], Awaitable[T]], what: str) -> T | None:
         """Record an outcome, retrying while storage is unreachable. If it never comes back
@@ -523,6 +555,13 @@ class Worker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         return None
+
+
+def _uncancel() -> None:
+    """After handling our own cancellation of the current task, so its later awaits run."""
+    task = asyncio.current_task()
+    if task is not None and hasattr(task, "uncancel"):  # Python 3.11+
+        task.uncancel()
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -153,6 +153,41 @@ class ChattyAsync(Job):
         return self.words
 
 
+class AddToPrevious(Job):
+    """A chain step: the previous step's result plus n."""
+
+    n: int
+
+    def handle(self, ctx: Context) -> int:
+        RECORD.add(("add", self.n, ctx.previous))
+        return int(ctx.previous or 0) + self.n
+
+
+GATE = threading.Event()  # Gated jobs fail while it is clear
+
+
+class Gated(Job):
+    def handle(self, ctx: Context) -> int:
+        if not GATE.is_set():
+            raise RuntimeError("the gate is closed")
+        return int(ctx.previous) * 10
+
+    def max_attempts(self) -> int:
+        return 1
+
+
+class DailyReport(Job):
+    """Unique per day."""
+
+    day: str
+
+    def handle(self, ctx: Context) -> str:
+        return self.day
+
+    def unique_key(self) -> str:
+        return f"report:{self.day}"
+
+
 class Halfway(Job):
     """Reports 1 of 2 steps, then waits for RELEASE (a running job with progress to look at)."""
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 
 import neonnb._loop as loop
-from neonnb import Priority, QueueManager, Status
+from neonnb import JobCancelled, JobFailed, Priority, QueueManager, SerializationError, Status
 from tests import jobs
 from tests.conftest import FakeClock, wait_until
 
@@ -231,3 +231,129 @@ def test_what_a_job_prints_and_logs_is_kept_with_it_not_printed(
     printed = capsys.readouterr()
     assert "sync-" not in printed.out + printed.err
     assert qm.dispatch("q", jobs.Note("quiet")).output is None
+
+
+def drain(qm: QueueManager, queue: str = "q") -> None:
+    worker = qm.worker(queue, 4)
+    while worker.run_once():
+        pass
+
+
+def test_a_chain_runs_its_steps_in_order_passing_results(make_manager: MakeManager) -> None:
+    qm = make_manager()
+    chain = qm.chain("q", [jobs.AddToPrevious(1), jobs.AddToPrevious(10), jobs.AddToPrevious(100)])
+    assert qm.size("q") == 1  # only the first step is queued
+    assert chain.status().steps == ["queued", "pending", "pending"]
+    drain(qm)
+    assert jobs.RECORD.order == [("add", 1, None), ("add", 10, 1), ("add", 100, 11)]
+    assert chain.result(timeout=5) == 111
+    assert chain.status().state == "succeeded"
+
+
+def test_a_failed_step_stops_the_chain_and_retrying_it_resumes(make_manager: MakeManager) -> None:
+    jobs.GATE.clear()
+    qm = make_manager()
+    chain = qm.chain("q", [jobs.AddToPrevious(4), jobs.Gated(), jobs.AddToPrevious(2)])
+    drain(qm)
+    status = chain.status()
+    assert (status.state, status.failed_step, status.steps) == ("failed", 1, ["succeeded", "failed", "pending"])
+    assert "failed at step 1" in str(status)
+    with pytest.raises(JobFailed, match="the gate is closed"):
+        chain.result(timeout=5)
+    jobs.GATE.set()  # the fix
+    qm.failed.retry(chain.step(1).id)
+    drain(qm)
+    assert chain.result(timeout=5) == 42
+    assert chain.status().steps == ["succeeded"] * 3
+
+
+def test_a_chain_with_a_step_that_cant_be_stored_enqueues_nothing(make_manager: MakeManager) -> None:
+    qm = make_manager()
+    with pytest.raises(SerializationError, match="conn"):
+        qm.chain("q", [jobs.Note("fine"), jobs.HoldsObject("x", jobs.Unstorable()), jobs.Note("never")])
+    assert qm.size("q") == 0
+
+
+def test_a_unique_job_is_enqueued_once_while_queued_or_running(make_manager: MakeManager, clock: FakeClock) -> None:
+    qm = make_manager(clock=clock)
+    first = qm.dispatch("q", jobs.DailyReport("2026-11-29"))
+    assert qm.dispatch("q", jobs.DailyReport("2026-11-29")).id == first.id
+    other_day = qm.dispatch("q", jobs.DailyReport("2026-11-30"))
+    assert other_day.id != first.id and qm.size("q") == 2
+
+    [running] = loop.run_sync(qm.driver.reserve(["q"], 1, "w", clock(), clock() + 30))
+    assert running.id == first.id
+    assert qm.dispatch("q", jobs.DailyReport("2026-11-29")).id == first.id  # still running
+    loop.run_sync(qm.driver.complete([(running, None)], "w", clock()))
+    again = qm.dispatch("q", jobs.DailyReport("2026-11-29"))  # the first finished: a new one
+    assert again.id != first.id and qm.size("q") == 2
+
+    @qm.job(queue="q", unique=True)
+    def refresh(table: str) -> str:
+        return table
+
+    assert refresh.dispatch("prices").id == refresh.dispatch(table="prices").id
+    assert refresh.dispatch("prices").id != refresh.dispatch("orders").id
+
+
+def test_unique_dispatches_racing_from_many_connections_store_one_job(make_manager: MakeManager) -> None:
+    first = make_manager()
+    managers = [first] + [
+        QueueManager(first.config, driver=first.driver) if first.config.driver == "memory" else make_manager()
+        for _ in range(5)
+    ]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(6) as pool:
+        ids = set(pool.map(lambda qm: qm.dispatch("q", jobs.DailyReport("race")).id, managers * 4))
+    assert len(ids) == 1 and first.size("q") == 1
+
+
+def test_cancel_a_queued_or_delayed_job_and_it_never_runs(make_manager: MakeManager, clock: FakeClock) -> None:
+    qm = make_manager(clock=clock)
+    now = qm.dispatch("q", jobs.Note("now"))
+    later = qm.dispatch_after("q", jobs.Note("later"), 60)
+    kept = qm.dispatch("q", jobs.Note("kept"))
+    assert now.cancel() is Status.QUEUED and later.cancel() is Status.QUEUED
+    assert qm.cancel("no-such-job") is None
+    clock.advance(61)
+    drain(qm)
+    assert jobs.RECORD.order == ["kept"]
+    assert now.status is Status.CANCELLED and later.status is Status.CANCELLED
+    with pytest.raises(JobCancelled):
+        now.result(timeout=1)
+    assert kept.cancel() is Status.SUCCEEDED and kept.result(timeout=1) == "kept"  # too late: nothing changes
+    counts = qm.stats()["q"]
+    assert (counts.cancelled, counts.succeeded, counts.size) == (2, 1, 0)
+
+
+@pytest.mark.parametrize("job", [jobs.SlowAsync(60), jobs.BlockingSync()], ids=["async", "sync"])
+def test_cancel_a_running_job_stops_it(make_manager: MakeManager, job: object) -> None:
+    jobs.RELEASE.clear()
+    qm = make_manager(lease_timeout=0.3)  # the heartbeat, which brings the request, every 0.1 s
+    worker = qm.worker("q", 1).start()
+    try:
+        handle = qm.dispatch("q", job)
+        wait_until(lambda: handle.status is Status.RUNNING, what="the job to start")
+        assert handle.cancel() is Status.RUNNING
+        assert handle.wait(timeout=10) is Status.CANCELLED
+        with pytest.raises(JobCancelled, match="was cancelled"):
+            handle.result(timeout=1)
+        after = qm.dispatch("q", jobs.Note("the worker goes on"))
+        assert after.result(timeout=10) == "the worker goes on"
+    finally:
+        jobs.RELEASE.set()
+        worker.stop()
+
+
+def test_a_batch_handle_counts_its_jobs(make_manager: MakeManager, clock: FakeClock) -> None:
+    qm = make_manager(clock=clock)
+    batch = qm.dispatch_batch("q", [jobs.Note("a"), jobs.Permanent(), jobs.Note("c")])
+    assert len(batch) == 3 and [type(h).__name__ for h in batch] == ["JobHandle"] * 3  # still a list of handles
+    assert batch.counts() == {"pending": 3, "running": 0, "done": 0, "failed": 0, "cancelled": 0}
+    assert batch.progress == 0.0
+    batch[2].cancel()
+    drain(qm)
+    assert batch.counts() == {"pending": 0, "running": 0, "done": 1, "failed": 1, "cancelled": 1}
+    assert batch.progress == 1.0
+    assert batch[0].result(timeout=1) == "a"

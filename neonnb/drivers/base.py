@@ -29,6 +29,7 @@ class QueueCounts:
     running: int = 0
     succeeded: int = 0
     failed: int = 0
+    cancelled: int = 0
 
     @property
     def size(self) -> int:
@@ -47,6 +48,11 @@ class Driver(abc.ABC):
         stored. Atomic: of several processes enqueuing the same id at once, one wins."""
 
     @abc.abstractmethod
+    async def enqueue_unique(self, record: JobRecord) -> str:
+        """Store the job unless a queued or running job has its ``unique_key``; returns the
+        id of the job that has it (this one's when stored). Atomic across processes."""
+
+    @abc.abstractmethod
     async def reserve(
         self, queues: Sequence[str], limit: int, worker_id: str, now: float, lease_expires: float
     ) -> list[JobRecord]:
@@ -56,8 +62,9 @@ class Driver(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def extend_leases(self, jobs: Sequence[JobRecord], worker_id: str, lease_expires: float) -> None:
-        """Push out the lease of jobs this worker still runs (the heartbeat)."""
+    async def extend_leases(self, jobs: Sequence[JobRecord], worker_id: str, lease_expires: float) -> list[str]:
+        """Push out the lease of jobs this worker still runs (the heartbeat); returns the ids
+        of those someone asked to stop (``cancel``)."""
 
     @abc.abstractmethod
     async def set_progress(self, job: JobRecord, worker_id: str, progress: dict[str, Any]) -> None: ...
@@ -76,8 +83,16 @@ class Driver(abc.ABC):
         """Put a job back to QUEUED, due at ``run_at``, keeping its attempts."""
 
     @abc.abstractmethod
-    async def fail(self, job: JobRecord, worker_id: str, now: float, error: dict[str, Any]) -> bool:
-        """Move a job to the failed store (FAILED)."""
+    async def fail(
+        self, job: JobRecord, worker_id: str, now: float, error: dict[str, Any], status: Status = Status.FAILED
+    ) -> bool:
+        """Move a job to the failed store (FAILED), or end it CANCELLED when it stopped on request."""
+
+    @abc.abstractmethod
+    async def cancel(self, job_id: str, queue: str | None, now: float) -> Status | None:
+        """A queued (or delayed) job becomes CANCELLED and never runs; a running one is asked
+        to stop (its worker learns it at the next heartbeat). Returns the status the job had
+        (None: no such job)."""
 
     @abc.abstractmethod
     async def release(self, jobs: Sequence[JobRecord], worker_id: str, now: float) -> int:
@@ -90,11 +105,15 @@ class Driver(abc.ABC):
 
     @abc.abstractmethod
     async def purge_finished(self, before: float) -> int:
-        """Delete SUCCEEDED jobs that finished before ``before`` (their result TTL ended)."""
+        """Delete SUCCEEDED and CANCELLED jobs that finished before ``before`` (their TTL ended)."""
 
     @abc.abstractmethod
     async def get(self, job_id: str, queue: str | None = None) -> JobRecord | None:
         """The job's record; ``queue``, when the caller knows it, spares Redis a search."""
+
+    @abc.abstractmethod
+    async def get_many(self, job_ids: Sequence[str], queue: str | None = None) -> list[JobRecord]:
+        """The records of those of ``job_ids`` that exist, in one round trip where the store allows."""
 
     @abc.abstractmethod
     async def list_jobs(

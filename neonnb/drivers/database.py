@@ -12,9 +12,10 @@ autocommit, takes batches with COPY and wakes idle workers with LISTEN/NOTIFY
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -42,10 +43,11 @@ from sqlalchemy import (
     event,
     func,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 
 from ..errors import ConfigError
 from ..job import JobRecord, Priority, Status
@@ -55,7 +57,7 @@ from .sqlite_watch import Watcher
 
 T = TypeVar("T")
 
-QUEUED, RUNNING, SUCCEEDED, FAILED = (s.value for s in Status)
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (s.value for s in Status)
 
 
 def jobs_table(name: str) -> Table:
@@ -83,6 +85,9 @@ def jobs_table(name: str) -> Table:
         Column("result", Text),
         Column("error", Text),
         Column("output", Text),
+        Column("chain", Text),
+        Column("unique_key", String(300)),
+        Column("cancel_requested", SmallInteger),  # 1 once someone asked the running job to stop
     )
     # The claim reads (queue, status) and orders by (priority, run_at, seq): one index serves
     # it. Where the database allows, it covers only queued rows, so it stays small however
@@ -91,9 +96,11 @@ def jobs_table(name: str) -> Table:
     Index(f"{name}_claim", t.c.queue, t.c.status, t.c.priority, t.c.run_at, t.c.seq,
           postgresql_where=queued, sqlite_where=queued)
     running = t.c.status == "running"
-    finished = t.c.status.in_(["succeeded", "failed"])
+    finished = t.c.status.in_(["succeeded", "failed", "cancelled"])
     Index(f"{name}_lease", t.c.status, t.c.lease_expires, postgresql_where=running, sqlite_where=running)
     Index(f"{name}_finished", t.c.status, t.c.finished_at, postgresql_where=finished, sqlite_where=finished)
+    keyed = t.c.unique_key.is_not(None)
+    Index(f"{name}_unique", t.c.unique_key, t.c.status, postgresql_where=keyed, sqlite_where=keyed)
     return t
 
 
@@ -121,13 +128,30 @@ def _sqlite_engine(url: str) -> Engine:
 # What a dispatch writes, in this order; the rest of a row starts empty.
 ENQUEUED_COLUMNS = (
     "id", "queue", "name", "payload", "priority", "status", "attempts", "max_attempts", "timeout", "run_at",
-    "created_at",
+    "created_at", "chain",
 )
+
+
+@contextlib.contextmanager
+def _mysql_lock(conn: Connection, name: str) -> Iterator[None]:
+    """A MySQL/MariaDB named lock (nothing elsewhere). It belongs to the session, not the
+    transaction, so it is taken before and released after the transaction's commit."""
+    if conn.dialect.name not in ("mysql", "mariadb"):
+        yield
+        return
+    params = {"name": name[:64]}
+    conn.execute(text("SELECT GET_LOCK(:name, 60)"), params)
+    conn.commit()
+    try:
+        yield
+    finally:
+        conn.execute(text("SELECT RELEASE_LOCK(:name)"), params)
+        conn.commit()
 
 
 def _enqueued_row(r: JobRecord) -> tuple[Any, ...]:
     return (r.id, r.queue, r.name, r.payload, r.priority.rank, r.status.value, r.attempts, r.max_attempts,
-            r.timeout, r.run_at, r.created_at)  # in ENQUEUED_COLUMNS order
+            r.timeout, r.run_at, r.created_at, None if r.chain is None else json.dumps(r.chain))  # ENQUEUED_COLUMNS
 
 
 class HotStatements:
@@ -182,11 +206,12 @@ class HotStatements:
         due_rows = self.due.cte("due").prefix_with("MATERIALIZED", dialect="postgresql")
         # What a worker needs of a claimed job; the rest it knows (it just set it) or never reads.
         claimed = [c.seq, c.id, c.queue, c.name, c.payload, c.priority, c.attempts, c.max_attempts, c.timeout,
-                   c.run_at, c.created_at]
+                   c.run_at, c.created_at, c.chain]
         self.claim = claim.where(c.seq == due_rows.c.seq).returning(*claimed)
         self.claim_seqs = claim.where(c.seq.in_(bindparam("b_seqs", expanding=True)))
         self.rows_by_seq = select(*claimed).where(c.seq.in_(bindparam("b_seqs", expanding=True)))
         self.extend = update(t).where(self.owned).values(lease_expires=bindparam("b_lease"))
+        self.stopping = select(c.id).where(self.owned, c.cancel_requested == 1)
         self.complete = update(t).where(self.owned).values(
             status=SUCCEEDED, finished_at=bindparam("b_now"), lease_expires=None
         )
@@ -267,14 +292,21 @@ class DatabaseDriver(Driver):
             if self._schema_ready:
                 return
             try:
-                self.table.metadata.create_all(self.engine, checkfirst=True)
-            except (OperationalError, ProgrammingError):
+                self._create_schema()
+            except (OperationalError, ProgrammingError, IntegrityError):
                 # Another process created it between our check and our CREATE: fine if it's there now.
-                self.table.metadata.create_all(self.engine, checkfirst=True)
-            if self._notifies:
-                with self.engine.begin() as conn:
-                    install_trigger(conn, self.table.name)
+                self._create_schema()
             self._schema_ready = True
+
+    def _create_schema(self) -> None:
+        # Workers starting together on a new database take turns, so none inserts while
+        # another is still creating the indexes (a deadlock on MariaDB).
+        with self.engine.connect() as conn, _mysql_lock(conn, f"neonnb-schema:{self.table.name}"), conn.begin():
+            if self._postgres:
+                conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": self.table.name})
+            self.table.metadata.create_all(conn, checkfirst=True)
+            if self._notifies:
+                install_trigger(conn, self.table.name)
 
     def _call(self, fn: Callable[[Connection], T], single_statement: bool, durable: bool) -> T:
         self._ensure_schema()
@@ -324,6 +356,9 @@ class DatabaseDriver(Driver):
             result=m["result"],
             error=_json_or_none(m["error"]),
             output=m["output"],
+            chain=_json_or_none(m["chain"]),
+            unique_key=m["unique_key"],
+            cancel_requested=bool(m["cancel_requested"]),
         )
 
     def _announce(self, conn: Connection, queues: set[str]) -> None:
@@ -353,6 +388,35 @@ class DatabaseDriver(Driver):
         row = _enqueued_row(record)
         return await self._statement(lambda conn: conn.exec_driver_sql(self._sql.insert_new, row).rowcount == 1)
 
+    async def enqueue_unique(self, record: JobRecord) -> str:
+        c = self.table.c
+        holder = (
+            select(c.id).where(c.unique_key == record.unique_key, c.status.in_([QUEUED, RUNNING])).limit(1)
+        )
+        row = dict(zip(ENQUEUED_COLUMNS, _enqueued_row(record), strict=True))
+
+        def store_unless_held(conn: Connection) -> str:
+            # Look and insert under a lock on the key that lasts until the commit, so two
+            # dispatches can't both miss each other. SQLite's BEGIN IMMEDIATE already
+            # serialises writers; PostgreSQL's advisory lock ends with the transaction.
+            if self._postgres:
+                conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": record.unique_key})
+            existing = conn.execute(holder).scalar()
+            if existing is not None:
+                return str(existing)
+            conn.execute(self.table.insert(), {**row, "unique_key": record.unique_key})
+            return record.id
+
+        if self.engine.dialect.name not in ("mysql", "mariadb"):
+            return await self._transaction(store_unless_held)
+
+        def under_named_lock() -> str:
+            self._ensure_schema()
+            with self.engine.connect() as conn, _mysql_lock(conn, f"neonnb:{record.unique_key}"), conn.begin():
+                return store_unless_held(conn)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, under_named_lock)
+
     def _copy_in(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
         """A batch on PostgreSQL goes in with COPY: one atomic statement, a third of the time
         of a multi-row INSERT (which spends it adapting parameters)."""
@@ -380,6 +444,7 @@ class DatabaseDriver(Driver):
                     priority=Priority.from_rank(row.priority), status=Status.RUNNING, attempts=row.attempts,
                     max_attempts=row.max_attempts, timeout=row.timeout, run_at=row.run_at,
                     created_at=row.created_at, started_at=now, lease_expires=lease_expires, worker_id=worker_id,
+                    chain=_json_or_none(row.chain),
                 )
                 for row in rows
             ]
@@ -396,10 +461,27 @@ class DatabaseDriver(Driver):
 
         return await self._transaction(select_then_claim, durable=False)
 
-    async def extend_leases(self, jobs: Sequence[JobRecord], worker_id: str, lease_expires: float) -> None:
+    async def extend_leases(self, jobs: Sequence[JobRecord], worker_id: str, lease_expires: float) -> list[str]:
         params = {"b_ids": [job.id for job in jobs], "b_owner": worker_id, "b_lease": lease_expires}
-        if jobs:
-            await self._statement(lambda conn: conn.execute(self._sql.extend, params), durable=False)
+
+        def extend(conn: Connection) -> list[str]:
+            conn.execute(self._sql.extend, params)
+            return list(conn.execute(self._sql.stopping, params).scalars())
+
+        return await self._transaction(extend, durable=False) if jobs else []
+
+    async def cancel(self, job_id: str, queue: str | None, now: float) -> Status | None:
+        c = self.table.c
+
+        def cancel(conn: Connection) -> Status | None:
+            status = conn.execute(select(c.status).where(c.id == job_id).with_for_update()).scalar()
+            if status == QUEUED:
+                conn.execute(update(self.table).where(c.id == job_id).values(status=CANCELLED, finished_at=now))
+            elif status == RUNNING:
+                conn.execute(update(self.table).where(c.id == job_id).values(cancel_requested=1))
+            return None if status is None else Status(status)
+
+        return await self._transaction(cancel)
 
     async def set_progress(self, job: JobRecord, worker_id: str, progress: dict[str, Any]) -> None:
         await self._update_owned(job.id, worker_id, {"progress": json.dumps(progress)})
@@ -436,9 +518,11 @@ class DatabaseDriver(Driver):
             "status": QUEUED, "run_at": run_at, "worker_id": None, "lease_expires": None, "error": json.dumps(error),
         })
 
-    async def fail(self, job: JobRecord, worker_id: str, now: float, error: dict[str, Any]) -> bool:
+    async def fail(
+        self, job: JobRecord, worker_id: str, now: float, error: dict[str, Any], status: Status = Status.FAILED
+    ) -> bool:
         return await self._update_owned(job.id, worker_id, {
-            "status": FAILED, "finished_at": now, "lease_expires": None, "error": json.dumps(error),
+            "status": status.value, "finished_at": now, "lease_expires": None, "error": json.dumps(error),
         })
 
     async def release(self, jobs: Sequence[JobRecord], worker_id: str, now: float) -> int:
@@ -483,7 +567,7 @@ class DatabaseDriver(Driver):
 
     async def purge_finished(self, before: float) -> int:
         c = self.table.c
-        stmt = delete(self.table).where(c.status == SUCCEEDED, c.finished_at < before)
+        stmt = delete(self.table).where(c.status.in_([SUCCEEDED, CANCELLED]), c.finished_at < before)
         return await self._statement(lambda conn: conn.execute(stmt).rowcount)
 
     async def get(self, job_id: str, queue: str | None = None) -> JobRecord | None:
@@ -492,6 +576,16 @@ class DatabaseDriver(Driver):
             return None if row is None else self._record(row)
 
         return await self._statement(fetch)
+
+    async def get_many(self, job_ids: Sequence[str], queue: str | None = None) -> list[JobRecord]:
+        c = self.table.c
+        chunks = [list(job_ids[i : i + 1000]) for i in range(0, len(job_ids), 1000)]  # bounded IN lists
+
+        def fetch(conn: Connection) -> list[JobRecord]:
+            rows = (row for chunk in chunks for row in conn.execute(select(self.table).where(c.id.in_(chunk))))
+            return [self._record(row) for row in rows]
+
+        return await self._transaction(fetch) if job_ids else []
 
     async def list_jobs(
         self, *, status: Status | None = None, queue: str | None = None, limit: int = 100, offset: int = 0

@@ -60,6 +60,14 @@ class MemoryDriver(Driver):
             self._store(record)
             return True
 
+    async def enqueue_unique(self, record: JobRecord) -> str:
+        with self._lock:
+            for job in self._jobs.values():
+                if job.unique_key == record.unique_key and job.status in (Status.QUEUED, Status.RUNNING):
+                    return job.id
+            self._store(record)
+            return record.id
+
     def _store(self, record: JobRecord) -> None:
         stored = copy.copy(record)
         self._jobs[record.id] = stored
@@ -93,12 +101,29 @@ class MemoryDriver(Driver):
                 claimed.append(JobRecord(**record.__dict__))  # a copy; copy.copy is slower
         return claimed
 
-    async def extend_leases(self, jobs: Sequence[JobRecord], worker_id: str, lease_expires: float) -> None:
+    async def extend_leases(self, jobs: Sequence[JobRecord], worker_id: str, lease_expires: float) -> list[str]:
+        stopping = []
         with self._lock:
             for job in jobs:
                 record = self._owned(job.id, worker_id)
                 if record is not None:
                     record.lease_expires = lease_expires
+                    if record.cancel_requested:
+                        stopping.append(record.id)
+        return stopping
+
+    async def cancel(self, job_id: str, queue: str | None, now: float) -> Status | None:
+        with self._lock:
+            record = self._jobs.get(job_id)
+            if record is None:
+                return None
+            was = record.status
+            if was is Status.QUEUED:
+                self._entry_seq.pop(job_id, None)  # its heap entries are dead now
+                self._finish(record, Status.CANCELLED, now)
+            elif was is Status.RUNNING:
+                record.cancel_requested = True
+            return was
 
     async def set_progress(self, job: JobRecord, worker_id: str, progress: dict[str, Any]) -> None:
         with self._lock:
@@ -139,8 +164,10 @@ class MemoryDriver(Driver):
         record.lease_expires = None
         self._schedule(record)
 
-    async def fail(self, job: JobRecord, worker_id: str, now: float, error: dict[str, Any]) -> bool:
-        return self._finish_owned(job.id, worker_id, Status.FAILED, now, error=error)
+    async def fail(
+        self, job: JobRecord, worker_id: str, now: float, error: dict[str, Any], status: Status = Status.FAILED
+    ) -> bool:
+        return self._finish_owned(job.id, worker_id, status, now, error=error)
 
     def _finish_owned(self, job_id: str, worker_id: str, status: Status, now: float, **fields: Any) -> bool:
         with self._lock:
@@ -180,7 +207,8 @@ class MemoryDriver(Driver):
         with self._lock:
             old = [
                 r.id for r in self._jobs.values()
-                if r.status is Status.SUCCEEDED and r.finished_at is not None and r.finished_at < before
+                if r.status in (Status.SUCCEEDED, Status.CANCELLED) and r.finished_at is not None
+                and r.finished_at < before
             ]
             for job_id in old:
                 del self._jobs[job_id]
@@ -190,6 +218,10 @@ class MemoryDriver(Driver):
         with self._lock:
             record = self._jobs.get(job_id)
             return None if record is None else replace(record)
+
+    async def get_many(self, job_ids: Sequence[str], queue: str | None = None) -> list[JobRecord]:
+        with self._lock:
+            return [replace(self._jobs[i]) for i in job_ids if i in self._jobs]
 
     async def list_jobs(
         self, *, status: Status | None = None, queue: str | None = None, limit: int = 100, offset: int = 0

@@ -34,7 +34,10 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 logger = logging.getLogger("neonnb.drivers.redis")
 T = TypeVar("T")
 
-_STATUS_KEYS = {Status.QUEUED: None, Status.RUNNING: "running", Status.SUCCEEDED: "done", Status.FAILED: "failed"}
+_STATUS_KEYS = {
+    Status.QUEUED: None, Status.RUNNING: "running", Status.SUCCEEDED: "done", Status.FAILED: "failed",
+    Status.CANCELLED: "cancelled",
+}
 
 
 def _scripts() -> dict[str, str]:
@@ -139,31 +142,37 @@ class RedisDriver(Driver):
             result=fields.get("result"),
             error=json.loads(fields["error"]) if fields.get("error") else None,
             output=fields.get("output"),
+            chain=json.loads(fields["chain"]) if fields.get("chain") else None,
+            unique_key=fields.get("unique_key"),
+            cancel_requested=fields.get("cancel_requested") == "1",
         )
 
     # --- the protocol -----------------------------------------------------------------
 
     async def enqueue(self, records: Sequence[JobRecord]) -> None:
-        await self._store(records, only_new=False)
+        await self._store(records, "all")
 
     async def enqueue_once(self, record: JobRecord) -> bool:
-        return await self._store([record], only_new=True) == 1
+        return await self._store([record], "new") == [1]
 
-    async def _store(self, records: Sequence[JobRecord], only_new: bool) -> int:
-        """Run the enqueue script per queue; returns how many jobs it stored."""
+    async def enqueue_unique(self, record: JobRecord) -> str:
+        return str((await self._store([record], "unique"))[0])
+
+    async def _store(self, records: Sequence[JobRecord], mode: str) -> list[Any]:
+        """Run the enqueue script once per queue; returns what each run returned."""
         by_queue: dict[str, list[list[str]]] = {}
         for r in records:
             by_queue.setdefault(r.queue, []).append([
                 r.id, r.name, r.payload, str(r.priority.rank), r.status.value, str(r.attempts), str(r.max_attempts),
                 "" if r.timeout is None else _num(r.timeout), _num(r.run_at), _num(r.created_at),
+                "" if r.chain is None else json.dumps(r.chain), r.unique_key or "",
             ])
         new = set(by_queue) - self._registered
         if new:
             await self._reach(lambda client: client.redis.sadd(f"{self.prefix}queues", *new))
             self._registered |= new
         groups = {queue: [json.dumps(jobs)] for queue, jobs in by_queue.items()}
-        flag = "1" if only_new else "0"
-        return sum(await self._per_queue("enqueue", groups, lambda q: [self.channel, q, flag]))
+        return await self._per_queue("enqueue", groups, lambda q: [self.channel, q, mode])
 
     async def reserve(
         self, queues: Sequence[str], limit: int, worker_id: str, now: float, lease_expires: float
@@ -181,8 +190,17 @@ class RedisDriver(Driver):
             claimed += [self._record(json.loads(row)) for row in rows]
         return claimed
 
-    async def extend_leases(self, jobs: Sequence[JobRecord], worker_id: str, lease_expires: float) -> None:
-        await self._per_queue("extend", _ids_by_queue(jobs), lambda q: [worker_id, _num(lease_expires)])
+    async def extend_leases(self, jobs: Sequence[JobRecord], worker_id: str, lease_expires: float) -> list[str]:
+        stopping = await self._per_queue("extend", _ids_by_queue(jobs), lambda q: [worker_id, _num(lease_expires)])
+        return [job_id for ids in stopping for job_id in ids]
+
+    async def cancel(self, job_id: str, queue: str | None, now: float) -> Status | None:
+        queues = [queue] if queue is not None else await self._reach(self._queues)
+        for q in queues:
+            was = await self._script("cancel", [q], [job_id, _num(now)])
+            if was:
+                return Status(was)
+        return None
 
     async def set_progress(self, job: JobRecord, worker_id: str, progress: dict[str, Any]) -> None:
         await self._script("set_owned", [job.queue], [job.id, worker_id, "progress", json.dumps(progress)])
@@ -200,8 +218,11 @@ class RedisDriver(Driver):
     async def retry(self, job: JobRecord, worker_id: str, run_at: float, error: dict[str, Any]) -> bool:
         return bool(await self._script("retry", [job.queue], [job.id, worker_id, _num(run_at), json.dumps(error)]))
 
-    async def fail(self, job: JobRecord, worker_id: str, now: float, error: dict[str, Any]) -> bool:
-        return bool(await self._script("fail", [job.queue], [job.id, worker_id, _num(now), json.dumps(error)]))
+    async def fail(
+        self, job: JobRecord, worker_id: str, now: float, error: dict[str, Any], status: Status = Status.FAILED
+    ) -> bool:
+        args = [job.id, worker_id, _num(now), json.dumps(error), status.value]
+        return bool(await self._script("fail", [job.queue], args))
 
     async def release(self, jobs: Sequence[JobRecord], worker_id: str, now: float) -> int:
         released = await self._per_queue("release", _ids_by_queue(jobs), lambda q: [self.channel, q, worker_id])
@@ -225,6 +246,17 @@ class RedisDriver(Driver):
 
         found = await self._reach(fetch)
         return self._record(found[0]) if found else None
+
+    async def get_many(self, job_ids: Sequence[str], queue: str | None = None) -> list[JobRecord]:
+        async def fetch(client: _Client) -> list[dict[str, str]]:
+            queues = [queue] if queue is not None else await self._queues(client)
+            pipe = client.redis.pipeline(transaction=False)
+            for q in queues:
+                for job_id in job_ids:
+                    pipe.hgetall(f"{self._base(q)}job:{job_id}")
+            return [fields for fields in await pipe.execute() if fields]
+
+        return [self._record(fields) for fields in await self._reach(fetch)] if job_ids else []
 
     async def list_jobs(
         self, *, status: Status | None = None, queue: str | None = None, limit: int = 100, offset: int = 0
@@ -266,6 +298,7 @@ class RedisDriver(Driver):
                 pipe.zcard(f"{base}running")
                 pipe.zcard(f"{base}done")
                 pipe.zcard(f"{base}failed")
+                pipe.zcard(f"{base}cancelled")
             values = iter(await pipe.execute())
             result = {}
             for q in queues:
@@ -273,8 +306,8 @@ class RedisDriver(Driver):
                 for p in range(3):
                     c.waiting[Priority.from_rank(p).value] = next(values)
                     c.delayed += next(values)
-                c.running, c.succeeded, c.failed = next(values), next(values), next(values)
-                if c.size or c.running or c.succeeded or c.failed:
+                c.running, c.succeeded, c.failed, c.cancelled = next(values), next(values), next(values), next(values)
+                if c.size or c.running or c.succeeded or c.failed or c.cancelled:
                     result[q] = c
             return result
 

@@ -9,7 +9,9 @@
 --   B.."job:"..id        HASH  the job record: id queue name payload priority status
 --                              attempts max_attempts timeout run_at created_at started_at
 --                              finished_at lease_expires worker_id progress result error
---                              output
+--                              output chain (a chain step's place in its chain, JSON)
+--                              unique_key cancel_requested
+--   B.."unique:"..key    STRING the id of the job that last took the unique key
 --   B.."ready:"..p       ZSET  queued jobs of priority p (0 high, 1 normal, 2 low), scored
 --                              by run_at: due and delayed jobs alike, so a delayed job needs
 --                              no promotion step and keeps its priority; equal scores order
@@ -17,24 +19,41 @@
 --   B.."running"         ZSET  reserved jobs scored by lease expiry
 --   B.."failed"          ZSET  the failed store, scored by when they failed
 --   B.."done"            ZSET  succeeded jobs scored by when, pruned after result_ttl
+--   B.."cancelled"       ZSET  cancelled jobs scored by when, pruned after result_ttl
 --
 -- Each script below starts with a line "--! name"; the driver splits the file there.
 
 --! enqueue
--- KEYS: B.  ARGV: wake channel, queue, only_new ("1": skip a job whose id exists), then the
--- jobs as one JSON array of arrays of 10 strings: id name payload priority status attempts
--- max_attempts timeout run_at created_at (timeout "" when there is none). One argument, not
--- ten per job: the client packs each argument in Python, which made a 10,000-job batch spend
--- most of its time there. Returns how many jobs it stored.
-local B = KEYS[1]
+-- KEYS: B.  ARGV: wake channel, queue, mode, then the jobs as one JSON array of arrays of 12
+-- strings: id name payload priority status attempts max_attempts timeout run_at created_at
+-- chain unique_key ("" for none). One argument, not a dozen per job: the client packs each
+-- argument in Python, which made a 10,000-job batch spend most of its time there.
+-- mode "all": store every job, return how many; "new": skip a job whose id exists, return
+-- how many were stored; "unique" (one job): unless B.."unique:"..key names a queued or
+-- running job, store this one and name it there; return the id of the job named.
+local B, mode = KEYS[1], ARGV[3]
 local fields = {'id', 'name', 'payload', 'priority', 'status', 'attempts', 'max_attempts', 'timeout', 'run_at',
-                'created_at'}
+                'created_at', 'chain', 'unique_key'}
 local stored = 0
+local result = nil
 for _, job in ipairs(cjson.decode(ARGV[4])) do
   local key = B .. 'job:' .. job[1]
-  if ARGV[3] ~= '1' or redis.call('EXISTS', key) == 0 then
+  local store = true
+  if mode == 'new' then
+    store = redis.call('EXISTS', key) == 0
+  elseif mode == 'unique' then
+    local holder = redis.call('GET', B .. 'unique:' .. job[12])
+    local state = holder and redis.call('HGET', B .. 'job:' .. holder, 'status')
+    if state == 'queued' or state == 'running' then
+      store, result = false, holder
+    else
+      redis.call('SET', B .. 'unique:' .. job[12], job[1])
+      result = job[1]
+    end
+  end
+  if store then
     local hash = {'queue', ARGV[2]}
-    for f = 1, 10 do
+    for f = 1, 12 do
       if job[f] ~= '' then
         hash[#hash + 1] = fields[f]
         hash[#hash + 1] = job[f]
@@ -46,7 +65,7 @@ for _, job in ipairs(cjson.decode(ARGV[4])) do
   end
 end
 if stored > 0 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
-return stored
+return result or stored
 
 --! reserve
 -- KEYS: B of each queue.  ARGV: now, limit, worker_id, lease_expires.  Returns the claimed
@@ -84,17 +103,34 @@ end
 return out
 
 --! extend
--- KEYS: B.  ARGV: worker_id, lease_expires, id...
+-- KEYS: B.  ARGV: worker_id, lease_expires, id...   Returns the ids asked to stop (cancel).
 local B, worker, lease = KEYS[1], ARGV[1], ARGV[2]
+local stopping = {}
 for i = 3, #ARGV do
   local key = B .. 'job:' .. ARGV[i]
-  local held = redis.call('HMGET', key, 'worker_id', 'status')
+  local held = redis.call('HMGET', key, 'worker_id', 'status', 'cancel_requested')
   if held[1] == worker and held[2] == 'running' then
     redis.call('HSET', key, 'lease_expires', lease)
     redis.call('ZADD', B .. 'running', 'XX', lease, ARGV[i])
+    if held[3] == '1' then stopping[#stopping + 1] = ARGV[i] end
   end
 end
-return 0
+return stopping
+
+--! cancel
+-- KEYS: B.  ARGV: id, now.   A queued job becomes cancelled; a running one is asked to stop.
+-- Returns the status the job had ("" when there is no such job).
+local B, id = KEYS[1], ARGV[1]
+local key = B .. 'job:' .. id
+local job = redis.call('HMGET', key, 'status', 'priority')
+if job[1] == 'queued' then
+  redis.call('ZREM', B .. 'ready:' .. job[2], id)
+  redis.call('HSET', key, 'status', 'cancelled', 'finished_at', ARGV[2])
+  redis.call('ZADD', B .. 'cancelled', ARGV[2], id)
+elseif job[1] == 'running' then
+  redis.call('HSET', key, 'cancel_requested', '1')
+end
+return job[1] or ''
 
 --! set_owned
 -- KEYS: B.  ARGV: id, worker_id, field ("progress" or "output"), value
@@ -138,15 +174,16 @@ redis.call('ZADD', B .. 'ready:' .. held[3], ARGV[3], id)
 return 1
 
 --! fail
--- KEYS: B.  ARGV: id, worker_id, now, error_json
+-- KEYS: B.  ARGV: id, worker_id, now, error_json, status ("failed", or "cancelled" for a job
+-- that stopped on request)
 local B, id = KEYS[1], ARGV[1]
 local key = B .. 'job:' .. id
 local held = redis.call('HMGET', key, 'worker_id', 'status')
 if held[1] ~= ARGV[2] or held[2] ~= 'running' then return 0 end
-redis.call('HSET', key, 'status', 'failed', 'finished_at', ARGV[3], 'error', ARGV[4])
+redis.call('HSET', key, 'status', ARGV[5], 'finished_at', ARGV[3], 'error', ARGV[4])
 redis.call('HDEL', key, 'lease_expires')
 redis.call('ZREM', B .. 'running', id)
-redis.call('ZADD', B .. 'failed', ARGV[3], id)
+redis.call('ZADD', B .. ARGV[5], ARGV[3], id)
 return 1
 
 --! release
@@ -193,12 +230,20 @@ if #requeued > 0 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
 return requeued
 
 --! purge
--- KEYS: B.  ARGV: before   (succeeded jobs past their result TTL)
+-- KEYS: B.  ARGV: before   (succeeded and cancelled jobs past their result TTL)
 local B = KEYS[1]
-local old = redis.call('ZRANGEBYSCORE', B .. 'done', '-inf', '(' .. ARGV[1])
-for _, id in ipairs(old) do redis.call('DEL', B .. 'job:' .. id) end
-redis.call('ZREMRANGEBYSCORE', B .. 'done', '-inf', '(' .. ARGV[1])
-return #old
+local purged = 0
+for _, finished in ipairs({B .. 'done', B .. 'cancelled'}) do
+  local old = redis.call('ZRANGEBYSCORE', finished, '-inf', '(' .. ARGV[1])
+  for _, id in ipairs(old) do
+    local unique = redis.call('HGET', B .. 'job:' .. id, 'unique_key')
+    if unique and redis.call('GET', B .. 'unique:' .. unique) == id then redis.call('DEL', B .. 'unique:' .. unique) end
+    redis.call('DEL', B .. 'job:' .. id)
+  end
+  redis.call('ZREMRANGEBYSCORE', finished, '-inf', '(' .. ARGV[1])
+  purged = purged + #old
+end
+return purged
 
 --! requeue_failed
 -- KEYS: B.  ARGV: wake channel, queue, now, id...   (no ids: every failed job of the queue)

@@ -1,0 +1,146 @@
+"""Workflows over several jobs: chains, and the handle of a batch.
+
+Chains: ``qm.chain(queue, [step1, step2, step3])`` runs the steps in order, each only once
+the one before it succeeded; ``ctx.previous`` holds the previous step's result.
+
+Every step's record carries the whole chain (``JobRecord.chain``): its id, the step's index,
+every step's encoded job, and the previous result. When a step succeeds, its worker stores
+the next step before acknowledging this one, with ``enqueue_once`` and an id made from the
+chain id and the index, so a step that runs twice (its worker died before the ack) never
+starts the next one twice. A step that finally fails stops the chain in the failed store;
+retrying it from there resumes the chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ._loop import run_sync
+from .job import JobRecord, Priority, Status
+
+if TYPE_CHECKING:
+    from .manager import JobHandle, QueueManager
+
+
+def step_id(chain_id: str, index: int) -> str:
+    """Time-ordered like other ids (the chain's creation time first), the same everywhere."""
+    return f"{chain_id[:16]}{hashlib.sha256(f'{chain_id}:{index}'.encode()).hexdigest()[:16]}"
+
+
+def first_step(chain_id: str, records: list[JobRecord]) -> JobRecord:
+    steps = [{"name": r.name, "payload": r.payload, "priority": r.priority.rank, "max_attempts": r.max_attempts,
+              "timeout": r.timeout} for r in records]
+    first = records[0]
+    first.id = step_id(chain_id, 0)
+    first.chain = {"id": chain_id, "index": 0, "steps": steps, "previous": None}
+    return first
+
+
+def next_step(record: JobRecord, result: str | None, now: float) -> JobRecord | None:
+    """The step after ``record`` (which just succeeded with ``result``), or None at the end."""
+    chain = record.chain
+    if chain is None or chain["index"] + 1 >= len(chain["steps"]):
+        return None
+    index = chain["index"] + 1
+    step = chain["steps"][index]
+    return JobRecord(
+        id=step_id(chain["id"], index), queue=record.queue, name=step["name"], payload=step["payload"],
+        priority=Priority.from_rank(step["priority"]), max_attempts=step["max_attempts"], timeout=step["timeout"],
+        run_at=now, created_at=now, chain={**chain, "index": index, "previous": result},
+    )
+
+
+@dataclass
+class ChainStatus:
+    state: str  # "running", "succeeded", "failed" or "cancelled"
+    steps: list[str]  # each step's status; "pending" before it was enqueued
+    failed_step: int | None = None  # the index of the step that failed or was cancelled
+
+    def __str__(self) -> str:
+        where = f" at step {self.failed_step}" if self.failed_step is not None else ""
+        return f"{self.state}{where}: " + ", ".join(f"{i}:{s}" for i, s in enumerate(self.steps))
+
+
+class ChainHandle:
+    """What ``qm.chain`` returns: the chain's status, its steps' handles and its result."""
+
+    def __init__(self, manager: QueueManager, chain_id: str, queue: str, length: int) -> None:
+        self.manager, self.id, self.queue, self.length = manager, chain_id, queue, length
+
+    def __repr__(self) -> str:
+        return f"<ChainHandle {self.id} {self.length} steps>"
+
+    def step(self, index: int) -> JobHandle:
+        from .manager import JobHandle
+
+        return JobHandle(self.manager, step_id(self.id, index), self.queue)
+
+    async def astatus(self) -> ChainStatus:
+        steps = []
+        for index in range(self.length):
+            record = await self.manager.driver.get(step_id(self.id, index), self.queue)
+            steps.append("pending" if record is None else record.status.value)
+        for ended in (Status.FAILED.value, Status.CANCELLED.value):
+            if ended in steps:
+                return ChainStatus(ended, steps, steps.index(ended))
+        return ChainStatus("succeeded" if steps[-1] == Status.SUCCEEDED.value else "running", steps)
+
+    def status(self) -> ChainStatus:
+        return run_sync(self.astatus())
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The last step's result; raises JobFailed if a step failed for good."""
+        return self.step(self.length - 1).result(timeout) if self._last_started(timeout) else None
+
+    def _last_started(self, timeout: float | None) -> bool:
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if status.failed_step is not None:
+                self.step(status.failed_step).result(0)  # raises JobFailed with the step's error
+            if status.steps[-1] != "pending":
+                return True
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"chain {self.id} not finished after {timeout:g}s: {status}")
+            time.sleep(0.02)
+
+
+class BatchHandle(list["JobHandle"]):
+    """What ``dispatch_batch`` returns: still the list of its jobs' handles, plus the batch's
+    counts and progress, read in one round trip."""
+
+    def __init__(self, manager: QueueManager, handles: list[JobHandle]) -> None:
+        super().__init__(handles)
+        self.manager = manager
+
+    def __repr__(self) -> str:
+        return f"<BatchHandle {len(self)} jobs>"
+
+    async def acounts(self) -> dict[str, int]:
+        """How many of the batch's jobs are pending (queued or delayed), running, done,
+        failed and cancelled (jobs past their result TTL count as done)."""
+        queue = self[0].queue if self else None
+        records = await self.manager.driver.get_many([h.id for h in self], queue)
+        counts = {"pending": 0, "running": 0, "done": len(self) - len(records), "failed": 0, "cancelled": 0}
+        names = {Status.QUEUED: "pending", Status.RUNNING: "running", Status.SUCCEEDED: "done",
+                 Status.FAILED: "failed", Status.CANCELLED: "cancelled"}
+        for record in records:
+            counts[names[record.status]] += 1
+        return counts
+
+    def counts(self) -> dict[str, int]:
+        return run_sync(self.acounts())
+
+    @property
+    def progress(self) -> float:
+        """The finished share of the batch, 0.0 to 1.0."""
+        counts = self.counts()
+        return 1.0 if not self else (counts["done"] + counts["failed"] + counts["cancelled"]) / len(self)
+
+    def results(self, timeout: float | None = None) -> list[Any]:
+        """Every job's result, in order; raises JobFailed for the first that failed."""
+        return [handle.result(timeout) for handle in self]
