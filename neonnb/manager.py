@@ -7,6 +7,7 @@ neonnb's background loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import datetime as dt
 import json
@@ -61,6 +62,9 @@ class QueueManager:
         self._workers_lock = threading.Lock()  # the driver's notification thread reads the set
         self._watching = False
         self._next_housekeeping = 0.0
+        # What this process started, for the dashboard: its schedulers, its latest chains and batches.
+        self.schedulers: list[Scheduler] = []
+        self.recent_workflows: collections.deque[ChainHandle | BatchHandle] = collections.deque(maxlen=8)
 
     def __repr__(self) -> str:
         return f"<neonnb.QueueManager driver={self.config.driver} connection={_safe_url(self.config.connection)}>"
@@ -227,7 +231,10 @@ class QueueManager:
         """Enqueue many jobs in one driver round trip; if any can't be encoded, none is. The
         handle is the list of the jobs' handles, with the batch's counts and progress."""
         records = [self._record(queue, job) for job in jobs]
-        return workflows.BatchHandle(self, await self._enqueue(records) if records else [])
+        batch = workflows.BatchHandle(self, await self._enqueue(records) if records else [])
+        if len(batch) > 1:
+            self.recent_workflows.append(batch)
+        return batch
 
     async def achain(self, queue: str, jobs: Sequence[Any]) -> ChainHandle:
         """Run ``jobs`` in order on ``queue``, each once the one before succeeded (see
@@ -239,7 +246,9 @@ class QueueManager:
         chain_id = new_job_id()
         first = workflows.first_step(chain_id, records)
         await self._enqueue([first])
-        return workflows.ChainHandle(self, chain_id, queue, len(records))
+        chain = workflows.ChainHandle(self, chain_id, queue, len(records))
+        self.recent_workflows.append(chain)
+        return chain
 
     def chain(self, queue: str, jobs: Sequence[Any]) -> ChainHandle:
         return run_sync(self.achain(queue, jobs))
@@ -323,7 +332,9 @@ class QueueManager:
         processes, may run the same schedules: each tick is dispatched once."""
         from .scheduler import Scheduler
 
-        return Scheduler(self, poll_interval=poll_interval)
+        scheduler = Scheduler(self, poll_interval=poll_interval)
+        self.schedulers.append(scheduler)
+        return scheduler
 
     def dashboard(self, interval: float | None = 0.5) -> Dashboard:
         """The live ipywidgets panel (what ``%neonnb status`` shows); refreshes every

@@ -116,3 +116,24 @@ def test_reprs_are_short_text_and_themed_html(qm: QueueManager) -> None:
     assert "--jp-" in failed._repr_html_() and "traceback" in failed._repr_html_()
     assert "neonnb-manager" in qm._repr_html_()
     assert "neonnb-worker" in qm.worker("q", 2)._repr_html_()
+
+
+def test_dashboard_shows_schedules_chains_and_batches(qm: QueueManager) -> None:
+    scheduler = qm.scheduler()
+    scheduler.every("nightly", "1d", jobs.Note("nightly"))
+    chain = qm.chain("flows", [jobs.AddToPrevious(1), jobs.AddToPrevious(2)])
+    qm.dispatch_batch("flows", [jobs.Note("a"), jobs.Note("b")])
+    dashboard = qm.dashboard(interval=None)
+    loop.run_sync(dashboard.refresh())
+    assert "nightly" in dashboard.schedules.value and "every 86400s" in dashboard.schedules.value
+    chain_row, batch_row = dashboard.workflows.children
+    assert chain_row.children[0].description == "chain of 2" and chain_row.children[0].value == 0.0
+    assert "running: 0:queued, 1:pending" in chain_row.children[1].value
+    worker = qm.worker("flows", 2)
+    while worker.run_once():
+        pass
+    loop.run_sync(dashboard.refresh())
+    assert chain_row.children[0].value == 1.0 and "succeeded" in chain_row.children[1].value
+    assert batch_row.children[0].value == 1.0 and "2 done" in batch_row.children[1].value
+    assert chain.result(timeout=1) == 3
+    dashboard.close()

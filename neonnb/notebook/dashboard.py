@@ -50,6 +50,9 @@ class Dashboard:
         self.sparkline = _with_class(w.HTML(), "neonnb-sparkline-view")
         self.running = _with_class(w.VBox(), "neonnb-running")
         self.recent = _with_class(w.HTML(), "neonnb-recent")
+        self.schedules = _with_class(w.HTML(), "neonnb-schedules")
+        self.workflows = _with_class(w.VBox(), "neonnb-workflows")
+        self._workflow_bars: dict[str, tuple[w.HBox, w.FloatProgress, w.HTML]] = {}
         self.failed = _with_class(w.VBox(), "neonnb-failed")
         self.retry_all = _with_class(w.Button(description="Retry all failed", icon="redo"), "neonnb-retry-all")
         self.retry_all.on_click(lambda _: self._submit(self.manager.failed.aretry_all()))
@@ -68,6 +71,7 @@ class Dashboard:
         self.widget = _with_class(w.VBox([
             title(f"neonnb · {manager.config.driver}"), self.queues, self.sparkline,
             title("running"), self.running, title("recently finished"), self.recent,
+            title("schedules"), self.schedules, title("chains and batches"), self.workflows,
             title("failed"), self.failed, self.retry_all,
             title("workers in this kernel"), w.HBox([self.queue_name, self.concurrency, self.start_button,
                                                     self.stop_button]), self.worker_state,
@@ -117,6 +121,8 @@ class Dashboard:
             self._show_running(running)
             self._set(self.recent, "value", _recent_table(finished))
             self._show_failed(failed)
+            self._set(self.schedules, "value", _schedules_table(manager, manager.clock()))
+            self._show_workflows(await _workflow_states(manager))
             workers = manager.workers
             state = ", ".join(repr(wk) for wk in workers) or "none running"
             self._set(self.worker_state, "value", f"<span class='neonnb-workers'>{html.escape(state)}</span>")
@@ -142,6 +148,18 @@ class Dashboard:
         for gone in set(self._bars) - set(ids):
             self._bars.pop(gone)[0].close()
         self._set(self.running, "children", tuple(self._bars[i][0] for i in ids))
+
+    def _show_workflows(self, states: list[tuple[str, str, float, str]]) -> None:
+        """One row per recent chain or batch: a label, a progress bar and its state."""
+        for key, label, done, state in states:
+            if key not in self._workflow_bars:
+                bar = _with_class(w.FloatProgress(min=0.0, max=1.0, description=label), "neonnb-workflow-progress")
+                text = w.HTML()
+                self._workflow_bars[key] = (_with_class(w.HBox([bar, text]), "neonnb-workflow"), bar, text)
+            _, bar, text = self._workflow_bars[key]
+            self._set(bar, "value", done)
+            self._set(text, "value", html.escape(state))
+        self._set(self.workflows, "children", tuple(self._workflow_bars[key][0] for key, *_ in states))
 
     def _show_failed(self, records: list[JobRecord]) -> None:
         rows = tuple((r.id, r.name, r.attempts, (r.error or {}).get("type"), (r.error or {}).get("message"))
@@ -197,6 +215,33 @@ def _recent_table(records: list[JobRecord]) -> str:
         return f"<div class='neonnb-recent-view' style='color:{html.MUTED}'>nothing yet</div>"
     rows = [[html.when(r.finished_at), r.name, r.queue, r.id] for r in records]
     return html.table(["finished", "job", "queue", "id"], rows, "neonnb-recent-view")
+
+
+def _schedules_table(manager: QueueManager, now: float) -> str:
+    schedules = [s for scheduler in manager.schedulers for s in scheduler.schedules.values()]
+    if not schedules:
+        return f"<div class='neonnb-schedules-view' style='color:{html.MUTED}'>no schedules in this kernel</div>"
+    rows = [[s.name, s.cron or f"every {s.interval:g}s", s.queue, html.when(s.last_tick),
+             html.when(s.next_tick(now))] for s in schedules]
+    return html.table(["schedule", "rule", "queue", "last run", "next run"], rows, "neonnb-schedules-view")
+
+
+async def _workflow_states(manager: QueueManager) -> list[tuple[str, str, float, str]]:
+    """(key, label, finished share, state) of this kernel's recent chains and batches."""
+    from ..workflows import BatchHandle
+
+    states = []
+    for flow in list(manager.recent_workflows):
+        if isinstance(flow, BatchHandle):
+            counts = await flow.acounts()
+            finished = counts["done"] + counts["failed"] + counts["cancelled"]
+            state = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
+            states.append((str(id(flow)), f"batch of {len(flow)}", finished / len(flow), state))
+        else:
+            status = await flow.astatus()
+            done = status.steps.count(Status.SUCCEEDED.value)
+            states.append((flow.id, f"chain of {flow.length}", done / flow.length, str(status)))
+    return states
 
 
 def close_all() -> None:
