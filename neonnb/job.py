@@ -96,7 +96,7 @@ class JobRecord:
     result: str | None = None
     error: dict[str, Any] | None = None
     output: str | None = None  # what the last attempt printed and logged (neonnb.capture)
-    chain: dict[str, Any] | None = None  # set on the steps of a chain (neonnb.workflows)
+    flow: dict[str, Any] | None = None  # a chain step's or batch member's place in it (neonnb.workflows)
     unique_key: str | None = None  # at most one queued or running job per key
     cancel_requested: bool = False  # someone asked this running job to stop
 
@@ -396,7 +396,7 @@ class Context:
     @property
     def previous(self) -> Any:
         """In a chain, the result of the step before this one (None for the first step)."""
-        previous = (self._record.chain or {}).get("previous")
+        previous = (self._record.flow or {}).get("chain", {}).get("previous")
         return None if previous is None else json.loads(previous)
 
     @functools.cached_property

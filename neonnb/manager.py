@@ -227,11 +227,21 @@ class QueueManager:
     async def adispatch_with_priority(self, queue: str, job: Any, priority: Priority | str) -> JobHandle:
         return (await self._enqueue([self._record(queue, job, priority=priority)]))[0]
 
-    async def adispatch_batch(self, queue: str, jobs: Iterable[Any]) -> BatchHandle:
+    async def adispatch_batch(self, queue: str, jobs: Iterable[Any], *, then: Any = None) -> BatchHandle:
         """Enqueue many jobs in one driver round trip; if any can't be encoded, none is. The
-        handle is the list of the jobs' handles, with the batch's counts and progress."""
+        handle is the list of the jobs' handles, with the batch's counts and progress.
+        ``then``: a job to run once every job of the batch has finished (however it ended)."""
         records = [self._record(queue, job) for job in jobs]
-        batch = workflows.BatchHandle(self, await self._enqueue(records) if records else [])
+        callback = None
+        if then is not None:
+            then_record = self._record(queue, then)
+            batch_id = new_job_id()
+            if records:
+                workflows.join_batch(batch_id, records, then_record)
+                callback = JobHandle(self, workflows.step_id(batch_id, "then"), queue)
+            else:
+                [callback] = await self._enqueue([then_record])  # nothing to wait for
+        batch = workflows.BatchHandle(self, await self._enqueue(records) if records else [], callback)
         if len(batch) > 1:
             self.recent_workflows.append(batch)
         return batch
@@ -265,8 +275,8 @@ class QueueManager:
     def dispatch_with_priority(self, queue: str, job: Any, priority: Priority | str) -> JobHandle:
         return run_sync(self.adispatch_with_priority(queue, job, priority))
 
-    def dispatch_batch(self, queue: str, jobs: Iterable[Any]) -> BatchHandle:
-        return run_sync(self.adispatch_batch(queue, jobs))
+    def dispatch_batch(self, queue: str, jobs: Iterable[Any], *, then: Any = None) -> BatchHandle:
+        return run_sync(self.adispatch_batch(queue, jobs, then=then))
 
     # --- looking at queues ----------------------------------------------------------------
 
@@ -347,7 +357,12 @@ class QueueManager:
         """Cancel a job: a queued or delayed one never runs; a running one is asked to stop
         (``ctx.cancelled`` turns true for sync handlers, async ones are cancelled) at its
         worker's next heartbeat. Returns the status the job had (None: no such job)."""
-        return await self.driver.cancel(job_id, queue, self.clock())
+        was = await self.driver.cancel(job_id, queue, self.clock())
+        if was is Status.QUEUED:
+            record = await self.driver.get(job_id, queue)
+            if record is not None and record.flow is not None:
+                await workflows.member_finished(self, record)  # a batch counts it as finished
+        return was
 
     def cancel(self, job_id: str, queue: str | None = None) -> Status | None:
         return run_sync(self.acancel(job_id, queue))

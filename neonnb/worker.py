@@ -446,21 +446,22 @@ class Worker:
             if record.id in self._dirty_progress:
                 await self._flush_progress(record.id)
             result = encode_result(value, record)
-            if record.chain is not None and not await self._continue_chain(record, result):
-                return  # no ack: the lease runs out and the step runs again, chain intact
+            if record.flow is not None and not await self._advance_flow(record, result, succeeded=True):
+                return  # no ack: the lease runs out and the job runs again, its flow intact
             self._acknowledge(record, result)
 
-    async def _continue_chain(self, record: JobRecord, result: str | None) -> bool:
-        """Store the chain's next step (once, whoever tries) before this step is acknowledged."""
-        step = workflows.next_step(record, result, self.manager.clock())
-        if step is None:
+    async def _advance_flow(self, record: JobRecord, result: str | None, succeeded: bool) -> bool:
+        """Before a chain step's or batch job's final outcome is stored, store what comes next:
+        the chain's next step, the batch's callback (each once, whoever tries). False when
+        the store stayed unreachable."""
+        async def advance() -> bool:
+            step = workflows.next_step(record, result, self.manager.clock()) if succeeded else None
+            if step is not None and await self.driver.enqueue_once(step):
+                self.manager._wake_workers(step.queue)
+            await workflows.member_finished(self.manager, record)
             return True
-        stored = await self._persist(lambda: self.driver.enqueue_once(step), "continue the chain of")
-        if stored is None:
-            return False
-        if stored:
-            self.manager._wake_workers(step.queue)
-        return True
+
+        return await self._persist(advance, "continue the workflow of") is not None
 
     def _acknowledge(self, record: JobRecord, result: str | None) -> None:
         """Queue the job's success. Acks that arrive while a write is in flight go together
@@ -536,6 +537,8 @@ class Worker:
 
     async def _fail(self, record: JobRecord, exc: BaseException, status: Status = Status.FAILED) -> None:
         await self._flush_progress(record.id)
+        if record.flow is not None:
+            await self._advance_flow(record, None, succeeded=False)
         info = error_info(exc)
         now = self.manager.clock()
         if await self._persist(lambda: self.driver.fail(record, self.id, now, info, status), status.value):

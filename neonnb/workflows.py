@@ -3,7 +3,7 @@
 Chains: ``qm.chain(queue, [step1, step2, step3])`` runs the steps in order, each only once
 the one before it succeeded; ``ctx.previous`` holds the previous step's result.
 
-Every step's record carries the whole chain (``JobRecord.chain``): its id, the step's index,
+Every step's record carries the whole chain (``JobRecord.flow``): its id, the step's index,
 every step's encoded job, and the previous result. When a step succeeds, its worker stores
 the next step before acknowledging this one, with ``enqueue_once`` and an id made from the
 chain id and the index, so a step that runs twice (its worker died before the ack) never
@@ -24,32 +24,61 @@ if TYPE_CHECKING:
     from .manager import JobHandle, QueueManager
 
 
-def step_id(chain_id: str, index: int) -> str:
-    """Time-ordered like other ids (the chain's creation time first), the same everywhere."""
-    return f"{chain_id[:16]}{hashlib.sha256(f'{chain_id}:{index}'.encode()).hexdigest()[:16]}"
+def step_id(flow_id: str, index: int | str) -> str:
+    """Time-ordered like other ids (the flow's creation time first), the same everywhere."""
+    return f"{flow_id[:16]}{hashlib.sha256(f'{flow_id}:{index}'.encode()).hexdigest()[:16]}"
+
+
+def _step(r: JobRecord) -> dict[str, Any]:
+    """What a flow keeps of a job it will enqueue later."""
+    return {"name": r.name, "payload": r.payload, "priority": r.priority.rank, "max_attempts": r.max_attempts,
+            "timeout": r.timeout}
+
+
+def _job_from(step: dict[str, Any], job_id: str, queue: str, now: float, flow: dict[str, Any] | None) -> JobRecord:
+    return JobRecord(
+        id=job_id, queue=queue, name=step["name"], payload=step["payload"],
+        priority=Priority.from_rank(step["priority"]), max_attempts=step["max_attempts"], timeout=step["timeout"],
+        run_at=now, created_at=now, flow=flow,
+    )
 
 
 def first_step(chain_id: str, records: list[JobRecord]) -> JobRecord:
-    steps = [{"name": r.name, "payload": r.payload, "priority": r.priority.rank, "max_attempts": r.max_attempts,
-              "timeout": r.timeout} for r in records]
+    steps = [_step(r) for r in records]
     first = records[0]
     first.id = step_id(chain_id, 0)
-    first.chain = {"id": chain_id, "index": 0, "steps": steps, "previous": None}
+    first.flow = {"chain": {"id": chain_id, "index": 0, "steps": steps, "previous": None}}
     return first
 
 
 def next_step(record: JobRecord, result: str | None, now: float) -> JobRecord | None:
     """The step after ``record`` (which just succeeded with ``result``), or None at the end."""
-    chain = record.chain
+    chain = (record.flow or {}).get("chain")
     if chain is None or chain["index"] + 1 >= len(chain["steps"]):
         return None
     index = chain["index"] + 1
-    step = chain["steps"][index]
-    return JobRecord(
-        id=step_id(chain["id"], index), queue=record.queue, name=step["name"], payload=step["payload"],
-        priority=Priority.from_rank(step["priority"]), max_attempts=step["max_attempts"], timeout=step["timeout"],
-        run_at=now, created_at=now, chain={**chain, "index": index, "previous": result},
-    )
+    flow = {"chain": {**chain, "index": index, "previous": result}}
+    return _job_from(chain["steps"][index], step_id(chain["id"], index), record.queue, now, flow)
+
+
+def join_batch(batch_id: str, records: list[JobRecord], then: JobRecord) -> None:
+    """Make ``records`` one batch whose last finished job stores ``then``."""
+    batch = {"id": batch_id, "size": len(records), "then": _step(then)}
+    for record in records:
+        record.flow = {"batch": batch}
+
+
+async def member_finished(manager: QueueManager, record: JobRecord) -> None:
+    """Count a batch job's final outcome (succeeded, failed for good, cancelled). Whoever
+    completes the count stores the batch's callback job, once: its id is fixed."""
+    batch = (record.flow or {}).get("batch")
+    if batch is None:
+        return
+    now = manager.clock()
+    if await manager.driver.mark(record.queue, f"batch:{batch['id']}", record.id, now) >= batch["size"]:
+        callback = _job_from(batch["then"], step_id(batch["id"], "then"), record.queue, now, None)
+        if await manager.driver.enqueue_once(callback):
+            manager._wake_workers(callback.queue)
 
 
 @dataclass
@@ -111,11 +140,12 @@ class ChainHandle:
 
 class BatchHandle(list["JobHandle"]):
     """What ``dispatch_batch`` returns: still the list of its jobs' handles, plus the batch's
-    counts and progress, read in one round trip."""
+    counts and progress, read in one round trip, and the handle of its ``then`` job."""
 
-    def __init__(self, manager: QueueManager, handles: list[JobHandle]) -> None:
+    def __init__(self, manager: QueueManager, handles: list[JobHandle], then: JobHandle | None = None) -> None:
         super().__init__(handles)
         self.manager = manager
+        self.then = then  # the callback job, stored once every job of the batch has finished
 
     def __repr__(self) -> str:
         return f"<BatchHandle {len(self)} jobs>"

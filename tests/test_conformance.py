@@ -348,7 +348,7 @@ def test_cancel_a_running_job_stops_it(make_manager: MakeManager, job: object) -
 
 def test_a_batch_handle_counts_its_jobs(make_manager: MakeManager, clock: FakeClock) -> None:
     qm = make_manager(clock=clock)
-    batch = qm.dispatch_batch("q", [jobs.Note("a"), jobs.Permanent(), jobs.Note("c")])
+    batch = qm.dispatch_batch("q", [jobs.Note("a"), jobs.Permanent(), jobs.Note("c")], then=jobs.Note("all done"))
     assert len(batch) == 3 and [type(h).__name__ for h in batch] == ["JobHandle"] * 3  # still a list of handles
     assert batch.counts() == {"pending": 3, "running": 0, "done": 0, "failed": 0, "cancelled": 0}
     assert batch.progress == 0.0
@@ -357,3 +357,9 @@ def test_a_batch_handle_counts_its_jobs(make_manager: MakeManager, clock: FakeCl
     assert batch.counts() == {"pending": 0, "running": 0, "done": 1, "failed": 1, "cancelled": 1}
     assert batch.progress == 1.0
     assert batch[0].result(timeout=1) == "a"
+    # Every job ended (one succeeded, one failed, one was cancelled): the callback ran, once.
+    assert batch.then is not None and batch.then.result(timeout=1) == "all done"
+    assert jobs.RECORD.counts["all done"] == 1
+    drain(qm)
+    assert jobs.RECORD.counts["all done"] == 1
+    assert qm.dispatch_batch("q", [], then=jobs.Note("empty")).then is not None  # nothing to wait for

@@ -53,6 +53,12 @@ class Driver(abc.ABC):
         id of the job that has it (this one's when stored). Atomic across processes."""
 
     @abc.abstractmethod
+    async def mark(self, queue: str, group: str, member: str, now: float) -> int:
+        """Add ``member`` to the set ``group`` (kept with ``queue``'s jobs; adding twice adds
+        once) and return the set's size. Sets are dropped with finished jobs by
+        ``purge_finished``. Batches count their finished jobs this way."""
+
+    @abc.abstractmethod
     async def reserve(
         self, queues: Sequence[str], limit: int, worker_id: str, now: float, lease_expires: float
     ) -> list[JobRecord]:

@@ -46,6 +46,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 
@@ -61,10 +62,18 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (s.value for s in Status)
 
 
 def jobs_table(name: str) -> Table:
-    """The one table the driver uses; ``name`` comes from ``Config.table_name``."""
+    """The jobs table (``name`` comes from ``Config.table_name``); beside it in the same
+    MetaData, ``{name}_marks`` holds the driver's ``mark`` sets."""
+    metadata = MetaData()
+    Table(
+        f"{name}_marks", metadata,
+        Column("grp", String(100), primary_key=True),
+        Column("member", String(36), primary_key=True),
+        Column("created_at", Double, nullable=False),
+    )
     t = Table(
         name,
-        MetaData(),
+        metadata,
         Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
         Column("id", String(36), nullable=False, unique=True),
         Column("queue", String(200), nullable=False),
@@ -85,7 +94,7 @@ def jobs_table(name: str) -> Table:
         Column("result", Text),
         Column("error", Text),
         Column("output", Text),
-        Column("chain", Text),
+        Column("flow", Text),
         Column("unique_key", String(300)),
         Column("cancel_requested", SmallInteger),  # 1 once someone asked the running job to stop
     )
@@ -128,8 +137,16 @@ def _sqlite_engine(url: str) -> Engine:
 # What a dispatch writes, in this order; the rest of a row starts empty.
 ENQUEUED_COLUMNS = (
     "id", "queue", "name", "payload", "priority", "status", "attempts", "max_attempts", "timeout", "run_at",
-    "created_at", "chain",
+    "created_at", "flow",
 )
+
+
+def _insert_ignoring(table: Table, dialect: str) -> Any:
+    """An INSERT that skips a row whose key exists."""
+    if dialect in ("mysql", "mariadb"):
+        return table.insert().prefix_with("IGNORE")
+    module = postgresql if dialect == "postgresql" else sqlite
+    return module.insert(table).on_conflict_do_nothing()
 
 
 @contextlib.contextmanager
@@ -151,7 +168,7 @@ def _mysql_lock(conn: Connection, name: str) -> Iterator[None]:
 
 def _enqueued_row(r: JobRecord) -> tuple[Any, ...]:
     return (r.id, r.queue, r.name, r.payload, r.priority.rank, r.status.value, r.attempts, r.max_attempts,
-            r.timeout, r.run_at, r.created_at, None if r.chain is None else json.dumps(r.chain))  # ENQUEUED_COLUMNS
+            r.timeout, r.run_at, r.created_at, None if r.flow is None else json.dumps(r.flow))  # ENQUEUED_COLUMNS
 
 
 class HotStatements:
@@ -170,6 +187,7 @@ class HotStatements:
             f"INSERT IGNORE INTO {quoted_table} ({columns}) VALUES ({markers})" if mysql
             else f"{self.insert_one} ON CONFLICT (id) DO NOTHING"
         )
+
 
         def one_of(column: Any, name: str) -> Any:
             # PostgreSQL takes the list as one array parameter; an expanding IN would be
@@ -206,7 +224,7 @@ class HotStatements:
         due_rows = self.due.cte("due").prefix_with("MATERIALIZED", dialect="postgresql")
         # What a worker needs of a claimed job; the rest it knows (it just set it) or never reads.
         claimed = [c.seq, c.id, c.queue, c.name, c.payload, c.priority, c.attempts, c.max_attempts, c.timeout,
-                   c.run_at, c.created_at, c.chain]
+                   c.run_at, c.created_at, c.flow]
         self.claim = claim.where(c.seq == due_rows.c.seq).returning(*claimed)
         self.claim_seqs = claim.where(c.seq.in_(bindparam("b_seqs", expanding=True)))
         self.rows_by_seq = select(*claimed).where(c.seq.in_(bindparam("b_seqs", expanding=True)))
@@ -257,6 +275,8 @@ class DatabaseDriver(Driver):
             )
         dialect = self.engine.dialect.name
         self.table = jobs_table(table_name)
+        self.marks = self.table.metadata.tables[f"{table_name}_marks"]
+        self._insert_mark = _insert_ignoring(self.marks, dialect)
         self._sql = HotStatements(
             self.table, dialect == "postgresql", dialect in ("mysql", "mariadb"), self.engine.dialect.paramstyle,
             self.engine.dialect.identifier_preparer.quote(table_name),
@@ -356,7 +376,7 @@ class DatabaseDriver(Driver):
             result=m["result"],
             error=_json_or_none(m["error"]),
             output=m["output"],
-            chain=_json_or_none(m["chain"]),
+            flow=_json_or_none(m["flow"]),
             unique_key=m["unique_key"],
             cancel_requested=bool(m["cancel_requested"]),
         )
@@ -444,7 +464,7 @@ class DatabaseDriver(Driver):
                     priority=Priority.from_rank(row.priority), status=Status.RUNNING, attempts=row.attempts,
                     max_attempts=row.max_attempts, timeout=row.timeout, run_at=row.run_at,
                     created_at=row.created_at, started_at=now, lease_expires=lease_expires, worker_id=worker_id,
-                    chain=_json_or_none(row.chain),
+                    flow=_json_or_none(row.flow),
                 )
                 for row in rows
             ]
@@ -568,7 +588,22 @@ class DatabaseDriver(Driver):
     async def purge_finished(self, before: float) -> int:
         c = self.table.c
         stmt = delete(self.table).where(c.status.in_([SUCCEEDED, CANCELLED]), c.finished_at < before)
-        return await self._statement(lambda conn: conn.execute(stmt).rowcount)
+        old_marks = delete(self.marks).where(self.marks.c.created_at < before)
+
+        def purge(conn: Connection) -> int:
+            conn.execute(old_marks)
+            return int(conn.execute(stmt).rowcount)
+
+        return await self._transaction(purge)
+
+    async def mark(self, queue: str, group: str, member: str, now: float) -> int:
+        size = select(func.count()).select_from(self.marks).where(self.marks.c.grp == group)
+
+        def add(conn: Connection) -> int:
+            conn.execute(self._insert_mark, {"grp": group, "member": member, "created_at": now})
+            return int(conn.execute(size).scalar_one())
+
+        return await self._transaction(add)
 
     async def get(self, job_id: str, queue: str | None = None) -> JobRecord | None:
         def fetch(conn: Connection) -> JobRecord | None:

@@ -21,6 +21,7 @@ class MemoryDriver(Driver):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._jobs: dict[str, JobRecord] = {}
+        self._marks: dict[str, dict[str, float]] = {}
         self._entry_seq: dict[str, int] = {}
         self._scheduled: dict[str, list[tuple[float, int, str]]] = {}
         self._ready: dict[str, list[tuple[int, float, int, str]]] = {}
@@ -67,6 +68,12 @@ class MemoryDriver(Driver):
                     return job.id
             self._store(record)
             return record.id
+
+    async def mark(self, queue: str, group: str, member: str, now: float) -> int:
+        with self._lock:
+            members = self._marks.setdefault(group, {})
+            members.setdefault(member, now)
+            return len(members)
 
     def _store(self, record: JobRecord) -> None:
         stored = copy.copy(record)
@@ -212,6 +219,8 @@ class MemoryDriver(Driver):
             ]
             for job_id in old:
                 del self._jobs[job_id]
+            for group in [g for g, members in self._marks.items() if max(members.values()) < before]:
+                del self._marks[group]
         return len(old)
 
     async def get(self, job_id: str, queue: str | None = None) -> JobRecord | None:

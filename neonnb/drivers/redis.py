@@ -142,7 +142,7 @@ class RedisDriver(Driver):
             result=fields.get("result"),
             error=json.loads(fields["error"]) if fields.get("error") else None,
             output=fields.get("output"),
-            chain=json.loads(fields["chain"]) if fields.get("chain") else None,
+            flow=json.loads(fields["flow"]) if fields.get("flow") else None,
             unique_key=fields.get("unique_key"),
             cancel_requested=fields.get("cancel_requested") == "1",
         )
@@ -158,6 +158,9 @@ class RedisDriver(Driver):
     async def enqueue_unique(self, record: JobRecord) -> str:
         return str((await self._store([record], "unique"))[0])
 
+    async def mark(self, queue: str, group: str, member: str, now: float) -> int:
+        return int(await self._script("mark", [queue], [group, member, _num(now)]))
+
     async def _store(self, records: Sequence[JobRecord], mode: str) -> list[Any]:
         """Run the enqueue script once per queue; returns what each run returned."""
         by_queue: dict[str, list[list[str]]] = {}
@@ -165,7 +168,7 @@ class RedisDriver(Driver):
             by_queue.setdefault(r.queue, []).append([
                 r.id, r.name, r.payload, str(r.priority.rank), r.status.value, str(r.attempts), str(r.max_attempts),
                 "" if r.timeout is None else _num(r.timeout), _num(r.run_at), _num(r.created_at),
-                "" if r.chain is None else json.dumps(r.chain), r.unique_key or "",
+                "" if r.flow is None else json.dumps(r.flow), r.unique_key or "",
             ])
         new = set(by_queue) - self._registered
         if new:

@@ -9,7 +9,7 @@
 --   B.."job:"..id        HASH  the job record: id queue name payload priority status
 --                              attempts max_attempts timeout run_at created_at started_at
 --                              finished_at lease_expires worker_id progress result error
---                              output chain (a chain step's place in its chain, JSON)
+--                              output flow (a chain step's or batch member's place, JSON)
 --                              unique_key cancel_requested
 --   B.."unique:"..key    STRING the id of the job that last took the unique key
 --   B.."ready:"..p       ZSET  queued jobs of priority p (0 high, 1 normal, 2 low), scored
@@ -20,20 +20,22 @@
 --   B.."failed"          ZSET  the failed store, scored by when they failed
 --   B.."done"            ZSET  succeeded jobs scored by when, pruned after result_ttl
 --   B.."cancelled"       ZSET  cancelled jobs scored by when, pruned after result_ttl
+--   B.."marks:"..group   SET   a mark set (a batch's finished job ids)
+--   B.."marks"           ZSET  the mark sets' names scored by their latest change, for pruning
 --
 -- Each script below starts with a line "--! name"; the driver splits the file there.
 
 --! enqueue
 -- KEYS: B.  ARGV: wake channel, queue, mode, then the jobs as one JSON array of arrays of 12
 -- strings: id name payload priority status attempts max_attempts timeout run_at created_at
--- chain unique_key ("" for none). One argument, not a dozen per job: the client packs each
+-- flow unique_key ("" for none). One argument, not a dozen per job: the client packs each
 -- argument in Python, which made a 10,000-job batch spend most of its time there.
 -- mode "all": store every job, return how many; "new": skip a job whose id exists, return
 -- how many were stored; "unique" (one job): unless B.."unique:"..key names a queued or
 -- running job, store this one and name it there; return the id of the job named.
 local B, mode = KEYS[1], ARGV[3]
 local fields = {'id', 'name', 'payload', 'priority', 'status', 'attempts', 'max_attempts', 'timeout', 'run_at',
-                'created_at', 'chain', 'unique_key'}
+                'created_at', 'flow', 'unique_key'}
 local stored = 0
 local result = nil
 for _, job in ipairs(cjson.decode(ARGV[4])) do
@@ -66,6 +68,15 @@ for _, job in ipairs(cjson.decode(ARGV[4])) do
 end
 if stored > 0 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
 return result or stored
+
+--! mark
+-- KEYS: B.  ARGV: group, member, now.   Adds member to the set; returns its size. The set
+-- goes with the queue's finished jobs (purge) once its newest member is older than they are.
+local B = KEYS[1]
+local set = B .. 'marks:' .. ARGV[1]
+redis.call('SADD', set, ARGV[2])
+redis.call('ZADD', B .. 'marks', ARGV[3], ARGV[1])
+return redis.call('SCARD', set)
 
 --! reserve
 -- KEYS: B of each queue.  ARGV: now, limit, worker_id, lease_expires.  Returns the claimed
@@ -243,6 +254,10 @@ for _, finished in ipairs({B .. 'done', B .. 'cancelled'}) do
   redis.call('ZREMRANGEBYSCORE', finished, '-inf', '(' .. ARGV[1])
   purged = purged + #old
 end
+for _, group in ipairs(redis.call('ZRANGEBYSCORE', B .. 'marks', '-inf', '(' .. ARGV[1])) do
+  redis.call('DEL', B .. 'marks:' .. group)
+end
+redis.call('ZREMRANGEBYSCORE', B .. 'marks', '-inf', '(' .. ARGV[1])
 return purged
 
 --! requeue_failed
