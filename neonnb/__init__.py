@@ -16,8 +16,9 @@ from .errors import (
     StoreUnavailable,
     UnknownJobError,
 )
+from .handles import FailedJob, JobHandle
 from .job import Context, Job, JobRecord, Priority, Status
-from .manager import FailedJob, JobHandle, QueueManager, connect
+from .manager import QueueManager, connect
 from .notebook import load_ipython_extension, unload_ipython_extension
 from .worker import JobEvent, Worker
 

@@ -26,7 +26,8 @@ from .codec import decode, decode_fields, dumps, encode
 from .errors import MissingDependency, PayloadError, UnknownJobError
 
 if TYPE_CHECKING:
-    from .manager import JobHandle, QueueManager
+    from .handles import JobHandle
+    from .manager import QueueManager
     from .workflows import BatchHandle
 
 if sys.version_info >= (3, 11):

@@ -6,17 +6,14 @@ neonnb's background loop.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import dataclasses
 import datetime as dt
-import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
@@ -25,8 +22,9 @@ from ._loop import run_sync
 from .config import Config, WorkerOptions, parse_duration
 from .drivers import create_driver
 from .drivers.base import Driver, QueueCounts
-from .errors import ConfigError, JobCancelled, JobFailed, JobNotFound
-from .job import FINISHED, FunctionJob, JobRecord, Priority, Status, encode_job
+from .errors import ConfigError
+from .handles import FailedStore, JobHandle
+from .job import FunctionJob, JobRecord, Priority, Status, encode_job
 from .worker import Events, Worker
 
 if TYPE_CHECKING:
@@ -381,202 +379,6 @@ class QueueManager:
         run_sync(self.aclose())
 
 
-class JobHandle:
-    """What dispatch returns: the job's id, its live status and progress, and its result."""
-
-    def __init__(self, manager: QueueManager, job_id: str, queue: str | None = None) -> None:
-        self.manager = manager
-        self.id = job_id
-        self.queue = queue
-
-    def __repr__(self) -> str:
-        return f"<JobHandle {self.id}>"
-
-    def _repr_html_(self) -> str:
-        from .notebook import html
-
-        try:
-            record = self.fetch()
-        except JobNotFound as exc:
-            return html.panel(f"job {self.id}", html.escape(str(exc)), "neonnb-panel neonnb-job")
-        rows = [["name", record.name], ["queue", record.queue], ["status", html.status_badge(record.status.value)],
-                ["attempts", f"{record.attempts} of {record.max_attempts}"]]
-        if record.status is Status.RUNNING or record.progress:
-            progress = record.progress or {}
-            rows.append(["progress", html.progress_bar(frames.fraction(progress), progress.get("message"))])
-        if record.error:
-            rows.append(["last error", f"{record.error.get('type')}: {record.error.get('message')}"])
-        return html.panel(f"job {self.id}", html.table(["", ""], rows, "neonnb-job-fields"), "neonnb-panel neonnb-job")
-
-    async def afetch(self) -> JobRecord:
-        record = await self.manager.driver.get(self.id, self.queue)
-        if record is None:
-            raise JobNotFound(
-                f"job {self.id} not found: it never existed, was forgotten, or finished more "
-                f"than result_ttl ({self.manager.config.result_ttl:g}s) ago"
-            )
-        return record
-
-    def fetch(self) -> JobRecord:
-        return run_sync(self.afetch())
-
-    @property
-    def status(self) -> Status:
-        return self.fetch().status
-
-    @property
-    def progress(self) -> dict[str, Any] | None:
-        return self.fetch().progress
-
-    @property
-    def output(self) -> str | None:
-        """What the job's last attempt printed and logged (None: nothing)."""
-        return self.fetch().output
-
-    async def await_finished(self, timeout: float | None = None) -> JobRecord:
-        """Wait until the job succeeded or failed for good, polling the driver."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pause = 0.005
-        while True:
-            record = await self.afetch()
-            if record.status in FINISHED:
-                return record
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"job {self.id} still {record.status.value} after {timeout:g}s")
-            await asyncio.sleep(pause)
-            pause = min(pause * 1.5, 0.2)
-
-    def cancel(self) -> Status | None:
-        """See ``QueueManager.cancel``."""
-        return self.manager.cancel(self.id, self.queue)
-
-    async def aresult(self, timeout: float | None = None) -> Any:
-        record = await self.await_finished(timeout)
-        if record.status is Status.CANCELLED:
-            raise JobCancelled(f"job {self.id} ({record.name}) was cancelled")
-        if record.status is Status.FAILED:
-            error = record.error or {}
-            raise JobFailed(
-                f"job {self.id} ({record.name}) failed after {record.attempts} attempt(s): "
-                f"{error.get('type')}: {error.get('message')}",
-                error=error,
-            )
-        return record.result_value()
-
-    def wait(self, timeout: float | None = None) -> Status:
-        """Block until the job finished; returns SUCCEEDED or FAILED."""
-        return run_sync(self.await_finished(timeout)).status
-
-    def result(self, timeout: float | None = None) -> Any:
-        """Block until the job finished; its stored result, or JobFailed."""
-        return run_sync(self.aresult(timeout))
-
-
-@dataclass(repr=False)
-class FailedJob:
-    """An entry of the failed store (the spec's ``FailedJob``)."""
-
-    id: str
-    queue: str
-    name: str
-    arguments: Any
-    error_type: str
-    error: str
-    traceback: str
-    attempts: int
-    failed_at: dt.datetime
-    created_at: dt.datetime
-
-    def __repr__(self) -> str:
-        return f"<FailedJob {self.id} {self.name}: {self.error_type}>"
-
-    def _repr_html_(self) -> str:
-        from .notebook import html
-
-        rows: list[list[Any]] = [["name", self.name], ["queue", self.queue], ["attempts", self.attempts],
-                ["failed at", html.when(self.failed_at)], ["error", f"{self.error_type}: {self.error}"],
-                ["arguments", html.Raw(f"<code>{html.escape(json.dumps(self.arguments, default=str))}</code>")]]
-        trace = f"<details><summary>traceback</summary><pre>{html.escape(self.traceback)}</pre></details>"
-        return html.panel(f"failed job {self.id}", html.table(["", ""], rows, "neonnb-failed-fields") + trace,
-                          "neonnb-panel neonnb-failed-job")
-
-    @classmethod
-    def from_record(cls, record: JobRecord) -> FailedJob:
-        error = record.error or {}
-        try:
-            arguments = json.loads(record.payload)
-        except ValueError:
-            arguments = record.payload  # a corrupt payload is why it failed; show it as is
-        return cls(
-            id=record.id,
-            queue=record.queue,
-            name=record.name,
-            arguments=arguments,
-            error_type=str(error.get("type", "")),
-            error=str(error.get("message", "")),
-            traceback=str(error.get("traceback", "")),
-            attempts=record.attempts,
-            failed_at=_datetime(record.finished_at or record.created_at),
-            created_at=_datetime(record.created_at),
-        )
-
-
-class FailedStore:
-    """``qm.failed``: list, inspect, retry and forget jobs that used up their attempts."""
-
-    def __init__(self, manager: QueueManager) -> None:
-        self.manager = manager
-
-    async def alist(self, limit: int = 50, offset: int = 0, queue: str | None = None) -> list[FailedJob]:
-        records = await self.manager.driver.list_jobs(status=Status.FAILED, queue=queue, limit=limit, offset=offset)
-        return [FailedJob.from_record(r) for r in records]
-
-    async def aget(self, job_id: str) -> FailedJob:
-        record = await self.manager.driver.get(job_id)
-        if record is None or record.status is not Status.FAILED:
-            raise JobNotFound(f"job {job_id} is not in the failed store")
-        return FailedJob.from_record(record)
-
-    async def aretry(self, job_id: str) -> JobHandle:
-        """Queue the job again: same id and arguments, attempts reset."""
-        if not await self._requeue([job_id], None):
-            raise JobNotFound(f"job {job_id} is not in the failed store")
-        return JobHandle(self.manager, job_id)
-
-    async def aretry_all(self, queue: str | None = None) -> int:
-        return len(await self._requeue(None, queue))
-
-    async def _requeue(self, ids: list[str] | None, queue: str | None) -> list[str]:
-        moved = await self.manager.driver.requeue_failed(ids, queue, self.manager.clock())
-        self.manager._wake_workers()
-        return moved
-
-    async def aforget(self, job_id: str) -> bool:
-        return await self.manager.driver.delete_failed([job_id]) == 1
-
-    async def aflush(self) -> int:
-        return await self.manager.driver.delete_failed(None)
-
-    def list(self, limit: int = 50, offset: int = 0, queue: str | None = None) -> list[FailedJob]:
-        """Failed jobs, newest first."""
-        return run_sync(self.alist(limit, offset, queue))
-
-    def get(self, job_id: str) -> FailedJob:
-        return run_sync(self.aget(job_id))
-
-    def retry(self, job_id: str) -> JobHandle:
-        return run_sync(self.aretry(job_id))
-
-    def retry_all(self, queue: str | None = None) -> int:
-        return run_sync(self.aretry_all(queue))
-
-    def forget(self, job_id: str) -> bool:
-        return run_sync(self.aforget(job_id))
-
-    def flush(self) -> int:
-        return run_sync(self.aflush())
-
-
 def connect(target: str | Path, **settings: Any) -> QueueManager:
     """A manager for a URL (``sqlite:///jobs.db``, ``postgresql://...``, ``memory://``) or a
     YAML config file; ``settings`` override config fields (``connect(url, max_retries=5)``)."""
@@ -617,10 +419,6 @@ def _priority(value: Priority | str) -> Priority:
         return Priority(value)
     except ValueError:
         raise ConfigError(f"priority must be 'high', 'normal' or 'low', got {value!r}") from None
-
-
-def _datetime(epoch: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc)
 
 
 def _safe_url(connection: Any) -> str:

@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
     import pandas as pd
 
-    from .manager import JobHandle, QueueManager
+    from .handles import JobHandle
+    from .manager import QueueManager
 
 logger = logging.getLogger("neonnb.scheduler")
 
@@ -132,7 +133,7 @@ class Scheduler:
     async def atick(self) -> list[JobHandle]:
         """Dispatch every tick that is due and not yet handled; returns the handles of the
         jobs this scheduler stored (ticks another scheduler had stored are skipped)."""
-        from .manager import JobHandle
+        from .handles import JobHandle
 
         now = self.manager.clock()
         stored = []

@@ -21,7 +21,8 @@ from ._loop import run_sync
 from .job import JobRecord, Priority, Status
 
 if TYPE_CHECKING:
-    from .manager import JobHandle, QueueManager
+    from .handles import JobHandle
+    from .manager import QueueManager
 
 
 def step_id(flow_id: str, index: int | str) -> str:
@@ -102,7 +103,7 @@ class ChainHandle:
         return f"<ChainHandle {self.id} {self.length} steps>"
 
     def step(self, index: int) -> JobHandle:
-        from .manager import JobHandle
+        from .handles import JobHandle
 
         return JobHandle(self.manager, step_id(self.id, index), self.queue)
 
