@@ -12,31 +12,17 @@ autocommit, takes batches with COPY and wakes idle workers with LISTEN/NOTIFY
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from sqlalchemy import (
-    ARRAY,
-    BigInteger,
-    Column,
     Connection,
-    Double,
     Engine,
-    Index,
-    Integer,
-    MetaData,
     Row,
-    SmallInteger,
-    String,
-    Table,
-    Text,
     and_,
-    any_,
-    bindparam,
     case,
     create_engine,
     delete,
@@ -46,7 +32,6 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 
@@ -54,64 +39,22 @@ from ..errors import ConfigError
 from ..job import JobRecord, Priority, Status
 from .base import LEASE_ERROR, Driver, QueueCounts
 from .pg_notify import Listener, announce, install_trigger
+from .sql_schema import (
+    CANCELLED,
+    ENQUEUED_COLUMNS,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    HotStatements,
+    enqueued_row,
+    insert_ignoring,
+    jobs_table,
+    mysql_lock,
+)
 from .sqlite_watch import Watcher
 
 T = TypeVar("T")
-
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (s.value for s in Status)
-
-
-def jobs_table(name: str) -> Table:
-    """The jobs table (``name`` comes from ``Config.table_name``); beside it in the same
-    MetaData, ``{name}_marks`` holds the driver's ``mark`` sets."""
-    metadata = MetaData()
-    Table(
-        f"{name}_marks", metadata,
-        Column("grp", String(100), primary_key=True),
-        Column("member", String(36), primary_key=True),
-        Column("created_at", Double, nullable=False),
-    )
-    t = Table(
-        name,
-        metadata,
-        Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
-        Column("id", String(36), nullable=False, unique=True),
-        Column("queue", String(200), nullable=False),
-        Column("name", String(300), nullable=False),
-        Column("payload", Text, nullable=False),
-        Column("priority", SmallInteger, nullable=False),
-        Column("status", String(10), nullable=False),
-        Column("attempts", Integer, nullable=False),
-        Column("max_attempts", Integer, nullable=False),
-        Column("timeout", Double),
-        Column("run_at", Double, nullable=False),
-        Column("created_at", Double, nullable=False),
-        Column("started_at", Double),
-        Column("finished_at", Double),
-        Column("lease_expires", Double),
-        Column("worker_id", String(100)),
-        Column("progress", Text),
-        Column("result", Text),
-        Column("error", Text),
-        Column("output", Text),
-        Column("flow", Text),
-        Column("unique_key", String(300)),
-        Column("cancel_requested", SmallInteger),  # 1 once someone asked the running job to stop
-    )
-    # The claim reads (queue, status) and orders by (priority, run_at, seq): one index serves
-    # it. Where the database allows, it covers only queued rows, so it stays small however
-    # many finished rows the table keeps.
-    queued = t.c.status == "queued"
-    Index(f"{name}_claim", t.c.queue, t.c.status, t.c.priority, t.c.run_at, t.c.seq,
-          postgresql_where=queued, sqlite_where=queued)
-    running = t.c.status == "running"
-    finished = t.c.status.in_(["succeeded", "failed", "cancelled"])
-    Index(f"{name}_lease", t.c.status, t.c.lease_expires, postgresql_where=running, sqlite_where=running)
-    Index(f"{name}_finished", t.c.status, t.c.finished_at, postgresql_where=finished, sqlite_where=finished)
-    keyed = t.c.unique_key.is_not(None)
-    Index(f"{name}_unique", t.c.unique_key, t.c.status, postgresql_where=keyed, sqlite_where=keyed)
-    return t
-
 
 def _sqlite_engine(url: str) -> Engine:
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
@@ -132,111 +75,6 @@ def _sqlite_engine(url: str) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
-
-
-# What a dispatch writes, in this order; the rest of a row starts empty.
-ENQUEUED_COLUMNS = (
-    "id", "queue", "name", "payload", "priority", "status", "attempts", "max_attempts", "timeout", "run_at",
-    "created_at", "flow",
-)
-
-
-def _insert_ignoring(table: Table, dialect: str) -> Any:
-    """An INSERT that skips a row whose key exists."""
-    if dialect in ("mysql", "mariadb"):
-        return table.insert().prefix_with("IGNORE")
-    module = postgresql if dialect == "postgresql" else sqlite
-    return module.insert(table).on_conflict_do_nothing()
-
-
-@contextlib.contextmanager
-def _mysql_lock(conn: Connection, name: str) -> Iterator[None]:
-    """A MySQL/MariaDB named lock (nothing elsewhere). It belongs to the session, not the
-    transaction, so it is taken before and released after the transaction's commit."""
-    if conn.dialect.name not in ("mysql", "mariadb"):
-        yield
-        return
-    params = {"name": name[:64]}
-    conn.execute(text("SELECT GET_LOCK(:name, 60)"), params)
-    conn.commit()
-    try:
-        yield
-    finally:
-        conn.execute(text("SELECT RELEASE_LOCK(:name)"), params)
-        conn.commit()
-
-
-def _enqueued_row(r: JobRecord) -> tuple[Any, ...]:
-    return (r.id, r.queue, r.name, r.payload, r.priority.rank, r.status.value, r.attempts, r.max_attempts,
-            r.timeout, r.run_at, r.created_at, None if r.flow is None else json.dumps(r.flow))  # ENQUEUED_COLUMNS
-
-
-class HotStatements:
-    """The statements a busy worker runs, built once with bound parameters (``b_*``):
-    building a SQLAlchemy construct costs more than executing its cached compiled form."""
-
-    def __init__(self, t: Table, postgres: bool, mysql: bool, paramstyle: str, quoted_table: str) -> None:
-        c = t.c
-        marker = {"qmark": "?", "format": "%s", "pyformat": "%s"}.get(paramstyle)
-        if marker is None:
-            raise ConfigError(f"Config.connection: DBAPI paramstyle {paramstyle!r} is not supported")
-        columns, markers = ", ".join(ENQUEUED_COLUMNS), ", ".join([marker] * len(ENQUEUED_COLUMNS))
-        self.insert_one = f"INSERT INTO {quoted_table} ({columns}) VALUES ({markers})"
-        # enqueue_once: MySQL and MariaDB lack ON CONFLICT, the others INSERT IGNORE.
-        self.insert_new = (
-            f"INSERT IGNORE INTO {quoted_table} ({columns}) VALUES ({markers})" if mysql
-            else f"{self.insert_one} ON CONFLICT (id) DO NOTHING"
-        )
-
-
-        def one_of(column: Any, name: str) -> Any:
-            # PostgreSQL takes the list as one array parameter; an expanding IN would be
-            # re-rendered with a parameter per item on every call.
-            if postgres:
-                return column == any_(bindparam(name, type_=ARRAY(column.type)))
-            return column.in_(bindparam(name, expanding=True))
-
-        # "Running and held by this worker". Only running jobs carry a lease, and testing the
-        # lease rather than the status keeps PostgreSQL's planner on the id index: offered
-        # status = 'running', a young table's planner scans every running row instead.
-        self.owned = and_(
-            one_of(c.id, "b_ids"),
-            c.worker_id == bindparam("b_owner"),
-            c.lease_expires.is_not(None),
-        )
-        self.due = (
-            select(c.seq)
-            .where(one_of(c.queue, "b_queues"), c.status == QUEUED)
-            .where(c.run_at <= bindparam("b_now"))
-            .order_by(c.priority, c.run_at, c.seq)
-            .limit(bindparam("b_limit"))
-            .with_for_update(skip_locked=True)
-        )
-        claim = update(t).values(
-            status=RUNNING, attempts=c.attempts + 1, worker_id=bindparam("b_owner"),
-            lease_expires=bindparam("b_lease"), started_at=bindparam("b_now"),
-        )
-        # One statement where UPDATE ... RETURNING exists: a materialised CTE joined on the
-        # primary key alone. As an IN-subquery PostgreSQL may re-run the LIMIT ... SKIP LOCKED
-        # select and claim more rows than asked for; re-checking status here would tempt its
-        # planner (on a young table with no statistics) to scan every queued row. The rows are
-        # locked (on SQLite the whole database is), so they are still queued.
-        due_rows = self.due.cte("due").prefix_with("MATERIALIZED", dialect="postgresql")
-        # What a worker needs of a claimed job; the rest it knows (it just set it) or never reads.
-        claimed = [c.seq, c.id, c.queue, c.name, c.payload, c.priority, c.attempts, c.max_attempts, c.timeout,
-                   c.run_at, c.created_at, c.flow]
-        self.claim = claim.where(c.seq == due_rows.c.seq).returning(*claimed)
-        self.claim_seqs = claim.where(c.seq.in_(bindparam("b_seqs", expanding=True)))
-        self.rows_by_seq = select(*claimed).where(c.seq.in_(bindparam("b_seqs", expanding=True)))
-        self.extend = update(t).where(self.owned).values(lease_expires=bindparam("b_lease"))
-        self.stopping = select(c.id).where(self.owned, c.cancel_requested == 1)
-        self.complete = update(t).where(self.owned).values(
-            status=SUCCEEDED, finished_at=bindparam("b_now"), lease_expires=None
-        )
-        self.complete_returning = self.complete.returning(c.id)
-        self.owned_ids = select(c.id).where(self.owned).with_for_update()
-        self.set_result = update(t).where(c.id == bindparam("b_id")).values(result=bindparam("b_result"))
-        self.by_id = select(t).where(c.id == bindparam("b_id"))
 
 
 # The DBAPI each database gets when the URL names none, and the extra that installs it.
@@ -276,7 +114,7 @@ class DatabaseDriver(Driver):
         dialect = self.engine.dialect.name
         self.table = jobs_table(table_name)
         self.marks = self.table.metadata.tables[f"{table_name}_marks"]
-        self._insert_mark = _insert_ignoring(self.marks, dialect)
+        self._insert_mark = insert_ignoring(self.marks, dialect)
         self._sql = HotStatements(
             self.table, dialect == "postgresql", dialect in ("mysql", "mariadb"), self.engine.dialect.paramstyle,
             self.engine.dialect.identifier_preparer.quote(table_name),
@@ -321,7 +159,7 @@ class DatabaseDriver(Driver):
     def _create_schema(self) -> None:
         # Workers starting together on a new database take turns, so none inserts while
         # another is still creating the indexes (a deadlock on MariaDB).
-        with self.engine.connect() as conn, _mysql_lock(conn, f"neonnb-schema:{self.table.name}"), conn.begin():
+        with self.engine.connect() as conn, mysql_lock(conn, f"neonnb-schema:{self.table.name}"), conn.begin():
             if self._postgres:
                 conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": self.table.name})
             self.table.metadata.create_all(conn, checkfirst=True)
@@ -393,7 +231,7 @@ class DatabaseDriver(Driver):
     # --- the protocol -----------------------------------------------------------------
 
     async def enqueue(self, records: Sequence[JobRecord]) -> None:
-        rows = [_enqueued_row(r) for r in records]
+        rows = [enqueued_row(r) for r in records]
         if len(rows) == 1:
             # Plain DBAPI SQL: a one-row dispatch spends more in SQLAlchemy's statement
             # machinery than in the database.
@@ -405,7 +243,7 @@ class DatabaseDriver(Driver):
             await self._transaction(lambda conn: conn.execute(self.table.insert(), named))
 
     async def enqueue_once(self, record: JobRecord) -> bool:
-        row = _enqueued_row(record)
+        row = enqueued_row(record)
         return await self._statement(lambda conn: conn.exec_driver_sql(self._sql.insert_new, row).rowcount == 1)
 
     async def enqueue_unique(self, record: JobRecord) -> str:
@@ -413,7 +251,7 @@ class DatabaseDriver(Driver):
         holder = (
             select(c.id).where(c.unique_key == record.unique_key, c.status.in_([QUEUED, RUNNING])).limit(1)
         )
-        row = dict(zip(ENQUEUED_COLUMNS, _enqueued_row(record), strict=True))
+        row = dict(zip(ENQUEUED_COLUMNS, enqueued_row(record), strict=True))
 
         def store_unless_held(conn: Connection) -> str:
             # Look and insert under a lock on the key that lasts until the commit, so two
@@ -432,7 +270,7 @@ class DatabaseDriver(Driver):
 
         def under_named_lock() -> str:
             self._ensure_schema()
-            with self.engine.connect() as conn, _mysql_lock(conn, f"neonnb:{record.unique_key}"), conn.begin():
+            with self.engine.connect() as conn, mysql_lock(conn, f"neonnb:{record.unique_key}"), conn.begin():
                 return store_unless_held(conn)
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, under_named_lock)
