@@ -30,6 +30,12 @@ class JobHandle:
     def __repr__(self) -> str:
         return f"<JobHandle {self.id}>"
 
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        """In a notebook: a live progress bar while the job runs (neonnb.notebook.live)."""
+        from .notebook.live import job_bundle
+
+        return job_bundle(self)
+
     def _repr_html_(self) -> str:
         from .notebook import html
 

@@ -137,3 +137,27 @@ def test_dashboard_shows_schedules_chains_and_batches(qm: QueueManager) -> None:
     assert batch_row.children[0].value == 1.0 and "2 done" in batch_row.children[1].value
     assert chain.result(timeout=1) == 3
     dashboard.close()
+
+
+def test_a_running_job_handle_displays_a_live_progress_bar(qm: QueueManager) -> None:
+    import ipywidgets
+
+    from neonnb.notebook import live
+
+    jobs.RELEASE.clear()
+    handle = qm.dispatch("q", jobs.Halfway())
+    worker = qm.worker("q", 1).start()
+    try:
+        wait_until(lambda: (handle.progress or {}).get("done") == 1, what="progress saved")
+        bundle = handle._repr_mimebundle_()
+        assert "application/vnd.jupyter.widget-view+json" in bundle
+        bar, label = ipywidgets.FloatProgress(min=0.0, max=1.0), ipywidgets.HTML()
+        following = loop.submit(live._follow(handle, bar, label, interval=0.05))
+        wait_until(lambda: bar.value == 0.5 and "half way" in label.value, what="the bar to follow the job")
+        jobs.RELEASE.set()
+        following.result(timeout=10)  # it stops by itself when the job ends
+        assert bar.value == 1.0 and "succeeded" in label.value
+        assert "text/html" in handle._repr_mimebundle_()  # finished: plain HTML again
+    finally:
+        jobs.RELEASE.set()
+        worker.stop()
