@@ -4,6 +4,7 @@ Redis and on a Redis Cluster is the conformance suite's.)"""
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,22 @@ def test_a_prefix_with_braces_is_refused() -> None:
     with pytest.raises(ConfigError, match="must not contain braces"):
         QueueManager(Config(driver="redis", key_prefix="{app}:"))
 
+
+
+def test_an_idle_worker_is_woken_again_after_redis_restarts() -> None:
+    server = RedisServer()
+    qm = QueueManager(Config.for_url(server.url()))
+    worker = qm.worker("q", 1, WorkerOptions(poll_interval=60)).start()  # only a wake-up can start the job
+    try:
+        qm.dispatch("q", jobs.Note("before")).result(timeout=10)
+        server.kill()
+        time.sleep(0.3)
+        server.start()
+        with QueueManager(Config.for_url(server.url())) as other:  # another process, in effect
+            # Sent before or after the worker resubscribed: either the wake-up or the "look
+            # now" that follows a resubscription starts it.
+            assert other.dispatch("q", jobs.Note("after the restart")).result(timeout=15) == "after the restart"
+    finally:
+        worker.stop()
+        qm.close()
+        server.stop()

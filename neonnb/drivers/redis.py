@@ -8,6 +8,7 @@ bound to one loop), so the driver works from any loop like the others, without h
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import weakref
@@ -15,14 +16,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, NamedTuple, TypeVar, cast
 
+from .. import _loop
 from ..errors import ConfigError, StoreUnavailable
 from ..job import JobRecord, Priority, Status
 from .base import LEASE_ERROR, Driver, QueueCounts
-from .wakeups import WAKE_ALL, WakeThread
+from .wakeups import WAKE_ALL
 
 try:
     import redis.asyncio as aioredis
-    from redis import Redis as SyncRedis
     from redis.asyncio.cluster import RedisCluster
     from redis.asyncio.retry import Retry as AsyncRetry
     from redis.backoff import ExponentialBackoff
@@ -72,7 +73,7 @@ class RedisDriver(Driver):
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Client] = weakref.WeakKeyDictionary()
         self.cluster: bool | None = None  # asked of the server on first use
         self._registered: set[str] = set()  # queues this process has added to P.."queues"
-        self._watcher: _Subscriber | None = None
+        self._watcher: concurrent.futures.Future[None] | None = None
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -347,14 +348,35 @@ class RedisDriver(Driver):
         return sum(await self._per_queue("delete_failed", await self._by_queue(ids, None), lambda q: []))
 
     def watch(self, callback: Callable[[str], None]) -> None:
-        # A cluster forwards every PUBLISH to all nodes, so subscribing on the node of the URL
-        # hears them all.
+        # On the background loop, where the workers the callback wakes live: a wake-up costs
+        # no thread hop. A cluster forwards every PUBLISH to all nodes, so subscribing on the
+        # node of the URL hears them all.
         if self._watcher is None:
-            self._watcher = _Subscriber(self.url, self._options, self.channel, callback)
+            self._watcher = _loop.submit(self._subscribe(callback))
+
+    async def _subscribe(self, callback: Callable[[str], None]) -> None:
+        """Deliver wake-ups until cancelled, reconnecting with backoff when Redis goes away."""
+        backoff = 0.1
+        while True:
+            client = aioredis.Redis.from_url(self.url, **self._options)
+            try:
+                async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(self.channel)
+                    callback(WAKE_ALL)  # what was sent while away is lost: workers look now
+                    backoff = 0.1
+                    async for message in pubsub.listen():
+                        callback(str(message["data"]))
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                logger.warning("SUBSCRIBE %s: wake-ups lost (%r); reconnecting in %.1fs", self.channel, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                await client.aclose()
 
     async def close(self) -> None:
         if self._watcher is not None:
-            self._watcher.stop()
+            self._watcher.cancel()
+            self._watcher = None
         here = asyncio.get_running_loop()
         clients, self._clients = list(self._clients.items()), weakref.WeakKeyDictionary()
         for loop, client in clients:
@@ -380,24 +402,3 @@ class _Client(NamedTuple):
 
     redis: aioredis.Redis | RedisCluster
     scripts: dict[str, Any]
-
-
-class _Subscriber(WakeThread):
-    """Subscribed to the wake channel: ``callback(queue)`` per dispatch."""
-
-    def __init__(self, url: str, options: dict[str, Any], channel: str, callback: Callable[[str], None]) -> None:
-        self.url, self.options, self.channel = url, options, channel
-        super().__init__(f"SUBSCRIBE {channel}", callback)
-
-    def listen(self) -> None:
-        client = SyncRedis.from_url(self.url, **self.options)
-        try:
-            with client.pubsub(ignore_subscribe_messages=True) as pubsub:  # type: ignore[no-untyped-call]
-                pubsub.subscribe(self.channel)
-                self.callback(WAKE_ALL)
-                while not self.stopping:
-                    message = pubsub.get_message(timeout=0.5)
-                    if message is not None:
-                        self.callback(str(message["data"]))
-        finally:
-            client.close()

@@ -1,6 +1,7 @@
-"""The thread behind every driver's ``watch()``: it listens to the store for new jobs and
-calls ``callback(queue)`` (``"*"``: any queue), reconnecting with backoff when the store goes
-away. Each driver says only how to listen (``listen``)."""
+"""The thread behind the PostgreSQL and SQLite drivers' ``watch()`` (their listeners block):
+it listens to the store for new jobs and calls ``callback(queue)`` (``"*"``: any queue),
+reconnecting with backoff when the store goes away. Each driver says only how to listen
+(``listen``). Redis subscribes on the background loop instead (``RedisDriver._subscribe``)."""
 
 from __future__ import annotations
 
