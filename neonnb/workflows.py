@@ -13,7 +13,9 @@ retrying it from there resumes the chain.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -120,23 +122,23 @@ class ChainHandle:
     def status(self) -> ChainStatus:
         return run_sync(self.astatus())
 
-    def result(self, timeout: float | None = None) -> Any:
-        """The last step's result; raises JobFailed if a step failed for good."""
-        return self.step(self.length - 1).result(timeout) if self._last_started(timeout) else None
-
-    def _last_started(self, timeout: float | None) -> bool:
-        import time
-
+    async def aresult(self, timeout: float | None = None) -> Any:
+        """The last step's result; raises JobFailed (or JobCancelled) for the step that ended
+        the chain early."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            status = self.status()
+            status = await self.astatus()
             if status.failed_step is not None:
-                self.step(status.failed_step).result(0)  # raises JobFailed with the step's error
-            if status.steps[-1] != "pending":
-                return True
+                return await self.step(status.failed_step).aresult(0)  # raises with the step's error
+            if status.steps[-1] != "pending":  # the last step exists: wait on it like any job
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                return await self.step(self.length - 1).aresult(left)
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"chain {self.id} not finished after {timeout:g}s: {status}")
-            time.sleep(0.02)
+            await asyncio.sleep(0.02)
+
+    def result(self, timeout: float | None = None) -> Any:
+        return run_sync(self.aresult(timeout))
 
 
 class BatchHandle(list["JobHandle"]):
@@ -169,7 +171,10 @@ class BatchHandle(list["JobHandle"]):
     @property
     def progress(self) -> float:
         """The finished share of the batch, 0.0 to 1.0."""
-        counts = self.counts()
+        return self.finished_share(self.counts())
+
+    def finished_share(self, counts: dict[str, int]) -> float:
+        """The share of the batch that ended, however, from its ``counts()``."""
         return 1.0 if not self else (counts["done"] + counts["failed"] + counts["cancelled"]) / len(self)
 
     def results(self, timeout: float | None = None) -> list[Any]:

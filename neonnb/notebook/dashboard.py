@@ -234,9 +234,8 @@ async def _workflow_states(manager: QueueManager) -> list[tuple[str, str, float,
     for flow in list(manager.recent_workflows):
         if isinstance(flow, BatchHandle):
             counts = await flow.acounts()
-            finished = counts["done"] + counts["failed"] + counts["cancelled"]
             state = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
-            states.append((str(id(flow)), f"batch of {len(flow)}", finished / len(flow), state))
+            states.append((str(id(flow)), f"batch of {len(flow)}", flow.finished_share(counts), state))
         else:
             status = await flow.astatus()
             done = status.steps.count(Status.SUCCEEDED.value)
