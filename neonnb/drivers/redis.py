@@ -1,8 +1,8 @@
-"""Redis driver on redis-py's asyncio client. The key layout and every state change are in
-``redis_scripts.lua`` (one Lua script per change, loaded once and called by SHA).
+"""Redis driver. The key layout and every state change are in ``redis_scripts.lua`` (one Lua
+script per change, called by SHA); the connection is neonnb's own small client (resp.py).
 
-Each event loop that calls the driver gets its own client (redis-py's asyncio clients are
-bound to one loop), so the driver works from any loop like the others, without hopping threads.
+Each event loop that calls the driver gets its own client (asyncio connections belong to the
+loop that made them), so the driver works from any loop like the others, without hopping threads.
 """
 
 from __future__ import annotations
@@ -14,23 +14,14 @@ import logging
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import Any, TypeVar
 
 from .. import _loop
 from ..errors import ConfigError, StoreUnavailable
 from ..job import JobRecord, Priority, Status
+from . import resp
 from .base import LEASE_ERROR, Driver, QueueCounts
 from .wakeups import WAKE_ALL
-
-try:
-    import redis.asyncio as aioredis
-    from redis.asyncio.cluster import RedisCluster
-    from redis.asyncio.retry import Retry as AsyncRetry
-    from redis.backoff import ExponentialBackoff
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
-except ImportError as exc:  # pragma: no cover - depends on the install
-    raise ConfigError("the redis driver needs redis-py: pip install 'neonnb[redis]'") from exc
 
 logger = logging.getLogger("neonnb.drivers.redis")
 T = TypeVar("T")
@@ -41,10 +32,13 @@ _STATUS_KEYS = {
 }
 
 
-def _scripts() -> dict[str, str]:
+def _scripts() -> dict[str, resp.Script]:
     text = resources.files("neonnb.drivers").joinpath("redis_scripts.lua").read_text()
     parts = text.split("--! ")[1:]
-    return {part.split("\n", 1)[0].strip(): part.split("\n", 1)[1] for part in parts}
+    return {part.split("\n", 1)[0].strip(): resp.Script(part.split("\n", 1)[1]) for part in parts}
+
+
+_SCRIPTS = _scripts()
 
 
 def _num(value: float) -> str:
@@ -62,51 +56,27 @@ class RedisDriver(Driver):
         self.url = url
         self.prefix = prefix
         self.channel = f"{prefix}wake"
-        self._options: dict[str, Any] = {"decode_responses": True, "socket_connect_timeout": 5,
-                                         "health_check_interval": 30}
-        if password:
-            self._options["password"] = password
-        if database:
-            self._options["db"] = database
-        # redis-py's asyncio clients belong to the loop that made them: one per loop, so a
-        # call from the caller's loop goes straight to Redis instead of hopping threads.
-        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Client] = weakref.WeakKeyDictionary()
-        self.cluster: bool | None = None  # asked of the server on first use
+        self.settings = resp.Settings.from_url(url, password=password, database=database)
+        # Connections belong to the loop that made them: one client per loop, so a call from
+        # the caller's loop goes straight to Redis instead of hopping threads.
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, resp.Client] = weakref.WeakKeyDictionary()
         self._registered: set[str] = set()  # queues this process has added to P.."queues"
         self._watcher: concurrent.futures.Future[None] | None = None
 
     # --- plumbing ---------------------------------------------------------------------
 
-    async def _client(self) -> _Client:
+    def _client(self) -> resp.Client:
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
-        if client is not None:
-            return client
-        # A pooled connection that died with a server restart fails on first use: retry a
-        # few times with backoff (bounded, so a dispatch during an outage still fails within
-        # seconds). Every script is safe to repeat, or recoverable by the lease.
-        options = {
-            "retry": AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), retries=3),
-            "retry_on_error": [RedisConnectionError, RedisTimeoutError], **self._options,
-        }
-        if self.cluster is None:
-            probe = aioredis.Redis.from_url(self.url, **options)
-            try:
-                self.cluster = bool((await probe.info("cluster")).get("cluster_enabled"))
-            finally:
-                await probe.aclose()
-        client = self._clients.get(loop)  # another task of this loop may have made it meanwhile
         if client is None:
-            connection = (RedisCluster if self.cluster else aioredis.Redis).from_url(self.url, **options)
-            scripts = {name: connection.register_script(body) for name, body in _scripts().items()}
-            client = self._clients[loop] = _Client(connection, scripts)
+            client = self._clients[loop] = resp.Client(self.settings)
         return client
 
-    async def _reach(self, work: Callable[[_Client], Awaitable[T]]) -> T:
+    async def _reach(self, work: Callable[[resp.Client], Awaitable[T]]) -> T:
         """``work(client)``, with a lost connection reported as StoreUnavailable."""
         try:
-            return await work(await self._client())
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            return await work(self._client())
+        except (ConnectionError, OSError) as exc:
             raise StoreUnavailable(f"Redis at {self._where()} can't be reached: {exc}") from exc
 
     def _where(self) -> str:
@@ -118,7 +88,7 @@ class RedisDriver(Driver):
 
     async def _script(self, name: str, queues: Sequence[str], args: Sequence[Any]) -> Any:
         keys = [self._base(q) for q in queues]
-        return await self._reach(lambda client: client.scripts[name](keys=keys, args=args, client=client.redis))
+        return await self._reach(lambda client: client.script(_SCRIPTS[name], keys, args))
 
     async def _per_queue(self, name: str, groups: dict[str, list[Any]], args: Callable[[str], list[Any]]) -> list[Any]:
         """Run script ``name`` once per queue (a script touches one queue's slot), concurrently."""
@@ -173,7 +143,7 @@ class RedisDriver(Driver):
             ])
         new = set(by_queue) - self._registered
         if new:
-            await self._reach(lambda client: client.redis.sadd(f"{self.prefix}queues", *new))
+            await self._reach(lambda client: client.execute("SADD", f"{self.prefix}queues", *new))
             self._registered |= new
         groups = {queue: [json.dumps(jobs)] for queue, jobs in by_queue.items()}
         return await self._per_queue("enqueue", groups, lambda q: [self.channel, q, mode])
@@ -181,10 +151,9 @@ class RedisDriver(Driver):
     async def reserve(
         self, queues: Sequence[str], limit: int, worker_id: str, now: float, lease_expires: float
     ) -> list[JobRecord]:
-        await self._client()  # learn whether it is a cluster
         # On a cluster each queue lives in its own slot: claim queue by queue, in the order
         # given; on one server a single script keeps priority strict across all of them.
-        rounds = [[q] for q in queues] if self.cluster else [list(queues)]
+        rounds = [[q] for q in queues] if await self._reach(lambda client: client.is_cluster()) else [list(queues)]
         claimed: list[JobRecord] = []
         for group in rounds:
             if len(claimed) >= limit:
@@ -241,31 +210,25 @@ class RedisDriver(Driver):
         return sum(await self._per_queue("purge", await self._by_queue(None, None), lambda q: [_num(before)]))
 
     async def get(self, job_id: str, queue: str | None = None) -> JobRecord | None:
-        async def fetch(client: _Client) -> list[dict[str, str]]:
-            queues = [queue] if queue is not None else await self._queues(client)
-            pipe = client.redis.pipeline(transaction=False)
-            for q in queues:
-                pipe.hgetall(f"{self._base(q)}job:{job_id}")
-            return [fields for fields in await pipe.execute() if fields]  # decode_responses: str
-
-        found = await self._reach(fetch)
-        return self._record(found[0]) if found else None
+        found = await self.get_many([job_id], queue)
+        return found[0] if found else None
 
     async def get_many(self, job_ids: Sequence[str], queue: str | None = None) -> list[JobRecord]:
-        async def fetch(client: _Client) -> list[dict[str, str]]:
+        async def fetch(client: resp.Client) -> list[JobRecord]:
             queues = [queue] if queue is not None else await self._queues(client)
-            pipe = client.redis.pipeline(transaction=False)
-            for q in queues:
-                for job_id in job_ids:
-                    pipe.hgetall(f"{self._base(q)}job:{job_id}")
-            return [fields for fields in await pipe.execute() if fields]
+            return await self._records(client, [(q, job_id) for q in queues for job_id in job_ids])
 
-        return [self._record(fields) for fields in await self._reach(fetch)] if job_ids else []
+        return await self._reach(fetch) if job_ids else []
+
+    async def _records(self, client: resp.Client, jobs: Sequence[tuple[str, str]]) -> list[JobRecord]:
+        """The records of these (queue, id) pairs that exist, in one pipelined round trip."""
+        replies = await client.pipeline([("HGETALL", f"{self._base(q)}job:{job_id}") for q, job_id in jobs])
+        return [self._record(dict(zip(flat[::2], flat[1::2], strict=True))) for flat in replies if flat]
 
     async def list_jobs(
         self, *, status: Status | None = None, queue: str | None = None, limit: int = 100, offset: int = 0
     ) -> list[JobRecord]:
-        async def collect(client: _Client) -> list[JobRecord]:
+        async def collect(client: resp.Client) -> list[JobRecord]:
             queues = [queue] if queue is not None else await self._queues(client)
             statuses = [status] if status is not None else list(Status)
             keys = []
@@ -274,14 +237,9 @@ class RedisDriver(Driver):
                     suffix = _STATUS_KEYS[st]
                     names = [f"ready:{p}" for p in range(3)] if suffix is None else [suffix]
                     keys += [(q, f"{self._base(q)}{name}") for name in names]
-            pipe = client.redis.pipeline(transaction=False)
-            for _, key in keys:
-                pipe.zrange(key, 0, -1)
-            ids = [(q, job_id) for (q, _), found in zip(keys, await pipe.execute(), strict=True) for job_id in found]
-            pipe = client.redis.pipeline(transaction=False)
-            for q, job_id in ids:
-                pipe.hgetall(f"{self._base(q)}job:{job_id}")
-            return [self._record(fields) for fields in await pipe.execute() if fields]
+            found = await client.pipeline([("ZRANGE", key, 0, -1) for _, key in keys])
+            return await self._records(client, [(q, job_id) for (q, _), ids in zip(keys, found, strict=True)
+                                                for job_id in ids])
 
         records = await self._reach(collect)
         if status is Status.FAILED:
@@ -291,19 +249,16 @@ class RedisDriver(Driver):
         return records[offset : offset + limit]
 
     async def counts(self, now: float) -> dict[str, QueueCounts]:
-        async def count(client: _Client) -> dict[str, QueueCounts]:
+        async def count(client: resp.Client) -> dict[str, QueueCounts]:
             queues = await self._queues(client)
-            pipe = client.redis.pipeline(transaction=False)
+            commands: list[resp.Command] = []
             for q in queues:
                 base = self._base(q)
                 for p in range(3):
-                    pipe.zcount(f"{base}ready:{p}", "-inf", _num(now))
-                    pipe.zcount(f"{base}ready:{p}", f"({_num(now)}", "+inf")
-                pipe.zcard(f"{base}running")
-                pipe.zcard(f"{base}done")
-                pipe.zcard(f"{base}failed")
-                pipe.zcard(f"{base}cancelled")
-            values = iter(await pipe.execute())
+                    commands.append(("ZCOUNT", f"{base}ready:{p}", "-inf", _num(now)))
+                    commands.append(("ZCOUNT", f"{base}ready:{p}", f"({_num(now)}", "+inf"))
+                commands += [("ZCARD", f"{base}{name}") for name in ("running", "done", "failed", "cancelled")]
+            values = iter(await client.pipeline(commands))
             result = {}
             for q in queues:
                 c = QueueCounts()
@@ -317,9 +272,9 @@ class RedisDriver(Driver):
 
         return await self._reach(count)
 
-    async def _queues(self, client: _Client) -> list[str]:
-        members = await cast("Awaitable[set[Any]]", client.redis.smembers(f"{self.prefix}queues"))
-        return sorted(str(q) for q in members)
+    async def _queues(self, client: resp.Client) -> list[str]:
+        return sorted(await client.execute("SMEMBERS", f"{self.prefix}queues"))
+
 
     async def _by_queue(self, ids: Sequence[str] | None, queue: str | None) -> dict[str, list[Any]]:
         """The jobs with these ids grouped by queue. Without ids: every queue (or just
@@ -328,14 +283,8 @@ class RedisDriver(Driver):
         if ids is None:
             return {q: [] for q in queues}
 
-        async def locate(client: _Client) -> list[Any]:
-            pipe = client.redis.pipeline(transaction=False)
-            for q in queues:
-                for job_id in ids:
-                    pipe.exists(f"{self._base(q)}job:{job_id}")
-            return list(await pipe.execute())
-
-        found = iter(await self._reach(locate))
+        found = iter(await self._reach(lambda client: client.pipeline(
+            [("EXISTS", f"{self._base(q)}job:{job_id}") for q in queues for job_id in ids])))
         groups = {q: [job_id for job_id in ids if next(found)] for q in queues}
         return {q: group for q, group in groups.items() if group}
 
@@ -357,21 +306,21 @@ class RedisDriver(Driver):
     async def _subscribe(self, callback: Callable[[str], None]) -> None:
         """Deliver wake-ups until cancelled, reconnecting with backoff when Redis goes away."""
         backoff = 0.1
+
+        def subscribed() -> None:
+            nonlocal backoff
+            backoff = 0.1
+            callback(WAKE_ALL)  # what was sent while away is lost: workers look now
+
+        client = resp.Client(self.settings)
         while True:
-            client = aioredis.Redis.from_url(self.url, **self._options)
             try:
-                async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(self.channel)
-                    callback(WAKE_ALL)  # what was sent while away is lost: workers look now
-                    backoff = 0.1
-                    async for message in pubsub.listen():
-                        callback(str(message["data"]))
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                async for queue in client.subscribe(self.channel, subscribed):
+                    callback(queue)
+            except ConnectionError as exc:
                 logger.warning("SUBSCRIBE %s: wake-ups lost (%r); reconnecting in %.1fs", self.channel, exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            finally:
-                await client.aclose()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
 
     async def close(self) -> None:
         if self._watcher is not None:
@@ -381,9 +330,9 @@ class RedisDriver(Driver):
         clients, self._clients = list(self._clients.items()), weakref.WeakKeyDictionary()
         for loop, client in clients:
             if loop is here:
-                await client.redis.aclose()
+                client.close()
             elif loop.is_running():  # another thread's loop: close there, without waiting on it
-                asyncio.run_coroutine_threadsafe(client.redis.aclose(), loop)
+                loop.call_soon_threadsafe(client.close)
             # a loop that has ended took its connections with it
 
 
@@ -395,10 +344,3 @@ def _ids_by_queue(jobs: Sequence[JobRecord]) -> dict[str, list[Any]]:
 
 
 _LEASE_ERROR = json.dumps(LEASE_ERROR)
-
-
-class _Client(NamedTuple):
-    """One loop's connection (pool) and the Lua scripts bound to it."""
-
-    redis: aioredis.Redis | RedisCluster
-    scripts: dict[str, Any]

@@ -1,0 +1,317 @@
+"""A small asyncio Redis client: what the Redis driver needs and nothing more.
+
+Why not redis-py's asyncio client: measured here, one command through it costs ~138 µs where
+the round trip itself is ~91 µs (5,000 sequential EVALSHA on loopback); its pool, locks and
+pure-Python packing were most of a dispatch. This client keeps one connection per server,
+pipelines every caller's commands on it (replies come back in order), and packs and parses
+in C with hiredis. It speaks RESP2 to one server or to a Redis Cluster (commands go to the
+node that owns their key's slot; MOVED refreshes the slot map), over TCP or TLS, with ACL
+users, passwords and database numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import hashlib
+import socket
+import ssl
+import urllib.parse
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigError
+
+try:
+    import hiredis
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ConfigError("the redis driver needs hiredis: pip install 'neonnb[redis]'") from exc
+
+ReplyError = hiredis.ReplyError  # an error reply; its message starts with the code (NOSCRIPT, MOVED, ...)
+Address = tuple[str, int]
+Command = Sequence[str | int | float | bytes]
+_TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
+_RETRIES = 3  # per command, on a lost connection: 50, 100, 200 ms apart
+
+
+class ConnectionLost(ConnectionError):
+    """The connection to Redis closed or could not be made."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+    db: int = 0
+    tls: ssl.SSLContext | None = None
+    connect_timeout: float = 5.0
+
+    @classmethod
+    def from_url(cls, url: str, *, password: str | None = None, database: int | None = None) -> Settings:
+        """``redis://[user:password@]host[:port][/db]`` or ``rediss://`` (TLS, options in the
+        query: ssl_ca_certs, ssl_certfile, ssl_keyfile, ssl_cert_reqs, ssl_check_hostname)."""
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ConfigError(f"a Redis URL starts with redis:// or rediss:// (TLS), got {url!r}")
+        query = {k: v[-1] for k, v in urllib.parse.parse_qs(parts.query).items()}
+        unknown = set(query) - {"db", *_TLS_OPTIONS}
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))} in the Redis URL {url!r}; "
+                              f"known: db, {', '.join(_TLS_OPTIONS)}")
+        path_db = parts.path.strip("/") or query.get("db", "0")
+        if not path_db.isdigit():
+            raise ConfigError(f"the database in the Redis URL {url!r} must be a number, got {path_db!r}")
+        return cls(
+            host=parts.hostname or "127.0.0.1", port=parts.port or 6379,
+            username=urllib.parse.unquote(parts.username) if parts.username else None,
+            password=password or (urllib.parse.unquote(parts.password) if parts.password else None),
+            db=database or int(path_db),  # Config.database, when set, wins over the URL
+            tls=_tls_context(query) if parts.scheme == "rediss" else None,
+        )
+
+
+def _tls_context(query: dict[str, str]) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=query.get("ssl_ca_certs"))
+    # As redis-py: the certificate is verified, its host name only when asked.
+    context.check_hostname = query.get("ssl_check_hostname", "false").lower() in ("1", "true", "yes")
+    reqs = query.get("ssl_cert_reqs", "required").lower()
+    if reqs not in ("none", "optional", "required"):
+        raise ConfigError(f"ssl_cert_reqs must be none, optional or required, got {reqs!r}")
+    context.verify_mode = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL}.get(reqs, ssl.CERT_REQUIRED)
+    if "ssl_certfile" in query:
+        context.load_cert_chain(query["ssl_certfile"], query.get("ssl_keyfile"))
+    return context
+
+
+class Connection(asyncio.Protocol):
+    """One pipelined connection: each command's reply resolves its future, in order. A
+    subscriber connection (``pushes`` given) delivers every reply to that queue instead."""
+
+    def __init__(self, pushes: asyncio.Queue[Any] | None = None) -> None:
+        self._reader = hiredis.Reader(encoding="utf-8")
+        self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self._transport: asyncio.Transport | None = None
+        self.pushes = pushes
+        self.lost: ConnectionLost | None = None
+
+    @classmethod
+    async def open(cls, address: Address, settings: Settings, pushes: asyncio.Queue[Any] | None = None) -> Connection:
+        loop = asyncio.get_running_loop()
+        host, port = address
+        try:
+            transport, connection = await asyncio.wait_for(
+                loop.create_connection(lambda: cls(pushes), host, port, ssl=settings.tls,
+                                       server_hostname=host if settings.tls else None),
+                settings.connect_timeout,
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise ConnectionLost(f"can't connect to {host}:{port}: {exc or type(exc).__name__}") from exc
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # a peer that vanishes without closing is noticed, eventually
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        hello: list[Command] = []
+        if settings.password:
+            hello.append(("AUTH", settings.username, settings.password) if settings.username
+                         else ("AUTH", settings.password))
+        if settings.db:
+            hello.append(("SELECT", settings.db))
+        try:
+            for reply in connection.send(hello):
+                await reply
+        except ReplyError as exc:
+            connection.close()
+            raise ConnectionLost(f"Redis at {host}:{port} refused the connection: {exc}") from exc
+        return connection
+
+    def send(self, commands: Sequence[Command]) -> list[asyncio.Future[Any]]:
+        """Write the commands in one go; the futures resolve with their replies."""
+        if self.lost is not None or self._transport is None:
+            raise self.lost or ConnectionLost("not connected")
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in commands]
+        self._waiting.extend(futures)
+        # (hiredis's stub declares a one-element tuple; any length is packed)
+        packed = b"".join(hiredis.pack_command(tuple(command)) for command in commands)  # type: ignore[arg-type]
+        self._transport.write(packed)
+        return futures
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    # --- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        while (reply := self._reader.gets()) is not False:
+            if self.pushes is not None:
+                self.pushes.put_nowait(reply)
+                continue
+            waiter = self._waiting.popleft()
+            if waiter.done():  # its caller gave up (cancelled); the reply is not theirs to see
+                continue
+            if isinstance(reply, ReplyError):
+                waiter.set_exception(reply)
+            else:
+                waiter.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = ConnectionLost(f"connection to Redis lost: {exc or 'closed by the server'}")
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_exception(self.lost)
+        if self.pushes is not None:
+            self.pushes.put_nowait(self.lost)
+
+
+class Script:
+    """A Lua script called by its SHA1 (loaded on a node the first time it is missing there)."""
+
+    def __init__(self, body: str) -> None:
+        self.body = body
+        self.sha = hashlib.sha1(body.encode()).hexdigest()
+
+
+class Client:
+    """Commands to one Redis server or to a cluster's nodes, one pipelined connection each.
+    A command whose connection is lost is sent again on a new one, up to three times, then
+    fails with ConnectionLost: the driver's scripts are safe to repeat."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.seed: Address = (settings.host, settings.port)
+        self.cluster: bool | None = None  # asked of the server on first use
+        self._slots: list[tuple[int, int, Address]] = []
+        self._nodes: dict[Address, Connection] = {}
+        self._opening: dict[Address, asyncio.Task[Connection]] = {}
+
+    async def execute(self, *command: Any, key: str | None = None) -> Any:
+        """Run one command; ``key`` (on a cluster) picks the node."""
+        return (await self.pipeline([command], key=key))[0]
+
+    async def script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        try:
+            return await self.execute(*command, key=keys[0] if keys else None)
+        except ReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        await self.execute("SCRIPT", "LOAD", script.body, key=keys[0] if keys else None)
+        return await self.execute(*command, key=keys[0] if keys else None)
+
+    async def pipeline(self, commands: Sequence[Command], key: str | None = None) -> list[Any]:
+        """Run commands, pipelined: on a cluster each goes to the node of its first key
+        (``key``, or the command's own first argument after its name)."""
+        for attempt in range(_RETRIES + 1):
+            try:
+                return await self._send(commands, key)
+            except ReplyError as exc:
+                if not str(exc).startswith(("MOVED", "ASK")) or attempt == _RETRIES:
+                    raise
+                self._slots = []  # the cluster changed: read the slot map again
+            except ConnectionLost:
+                if attempt == _RETRIES:
+                    raise
+                await asyncio.sleep(0.05 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    async def _send(self, commands: Sequence[Command], key: str | None) -> list[Any]:
+        cluster = await self.is_cluster()
+        by_node: dict[Address, list[int]] = {}
+        for i, command in enumerate(commands):
+            address = await self._node_for(key if key is not None else str(command[1])) if cluster else self.seed
+            by_node.setdefault(address, []).append(i)
+        replies: list[Any] = [None] * len(commands)
+        sent = []
+        for address, indexes in by_node.items():
+            connection = await self._connection(address)
+            sent.append((indexes, connection.send([commands[i] for i in indexes])))
+        for indexes, futures in sent:
+            for i, reply in zip(indexes, await asyncio.gather(*futures, return_exceptions=True), strict=True):
+                replies[i] = reply
+        error = next((reply for reply in replies if isinstance(reply, BaseException)), None)
+        if error is not None:
+            raise error
+        return replies
+
+    async def is_cluster(self) -> bool:
+        if self.cluster is None:
+            connection = await self._connection(self.seed)
+            self.cluster = "cluster_enabled:1" in str(await connection.send([("INFO", "cluster")])[0])
+        return self.cluster
+
+    async def _node_for(self, key: str) -> Address:
+        if not self._slots:
+            reply = await (await self._connection(self.seed)).send([("CLUSTER", "SLOTS")])[0]
+            self._slots = sorted((int(s[0]), int(s[1]), (str(s[2][0]) or self.seed[0], int(s[2][1]))) for s in reply)
+        slot = key_slot(key)
+        for first, last, address in self._slots:
+            if first <= slot <= last:
+                return address
+        raise ConnectionLost(f"no Redis Cluster node serves slot {slot}")
+
+    async def _connection(self, address: Address) -> Connection:
+        connection = self._nodes.get(address)
+        if connection is not None and connection.lost is None:
+            return connection
+        # One connect per node at a time: concurrent callers share it.
+        opening = self._opening.get(address)
+        if opening is None:
+            opening = self._opening[address] = asyncio.ensure_future(Connection.open(address, self.settings))
+            opening.add_done_callback(lambda _: self._opening.pop(address, None))
+        connection = self._nodes[address] = await asyncio.shield(opening)
+        return connection
+
+    async def subscribe(self, channel: str, on_subscribed: Callable[[], None]) -> AsyncIterator[str]:
+        """The messages published on ``channel`` (a cluster forwards every PUBLISH to all nodes,
+        so the seed node hears them all), until the connection is lost; ``on_subscribed()``
+        runs once the server confirms."""
+        pushes: asyncio.Queue[Any] = asyncio.Queue()
+        connection = await Connection.open(self.seed, self.settings, pushes)
+        try:
+            connection.send([("SUBSCRIBE", channel)])
+            while True:
+                push = await pushes.get()
+                if isinstance(push, ConnectionLost):
+                    raise push
+                if push[0] == "subscribe":
+                    on_subscribed()
+                elif push[0] == "message":
+                    yield str(push[2])
+        finally:
+            connection.close()
+
+    def close(self) -> None:
+        for connection in self._nodes.values():
+            connection.close()
+        self._nodes.clear()
+
+
+def key_slot(key: str) -> int:
+    """The Redis Cluster slot of ``key``: CRC16 of its {hash tag} if it has one, modulo 16384."""
+    start = key.find("{")
+    if start != -1:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            key = key[start + 1 : end]
+    return _slot(key)
+
+
+@functools.lru_cache(maxsize=4096)  # every key of a queue shares its tag: few distinct inputs
+def _slot(tag: str) -> int:
+    crc = 0
+    for byte in tag.encode():
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+            crc &= 0xFFFF
+    return crc % 16384
