@@ -1,0 +1,107 @@
+"""neonnb's own Redis client (neonnb/drivers/resp.py), below the driver: URLs, pipelining
+order, cancelled callers, a lost connection, cluster slots. The driver's behaviour on Redis is
+the conformance suite's."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from neonnb.drivers import resp
+from neonnb.errors import ConfigError
+from tests.services import RedisServer
+
+
+def test_settings_from_urls() -> None:
+    plain = resp.Settings.from_url("redis://127.0.0.1")
+    assert (plain.host, plain.port, plain.db, plain.username, plain.password, plain.tls) == (
+        "127.0.0.1", 6379, 0, None, None, None)
+    acl = resp.Settings.from_url("redis://app:p%40ss@10.0.0.2:7000/4")
+    assert (acl.host, acl.port, acl.db, acl.username, acl.password) == ("10.0.0.2", 7000, 4, "app", "p@ss")
+    only_password = resp.Settings.from_url("redis://:secret@h/2", database=5)
+    assert (only_password.username, only_password.password, only_password.db) == (None, "secret", 5)
+    assert resp.Settings.from_url("rediss://h:6380/0?ssl_cert_reqs=none").tls is not None
+
+
+@pytest.mark.parametrize(("url", "complaint"), [
+    ("http://h:6379", "starts with redis:// or rediss://"),
+    ("redis://h/zero", "must be a number"),
+    ("redis://h/0?socket_timeout=3", "unknown option"),
+    ("rediss://h/0?ssl_cert_reqs=maybe", "none, optional or required"),
+])
+def test_bad_urls_are_refused_saying_what_is_wrong(url: str, complaint: str) -> None:
+    with pytest.raises(ConfigError, match=complaint):
+        resp.Settings.from_url(url)
+
+
+def test_key_slots_match_redis_py() -> None:
+    for key in ["neonnb:{q}:job:1", "plain", "neonnb:queues", "{}empty-tag", "a{b}c{d}", "ünï{cödé}"]:
+        assert resp.key_slot(key) == redis.crc.key_slot(key.encode())
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    started = RedisServer()
+    yield started
+    started.stop()
+
+
+def test_pipelined_callers_get_their_own_replies_even_when_one_gives_up(server: RedisServer) -> None:
+    async def scenario() -> None:
+        client = resp.Client(resp.Settings.from_url(server.url()))
+        try:
+            await client.execute("SET", "k", "v")
+            # A caller cancelled while its command is in flight must not shift the replies
+            # of the commands behind it.
+            slow = asyncio.ensure_future(client.execute("BLPOP", "nothing", "0.2"))
+            await asyncio.sleep(0.01)
+            slow.cancel()
+            replies = await asyncio.gather(*(client.execute("ECHO", str(i)) for i in range(100)))
+            assert replies == [str(i) for i in range(100)]
+            assert await client.execute("GET", "k") == "v"
+            with pytest.raises(resp.ReplyError, match="WRONGTYPE"):
+                await client.execute("LPUSH", "k", "x")
+            assert await client.pipeline([("ECHO", "a"), ("ECHO", "b")]) == ["a", "b"]
+        finally:
+            client.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_lost_connection_fails_the_waiting_commands_and_the_next_one_reconnects(server: RedisServer) -> None:
+    async def scenario() -> None:
+        client = resp.Client(resp.Settings.from_url(server.url()))
+        try:
+            assert await client.execute("PING") == "PONG"
+            waiting = asyncio.ensure_future(client.execute("BLPOP", "nothing", "0.5"))
+            await asyncio.sleep(0.05)
+            server.kill()
+            server.start()
+            # The command in flight was sent again on a new connection (the driver's commands
+            # are safe to repeat) and timed out there; the next one goes through.
+            assert await asyncio.wait_for(waiting, 5) is None
+            assert await client.execute("PING") == "PONG"
+            server.kill()
+            with pytest.raises(resp.ConnectionLost):
+                await client.execute("PING")  # three more tries, then it says so
+        finally:
+            client.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_script_is_loaded_where_it_is_missing(server: RedisServer) -> None:
+    async def scenario() -> None:
+        client = resp.Client(resp.Settings.from_url(server.url()))
+        script = resp.Script("return {KEYS[1], ARGV[1]}")
+        try:
+            assert await client.script(script, ["k"], ["a"]) == ["k", "a"]
+            await client.execute("SCRIPT", "FLUSH")
+            assert await client.script(script, ["k"], ["b"]) == ["k", "b"]
+        finally:
+            client.close()
+
+    asyncio.run(scenario())
