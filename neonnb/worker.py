@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from .manager import QueueManager
 
 logger = logging.getLogger("neonnb.worker")
+ACK_DELAY = 0.001  # seconds a finished job's ack waits for others to travel with
 T = TypeVar("T")
 
 
@@ -319,8 +320,18 @@ class Worker:
         return max(free, 0)
 
     async def _claim(self, limit: int) -> int:
+        """Claim up to ``limit`` jobs and start them; returns how many. A store that answers
+        small claims sooner (Redis) gets several, sent together: the first jobs start while
+        the store still claims the rest."""
         now = self.manager.clock()
         await self._guard(self.manager.housekeeping(now), "housekeeping")
+        piece = self.driver.claim_piece or limit
+        if limit <= piece:
+            return await self._claim_piece(limit, now)
+        pieces = [min(piece, limit - taken) for taken in range(0, limit, piece)]
+        return sum(await asyncio.gather(*(self._claim_piece(n, now) for n in pieces)))
+
+    async def _claim_piece(self, limit: int, now: float) -> int:
         records = await self._guard(
             self.driver.reserve(self.queues, limit, self.id, now, now + self.options.lease_timeout),
             "claiming jobs",
@@ -464,8 +475,8 @@ class Worker:
         return await self._persist(advance, "continue the workflow of") is not None
 
     def _acknowledge(self, record: JobRecord, result: str | None) -> None:
-        """Queue the job's success. Acks that arrive while a write is in flight go together
-        in the next one, so a busy worker acknowledges in batches without waiting on a timer."""
+        """Queue the job's success. Acks within ACK_DELAY of each other, or arriving while a
+        write is in flight, go together in one write: a busy worker acknowledges in batches."""
         self._acks.append((record, result))
         if self._ack_flusher is None or self._ack_flusher.done():
             self._ack_flusher = asyncio.create_task(self._flush_acks())
@@ -475,6 +486,10 @@ class Worker:
             await self._ack_flusher
 
     async def _flush_acks(self) -> None:
+        # A millisecond's wait: the claim for the slots these jobs freed goes to the store
+        # ahead of their acks (Redis runs commands in order, and the next jobs wait on the
+        # claim, nobody on the ack), and jobs ending meanwhile are acknowledged in this write.
+        await asyncio.sleep(ACK_DELAY)
         while self._acks:
             batch = self._acks[:]
             write = functools.partial(self.driver.complete, batch, self.id, self.manager.clock())

@@ -38,6 +38,11 @@ class QueueCounts:
 
 
 class Driver(abc.ABC):
+    # A store that runs pipelined commands one after another (Redis) answers a big claim
+    # sooner as several small ones sent together: the worker starts the first jobs while the
+    # store still claims the rest. None: one reserve call per claim.
+    claim_piece: int | None = None
+
     @abc.abstractmethod
     async def enqueue(self, records: Sequence[JobRecord]) -> None:
         """Store new jobs, all in one round trip; when this returns they are durable."""

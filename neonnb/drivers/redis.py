@@ -46,6 +46,8 @@ def _num(value: float) -> str:
 
 
 class RedisDriver(Driver):
+    claim_piece = 10
+
     def __init__(self, url: str, *, password: str | None = None, database: int | None = None,
                  prefix: str = "neonnb:") -> None:
         if "{" in prefix or "}" in prefix:
@@ -160,7 +162,7 @@ class RedisDriver(Driver):
                 break
             args = [_num(now), limit - len(claimed), worker_id, _num(lease_expires)]
             rows = await self._script("reserve", group, args)
-            claimed += [self._record(json.loads(row)) for row in rows]
+            claimed += [self._record(_fields(flat)) for flat in rows]
         return claimed
 
     async def extend_leases(self, jobs: Sequence[JobRecord], worker_id: str, lease_expires: float) -> list[str]:
@@ -223,7 +225,7 @@ class RedisDriver(Driver):
     async def _records(self, client: resp.Client, jobs: Sequence[tuple[str, str]]) -> list[JobRecord]:
         """The records of these (queue, id) pairs that exist, in one pipelined round trip."""
         replies = await client.pipeline([("HGETALL", f"{self._base(q)}job:{job_id}") for q, job_id in jobs])
-        return [self._record(dict(zip(flat[::2], flat[1::2], strict=True))) for flat in replies if flat]
+        return [self._record(_fields(flat)) for flat in replies if flat]
 
     async def list_jobs(
         self, *, status: Status | None = None, queue: str | None = None, limit: int = 100, offset: int = 0
@@ -334,6 +336,11 @@ class RedisDriver(Driver):
             elif loop.is_running():  # another thread's loop: close there, without waiting on it
                 loop.call_soon_threadsafe(client.close)
             # a loop that has ended took its connections with it
+
+
+def _fields(flat: list[str]) -> dict[str, str]:
+    """A hash from its flat field/value list (a field given twice: the later value)."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _ids_by_queue(jobs: Sequence[JobRecord]) -> dict[str, list[Any]]:

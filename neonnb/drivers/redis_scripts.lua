@@ -80,7 +80,8 @@ return redis.call('SCARD', set)
 
 --! reserve
 -- KEYS: B of each queue.  ARGV: now, limit, worker_id, lease_expires.  Returns the claimed
--- jobs' records, each as a JSON object of the hash's fields
+-- jobs' records, each as its hash's flat field/value list read before the claim, with the
+-- claimed fields appended (a later duplicate field wins when the client reads the list)
 local now, limit, worker, lease = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local out = {}
 for p = 0, 2 do
@@ -100,15 +101,18 @@ for p = 0, 2 do
   for i = 1, math.min(need, #candidates) do
     local id, B = candidates[i][1], candidates[i][3]
     local key = B .. 'job:' .. id
-    redis.call('ZREM', B .. 'ready:' .. p, id)
-    redis.call('HINCRBY', key, 'attempts', 1)
-    redis.call('HSET', key, 'status', 'running', 'worker_id', worker, 'lease_expires', lease, 'started_at', now)
-    redis.call('ZADD', B .. 'running', lease, id)
-    -- One JSON object per job: a flat HGETALL reply costs the client ~30 parsed items each.
     local fields = redis.call('HGETALL', key)
-    local record = {}
-    for f = 1, #fields, 2 do record[fields[f]] = fields[f + 1] end
-    out[#out + 1] = cjson.encode(record)
+    local attempts = 1
+    for f = 1, #fields, 2 do
+      if fields[f] == 'attempts' then attempts = tonumber(fields[f + 1]) + 1 end
+    end
+    local claim = {'attempts', attempts, 'status', 'running', 'worker_id', worker, 'lease_expires', lease,
+                   'started_at', now}
+    redis.call('HSET', key, unpack(claim))
+    redis.call('ZREM', B .. 'ready:' .. p, id)
+    redis.call('ZADD', B .. 'running', lease, id)
+    for c = 1, #claim do fields[#fields + 1] = tostring(claim[c]) end
+    out[#out + 1] = fields
   end
 end
 return out
@@ -162,9 +166,12 @@ for i = 3, #ARGV, 3 do
   local key = B .. 'job:' .. id
   local held = redis.call('HMGET', key, 'worker_id', 'status')
   if held[1] == worker and held[2] == 'running' then
-    redis.call('HSET', key, 'status', 'succeeded', 'finished_at', now)
+    if ARGV[i + 1] == '1' then
+      redis.call('HSET', key, 'status', 'succeeded', 'finished_at', now, 'result', ARGV[i + 2])
+    else
+      redis.call('HSET', key, 'status', 'succeeded', 'finished_at', now)
+    end
     redis.call('HDEL', key, 'lease_expires')
-    if ARGV[i + 1] == '1' then redis.call('HSET', key, 'result', ARGV[i + 2]) end
     redis.call('ZREM', B .. 'running', id)
     redis.call('ZADD', B .. 'done', now, id)
     done[#done + 1] = id

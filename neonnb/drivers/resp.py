@@ -131,11 +131,11 @@ class Connection(asyncio.Protocol):
         """Write the commands in one go; the futures resolve with their replies."""
         if self.lost is not None or self._transport is None:
             raise self.lost or ConnectionLost("not connected")
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in commands]
-        self._waiting.extend(futures)
         # (hiredis's stub declares a one-element tuple; any length is packed)
         packed = b"".join(hiredis.pack_command(tuple(command)) for command in commands)  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in commands]
+        self._waiting.extend(futures)  # only once packed: a bad argument must not leave a waiter
         self._transport.write(packed)
         return futures
 
