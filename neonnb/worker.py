@@ -273,6 +273,7 @@ class Worker:
         assert self._wake is not None
         self.manager._add_worker(self)
         heartbeat = asyncio.create_task(self._heartbeat())
+        waiter = await self._guard(self.driver.waiter(self.id, self.queues), "preparing to wait")
         logger.info("worker %s started on %s (concurrency %d)", self.id, ",".join(self.queues), self.concurrency)
         try:
             while not self._stopping:
@@ -291,10 +292,19 @@ class Worker:
                 if until_due <= 0:
                     self._next_due = float("inf")
                     continue
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), min(self.options.poll_interval, until_due))
+                timeout = min(self.options.poll_interval, until_due)
+                if waiter is not None and limit:
+                    # The store may hand us a job as it is dispatched, claimed for us already.
+                    now = self.manager.clock()
+                    await self._guard(waiter.wait(now, self.options.lease_timeout, timeout, self._wake, self._start),
+                                      "waiting for jobs")
+                else:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), timeout)
             await self._drain()
         finally:
+            if waiter is not None:
+                waiter.close()
             heartbeat.cancel()
             self.manager._remove_worker(self)
             self._unbind_loop()
@@ -336,7 +346,12 @@ class Worker:
             self.driver.reserve(self.queues, limit, self.id, now, now + self.options.lease_timeout),
             "claiming jobs",
         )
-        for record in records or ():
+        self._start(records or [])
+        return len(records or ())
+
+    def _start(self, records: Sequence[JobRecord]) -> None:
+        """Run jobs claimed for this worker, each in its own task."""
+        for record in records:
             self.jobs_started += 1
             ctx = Context(record, self.manager.dependencies, self._report_progress)
             # A fresh contextvars.Context: the job must not inherit (and print into) the cell
@@ -344,7 +359,6 @@ class Worker:
             task = contextvars.Context().run(asyncio.get_running_loop().create_task, self._execute(record, ctx))
             self._active[record.id] = _Running(record, task, ctx)
             task.add_done_callback(functools.partial(self._finished, record.id))
-        return len(records or ())
 
     def _finished(self, job_id: str, _task: object) -> None:
         self._active.pop(job_id, None)
@@ -352,13 +366,16 @@ class Worker:
             self._wake.set()
 
     async def _guard(self, coro: Coroutine[Any, Any, T], doing: str) -> T | None:
-        """Run a driver call; if storage is unreachable, log and carry on (the next poll retries)."""
+        """Run a driver call; if storage is unreachable, log and carry on: the next poll
+        retries, or sooner a wake-up (the store's own, when it is back)."""
         try:
             return await coro
         except Exception as exc:
             pause = self.options.poll_interval
-            logger.warning("worker %s: %s failed (%r); retrying in %.1fs", self.id, doing, exc, pause)
-            await asyncio.sleep(pause)
+            logger.warning("worker %s: %s failed (%r); retrying within %.1fs", self.id, doing, exc, pause)
+            if self._wake is not None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), pause)
             return None
 
     async def _heartbeat(self) -> None:

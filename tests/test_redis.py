@@ -12,7 +12,7 @@ import redis
 
 from neonnb import Config, ConfigError, QueueManager, Status, StoreUnavailable, WorkerOptions
 from tests import jobs
-from tests.conftest import FakeClock
+from tests.conftest import FakeClock, wait_until
 from tests.services import RedisClusterServer, RedisServer, free_port
 
 
@@ -147,3 +147,69 @@ def test_an_idle_worker_is_woken_again_after_redis_restarts() -> None:
         worker.stop()
         qm.close()
         server.stop()
+
+
+# --- hand-off: an idle worker gets a job claimed for it as it is dispatched ---------------
+
+def fresh_manager(server: RedisServer, clock: FakeClock | None = None, **settings: object) -> QueueManager:
+    config = Config(driver="redis", connection=server.url(), key_prefix=f"h{time.monotonic_ns()}:", **settings)
+    return QueueManager(config, clock=clock or time.time)
+
+
+def job_hash(server: RedisServer, qm: QueueManager, queue: str, job_id: str) -> dict[bytes, bytes]:
+    with redis.Redis(port=server.port) as client:
+        return client.hgetall(f"{qm.config.key_prefix}{{{queue}}}:job:{job_id}")
+
+
+def idle_workers(server: RedisServer, qm: QueueManager, queue: str) -> list[bytes]:
+    with redis.Redis(port=server.port) as client:
+        return client.zrange(f"{qm.config.key_prefix}{{{queue}}}:idle", 0, -1)
+
+
+def test_an_idle_worker_is_handed_a_job_claimed_for_it_in_the_dispatch_itself(redis_server: RedisServer) -> None:
+    qm = fresh_manager(redis_server)
+    worker = qm.worker(["other", "q"], 1, WorkerOptions(poll_interval=30)).start()
+    try:
+        wait_until(lambda: idle_workers(redis_server, qm, "q"), 10, "the worker to wait on q")
+        assert idle_workers(redis_server, qm, "other"), "a worker waits on each of its queues"
+        handle = qm.dispatch("q", jobs.Note("handed"))
+        # Claimed by the dispatch's own script, not by a claim after a wake-up: the worker
+        # holds it when dispatch returns.
+        fields = job_hash(redis_server, qm, "q", handle.id)
+        assert fields[b"worker_id"] == worker.id.encode() and fields[b"status"] in (b"running", b"succeeded")
+        assert handle.result(timeout=10) == "handed"
+    finally:
+        worker.stop()
+    assert not idle_workers(redis_server, qm, "q") and not idle_workers(redis_server, qm, "other")
+    qm.close()
+
+
+def test_a_job_handed_to_a_worker_that_died_waiting_is_recovered_after_its_lease(redis_server: RedisServer) -> None:
+    qm = fresh_manager(redis_server, lease_timeout=1.0)
+    with redis.Redis(port=redis_server.port) as client:  # a worker that registered, then died
+        client.zadd(f"{qm.config.key_prefix}{{q}}:idle", {"1.0 ghost": time.time() + 60})
+    handle = qm.dispatch("q", jobs.Note("orphan"))
+    assert job_hash(redis_server, qm, "q", handle.id)[b"worker_id"] == b"ghost"
+    worker = qm.worker("q", 1, WorkerOptions(poll_interval=0.2)).start()
+    try:
+        assert handle.result(timeout=15) == "orphan"  # the lease ran out; the live worker ran it
+        assert handle.fetch().attempts == 2
+    finally:
+        worker.stop()
+        qm.close()
+
+
+def test_hand_off_skips_expired_waiters_and_never_jumps_a_due_job_of_higher_priority(
+    redis_server: RedisServer, clock: FakeClock
+) -> None:
+    qm = fresh_manager(redis_server, clock)
+    idle = f"{qm.config.key_prefix}{{q}}:idle"
+    with redis.Redis(port=redis_server.port) as client:
+        client.zadd(idle, {"30 gone": clock() - 1})
+        assert qm.dispatch("q", jobs.Note("a")).status is Status.QUEUED  # its wait had ended
+        qm.dispatch_with_priority("q", jobs.Note("urgent"), "high")  # queued: nobody waits
+        client.zadd(idle, {"30 waiting": clock() + 60})
+        # A waiting worker takes this one only if nothing due of its priority or higher is queued.
+        assert qm.dispatch_with_priority("q", jobs.Note("late"), "low").status is Status.QUEUED
+        assert client.zrange(idle, 0, -1) == [b"30 waiting"]
+    qm.close()

@@ -13,6 +13,7 @@ the async API on the caller's.
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,11 +38,32 @@ class QueueCounts:
         return sum(self.waiting.values()) + self.delayed
 
 
+class Waiter(abc.ABC):
+    """One idle worker's wait for a job handed over as it is dispatched: one trip from the
+    dispatcher to the worker, where a wake-up and then a claim would take two."""
+
+    @abc.abstractmethod
+    async def wait(self, now: float, lease_timeout: float, timeout: float, wake: asyncio.Event,
+                   start: Callable[[list[JobRecord]], None]) -> None:
+        """Wait until a job is handed over, ``wake`` is set or ``timeout`` passes. Jobs handed
+        over (already claimed for this worker, their lease running) go to ``start`` as soon
+        as they arrive."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """The worker stops: let go of what the waits held."""
+
+
 class Driver(abc.ABC):
     # A store that runs pipelined commands one after another (Redis) answers a big claim
     # sooner as several small ones sent together: the worker starts the first jobs while the
     # store still claims the rest. None: one reserve call per claim.
     claim_piece: int | None = None
+
+    async def waiter(self, worker_id: str, queues: Sequence[str]) -> Waiter | None:
+        """How an idle worker waits when the store can hand it jobs as they are dispatched;
+        None (the default): it waits for a wake-up, then claims."""
+        return None
 
     @abc.abstractmethod
     async def enqueue(self, records: Sequence[JobRecord]) -> None:

@@ -20,7 +20,7 @@ from .. import _loop
 from ..errors import ConfigError, StoreUnavailable
 from ..job import JobRecord, Priority, Status
 from . import resp
-from .base import LEASE_ERROR, Driver, QueueCounts
+from .base import LEASE_ERROR, Driver, QueueCounts, Waiter
 from .wakeups import WAKE_ALL
 
 logger = logging.getLogger("neonnb.drivers.redis")
@@ -121,6 +121,12 @@ class RedisDriver(Driver):
         )
 
     # --- the protocol -----------------------------------------------------------------
+
+    async def waiter(self, worker_id: str, queues: Sequence[str]) -> Waiter | None:
+        # A blocking pop takes keys of one slot only: on a cluster, one queue per worker.
+        if len(queues) > 1 and await self._reach(lambda client: client.is_cluster()):
+            return None
+        return _Waiter(self, worker_id, queues)
 
     async def enqueue(self, records: Sequence[JobRecord]) -> None:
         await self._store(records, "all")
@@ -319,7 +325,7 @@ class RedisDriver(Driver):
             try:
                 async for queue in client.subscribe(self.channel, subscribed):
                     callback(queue)
-            except ConnectionError as exc:
+            except (ConnectionError, resp.ReplyError) as exc:
                 logger.warning("SUBSCRIBE %s: wake-ups lost (%r); reconnecting in %.1fs", self.channel, exc, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
@@ -336,6 +342,51 @@ class RedisDriver(Driver):
             elif loop.is_running():  # another thread's loop: close there, without waiting on it
                 loop.call_soon_threadsafe(client.close)
             # a loop that has ended took its connections with it
+
+
+class _Waiter(Waiter):
+    """Registers the worker in each queue's "idle" set, where the enqueue script finds it,
+    and blocks on its inboxes on a connection of its own (a blocking pop holds it)."""
+
+    def __init__(self, driver: RedisDriver, worker_id: str, queues: Sequence[str]) -> None:
+        self.driver, self.worker_id, self.queues = driver, worker_id, list(queues)
+        self.inboxes = [f"{driver._base(q)}inbox:{worker_id}" for q in queues]
+        self.connection: resp.Connection | None = None
+
+    async def wait(self, now: float, lease_timeout: float, timeout: float, wake: asyncio.Event,
+                   start: Callable[[list[JobRecord]], None]) -> None:
+        member = f"{_num(lease_timeout)} {self.worker_id}"
+        await self.driver._script("idle", self.queues, [member, _num(now + timeout), self.worker_id])
+        if self.connection is None or self.connection.lost is not None:
+            self.connection = await self.driver._reach(lambda client: client.connect(self.inboxes[0]))
+        popping = self.connection.send([("BLPOP", *self.inboxes, _num(timeout))])[0]
+
+        def arrived(done: asyncio.Future[Any]) -> None:  # start it now, not a trip through the main task later
+            if not done.cancelled() and done.exception() is None:
+                start(self._records(_popped(done.result())))
+
+        popping.add_done_callback(arrived)
+        woken = asyncio.ensure_future(wake.wait())
+        try:
+            await asyncio.wait({popping, woken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+            # No more hand-overs; what came meanwhile; the "" this leaves ends the pop.
+            handed = await self.driver._script("unidle", self.queues, [member, self.worker_id])
+            await self.driver._reach(lambda _: popping)
+        start(self._records(handed))
+
+    def _records(self, jobs: list[str]) -> list[JobRecord]:
+        return [self.driver._record(json.loads(job)) for job in jobs if job]
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+
+
+def _popped(reply: list[str] | None) -> list[str]:
+    """The job a BLPOP returned ([] when it timed out)."""
+    return [reply[1]] if reply else []
 
 
 def _fields(flat: list[str]) -> dict[str, str]:

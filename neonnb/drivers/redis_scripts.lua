@@ -20,6 +20,10 @@
 --   B.."failed"          ZSET  the failed store, scored by when they failed
 --   B.."done"            ZSET  succeeded jobs scored by when, pruned after result_ttl
 --   B.."cancelled"       ZSET  cancelled jobs scored by when, pruned after result_ttl
+--   B.."idle"            ZSET  workers waiting for a job of this queue, each "lease_seconds worker_id",
+--                              scored by when the wait ends
+--   B.."inbox:"..worker  LIST  jobs handed to a waiting worker, already claimed for it (JSON
+--                              records; "" wakes it with nothing), expiring after a minute
 --   B.."marks:"..group   SET   a mark set (a batch's finished job ids)
 --   B.."marks"           ZSET  the mark sets' names scored by their latest change, for pruning
 --
@@ -33,10 +37,13 @@
 -- mode "all": store every job, return how many; "new": skip a job whose id exists, return
 -- how many were stored; "unique" (one job): unless B.."unique:"..key names a queued or
 -- running job, store this one and name it there; return the id of the job named.
+-- A job due at once, with a worker waiting and no due job of its priority or higher before
+-- it, is claimed for that worker here and pushed to its inbox: it starts without a wake-up
+-- and a claim. The others wait in their ready set, and the wake channel says so.
 local B, mode = KEYS[1], ARGV[3]
 local fields = {'id', 'name', 'payload', 'priority', 'status', 'attempts', 'max_attempts', 'timeout', 'run_at',
                 'created_at', 'flow', 'unique_key'}
-local stored = 0
+local stored, waiting = 0, 0
 local result = nil
 for _, job in ipairs(cjson.decode(ARGV[4])) do
   local key = B .. 'job:' .. job[1]
@@ -61,12 +68,42 @@ for _, job in ipairs(cjson.decode(ARGV[4])) do
         hash[#hash + 1] = job[f]
       end
     end
-    redis.call('HSET', key, unpack(hash))
-    redis.call('ZADD', B .. 'ready:' .. job[4], job[9], job[1])
+    local now = job[10]
+    local waiter = nil
+    if tonumber(job[9]) <= tonumber(now) then
+      redis.call('ZREMRANGEBYSCORE', B .. 'idle', '-inf', '(' .. now)
+      waiter = redis.call('ZRANGE', B .. 'idle', 0, 0)[1]
+      for p = 0, tonumber(job[4]) do
+        if waiter and #redis.call('ZRANGEBYSCORE', B .. 'ready:' .. p, '-inf', now, 'LIMIT', 0, 1) > 0 then
+          waiter = nil
+        end
+      end
+    end
+    if waiter then
+      local lease_seconds, worker = string.match(waiter, '^(%S+) (.+)$')
+      local lease = tostring(tonumber(now) + tonumber(lease_seconds))
+      redis.call('ZREM', B .. 'idle', waiter)
+      local claim = {'status', 'running', 'attempts', tostring(tonumber(job[6]) + 1), 'worker_id', worker,
+                     'lease_expires', lease, 'started_at', now}
+      local record = {}
+      for f = 1, #hash, 2 do record[hash[f]] = hash[f + 1] end
+      for f = 1, #claim, 2 do
+        hash[#hash + 1], hash[#hash + 2] = claim[f], claim[f + 1]
+        record[claim[f]] = claim[f + 1]
+      end
+      redis.call('HSET', key, unpack(hash))
+      redis.call('ZADD', B .. 'running', lease, job[1])
+      redis.call('RPUSH', B .. 'inbox:' .. worker, cjson.encode(record))
+      redis.call('EXPIRE', B .. 'inbox:' .. worker, 60)
+    else
+      redis.call('HSET', key, unpack(hash))
+      redis.call('ZADD', B .. 'ready:' .. job[4], job[9], job[1])
+      waiting = waiting + 1
+    end
     stored = stored + 1
   end
 end
-if stored > 0 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
+if waiting > 0 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
 return result or stored
 
 --! mark
@@ -114,6 +151,33 @@ for p = 0, 2 do
     for c = 1, #claim do fields[#fields + 1] = tostring(claim[c]) end
     out[#out + 1] = fields
   end
+end
+return out
+
+--! idle
+-- KEYS: B of each queue.  ARGV: "lease_seconds worker_id", until, worker_id.   The worker
+-- waits for a job of these queues until then (see enqueue); its inboxes start empty (a ""
+-- left by the last unidle would end the wait at once).
+for _, B in ipairs(KEYS) do
+  redis.call('ZADD', B .. 'idle', ARGV[2], ARGV[1])
+  redis.call('DEL', B .. 'inbox:' .. ARGV[3])
+end
+return 0
+
+--! unidle
+-- KEYS: B of each queue.  ARGV: "lease_seconds worker_id", worker_id.   The worker waits no
+-- more: returns the jobs handed to it meanwhile and leaves "" in each inbox, which ends a
+-- blocking pop still waiting there (a later wait may find one left: it only wakes early).
+local out = {}
+for _, B in ipairs(KEYS) do
+  local inbox = B .. 'inbox:' .. ARGV[2]
+  redis.call('ZREM', B .. 'idle', ARGV[1])
+  for _, job in ipairs(redis.call('LRANGE', inbox, 0, -1)) do
+    if job ~= '' then out[#out + 1] = job end
+  end
+  redis.call('DEL', inbox)
+  redis.call('RPUSH', inbox, '')
+  redis.call('EXPIRE', inbox, 60)
 end
 return out
 

@@ -91,11 +91,11 @@ class Connection(asyncio.Protocol):
     """One pipelined connection: each command's reply resolves its future, in order. A
     subscriber connection (``pushes`` given) delivers every reply to that queue instead."""
 
-    def __init__(self, pushes: asyncio.Queue[Any] | None = None) -> None:
+    def __init__(self) -> None:
         self._reader = hiredis.Reader(encoding="utf-8")
         self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
         self._transport: asyncio.Transport | None = None
-        self.pushes = pushes
+        self.pushes: asyncio.Queue[Any] | None = None
         self.lost: ConnectionLost | None = None
 
     @classmethod
@@ -104,7 +104,7 @@ class Connection(asyncio.Protocol):
         host, port = address
         try:
             transport, connection = await asyncio.wait_for(
-                loop.create_connection(lambda: cls(pushes), host, port, ssl=settings.tls,
+                loop.create_connection(cls, host, port, ssl=settings.tls,
                                        server_hostname=host if settings.tls else None),
                 settings.connect_timeout,
             )
@@ -120,11 +120,13 @@ class Connection(asyncio.Protocol):
         if settings.db:
             hello.append(("SELECT", settings.db))
         try:
-            for reply in connection.send(hello):
-                await reply
+            for reply in await asyncio.gather(*connection.send(hello), return_exceptions=True):
+                if isinstance(reply, BaseException):
+                    raise reply
         except ReplyError as exc:
             connection.close()
             raise ConnectionLost(f"Redis at {host}:{port} refused the connection: {exc}") from exc
+        connection.pushes = pushes  # from here on, for a subscriber
         return connection
 
     def send(self, commands: Sequence[Command]) -> list[asyncio.Future[Any]]:
@@ -133,6 +135,9 @@ class Connection(asyncio.Protocol):
             raise self.lost or ConnectionLost("not connected")
         # (hiredis's stub declares a one-element tuple; any length is packed)
         packed = b"".join(hiredis.pack_command(tuple(command)) for command in commands)  # type: ignore[arg-type]
+        if self.pushes is not None:  # a subscriber's replies all go to pushes
+            self._transport.write(packed)
+            return []
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in commands]
         self._waiting.extend(futures)  # only once packed: a bad argument must not leave a waiter
@@ -235,9 +240,14 @@ class Client:
         for address, indexes in by_node.items():
             connection = await self._connection(address)
             sent.append((indexes, connection.send([commands[i] for i in indexes])))
+        # Awaited one by one, not gathered: replies come in order, and a gather would cost
+        # every command an extra turn of the loop.
         for indexes, futures in sent:
-            for i, reply in zip(indexes, await asyncio.gather(*futures, return_exceptions=True), strict=True):
-                replies[i] = reply
+            for i, future in zip(indexes, futures, strict=True):
+                try:
+                    replies[i] = await future
+                except (ReplyError, ConnectionLost) as exc:
+                    replies[i] = exc
         error = next((reply for reply in replies if isinstance(reply, BaseException)), None)
         if error is not None:
             raise error
@@ -271,6 +281,12 @@ class Client:
         connection = self._nodes[address] = await asyncio.shield(opening)
         return connection
 
+    async def connect(self, key: str) -> Connection:
+        """A connection of its own to the node that serves ``key``, for a blocking command
+        (which holds its connection until it returns)."""
+        address = await self._node_for(key) if await self.is_cluster() else self.seed
+        return await Connection.open(address, self.settings)
+
     async def subscribe(self, channel: str, on_subscribed: Callable[[], None]) -> AsyncIterator[str]:
         """The messages published on ``channel`` (a cluster forwards every PUBLISH to all nodes,
         so the seed node hears them all), until the connection is lost; ``on_subscribed()``
@@ -281,7 +297,7 @@ class Client:
             connection.send([("SUBSCRIBE", channel)])
             while True:
                 push = await pushes.get()
-                if isinstance(push, ConnectionLost):
+                if isinstance(push, (ConnectionLost, ReplyError)):
                     raise push
                 if push[0] == "subscribe":
                     on_subscribed()
