@@ -169,7 +169,7 @@ class Connection(asyncio.Protocol):
                 waiter.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = ConnectionLost(f"connection to Redis lost: {exc or 'closed by the server'}")
+        self.lost = ConnectionLost(f"connection to Redis lost: {exc or 'closed'}")
         while self._waiting:
             waiter = self._waiting.popleft()
             if not waiter.done():
