@@ -142,19 +142,18 @@ class RedisDriver(Driver):
 
     async def _store(self, records: Sequence[JobRecord], mode: str) -> list[Any]:
         """Run the enqueue script once per queue; returns what each run returned."""
-        by_queue: dict[str, list[list[str]]] = {}
+        by_queue: dict[str, list[str]] = {}
         for r in records:
-            by_queue.setdefault(r.queue, []).append([
+            by_queue.setdefault(r.queue, []).extend((
                 r.id, r.name, r.payload, str(r.priority.rank), r.status.value, str(r.attempts), str(r.max_attempts),
                 "" if r.timeout is None else _num(r.timeout), _num(r.run_at), _num(r.created_at),
                 "" if r.flow is None else json.dumps(r.flow), r.unique_key or "",
-            ])
-        new = set(by_queue) - self._registered
+            ))
+        new = by_queue.keys() - self._registered
         if new:
             await self._reach(lambda client: client.execute("SADD", f"{self.prefix}queues", *new))
             self._registered |= new
-        groups = {queue: [json.dumps(jobs)] for queue, jobs in by_queue.items()}
-        return await self._per_queue("enqueue", groups, lambda q: [self.channel, q, mode])
+        return await self._per_queue("enqueue", by_queue, lambda q: [self.channel, q, mode])
 
     async def reserve(
         self, queues: Sequence[str], limit: int, worker_id: str, now: float, lease_expires: float

@@ -30,10 +30,8 @@
 -- Each script below starts with a line "--! name"; the driver splits the file there.
 
 --! enqueue
--- KEYS: B.  ARGV: wake channel, queue, mode, then the jobs as one JSON array of arrays of 12
--- strings: id name payload priority status attempts max_attempts timeout run_at created_at
--- flow unique_key ("" for none). One argument, not a dozen per job: the client packs each
--- argument in Python, which made a 10,000-job batch spend most of its time there.
+-- KEYS: B.  ARGV: wake channel, queue, mode, then 12 per job: id name payload priority status
+-- attempts max_attempts timeout run_at created_at flow unique_key ("" for none).
 -- mode "all": store every job, return how many; "new": skip a job whose id exists, return
 -- how many were stored; "unique" (one job): unless B.."unique:"..key names a queued or
 -- running job, store this one and name it there; return the id of the job named.
@@ -45,7 +43,9 @@ local fields = {'id', 'name', 'payload', 'priority', 'status', 'attempts', 'max_
                 'created_at', 'flow', 'unique_key'}
 local stored, waiting = 0, 0
 local result = nil
-for _, job in ipairs(cjson.decode(ARGV[4])) do
+local looked, idle = false, nil  -- the first waiting worker, looked up once per hand-off
+for i = 4, #ARGV, 12 do
+  local job = {unpack(ARGV, i, i + 11)}
   local key = B .. 'job:' .. job[1]
   local store = true
   if mode == 'new' then
@@ -71,8 +71,11 @@ for _, job in ipairs(cjson.decode(ARGV[4])) do
     local now = job[10]
     local waiter = nil
     if tonumber(job[9]) <= tonumber(now) then
-      redis.call('ZREMRANGEBYSCORE', B .. 'idle', '-inf', '(' .. now)
-      waiter = redis.call('ZRANGE', B .. 'idle', 0, 0)[1]
+      if not looked then
+        redis.call('ZREMRANGEBYSCORE', B .. 'idle', '-inf', '(' .. now)
+        idle, looked = redis.call('ZRANGE', B .. 'idle', 0, 0)[1], true
+      end
+      waiter = idle
       for p = 0, tonumber(job[4]) do
         if waiter and #redis.call('ZRANGEBYSCORE', B .. 'ready:' .. p, '-inf', now, 'LIMIT', 0, 1) > 0 then
           waiter = nil
@@ -83,6 +86,7 @@ for _, job in ipairs(cjson.decode(ARGV[4])) do
       local lease_seconds, worker = string.match(waiter, '^(%S+) (.+)$')
       local lease = tostring(tonumber(now) + tonumber(lease_seconds))
       redis.call('ZREM', B .. 'idle', waiter)
+      looked = false
       local claim = {'status', 'running', 'attempts', tostring(tonumber(job[6]) + 1), 'worker_id', worker,
                      'lease_expires', lease, 'started_at', now}
       local record = {}
