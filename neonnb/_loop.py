@@ -54,6 +54,7 @@ def shutdown(timeout: float = 5.0) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0)  # transports closed by those tasks close their sockets next turn
         loop.stop()
 
     asyncio.run_coroutine_threadsafe(cancel_all(), loop)

@@ -138,8 +138,8 @@ def test_workers_ride_out_a_postgres_restart(postgres_server: PostgresServer, tm
     dispatch_through_outage(config, config_file, tmp_path, postgres_server.restart)  # pg_ctl restart -m fast
 
 
-# redis-py drops a connection that broke when the server died without closing its socket;
-# collect them here, where they come from, rather than in whichever test runs next.
+# Connections that broke when the server died are collected here, where they come from,
+# rather than in whichever test runs next.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_workers_ride_out_a_redis_kill_and_restart(tmp_path: Path) -> None:
     server = RedisServer("--appendonly", "yes", "--appendfsync", "always")

@@ -5,7 +5,7 @@ the conformance suite's."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 import redis
@@ -49,59 +49,59 @@ def server() -> Iterator[RedisServer]:
     started.stop()
 
 
-def test_pipelined_callers_get_their_own_replies_even_when_one_gives_up(server: RedisServer) -> None:
-    async def scenario() -> None:
+def with_client(server: RedisServer, scenario: Callable[[resp.Client], Awaitable[None]]) -> None:
+    """Run ``scenario(client)`` on a new loop with a client of the server, closed after."""
+    async def run() -> None:
         client = resp.Client(resp.Settings.from_url(server.url()))
         try:
-            await client.execute("SET", "k", "v")
-            # A caller cancelled while its command is in flight must not shift the replies
-            # of the commands behind it.
-            slow = asyncio.ensure_future(client.execute("BLPOP", "nothing", "0.2"))
-            await asyncio.sleep(0.01)
-            slow.cancel()
-            replies = await asyncio.gather(*(client.execute("ECHO", str(i)) for i in range(100)))
-            assert replies == [str(i) for i in range(100)]
-            assert await client.execute("GET", "k") == "v"
-            with pytest.raises(resp.ReplyError, match="WRONGTYPE"):
-                await client.execute("LPUSH", "k", "x")
-            assert await client.pipeline([("ECHO", "a"), ("ECHO", "b")]) == ["a", "b"]
+            await scenario(client)
         finally:
             client.close()
 
-    asyncio.run(scenario())
+    asyncio.run(run())
+
+
+def test_pipelined_callers_get_their_own_replies_even_when_one_gives_up(server: RedisServer) -> None:
+    async def scenario(client: resp.Client) -> None:
+        await client.execute("SET", "k", "v")
+        # A caller cancelled while its command is in flight must not shift the replies
+        # of the commands behind it.
+        slow = asyncio.ensure_future(client.execute("BLPOP", "nothing", "0.2"))
+        await asyncio.sleep(0.01)
+        slow.cancel()
+        replies = await asyncio.gather(*(client.execute("ECHO", str(i)) for i in range(100)))
+        assert replies == [str(i) for i in range(100)]
+        assert await client.execute("GET", "k") == "v"
+        with pytest.raises(resp.ReplyError, match="WRONGTYPE"):
+            await client.execute("LPUSH", "k", "x")
+        assert await client.pipeline([("ECHO", "a"), ("ECHO", "b")]) == ["a", "b"]
+
+    with_client(server, scenario)
 
 
 def test_a_lost_connection_fails_the_waiting_commands_and_the_next_one_reconnects(server: RedisServer) -> None:
-    async def scenario() -> None:
-        client = resp.Client(resp.Settings.from_url(server.url()))
-        try:
-            assert await client.execute("PING") == "PONG"
-            waiting = asyncio.ensure_future(client.execute("BLPOP", "nothing", "0.5"))
-            await asyncio.sleep(0.05)
-            server.kill()
-            server.start()
-            # The command in flight was sent again on a new connection (the driver's commands
-            # are safe to repeat) and timed out there; the next one goes through.
-            assert await asyncio.wait_for(waiting, 5) is None
-            assert await client.execute("PING") == "PONG"
-            server.kill()
-            with pytest.raises(resp.ConnectionLost):
-                await client.execute("PING")  # three more tries, then it says so
-        finally:
-            client.close()
+    async def scenario(client: resp.Client) -> None:
+        assert await client.execute("PING") == "PONG"
+        waiting = asyncio.ensure_future(client.execute("BLPOP", "nothing", "0.5"))
+        await asyncio.sleep(0.05)
+        server.kill()
+        server.start()
+        # The command in flight was sent again on a new connection (the driver's commands
+        # are safe to repeat) and timed out there; the next one goes through.
+        assert await asyncio.wait_for(waiting, 5) is None
+        assert await client.execute("PING") == "PONG"
+        server.kill()
+        with pytest.raises(resp.ConnectionLost):
+            await client.execute("PING")  # three more tries, then it says so
 
-    asyncio.run(scenario())
+    with_client(server, scenario)
 
 
 def test_a_script_is_loaded_where_it_is_missing(server: RedisServer) -> None:
-    async def scenario() -> None:
-        client = resp.Client(resp.Settings.from_url(server.url()))
+    async def scenario(client: resp.Client) -> None:
         script = resp.Script("return {KEYS[1], ARGV[1]}")
-        try:
-            assert await client.script(script, ["k"], ["a"]) == ["k", "a"]
-            await client.execute("SCRIPT", "FLUSH")
-            assert await client.script(script, ["k"], ["b"]) == ["k", "b"]
-        finally:
-            client.close()
+        assert await client.script(script, ["k"], ["a"]) == ["k", "a"]
+        await client.execute("SCRIPT", "FLUSH")
+        assert await client.script(script, ["k"], ["b"]) == ["k", "b"]
 
-    asyncio.run(scenario())
+    with_client(server, scenario)
