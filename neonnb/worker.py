@@ -345,9 +345,9 @@ class Worker:
         records = await self._guard(
             self.driver.reserve(self.queues, limit, self.id, now, now + self.options.lease_timeout),
             "claiming jobs",
-        )
-        self._start(records or [])
-        return len(records or ())
+        ) or []
+        self._start(records)
+        return len(records)
 
     def _start(self, records: Sequence[JobRecord]) -> None:
         """Run jobs claimed for this worker, each in its own task."""

@@ -205,13 +205,14 @@ class Client:
 
     async def script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        node = keys[0] if keys else None
         try:
-            return await self.execute(*command, key=keys[0] if keys else None)
+            return await self.execute(*command, key=node)
         except ReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-        await self.execute("SCRIPT", "LOAD", script.body, key=keys[0] if keys else None)
-        return await self.execute(*command, key=keys[0] if keys else None)
+        await self.execute("SCRIPT", "LOAD", script.body, key=node)
+        return await self.execute(*command, key=node)
 
     async def pipeline(self, commands: Sequence[Command], key: str | None = None) -> list[Any]:
         """Run commands, pipelined: on a cluster each goes to the node of its first key
@@ -220,9 +221,11 @@ class Client:
             try:
                 return await self._send(commands, key)
             except ReplyError as exc:
-                if not str(exc).startswith(("MOVED", "ASK")) or attempt == _RETRIES:
+                # MOVED: the slot has a new owner, the map says which. (ASK, mid-migration,
+                # would need ASKING on the target node; it is raised as it comes.)
+                if not str(exc).startswith("MOVED") or attempt == _RETRIES:
                     raise
-                self._slots = []  # the cluster changed: read the slot map again
+                self._slots = []
             except ConnectionLost:
                 if attempt == _RETRIES:
                     raise
