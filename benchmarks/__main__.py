@@ -61,6 +61,8 @@ def run_one(system: str, workload: str, url: str) -> dict[str, Any]:
 def cell(result: dict[str, Any] | None) -> str:
     if result is None:
         return ""
+    if "async_jobs_per_s" in result:
+        return f"{result['jobs_per_s']:,.0f} (async {result['async_jobs_per_s']:,.0f})"
     if "jobs_per_s" in result:
         return f"{result['jobs_per_s']:,.0f}"
     if "p50_ms" in result:
@@ -103,7 +105,8 @@ def main() -> None:
 def render(results: dict[str, dict[str, dict[str, Any]]]) -> str:
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores, Python {platform.python_version()}, "
-        "one run of `python -m benchmarks`.",
+        "one run of `python -m benchmarks`. neonnb's W1 one-by-one: the sync `dispatch` (the async "
+        "`adispatch` in brackets); ratios use the sync one.",
         "",
         "| system | W1 one-by-one jobs/s | W1 batch jobs/s | W2 drain jobs/s | W3 latency p50 / p99 ms "
         "| W4 sleep-10ms jobs/s |",

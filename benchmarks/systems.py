@@ -79,10 +79,18 @@ async def neonnb_system(workload: str, url: str) -> dict[str, Any]:
 async def _neonnb_workload(qm: QueueManager, workload: str, url: str) -> dict[str, Any]:
     await qm.asize("b")  # the schema exists before anything is timed
     if workload == "w1_one":
+        # The sync call first, as a notebook cell or a script makes it (and as huey's and
+        # RQ's are measured), then the async one, from this loop. On Redis the sync call goes
+        # straight from this thread; on the others through neonnb's loop thread.
+        qm.dispatch("b", Noop())  # the queue's first dispatch registers it
+        start = time.perf_counter()
+        for _ in range(N_ENQUEUE):
+            qm.dispatch("b", Noop())
+        result = rate(N_ENQUEUE, time.perf_counter() - start)
         start = time.perf_counter()
         for _ in range(N_ENQUEUE):
             await qm.adispatch("b", Noop())
-        return rate(N_ENQUEUE, time.perf_counter() - start)
+        return {**result, "async_jobs_per_s": N_ENQUEUE / (time.perf_counter() - start)}
     if workload == "w1_batch":
         start = time.perf_counter()
         await qm.adispatch_batch("b", [Noop() for _ in range(N_ENQUEUE)])

@@ -1,7 +1,8 @@
 """QueueManager: the dispatch family, workers, the failed store and a sync facade.
 
 Every public sync method is a one-line bridge to its ``a``-prefixed async twin, run on
-neonnb's background loop.
+neonnb's background loop; the single-job dispatch family, the calls a notebook makes most,
+go straight to the store instead where the driver can (``_enqueue_sync``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
 from . import frames, workflows
-from ._loop import run_sync
+from ._loop import on_loop_thread, run_sync
 from .config import Config, WorkerOptions, parse_duration
 from .drivers import create_driver
 from .drivers.base import Driver, QueueCounts
@@ -201,6 +202,18 @@ class QueueManager:
         for r in records:
             if r.unique_key is not None:
                 r.id = await self.driver.enqueue_unique(r)  # the id of whichever job holds the key
+        return self._enqueued(records)
+
+    def _enqueue_sync(self, record: JobRecord) -> JobHandle:
+        """The sync dispatch family's way in: straight from the calling thread where the
+        driver can (Redis: a dispatch measured ~330 µs through neonnb's loop thread, with a
+        thread wake-up each way, against ~110 µs so), else through the loop."""
+        if record.unique_key is None and not on_loop_thread() and self.driver.enqueue_blocking([record]):
+            return self._enqueued([record])[0]
+        return run_sync(self._enqueue([record]))[0]
+
+    def _enqueued(self, records: list[JobRecord]) -> list[JobHandle]:
+        """Wake this process's workers for the stored records; their handles."""
         earliest: dict[str, float] = {}
         for r in records:
             earliest[r.queue] = min(r.run_at, earliest.get(r.queue, r.run_at))
@@ -214,13 +227,14 @@ class QueueManager:
 
     async def adispatch_after(self, queue: str, job: Any, delay: Any) -> JobHandle:
         """Enqueue ``job`` to run ``delay`` from now (seconds, timedelta or "5m")."""
-        run_at = self.clock() + parse_duration(delay, "delay")
-        return (await self._enqueue([self._record(queue, job, run_at=run_at)]))[0]
+        return (await self._enqueue([self._record(queue, job, run_at=self._after(delay))]))[0]
 
     async def adispatch_at(self, queue: str, job: Any, when: dt.datetime | float) -> JobHandle:
         """Enqueue ``job`` to run at ``when`` (an aware or local datetime, or an epoch time)."""
-        run_at = when.timestamp() if isinstance(when, dt.datetime) else float(when)
-        return (await self._enqueue([self._record(queue, job, run_at=run_at)]))[0]
+        return (await self._enqueue([self._record(queue, job, run_at=_epoch(when))]))[0]
+
+    def _after(self, delay: Any) -> float:
+        return self.clock() + parse_duration(delay, "delay")
 
     async def adispatch_with_priority(self, queue: str, job: Any, priority: Priority | str) -> JobHandle:
         return (await self._enqueue([self._record(queue, job, priority=priority)]))[0]
@@ -262,16 +276,16 @@ class QueueManager:
         return run_sync(self.achain(queue, jobs))
 
     def dispatch(self, queue: str, job: Any) -> JobHandle:
-        return run_sync(self.adispatch(queue, job))
+        return self._enqueue_sync(self._record(queue, job))
 
     def dispatch_after(self, queue: str, job: Any, delay: Any) -> JobHandle:
-        return run_sync(self.adispatch_after(queue, job, delay))
+        return self._enqueue_sync(self._record(queue, job, run_at=self._after(delay)))
 
     def dispatch_at(self, queue: str, job: Any, when: dt.datetime | float) -> JobHandle:
-        return run_sync(self.adispatch_at(queue, job, when))
+        return self._enqueue_sync(self._record(queue, job, run_at=_epoch(when)))
 
     def dispatch_with_priority(self, queue: str, job: Any, priority: Priority | str) -> JobHandle:
-        return run_sync(self.adispatch_with_priority(queue, job, priority))
+        return self._enqueue_sync(self._record(queue, job, priority=priority))
 
     def dispatch_batch(self, queue: str, jobs: Iterable[Any], *, then: Any = None) -> BatchHandle:
         return run_sync(self.adispatch_batch(queue, jobs, then=then))
@@ -405,6 +419,10 @@ def new_job_id() -> str:
 
 _id_lock = threading.Lock()
 _last_id_time = 0
+
+
+def _epoch(when: dt.datetime | float) -> float:
+    return when.timestamp() if isinstance(when, dt.datetime) else float(when)
 
 
 def _status(value: Status | str) -> Status:

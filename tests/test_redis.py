@@ -4,13 +4,14 @@ Redis and on a Redis Cluster is the conformance suite's.)"""
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import redis
 
-from neonnb import Config, ConfigError, QueueManager, Status, StoreUnavailable, WorkerOptions
+from neonnb import Config, ConfigError, JobHandle, QueueManager, Status, StoreUnavailable, WorkerOptions, _loop
 from tests import jobs
 from tests.conftest import FakeClock, wait_until
 from tests.services import RedisClusterServer, RedisServer, free_port
@@ -212,4 +213,40 @@ def test_hand_off_skips_expired_waiters_and_never_jumps_a_due_job_of_higher_prio
         # A waiting worker takes this one only if nothing due of its priority or higher is queued.
         assert qm.dispatch_with_priority("q", jobs.Note("late"), "low").status is Status.QUEUED
         assert client.zrange(idle, 0, -1) == [b"30 waiting"]
+    qm.close()
+
+
+# --- sync dispatch: straight from the calling thread to Redis ---------------------------
+
+def test_a_sync_dispatch_does_not_wait_for_neonnbs_loop(redis_server: RedisServer) -> None:
+    qm = fresh_manager(redis_server)
+    qm.dispatch("q", jobs.Note("first"))  # a queue's first dispatch registers it, through the loop
+    holding, release = threading.Event(), threading.Event()
+
+    async def hold_the_loop() -> None:
+        holding.set()
+        release.wait(30)  # blocks neonnb's loop thread, as a long synchronous call on it would
+
+    _loop.submit(hold_the_loop())
+    assert holding.wait(10)
+    sent: list[JobHandle] = []
+    try:
+        dispatcher = threading.Thread(target=lambda: sent.append(qm.dispatch("q", jobs.Note("straight"))))
+        dispatcher.start()
+        dispatcher.join(10)
+        assert sent, "the sync dispatch waited for neonnb's loop"
+    finally:
+        release.set()
+    assert job_hash(redis_server, qm, "q", sent[0].id)[b"status"] == b"queued"
+    qm.close()
+
+
+def test_a_sync_dispatch_reconnects_when_redis_drops_the_connection(redis_server: RedisServer) -> None:
+    qm = fresh_manager(redis_server)
+    handles = [qm.dispatch("q", jobs.Note(str(n))) for n in range(3)]
+    with redis.Redis(port=redis_server.port) as client:
+        assert client.client_kill_filter(_type="normal", skipme=True) >= 1  # neonnb's connections
+    handles += [qm.dispatch("q", jobs.Note(str(n))) for n in range(3, 6)]
+    assert [job_hash(redis_server, qm, "q", h.id)[b"payload"] for h in handles] == [
+        f'{{"tag":"{n}"}}'.encode() for n in range(6)]
     qm.close()

@@ -69,6 +69,13 @@ class Driver(abc.ABC):
     async def enqueue(self, records: Sequence[JobRecord]) -> None:
         """Store new jobs, all in one round trip; when this returns they are durable."""
 
+    def enqueue_blocking(self, records: Sequence[JobRecord]) -> bool:
+        """``enqueue``, from a thread that is not on an event loop, without going through
+        neonnb's loop thread, where the driver can (a sync dispatch then costs one round
+        trip, not two thread wake-ups more). False: it can't now (or failed, with nothing
+        stored); the caller then goes through the loop."""
+        return False
+
     @abc.abstractmethod
     async def enqueue_once(self, record: JobRecord) -> bool:
         """Store the job unless one with its id exists (in any state, until purged); True if

@@ -11,6 +11,8 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import os
+import threading
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
@@ -64,6 +66,9 @@ class RedisDriver(Driver):
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, resp.Client] = weakref.WeakKeyDictionary()
         self._registered: set[str] = set()  # queues this process has added to P.."queues"
         self._watcher: concurrent.futures.Future[None] | None = None
+        # Each thread's own blocking connection (enqueue_blocking); closed with the thread, or by close().
+        self._thread = threading.local()
+        self._blocking: weakref.WeakSet[resp.BlockingConnection] = weakref.WeakSet()
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -129,7 +134,7 @@ class RedisDriver(Driver):
         return _Waiter(self, worker_id, queues)
 
     async def enqueue(self, records: Sequence[JobRecord]) -> None:
-        await self._store(records, "all")
+        await self._store(records, "new")
 
     async def enqueue_once(self, record: JobRecord) -> bool:
         return await self._store([record], "new") == [1]
@@ -140,15 +145,33 @@ class RedisDriver(Driver):
     async def mark(self, queue: str, group: str, member: str, now: float) -> int:
         return int(await self._script("mark", [queue], [group, member, _num(now)]))
 
+    def enqueue_blocking(self, records: Sequence[JobRecord]) -> bool:
+        by_queue = _enqueue_args(records)
+        if len(by_queue) != 1 or not by_queue.keys() <= self._registered:
+            return False  # the loop's way registers a new queue, and runs one script per queue
+        [(queue, args)] = by_queue.items()
+        try:
+            connection = self._blocking_connection()
+            if connection.cluster:
+                return False
+            connection.script(_SCRIPTS["enqueue"], [self._base(queue)], [self.channel, queue, "new", *args])
+        except (ConnectionError, OSError, resp.ReplyError) as exc:
+            # Stored or not, the loop's way stores it (unless stored: the script skips an id
+            # it has) or reports the outage after its retries.
+            logger.debug("blocking enqueue failed, going through the loop: %s", exc)
+            return False
+        return True
+
+    def _blocking_connection(self) -> resp.BlockingConnection:
+        connection: resp.BlockingConnection | None = getattr(self._thread, "connection", None)
+        if connection is None or connection.closed or connection.pid != os.getpid():
+            connection = self._thread.connection = resp.BlockingConnection(self.settings)
+            self._blocking.add(connection)
+        return connection
+
     async def _store(self, records: Sequence[JobRecord], mode: str) -> list[Any]:
         """Run the enqueue script once per queue; returns what each run returned."""
-        by_queue: dict[str, list[str]] = {}
-        for r in records:
-            by_queue.setdefault(r.queue, []).extend((
-                r.id, r.name, r.payload, str(r.priority.rank), r.status.value, str(r.attempts), str(r.max_attempts),
-                "" if r.timeout is None else _num(r.timeout), _num(r.run_at), _num(r.created_at),
-                "" if r.flow is None else json.dumps(r.flow), r.unique_key or "",
-            ))
+        by_queue = _enqueue_args(records)
         new = by_queue.keys() - self._registered
         if new:
             await self._reach(lambda client: client.execute("SADD", f"{self.prefix}queues", *new))
@@ -341,6 +364,8 @@ class RedisDriver(Driver):
             elif loop.is_running():  # another thread's loop: close there, without waiting on it
                 loop.call_soon_threadsafe(client.close)
             # a loop that has ended took its connections with it
+        for connection in list(self._blocking):
+            connection.close()
 
 
 class _Waiter(Waiter):
@@ -391,6 +416,18 @@ def _popped(reply: list[str] | None) -> list[str]:
 def _fields(flat: list[str]) -> dict[str, str]:
     """A hash from its flat field/value list (a field given twice: the later value)."""
     return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _enqueue_args(records: Sequence[JobRecord]) -> dict[str, list[str]]:
+    """The enqueue script's per-job arguments, grouped by queue."""
+    by_queue: dict[str, list[str]] = {}
+    for r in records:
+        by_queue.setdefault(r.queue, []).extend((
+            r.id, r.name, r.payload, str(r.priority.rank), r.status.value, str(r.attempts), str(r.max_attempts),
+            "" if r.timeout is None else _num(r.timeout), _num(r.run_at), _num(r.created_at),
+            "" if r.flow is None else json.dumps(r.flow), r.unique_key or "",
+        ))
+    return by_queue
 
 
 def _ids_by_queue(jobs: Sequence[JobRecord]) -> dict[str, list[Any]]:

@@ -32,9 +32,10 @@
 --! enqueue
 -- KEYS: B.  ARGV: wake channel, queue, mode, then 12 per job: id name payload priority status
 -- attempts max_attempts timeout run_at created_at flow unique_key ("" for none).
--- mode "all": store every job, return how many; "new": skip a job whose id exists, return
--- how many were stored; "unique" (one job): unless B.."unique:"..key names a queued or
--- running job, store this one and name it there; return the id of the job named.
+-- mode "new": store each job unless its id exists (so a call repeated after its reply was
+-- lost stores nothing twice), return how many were stored; "unique" (one job): unless
+-- B.."unique:"..key names a queued or running job, store this one and name it there; return
+-- the id of the job named.
 -- A job due at once, with a worker waiting and no due job of its priority or higher before
 -- it, is claimed for that worker here and pushed to its inbox: it starts without a wake-up
 -- and a claim. The others wait in their ready set, and the wake channel says so.

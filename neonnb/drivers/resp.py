@@ -15,6 +15,7 @@ import asyncio
 import collections
 import functools
 import hashlib
+import os
 import socket
 import ssl
 import urllib.parse
@@ -74,6 +75,16 @@ class Settings:
         )
 
 
+    def hello(self) -> list[Command]:
+        """What a new connection sends first: AUTH and SELECT, as configured."""
+        hello: list[Command] = []
+        if self.password:
+            hello.append(("AUTH", self.username, self.password) if self.username else ("AUTH", self.password))
+        if self.db:
+            hello.append(("SELECT", self.db))
+        return hello
+
+
 def _tls_context(query: dict[str, str]) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=query.get("ssl_ca_certs"))
     # As redis-py: the certificate is verified, its host name only when asked.
@@ -113,14 +124,8 @@ class Connection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:  # a peer that vanishes without closing is noticed, eventually
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        hello: list[Command] = []
-        if settings.password:
-            hello.append(("AUTH", settings.username, settings.password) if settings.username
-                         else ("AUTH", settings.password))
-        if settings.db:
-            hello.append(("SELECT", settings.db))
         try:
-            for reply in await asyncio.gather(*connection.send(hello), return_exceptions=True):
+            for reply in await asyncio.gather(*connection.send(settings.hello()), return_exceptions=True):
                 if isinstance(reply, BaseException):
                     raise reply
         except ReplyError as exc:
@@ -178,12 +183,75 @@ class Connection(asyncio.Protocol):
             self.pushes.put_nowait(self.lost)
 
 
+class BlockingConnection:
+    """A plain socket to one server, for a thread that is not on an event loop: a sync
+    dispatch from a notebook cell goes straight to Redis instead of through neonnb's loop
+    thread, which costs two thread wake-ups a call (measured on Redis in manager.py). It
+    neither retries nor follows a cluster: a failure closes it and raises, and the caller
+    goes the loop's way, which does."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.pid = os.getpid()  # a forked child opens its own instead of sharing this socket
+        # The connect timeout bounds every later wait too: a hung server fails the call.
+        self._sock = socket.create_connection((settings.host, settings.port), settings.connect_timeout)
+        self._reader = hiredis.Reader(encoding="utf-8")
+        try:
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if settings.tls:
+                self._sock = settings.tls.wrap_socket(self._sock, server_hostname=settings.host)
+            for command in settings.hello():
+                self.execute(*command)
+            self.cluster = "cluster_enabled:1" in str(self.execute("INFO", "cluster"))
+        except BaseException:
+            self.close()
+            raise
+
+    def execute(self, *command: Any) -> Any:
+        try:
+            self._sock.sendall(hiredis.pack_command(command))
+            while (reply := self._reader.gets()) is False:
+                data = self._sock.recv(65536)
+                if not data:
+                    raise ConnectionLost("connection to Redis closed")
+                self._reader.feed(data)
+        except BaseException:  # a reply half read, or an interrupt: the stream is out of step
+            self.close()
+            raise
+        if isinstance(reply, ReplyError):
+            raise reply
+        return reply
+
+    def script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return self.execute(*script.command(keys, args))
+        except ReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        self.execute("SCRIPT", "LOAD", script.body)
+        return self.execute(*script.command(keys, args))
+
+    @property
+    def closed(self) -> bool:
+        return self._sock.fileno() == -1
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __del__(self) -> None:  # the thread that held it ended
+        if hasattr(self, "_sock"):
+            self._sock.close()
+
+
 class Script:
     """A Lua script called by its SHA1 (loaded on a node the first time it is missing there)."""
 
     def __init__(self, body: str) -> None:
         self.body = body
         self.sha = hashlib.sha1(body.encode()).hexdigest()
+
+    def command(self, keys: Sequence[str], args: Sequence[Any]) -> tuple[Any, ...]:
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
 class Client:
@@ -204,7 +272,7 @@ class Client:
         return (await self.pipeline([command], key=key))[0]
 
     async def script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        command = script.command(keys, args)
         node = keys[0] if keys else None
         try:
             return await self.execute(*command, key=node)
