@@ -5,12 +5,15 @@ Time-dependent behaviour uses an injected clock and `run_once()` steps, never sl
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 import neonnb._loop as loop
-from neonnb import JobCancelled, JobFailed, Priority, QueueManager, SerializationError, Status
+from neonnb import JobCancelled, JobFailed, JobHandle, Priority, QueueManager, SerializationError, Status
+from neonnb.job import decode_job
 from tests import jobs
 from tests.conftest import FakeClock, wait_until
 
@@ -302,11 +305,39 @@ def test_unique_dispatches_racing_from_many_connections_store_one_job(make_manag
         QueueManager(first.config, driver=first.driver) if first.config.driver == "memory" else make_manager()
         for _ in range(5)
     ]
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(6) as pool:
         ids = set(pool.map(lambda qm: qm.dispatch("q", jobs.DailyReport("race")).id, managers * 4))
     assert len(ids) == 1 and first.size("q") == 1
+
+
+def test_a_sync_dispatch_stores_the_job_without_waiting_for_neonnbs_loop(make_manager: MakeManager) -> None:
+    qm = make_manager()
+    qm.dispatch("q", jobs.Note("first"))  # on Redis a queue's first dispatch registers it, through the loop
+    holding, release = threading.Event(), threading.Event()
+
+    async def hold_the_loop() -> None:
+        holding.set()
+        release.wait(30)  # blocks neonnb's loop thread, as a long synchronous call on it would
+
+    loop.submit(hold_the_loop())
+    assert holding.wait(10)
+    sent: list[JobHandle] = []
+    try:
+        dispatcher = threading.Thread(target=lambda: sent.append(qm.dispatch("q", jobs.Note("straight"))))
+        dispatcher.start()
+        dispatcher.join(10)
+        assert sent, "the sync dispatch waited for neonnb's loop"
+    finally:
+        release.set()
+    assert sent[0].fetch().status is Status.QUEUED
+
+
+def test_sync_dispatches_from_many_threads_each_store_their_job(make_manager: MakeManager) -> None:
+    qm = make_manager()
+    with ThreadPoolExecutor(8) as pool:
+        ids = list(pool.map(lambda n: qm.dispatch("q", jobs.Note(str(n))).id, range(400)))
+    assert len(set(ids)) == 400 and qm.size("q") == 400
+    assert sorted(int(decode_job(r).tag) for r in qm.jobs(queue="q", limit=400)) == list(range(400))
 
 
 def test_cancel_a_queued_or_delayed_job_and_it_never_runs(make_manager: MakeManager, clock: FakeClock) -> None:

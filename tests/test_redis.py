@@ -4,14 +4,13 @@ Redis and on a Redis Cluster is the conformance suite's.)"""
 from __future__ import annotations
 
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import redis
 
-from neonnb import Config, ConfigError, JobHandle, QueueManager, Status, StoreUnavailable, WorkerOptions, _loop
+from neonnb import Config, ConfigError, QueueManager, Status, StoreUnavailable, WorkerOptions
 from tests import jobs
 from tests.conftest import FakeClock, wait_until
 from tests.services import RedisClusterServer, RedisServer, free_port
@@ -217,30 +216,6 @@ def test_hand_off_skips_expired_waiters_and_never_jumps_a_due_job_of_higher_prio
 
 
 # --- sync dispatch: straight from the calling thread to Redis ---------------------------
-
-def test_a_sync_dispatch_does_not_wait_for_neonnbs_loop(redis_server: RedisServer) -> None:
-    qm = fresh_manager(redis_server)
-    qm.dispatch("q", jobs.Note("first"))  # a queue's first dispatch registers it, through the loop
-    holding, release = threading.Event(), threading.Event()
-
-    async def hold_the_loop() -> None:
-        holding.set()
-        release.wait(30)  # blocks neonnb's loop thread, as a long synchronous call on it would
-
-    _loop.submit(hold_the_loop())
-    assert holding.wait(10)
-    sent: list[JobHandle] = []
-    try:
-        dispatcher = threading.Thread(target=lambda: sent.append(qm.dispatch("q", jobs.Note("straight"))))
-        dispatcher.start()
-        dispatcher.join(10)
-        assert sent, "the sync dispatch waited for neonnb's loop"
-    finally:
-        release.set()
-    assert job_hash(redis_server, qm, "q", sent[0].id)[b"status"] == b"queued"
-    qm.close()
-
-
 def test_a_sync_dispatch_reconnects_when_redis_drops_the_connection(redis_server: RedisServer) -> None:
     qm = fresh_manager(redis_server)
     handles = [qm.dispatch("q", jobs.Note(str(n))) for n in range(3)]

@@ -69,12 +69,12 @@ class Driver(abc.ABC):
     async def enqueue(self, records: Sequence[JobRecord]) -> None:
         """Store new jobs, all in one round trip; when this returns they are durable."""
 
+    @abc.abstractmethod
     def enqueue_blocking(self, records: Sequence[JobRecord]) -> bool:
-        """``enqueue``, from a thread that is not on an event loop, without going through
-        neonnb's loop thread, where the driver can (a sync dispatch then costs one round
-        trip, not two thread wake-ups more). False: it can't now (or failed, with nothing
-        stored); the caller then goes through the loop."""
-        return False
+        """``enqueue`` on the calling thread, for a sync dispatch: it then costs the store's
+        own round trip, without a hop to neonnb's loop thread and back (two thread
+        wake-ups). False: not this way now (Redis: a lost connection, which the loop's way
+        retries); the caller then goes through the loop."""
 
     @abc.abstractmethod
     async def enqueue_once(self, record: JobRecord) -> bool:

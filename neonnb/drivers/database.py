@@ -231,16 +231,20 @@ class DatabaseDriver(Driver):
     # --- the protocol -----------------------------------------------------------------
 
     async def enqueue(self, records: Sequence[JobRecord]) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.enqueue_blocking, records)
+
+    def enqueue_blocking(self, records: Sequence[JobRecord]) -> bool:
         rows = [enqueued_row(r) for r in records]
         if len(rows) == 1:
             # Plain DBAPI SQL: a one-row dispatch spends more in SQLAlchemy's statement
             # machinery than in the database.
-            await self._statement(lambda conn: conn.exec_driver_sql(self._sql.insert_one, rows[0]))
+            self._call(lambda conn: conn.exec_driver_sql(self._sql.insert_one, rows[0]), True, True)
         elif self._postgres and rows:
-            await self._statement(lambda conn: self._copy_in(conn, rows))
+            self._call(lambda conn: self._copy_in(conn, rows), True, True)
         elif rows:  # a large batch may take several INSERTs: all or none
             named = [dict(zip(ENQUEUED_COLUMNS, row, strict=True)) for row in rows]
-            await self._transaction(lambda conn: conn.execute(self.table.insert(), named))
+            self._call(lambda conn: conn.execute(self.table.insert(), named), False, True)
+        return True
 
     async def enqueue_once(self, record: JobRecord) -> bool:
         row = enqueued_row(record)

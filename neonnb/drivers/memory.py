@@ -50,9 +50,13 @@ class MemoryDriver(Driver):
         return record
 
     async def enqueue(self, records: Sequence[JobRecord]) -> None:
+        self.enqueue_blocking(records)
+
+    def enqueue_blocking(self, records: Sequence[JobRecord]) -> bool:
         with self._lock:
             for record in records:
                 self._store(record)
+        return True
 
     async def enqueue_once(self, record: JobRecord) -> bool:
         with self._lock:

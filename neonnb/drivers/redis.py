@@ -66,9 +66,9 @@ class RedisDriver(Driver):
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, resp.Client] = weakref.WeakKeyDictionary()
         self._registered: set[str] = set()  # queues this process has added to P.."queues"
         self._watcher: concurrent.futures.Future[None] | None = None
-        # Each thread's own blocking connection (enqueue_blocking); closed with the thread, or by close().
+        # Each thread's own blocking client (enqueue_blocking); closed with the thread, or by close().
         self._thread = threading.local()
-        self._blocking: weakref.WeakSet[resp.BlockingConnection] = weakref.WeakSet()
+        self._blocking: weakref.WeakSet[resp.BlockingClient] = weakref.WeakSet()
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -150,24 +150,26 @@ class RedisDriver(Driver):
         if len(by_queue) != 1 or not by_queue.keys() <= self._registered:
             return False  # the loop's way registers a new queue, and runs one script per queue
         [(queue, args)] = by_queue.items()
+        client = None
         try:
-            connection = self._blocking_connection()
-            if connection.cluster:
-                return False
-            connection.script(_SCRIPTS["enqueue"], [self._base(queue)], [self.channel, queue, "new", *args])
+            client = self._blocking_client()
+            client.script(_SCRIPTS["enqueue"], [self._base(queue)], [self.channel, queue, "new", *args])
         except (ConnectionError, OSError, resp.ReplyError) as exc:
             # Stored or not, the loop's way stores it (unless stored: the script skips an id
-            # it has) or reports the outage after its retries.
+            # it has) or reports the outage after its retries. The next call starts afresh
+            # (a MOVED: with the cluster's new slot map).
             logger.debug("blocking enqueue failed, going through the loop: %s", exc)
+            if client is not None:
+                client.close()
             return False
         return True
 
-    def _blocking_connection(self) -> resp.BlockingConnection:
-        connection: resp.BlockingConnection | None = getattr(self._thread, "connection", None)
-        if connection is None or connection.closed or connection.pid != os.getpid():
-            connection = self._thread.connection = resp.BlockingConnection(self.settings)
-            self._blocking.add(connection)
-        return connection
+    def _blocking_client(self) -> resp.BlockingClient:
+        client: resp.BlockingClient | None = getattr(self._thread, "client", None)
+        if client is None or client.closed or client.pid != os.getpid():
+            client = self._thread.client = resp.BlockingClient(self.settings)
+            self._blocking.add(client)
+        return client
 
     async def _store(self, records: Sequence[JobRecord], mode: str) -> list[Any]:
         """Run the enqueue script once per queue; returns what each run returned."""
@@ -364,8 +366,8 @@ class RedisDriver(Driver):
             elif loop.is_running():  # another thread's loop: close there, without waiting on it
                 loop.call_soon_threadsafe(client.close)
             # a loop that has ended took its connections with it
-        for connection in list(self._blocking):
-            connection.close()
+        for blocking in list(self._blocking):
+            blocking.close()
 
 
 class _Waiter(Waiter):

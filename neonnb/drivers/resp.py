@@ -184,25 +184,19 @@ class Connection(asyncio.Protocol):
 
 
 class BlockingConnection:
-    """A plain socket to one server, for a thread that is not on an event loop: a sync
-    dispatch from a notebook cell goes straight to Redis instead of through neonnb's loop
-    thread, which costs two thread wake-ups a call (measured on Redis in manager.py). It
-    neither retries nor follows a cluster: a failure closes it and raises, and the caller
-    goes the loop's way, which does."""
+    """A plain socket to one node, for BlockingClient."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.pid = os.getpid()  # a forked child opens its own instead of sharing this socket
+    def __init__(self, address: Address, settings: Settings) -> None:
         # The connect timeout bounds every later wait too: a hung server fails the call.
-        self._sock = socket.create_connection((settings.host, settings.port), settings.connect_timeout)
+        self._sock = socket.create_connection(address, settings.connect_timeout)
         self._reader = hiredis.Reader(encoding="utf-8")
         try:
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             if settings.tls:
-                self._sock = settings.tls.wrap_socket(self._sock, server_hostname=settings.host)
+                self._sock = settings.tls.wrap_socket(self._sock, server_hostname=address[0])
             for command in settings.hello():
                 self.execute(*command)
-            self.cluster = "cluster_enabled:1" in str(self.execute("INFO", "cluster"))
         except BaseException:
             self.close()
             raise
@@ -222,15 +216,6 @@ class BlockingConnection:
             raise reply
         return reply
 
-    def script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        try:
-            return self.execute(*script.command(keys, args))
-        except ReplyError as exc:
-            if not str(exc).startswith("NOSCRIPT"):
-                raise
-        self.execute("SCRIPT", "LOAD", script.body)
-        return self.execute(*script.command(keys, args))
-
     @property
     def closed(self) -> bool:
         return self._sock.fileno() == -1
@@ -238,9 +223,46 @@ class BlockingConnection:
     def close(self) -> None:
         self._sock.close()
 
+
+class BlockingClient:
+    """Blocking connections to a server or a cluster's nodes, for one thread that is not on
+    an event loop: a sync dispatch from a notebook cell goes straight to Redis instead of
+    through neonnb's loop thread (see QueueManager._enqueue_sync). It neither retries nor
+    follows a MOVED: on a failure the caller closes it and goes the loop's way, which does."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pid = os.getpid()  # a forked child makes its own instead of sharing these sockets
+        self.seed: Address = (settings.host, settings.port)
+        self._nodes: dict[Address, BlockingConnection] = {}
+        self.closed = False
+        seed = self._connection(self.seed)
+        self._slots = (_slot_map(seed.execute("CLUSTER", "SLOTS"), self.seed)
+                       if "cluster_enabled:1" in str(seed.execute("INFO", "cluster")) else None)
+
+    def script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        node = self._connection(self.seed if self._slots is None else _owner(self._slots, keys[0]))
+        try:
+            return node.execute(*script.command(keys, args))
+        except ReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        node.execute("SCRIPT", "LOAD", script.body)
+        return node.execute(*script.command(keys, args))
+
+    def _connection(self, address: Address) -> BlockingConnection:
+        connection = self._nodes.get(address)
+        if connection is None or connection.closed:
+            connection = self._nodes[address] = BlockingConnection(address, self.settings)
+        return connection
+
+    def close(self) -> None:
+        self.closed = True
+        for connection in self._nodes.values():
+            connection.close()
+
     def __del__(self) -> None:  # the thread that held it ended
-        if hasattr(self, "_sock"):
-            self._sock.close()
+        self.close()
 
 
 class Script:
@@ -263,7 +285,7 @@ class Client:
         self.settings = settings
         self.seed: Address = (settings.host, settings.port)
         self.cluster: bool | None = None  # asked of the server on first use
-        self._slots: list[tuple[int, int, Address]] = []
+        self._slots: SlotMap = []
         self._nodes: dict[Address, Connection] = {}
         self._opening: dict[Address, asyncio.Task[Connection]] = {}
 
@@ -332,13 +354,9 @@ class Client:
 
     async def _node_for(self, key: str) -> Address:
         if not self._slots:
-            reply = await (await self._connection(self.seed)).send([("CLUSTER", "SLOTS")])[0]
-            self._slots = sorted((int(s[0]), int(s[1]), (str(s[2][0]) or self.seed[0], int(s[2][1]))) for s in reply)
-        slot = key_slot(key)
-        for first, last, address in self._slots:
-            if first <= slot <= last:
-                return address
-        raise ConnectionLost(f"no Redis Cluster node serves slot {slot}")
+            seed = await self._connection(self.seed)
+            self._slots = _slot_map(await seed.send([("CLUSTER", "SLOTS")])[0], self.seed)
+        return _owner(self._slots, key)
 
     async def _connection(self, address: Address) -> Connection:
         connection = self._nodes.get(address)
@@ -381,6 +399,22 @@ class Client:
         for connection in self._nodes.values():
             connection.close()
         self._nodes.clear()
+
+
+SlotMap = list[tuple[int, int, Address]]
+
+
+def _slot_map(reply: list[Any], seed: Address) -> SlotMap:
+    """CLUSTER SLOTS' reply as (first slot, last slot, master's address) ranges."""
+    return sorted((int(s[0]), int(s[1]), (str(s[2][0]) or seed[0], int(s[2][1]))) for s in reply)
+
+
+def _owner(slots: SlotMap, key: str) -> Address:
+    slot = key_slot(key)
+    for first, last, address in slots:
+        if first <= slot <= last:
+            return address
+    raise ConnectionLost(f"no Redis Cluster node serves slot {slot}")
 
 
 def key_slot(key: str) -> int:
