@@ -2,7 +2,9 @@
 
 A notebook kernel already runs a loop on the main thread, and its tasks starve while a cell
 runs sync code, so neonnb keeps its own loop on the ``neonnb-loop`` thread (the pattern of
-dask's LoopRunner). Every sync method of the public API is a one-line bridge to it.
+dask's LoopRunner). Every sync method of the public API is a one-line bridge to it, except
+the single-job dispatch family, which stores the job from the calling thread: two thread
+wake-ups were most of a dispatch's time (see QueueManager._enqueue_sync).
 """
 
 from __future__ import annotations

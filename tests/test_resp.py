@@ -105,3 +105,24 @@ def test_a_script_is_loaded_where_it_is_missing(server: RedisServer) -> None:
         assert await client.script(script, ["k"], ["b"]) == ["k", "b"]
 
     with_client(server, scenario)
+
+
+def test_a_caller_cancelled_while_connecting_leaves_no_connection_behind(server: RedisServer) -> None:
+    def clients() -> int:
+        with redis.Redis(port=server.port) as admin:
+            return len(admin.client_list()) - 1  # all but this one
+
+    async def scenario(client: resp.Client) -> None:
+        caller = asyncio.ensure_future(client.execute("PING"))
+        await asyncio.sleep(0)  # the connect has begun
+        caller.cancel()
+        while clients() == 0:  # the connect goes on and succeeds
+            await asyncio.sleep(0.01)
+        client.close()  # and closes the connection nobody was left waiting for
+        for _ in range(500):
+            if clients() == 0:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the connection stayed open after close()")
+
+    with_client(server, scenario)

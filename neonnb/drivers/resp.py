@@ -288,6 +288,7 @@ class Client:
         self._slots: SlotMap = []
         self._nodes: dict[Address, Connection] = {}
         self._opening: dict[Address, asyncio.Task[Connection]] = {}
+        self.closed = False
 
     async def execute(self, *command: Any, key: str | None = None) -> Any:
         """Run one command; ``key`` (on a cluster) picks the node."""
@@ -362,13 +363,22 @@ class Client:
         connection = self._nodes.get(address)
         if connection is not None and connection.lost is None:
             return connection
-        # One connect per node at a time: concurrent callers share it.
+        # One connect per node at a time: concurrent callers share it. The connection is
+        # kept when it opens, not when a caller resumes: callers cancelled meanwhile must not
+        # leave it open and unowned.
         opening = self._opening.get(address)
         if opening is None:
             opening = self._opening[address] = asyncio.ensure_future(Connection.open(address, self.settings))
-            opening.add_done_callback(lambda _: self._opening.pop(address, None))
-        connection = self._nodes[address] = await asyncio.shield(opening)
-        return connection
+
+            def opened(task: asyncio.Task[Connection]) -> None:
+                self._opening.pop(address, None)
+                if not task.cancelled() and task.exception() is None:
+                    self._nodes[address] = task.result()
+                    if self.closed:
+                        task.result().close()
+
+            opening.add_done_callback(opened)
+        return await asyncio.shield(opening)
 
     async def connect(self, key: str) -> Connection:
         """A connection of its own to the node that serves ``key``, for a blocking command
@@ -396,6 +406,7 @@ class Client:
             connection.close()
 
     def close(self) -> None:
+        self.closed = True
         for connection in self._nodes.values():
             connection.close()
         self._nodes.clear()
