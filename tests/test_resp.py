@@ -5,6 +5,7 @@ the conformance suite's."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
@@ -126,3 +127,34 @@ def test_a_caller_cancelled_while_connecting_leaves_no_connection_behind(server:
         raise AssertionError("the connection stayed open after close()")
 
     with_client(server, scenario)
+
+
+def test_a_dedicated_connection_cancelled_while_it_opens_is_closed() -> None:
+    server = RedisServer("--requirepass", "secret")  # the AUTH exchange is a step to be cancelled in
+    settings = resp.Settings.from_url(f"redis://:secret@127.0.0.1:{server.port}/3")  # SELECT too
+
+    def connections() -> int:
+        with redis.Redis(port=server.port, password="secret") as admin:
+            return len(admin.client_list()) - 1
+
+    async def scenario() -> None:
+        client = resp.Client(settings)
+        await client.is_cluster()  # (its connection to the server is open from here on)
+        for steps in range(40):  # cancel after each number of loop turns in turn
+            opening = asyncio.ensure_future(client.connect("k"))
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            opening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                (await opening).close()  # it finished opening before the cancel landed
+        client.close()
+        for _ in range(500):
+            if connections() == 0:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{connections()} connection(s) left open")
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()

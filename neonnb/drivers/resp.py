@@ -131,6 +131,9 @@ class Connection(asyncio.Protocol):
         except ReplyError as exc:
             connection.close()
             raise ConnectionLost(f"Redis at {host}:{port} refused the connection: {exc}") from exc
+        except BaseException:  # cancelled, or lost, before it could be handed over
+            connection.close()
+            raise
         connection.pushes = pushes  # from here on, for a subscriber
         return connection
 
