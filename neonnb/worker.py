@@ -299,8 +299,13 @@ class Worker:
                     await self._guard(waiter.wait(now, self.options.lease_timeout, timeout, self._wake, self._start),
                                       "waiting for jobs")
                 else:
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), timeout)
+                    # A timer that sets the event, not wait_for, which wraps the wait in a new
+                    # task each time: a busy worker passes here after every job it finishes.
+                    timer = asyncio.get_running_loop().call_later(timeout, self._wake.set)
+                    try:
+                        await self._wake.wait()
+                    finally:
+                        timer.cancel()
             await self._drain()
         finally:
             if waiter is not None:
