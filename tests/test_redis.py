@@ -3,6 +3,7 @@ Redis and on a Redis Cluster is the conformance suite's.)"""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from neonnb import Config, ConfigError, QueueManager, Status, StoreUnavailable, WorkerOptions
+from neonnb import Config, ConfigError, QueueManager, Status, StoreUnavailable, WorkerOptions, _loop
 from tests import jobs
 from tests.conftest import FakeClock, wait_until
 from tests.services import RedisClusterServer, RedisServer, free_port
@@ -225,3 +226,25 @@ def test_a_sync_dispatch_reconnects_when_redis_drops_the_connection(redis_server
     assert [job_hash(redis_server, qm, "q", h.id)[b"payload"] for h in handles] == [
         f'{{"tag":"{n}"}}'.encode() for n in range(6)]
     qm.close()
+
+
+def test_a_hung_redis_fails_dispatch_after_the_reply_timeout_and_workers_carry_on() -> None:
+    server = RedisServer()
+    assert server.process is not None
+    qm = QueueManager(Config.for_url(f"{server.url()}?socket_timeout=0.5"))
+    worker = qm.worker("q", 1, WorkerOptions(poll_interval=0.2)).start()
+    try:
+        assert qm.dispatch("q", jobs.Note("before")).result(timeout=10) == "before"
+        server.process.send_signal(signal.SIGSTOP)  # accepts connections, answers nothing: a partition
+        try:
+            with pytest.raises(StoreUnavailable, match=r"no reply within 0\.5s"):
+                qm.dispatch("q", jobs.Note("sync"))  # from this thread
+            with pytest.raises(StoreUnavailable, match=r"no reply within 0\.5s"):
+                _loop.run_sync(qm.adispatch("q", jobs.Note("async")))  # through the loop's client
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        assert qm.dispatch("q", jobs.Note("after")).result(timeout=15) == "after"
+    finally:
+        worker.stop()
+        qm.close()
+        server.stop()

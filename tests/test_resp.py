@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
@@ -25,12 +26,15 @@ def test_settings_from_urls() -> None:
     only_password = resp.Settings.from_url("redis://:secret@h/2", database=5)
     assert (only_password.username, only_password.password, only_password.db) == (None, "secret", 5)
     assert resp.Settings.from_url("rediss://h:6380/0?ssl_cert_reqs=none").tls is not None
+    assert (plain.reply_timeout, resp.Settings.from_url("redis://h?socket_timeout=2.5").reply_timeout) == (10, 2.5)
 
 
 @pytest.mark.parametrize(("url", "complaint"), [
     ("http://h:6379", "starts with redis:// or rediss://"),
     ("redis://h/zero", "must be a number"),
-    ("redis://h/0?socket_timeout=3", "unknown option"),
+    ("redis://h/0?timeout=3", "unknown option"),
+    ("redis://h/0?socket_timeout=0", "above 0"),
+    ("redis://h/0?socket_timeout=soon", "above 0"),
     ("rediss://h/0?ssl_cert_reqs=maybe", "none, optional or required"),
 ])
 def test_bad_urls_are_refused_saying_what_is_wrong(url: str, complaint: str) -> None:
@@ -158,3 +162,19 @@ def test_a_dedicated_connection_cancelled_while_it_opens_is_closed() -> None:
         asyncio.run(scenario())
     finally:
         server.stop()
+
+
+def test_the_reply_timeout_spares_idle_connections_and_blocking_pops(server: RedisServer) -> None:
+    async def scenario() -> None:
+        client = resp.Client(dataclasses.replace(resp.Settings.from_url(server.url()), reply_timeout=0.25))
+        try:
+            assert await client.execute("CLIENT", "SETNAME", "first") == "OK"
+            popper = await client.connect("k")  # a worker's own connection for its blocking pop
+            await asyncio.sleep(0.5)  # idle for twice the reply timeout: nothing is waiting
+            assert await client.execute("CLIENT", "GETNAME") == "first"  # the same connection
+            assert await popper.send([("BLPOP", "k", "0.6")])[0] is None  # waited it out
+            popper.close()
+        finally:
+            client.close()
+
+    asyncio.run(scenario())

@@ -154,6 +154,11 @@ class RedisDriver(Driver):
         try:
             client = self._blocking_client()
             client.script(_SCRIPTS["enqueue"], [self._base(queue)], [self.channel, queue, "new", *args])
+        except TimeoutError as exc:  # a hung server: the loop's way would only wait as long again
+            if client is not None:
+                client.close()
+            raise StoreUnavailable(f"Redis at {self._where()} can't be reached: no reply within "
+                                   f"{self.settings.reply_timeout:g}s") from exc
         except (ConnectionError, OSError, resp.ReplyError) as exc:
             # Stored or not, the loop's way stores it (unless stored: the script skips an id
             # it has) or reports the outage after its retries. The next call starts afresh

@@ -41,6 +41,12 @@ class ConnectionLost(ConnectionError):
     """The connection to Redis closed or could not be made."""
 
 
+class NoReply(ConnectionError):
+    """Redis took longer than the reply timeout to answer (a hung server or a network that
+    drops packets, where TCP alone would wait many minutes). Not retried: waiting again
+    would only double the wait."""
+
+
 @dataclass(frozen=True)
 class Settings:
     host: str
@@ -50,19 +56,21 @@ class Settings:
     db: int = 0
     tls: ssl.SSLContext | None = None
     connect_timeout: float = 5.0
+    reply_timeout: float = 10.0  # longest wait for a command's reply (socket_timeout in the URL)
 
     @classmethod
     def from_url(cls, url: str, *, password: str | None = None, database: int | None = None) -> Settings:
-        """``redis://[user:password@]host[:port][/db]`` or ``rediss://`` (TLS, options in the
-        query: ssl_ca_certs, ssl_certfile, ssl_keyfile, ssl_cert_reqs, ssl_check_hostname)."""
+        """``redis://[user:password@]host[:port][/db]`` or ``rediss://`` (TLS), options in the
+        query: socket_timeout (seconds to wait for a reply), and for TLS ssl_ca_certs,
+        ssl_certfile, ssl_keyfile, ssl_cert_reqs, ssl_check_hostname."""
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("redis", "rediss"):
             raise ConfigError(f"a Redis URL starts with redis:// or rediss:// (TLS), got {url!r}")
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(parts.query).items()}
-        unknown = set(query) - {"db", *_TLS_OPTIONS}
+        unknown = set(query) - {"db", "socket_timeout", *_TLS_OPTIONS}
         if unknown:
             raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))} in the Redis URL {url!r}; "
-                              f"known: db, {', '.join(_TLS_OPTIONS)}")
+                              f"known: db, socket_timeout, {', '.join(_TLS_OPTIONS)}")
         path_db = parts.path.strip("/") or query.get("db", "0")
         if not path_db.isdigit():
             raise ConfigError(f"the database in the Redis URL {url!r} must be a number, got {path_db!r}")
@@ -72,6 +80,7 @@ class Settings:
             password=password or (urllib.parse.unquote(parts.password) if parts.password else None),
             db=database or int(path_db),  # Config.database, when set, wins over the URL
             tls=_tls_context(query) if parts.scheme == "rediss" else None,
+            reply_timeout=_seconds(query.get("socket_timeout", "10"), url),
         )
 
 
@@ -83,6 +92,16 @@ class Settings:
         if self.db:
             hello.append(("SELECT", self.db))
         return hello
+
+
+def _seconds(text: str, url: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise ConfigError(f"socket_timeout in the Redis URL {url!r} must be a number of seconds above 0, got {text!r}")
+    return seconds
 
 
 def _tls_context(query: dict[str, str]) -> ssl.SSLContext:
@@ -100,17 +119,22 @@ def _tls_context(query: dict[str, str]) -> ssl.SSLContext:
 
 class Connection(asyncio.Protocol):
     """One pipelined connection: each command's reply resolves its future, in order. A
-    subscriber connection (``pushes`` given) delivers every reply to that queue instead."""
+    subscriber connection (``pushes`` given) delivers every reply to that queue instead.
+    With ``reply_timeout``, commands waiting that long without a reply end the connection
+    and fail with NoReply."""
 
     def __init__(self) -> None:
         self._reader = hiredis.Reader(encoding="utf-8")
         self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
         self._transport: asyncio.Transport | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self.reply_timeout: float | None = None
         self.pushes: asyncio.Queue[Any] | None = None
-        self.lost: ConnectionLost | None = None
+        self.lost: ConnectionError | None = None
 
     @classmethod
-    async def open(cls, address: Address, settings: Settings, pushes: asyncio.Queue[Any] | None = None) -> Connection:
+    async def open(cls, address: Address, settings: Settings, pushes: asyncio.Queue[Any] | None = None,
+                   reply_timeout: float | None = None) -> Connection:
         loop = asyncio.get_running_loop()
         host, port = address
         try:
@@ -124,6 +148,7 @@ class Connection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:  # a peer that vanishes without closing is noticed, eventually
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        connection.reply_timeout = settings.reply_timeout  # AUTH and SELECT get no longer either
         try:
             for reply in await asyncio.gather(*connection.send(settings.hello()), return_exceptions=True):
                 if isinstance(reply, BaseException):
@@ -135,6 +160,7 @@ class Connection(asyncio.Protocol):
             connection.close()
             raise
         connection.pushes = pushes  # from here on, for a subscriber
+        connection.reply_timeout = reply_timeout
         return connection
 
     def send(self, commands: Sequence[Command]) -> list[asyncio.Future[Any]]:
@@ -150,7 +176,22 @@ class Connection(asyncio.Protocol):
         futures = [loop.create_future() for _ in commands]
         self._waiting.extend(futures)  # only once packed: a bad argument must not leave a waiter
         self._transport.write(packed)
+        if futures and self.reply_timeout is not None and self._watchdog is None:
+            self._watchdog = loop.call_later(self.reply_timeout, self._no_reply, self.reply_timeout)
         return futures
+
+    def _no_reply(self, timeout: float) -> None:
+        self._watchdog = None
+        self._fail(NoReply(f"Redis sent no reply within {timeout:g}s"))
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _fail(self, error: ConnectionError) -> None:
+        self.lost = self.lost or error
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
 
     def close(self) -> None:
         if self._transport is not None:
@@ -175,14 +216,19 @@ class Connection(asyncio.Protocol):
                 waiter.set_exception(reply)
             else:
                 waiter.set_result(reply)
+        if self._watchdog is not None:  # the server answers: the wait starts again for the rest
+            self._watchdog.cancel()
+            self._watchdog = None
+            if self._waiting and self.reply_timeout is not None:
+                self._watchdog = asyncio.get_running_loop().call_later(
+                    self.reply_timeout, self._no_reply, self.reply_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = ConnectionLost(f"connection to Redis lost: {exc or 'closed'}")
-        while self._waiting:
-            waiter = self._waiting.popleft()
-            if not waiter.done():
-                waiter.set_exception(self.lost)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._fail(ConnectionLost(f"connection to Redis lost: {exc or 'closed'}"))
         if self.pushes is not None:
+            assert self.lost is not None
             self.pushes.put_nowait(self.lost)
 
 
@@ -190,10 +236,10 @@ class BlockingConnection:
     """A plain socket to one node, for BlockingClient."""
 
     def __init__(self, address: Address, settings: Settings) -> None:
-        # The connect timeout bounds every later wait too: a hung server fails the call.
         self._sock = socket.create_connection(address, settings.connect_timeout)
         self._reader = hiredis.Reader(encoding="utf-8")
         try:
+            self._sock.settimeout(settings.reply_timeout)
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             if settings.tls:
@@ -343,7 +389,7 @@ class Client:
             for i, future in zip(indexes, futures, strict=True):
                 try:
                     replies[i] = await future
-                except (ReplyError, ConnectionLost) as exc:
+                except (ReplyError, ConnectionError) as exc:
                     replies[i] = exc
         error = next((reply for reply in replies if isinstance(reply, BaseException)), None)
         if error is not None:
@@ -371,7 +417,8 @@ class Client:
         # leave it open and unowned.
         opening = self._opening.get(address)
         if opening is None:
-            opening = self._opening[address] = asyncio.ensure_future(Connection.open(address, self.settings))
+            opening = self._opening[address] = asyncio.ensure_future(
+                Connection.open(address, self.settings, reply_timeout=self.settings.reply_timeout))
 
             def opened(task: asyncio.Task[Connection]) -> None:
                 self._opening.pop(address, None)
