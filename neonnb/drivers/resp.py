@@ -6,7 +6,9 @@ pure-Python packing were most of a dispatch. This client keeps one connection pe
 pipelines every caller's commands on it (replies come back in order), and packs and parses
 in C with hiredis. It speaks RESP2 to one server or to a Redis Cluster (commands go to the
 node that owns their key's slot; MOVED refreshes the slot map), over TCP or TLS, with ACL
-users, passwords and database numbers.
+users, passwords and database numbers. A command whose reply is later than the reply timeout
+fails (NoReply) instead of waiting on TCP. BlockingClient is the same without asyncio, for a
+sync dispatch from a thread that is not on an event loop.
 """
 
 from __future__ import annotations
