@@ -3,6 +3,8 @@ PostgreSQL, data_version on SQLite), sharing an Engine, a schema that is already
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -52,3 +54,32 @@ def test_engine_connection_table_name_and_existing_schema(postgres_server: Postg
     first.close()
     second.close()
     engine.dispose()
+
+
+def test_sqlite_writers_of_one_process_take_turns_so_a_waiting_dispatch_can_be_interrupted(tmp_path: Path) -> None:
+    # Waiting in SQLite's busy handler, a dispatch from a cell could not be interrupted (and
+    # slept in steps up to 100 ms); waiting for its turn on a lock, it can.
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    qm, worker_side = QueueManager(Config(connection=url)), QueueManager(Config(connection=url))
+    qm.size("q")
+    holding, release = threading.Event(), threading.Event()
+
+    def long_write(conn: object) -> None:  # a transaction of the other driver, as a worker's
+        holding.set()
+        release.wait(10)
+
+    writer = threading.Thread(target=worker_side.driver._call, args=(long_write, False, True))  # type: ignore[attr-defined]
+    writer.start()
+    try:
+        assert holding.wait(10)
+        # A real SIGINT to the main thread, as the notebook's Interrupt button sends.
+        threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            qm.dispatch("q", jobs.Note("never stored"))
+        assert writer.is_alive(), "the dispatch was interrupted only once the other write had ended"
+    finally:
+        release.set()
+        writer.join(10)
+    assert qm.size("q") == 0
+    qm.close()
+    worker_side.close()

@@ -12,7 +12,9 @@ autocommit, takes batches with COPY and wakes idle workers with LISTEN/NOTIFY
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -77,6 +79,17 @@ def _sqlite_engine(url: str) -> Engine:
     return engine
 
 
+_file_locks: dict[str, threading.Lock] = {}
+_file_locks_guard = threading.Lock()
+
+
+def _file_lock(database: str | None) -> threading.Lock:
+    """One lock per SQLite file in this process, shared by every driver on it."""
+    key = os.path.realpath(database or "")
+    with _file_locks_guard:
+        return _file_locks.setdefault(key, threading.Lock())
+
+
 # The DBAPI each database gets when the URL names none, and the extra that installs it.
 _DEFAULT_DBAPI = {"postgresql": ("psycopg", "postgres"), "mysql": ("pymysql", "mysql"), "mariadb": ("pymysql", "mysql")}
 
@@ -137,6 +150,11 @@ class DatabaseDriver(Driver):
         }
         # SQLite serialises writers anyway; one thread avoids busy-waiting on its lock.
         self._executor = ThreadPoolExecutor(max_workers=1 if dialect == "sqlite" else 8, thread_name_prefix="neonnb-db")
+        # Every SQLite transaction takes the write lock (BEGIN IMMEDIATE), and a sync dispatch
+        # writes from its own thread: this process's writers take turns on a Python lock, which
+        # the Interrupt button can break, not in SQLite's busy handler, which sleeps in steps of
+        # 1 to 100 ms (a dispatch loop beside a draining worker: longest dispatch 79 -> 14-21 ms).
+        self._turns = _file_lock(self.engine.url.database) if dialect == "sqlite" else contextlib.nullcontext()
         self._schema_ready = False
         self._schema_lock = threading.Lock()
         # LISTEN/NOTIFY needs psycopg 3's notifies(); other PostgreSQL DBAPIs poll.
@@ -168,6 +186,10 @@ class DatabaseDriver(Driver):
 
     def _call(self, fn: Callable[[Connection], T], single_statement: bool, durable: bool) -> T:
         self._ensure_schema()
+        with self._turns:
+            return self._call_once_more_if_stale(fn, single_statement, durable)
+
+    def _call_once_more_if_stale(self, fn: Callable[[Connection], T], single_statement: bool, durable: bool) -> T:
         for attempt in (1, 2):
             try:
                 if single_statement and self._postgres:
