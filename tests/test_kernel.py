@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -93,9 +94,11 @@ def test_magics_connect_start_status_failed_retry_output_and_debug(
 
     # The debugger replays the handler with the stored argument: print it, then continue.
     monkeypatch.setattr("sys.stdin", io.StringIO("p text\ncontinue\n"))
+    interrupt = signal.getsignal(signal.SIGINT)
     with pytest.raises(ValueError, match="forty-two"):
         shell.run_line_magic("neonnb", f"debug {bad.id}")
     assert "'forty-two'" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGINT) is interrupt, "the Interrupt button must interrupt again"
 
     dashboard = shell.run_line_magic("neonnb", "status")
     assert "neonnb-dashboard" in dashboard.widget._dom_classes

@@ -70,6 +70,8 @@ def test_sqlite_writers_of_one_process_take_turns_so_a_waiting_dispatch_can_be_i
 
     writer = threading.Thread(target=worker_side.driver._call, args=(long_write, False, True))  # type: ignore[attr-defined]
     writer.start()
+    # Python's own SIGINT handler, whatever an earlier test in this process installed.
+    previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         assert holding.wait(10)
         # A real SIGINT to the main thread, as the notebook's Interrupt button sends.
@@ -78,6 +80,7 @@ def test_sqlite_writers_of_one_process_take_turns_so_a_waiting_dispatch_can_be_i
             qm.dispatch("q", jobs.Note("never stored"))
         assert writer.is_alive(), "the dispatch was interrupted only once the other write had ended"
     finally:
+        signal.signal(signal.SIGINT, previous_handler)
         release.set()
         writer.join(10)
     assert qm.size("q") == 0

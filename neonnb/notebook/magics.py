@@ -13,6 +13,7 @@ captured output, and ``%neonnb debug ID`` to replay a failed job under the debug
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -113,7 +114,13 @@ class NeonnbMagics(Magics):
 
         ctx = Context(record, manager.dependencies, lambda _record, _progress: None)
         fn, args, kwargs = job.target(ctx) if isinstance(job, FunctionCall) else (job.handle, (ctx,), {})
-        return Pdb().runcall(fn, *args, **kwargs)
+        interrupt = signal.getsignal(signal.SIGINT)
+        try:
+            return Pdb().runcall(fn, *args, **kwargs)
+        finally:
+            # After `continue` pdb keeps its own SIGINT handler, which would turn the next
+            # Interrupt of any cell into a debugger stop instead of a KeyboardInterrupt.
+            signal.signal(signal.SIGINT, interrupt)
 
 
 COMMANDS = {
