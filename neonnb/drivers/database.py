@@ -186,17 +186,14 @@ class DatabaseDriver(Driver):
 
     def _call(self, fn: Callable[[Connection], T], single_statement: bool, durable: bool) -> T:
         self._ensure_schema()
-        with self._turns:
-            return self._call_once_more_if_stale(fn, single_statement, durable)
-
-    def _call_once_more_if_stale(self, fn: Callable[[Connection], T], single_statement: bool, durable: bool) -> T:
         for attempt in (1, 2):
             try:
-                if single_statement and self._postgres:
-                    with self._autocommit[durable].connect() as conn:
+                with self._turns:
+                    if single_statement and self._postgres:
+                        with self._autocommit[durable].connect() as conn:
+                            return fn(conn)
+                    with self._engines[durable].begin() as conn:
                         return fn(conn)
-                with self._engines[durable].begin() as conn:
-                    return fn(conn)
             except DBAPIError as exc:
                 # A pooled connection that died with a server restart: the pool has dropped it,
                 # and a fresh connection gets the call through.

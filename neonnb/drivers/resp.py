@@ -85,7 +85,6 @@ class Settings:
             reply_timeout=_seconds(query.get("socket_timeout", "10"), url),
         )
 
-
     def hello(self) -> list[Command]:
         """What a new connection sends first: AUTH and SELECT, as configured."""
         hello: list[Command] = []
