@@ -84,10 +84,10 @@ class RedisDriver(Driver):
         try:
             return await work(self._client())
         except (ConnectionError, OSError) as exc:
-            raise StoreUnavailable(f"Redis at {self._where()} can't be reached: {exc}") from exc
+            raise self._unreachable(exc) from exc
 
-    def _where(self) -> str:
-        return self.url.split("@")[-1]
+    def _unreachable(self, exc: BaseException) -> StoreUnavailable:
+        return StoreUnavailable(f"Redis at {self.url.split('@')[-1]} can't be reached: {exc}")
 
     def _base(self, queue: str) -> str:
         """Where queue's keys start; {queue} is their Redis Cluster hash tag."""
@@ -154,18 +154,14 @@ class RedisDriver(Driver):
         try:
             client = self._blocking_client()
             client.script(_SCRIPTS["enqueue"], [self._base(queue)], [self.channel, queue, "new", *args])
-        except TimeoutError as exc:  # a hung server: the loop's way would only wait as long again
-            if client is not None:
-                client.close()
-            raise StoreUnavailable(f"Redis at {self._where()} can't be reached: no reply within "
-                                   f"{self.settings.reply_timeout:g}s") from exc
         except (ConnectionError, OSError, resp.ReplyError) as exc:
-            # Stored or not, the loop's way stores it (unless stored: the script skips an id
-            # it has) or reports the outage after its retries. The next call starts afresh
-            # (a MOVED: with the cluster's new slot map).
-            logger.debug("blocking enqueue failed, going through the loop: %s", exc)
             if client is not None:
-                client.close()
+                client.close()  # the next call starts afresh (after a MOVED, with the new slot map)
+            if isinstance(exc, resp.NoReply):  # a hung server: the loop's way would only wait as long again
+                raise self._unreachable(exc) from exc
+            # Stored or not, the loop's way stores it (unless stored: the script skips an id
+            # it has) or reports the outage after its retries.
+            logger.debug("blocking enqueue failed, going through the loop: %s", exc)
             return False
         return True
 

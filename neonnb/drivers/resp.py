@@ -49,6 +49,10 @@ class NoReply(ConnectionError):
     would only double the wait."""
 
 
+def no_reply(timeout: float) -> NoReply:
+    return NoReply(f"Redis sent no reply within {timeout:g}s")
+
+
 @dataclass(frozen=True)
 class Settings:
     host: str
@@ -177,13 +181,18 @@ class Connection(asyncio.Protocol):
         futures = [loop.create_future() for _ in commands]
         self._waiting.extend(futures)  # only once packed: a bad argument must not leave a waiter
         self._transport.write(packed)
-        if futures and self.reply_timeout is not None and self._watchdog is None:
-            self._watchdog = loop.call_later(self.reply_timeout, self._no_reply, self.reply_timeout)
+        if futures and self._watchdog is None:
+            self._watch(loop)
         return futures
+
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Fail the waiting commands if no reply comes within the reply timeout."""
+        if self.reply_timeout is not None:
+            self._watchdog = loop.call_later(self.reply_timeout, self._no_reply, self.reply_timeout)
 
     def _no_reply(self, timeout: float) -> None:
         self._watchdog = None
-        self._fail(NoReply(f"Redis sent no reply within {timeout:g}s"))
+        self._fail(no_reply(timeout))
         if self._transport is not None:
             self._transport.abort()
 
@@ -220,9 +229,8 @@ class Connection(asyncio.Protocol):
         if self._watchdog is not None:  # the server answers: the wait starts again for the rest
             self._watchdog.cancel()
             self._watchdog = None
-            if self._waiting and self.reply_timeout is not None:
-                self._watchdog = asyncio.get_running_loop().call_later(
-                    self.reply_timeout, self._no_reply, self.reply_timeout)
+            if self._waiting:
+                self._watch(asyncio.get_running_loop())
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._watchdog is not None:
@@ -237,7 +245,11 @@ class BlockingConnection:
     """A plain socket to one node, for BlockingClient."""
 
     def __init__(self, address: Address, settings: Settings) -> None:
-        self._sock = socket.create_connection(address, settings.connect_timeout)
+        try:
+            self._sock = socket.create_connection(address, settings.connect_timeout)
+        except TimeoutError as exc:  # accepted by no one: the loop's way would only wait as long again
+            raise NoReply(f"Redis did not accept a connection within {settings.connect_timeout:g}s") from exc
+        self._reply_timeout = settings.reply_timeout
         self._reader = hiredis.Reader(encoding="utf-8")
         try:
             self._sock.settimeout(settings.reply_timeout)
@@ -259,8 +271,10 @@ class BlockingConnection:
                 if not data:
                     raise ConnectionLost("connection to Redis closed")
                 self._reader.feed(data)
-        except BaseException:  # a reply half read, or an interrupt: the stream is out of step
+        except BaseException as exc:  # a reply half read, or an interrupt: the stream is out of step
             self.close()
+            if isinstance(exc, TimeoutError):
+                raise no_reply(self._reply_timeout) from exc
             raise
         if isinstance(reply, ReplyError):
             raise reply
