@@ -157,7 +157,7 @@ async def huey_system(workload: str, url: str) -> dict[str, Any]:
         # Fast polling (huey's default backs off to 10 s), threads as its docs suggest for I/O.
         c = huey.create_consumer(workers=workers, worker_type="thread", periodic=False,
                                  initial_delay=0.001, backoff=1.0, max_delay=0.001)
-        threading.Thread(target=c.run, daemon=True).start()
+        c.start()  # its worker threads; here, in the main thread, where it sets its signal handlers
         return c
 
     if workload == "w1_one":

@@ -12,9 +12,11 @@ import pytest
 import redis
 
 from neonnb import Config, ConfigError, QueueManager, Status, StoreUnavailable, WorkerOptions, _loop
+from neonnb.drivers import resp
 from tests import jobs
 from tests.conftest import FakeClock, wait_until
 from tests.services import RedisClusterServer, RedisServer, free_port
+from tests.test_resp import moves_large_values
 
 
 def run_one(qm: QueueManager, queue: str = "q") -> None:
@@ -80,9 +82,11 @@ def test_rediss_url_runs_jobs_over_tls(certificates: Path) -> None:
         "--tls-key-file", str(certificates / "server.key"), "--tls-ca-cert-file", str(certificates / "ca.crt"),
         "--tls-auth-clients", "no", port=port,
     )
-    qm = QueueManager(Config.for_url(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={certificates / 'ca.crt'}"))
+    url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={certificates / 'ca.crt'}"
+    qm = QueueManager(Config.for_url(url))
     try:
         run_one(qm)
+        moves_large_values(resp.Settings.from_url(url))  # the sync dispatch's connection, over TLS
     finally:
         qm.close()
         server.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import secrets
 from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
@@ -110,6 +111,23 @@ def test_a_script_is_loaded_where_it_is_missing(server: RedisServer) -> None:
         assert await client.script(script, ["k"], ["b"]) == ["k", "b"]
 
     with_client(server, scenario)
+
+
+def moves_large_values(settings: resp.Settings) -> None:
+    """A blocking connection (sync dispatch) sends and reads back a value far larger than the
+    socket buffers: its non-blocking socket writes and reads it in many pieces."""
+    connection = resp.BlockingConnection((settings.host, settings.port), settings)
+    try:
+        value = secrets.token_hex(4_000_000)  # 8 MB
+        assert connection.execute("SET", "big", value) == "OK"
+        assert connection.execute("GET", "big") == value
+        assert connection.execute("PING") == "PONG"  # in step after the large reply
+    finally:
+        connection.close()
+
+
+def test_a_blocking_connection_moves_values_larger_than_the_socket_buffers(server: RedisServer) -> None:
+    moves_large_values(resp.Settings.from_url(server.url()))
 
 
 def test_a_caller_cancelled_while_connecting_leaves_no_connection_behind(server: RedisServer) -> None:
