@@ -5,6 +5,7 @@ Time-dependent behaviour uses an injected clock and `run_once()` steps, never sl
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -338,6 +339,26 @@ def test_sync_dispatches_from_many_threads_each_store_their_job(make_manager: Ma
         ids = list(pool.map(lambda n: qm.dispatch("q", jobs.Note(str(n))).id, range(400)))
     assert len(set(ids)) == 400 and qm.size("q") == 400
     assert sorted(int(decode_job(r).tag) for r in qm.jobs(queue="q", limit=400)) == list(range(400))
+
+
+def test_an_app_on_uvloop_dispatches_and_runs_jobs_on_its_own_loop(make_manager: MakeManager) -> None:
+    """uvicorn runs a FastAPI app on uvloop: the async API must work there as on asyncio's
+    loop (uvloop's transports are not asyncio.Transport subclasses)."""
+    uvloop = pytest.importorskip("uvloop")
+    qm = make_manager(poll_interval=0.05)
+
+    async def app() -> None:
+        worker = qm.worker("q", 2)
+        running = asyncio.create_task(worker.arun())
+        try:
+            handles = [await qm.adispatch("q", jobs.Note(f"uv-{i}")) for i in range(3)]
+            assert [await h.aresult(timeout=10) for h in handles] == ["uv-0", "uv-1", "uv-2"]
+        finally:
+            await worker.astop()
+            await running
+        await qm.aclose()
+
+    uvloop.run(app())
 
 
 def test_cancel_a_queued_or_delayed_job_and_it_never_runs(make_manager: MakeManager, clock: FakeClock) -> None:
