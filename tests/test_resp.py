@@ -8,7 +8,9 @@ import asyncio
 import contextlib
 import dataclasses
 import secrets
+import socket
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -128,6 +130,40 @@ def moves_large_values(settings: resp.Settings) -> None:
 
 def test_a_blocking_connection_moves_values_larger_than_the_socket_buffers(server: RedisServer) -> None:
     moves_large_values(resp.Settings.from_url(server.url()))
+
+
+class CountingSocket:
+    """A socket that counts the reads made on it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.reads = sock, 0
+
+    def recv(self, size: int) -> bytes:
+        self.reads += 1
+        return self.sock.recv(size)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def test_a_blocking_connection_sleeps_instead_of_spinning_once_replies_are_slow(server: RedisServer) -> None:
+    settings = resp.Settings.from_url(server.url())
+    connection = resp.BlockingConnection((settings.host, settings.port), settings)
+    counting = CountingSocket(connection._sock)
+    connection._sock = counting  # type: ignore[assignment]
+    try:
+        connection.execute("PING")
+        fast = connection._last_wait < resp._SPIN  # usually; and only with a second core
+        counting.reads = 0
+        assert connection.execute("BLPOP", "nothing", "0.05") is None  # a reply 50 ms late
+        spun = counting.reads
+        counting.reads = 0
+        assert connection.execute("BLPOP", "nothing", "0.05") is None
+        assert counting.reads <= 2, "it spun although the last reply took 50 ms"  # one try, then poll
+        if fast:  # after a fast reply the next wait spun before it slept
+            assert spun > 2
+    finally:
+        connection.close()
 
 
 def test_a_caller_cancelled_while_connecting_leaves_no_connection_behind(server: RedisServer) -> None:
