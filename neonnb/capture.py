@@ -86,7 +86,10 @@ class _Router(io.TextIOBase):
         return len(text)
 
     def flush(self) -> None:
-        self.stream.flush()
+        # Also called when the router is collected (IOBase's finalizer), maybe after the real
+        # stream was closed: Python 3.13 reports a failure there as an unraisable exception.
+        if not self.stream.closed:
+            self.stream.flush()
 
     def __getattr__(self, name: str) -> Any:  # encoding, fileno, isatty, ... of the real stream
         return getattr(self.stream, name)

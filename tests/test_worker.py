@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 from collections.abc import Callable
 
@@ -10,6 +11,7 @@ import pytest
 
 import neonnb._loop as loop
 from neonnb import Context, JobEvent, JobFailed, JobRecord, QueueManager, SerializationError, Status, WorkerOptions
+from neonnb.capture import _Router
 from tests import jobs
 from tests.conftest import FakeClock, wait_until
 
@@ -213,3 +215,14 @@ def test_a_job_class_can_choose_its_stored_name(make_manager: MakeManager) -> No
     assert handle.fetch().name == "reports.renamed"
     qm.worker("q", 1).run_once()
     assert handle.result(timeout=1) == "reports.renamed"
+
+
+def test_a_stream_router_outliving_its_stream_flushes_nothing() -> None:
+    """Jobs' output is routed by wrappers around sys.stdout/stderr; one collected (or flushed)
+    after the real stream closed, as at a kernel's shutdown, must not raise (Python 3.13
+    reports it as an unraisable exception)."""
+    real = io.TextIOWrapper(io.BytesIO())
+    router = _Router(real)
+    router.write("before\n")
+    real.close()
+    router.flush()

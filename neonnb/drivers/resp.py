@@ -18,7 +18,7 @@ import collections
 import functools
 import hashlib
 import os
-import select
+import selectors
 import socket
 import ssl
 import time
@@ -292,7 +292,7 @@ class BlockingConnection:
             try:
                 view = view[self._sock.send(view):]
             except (BlockingIOError, ssl.SSLWantWriteError):
-                self._wait(select.POLLOUT, deadline)
+                self._wait(selectors.EVENT_WRITE, deadline)
 
     def _receive(self, sent: float, deadline: float) -> bytes:
         """The next bytes of the reply. Until _SPIN after sending, this asks the socket again
@@ -307,17 +307,17 @@ class BlockingConnection:
                 data = self._sock.recv(65536)
             except (BlockingIOError, ssl.SSLWantReadError):
                 if time.perf_counter() >= spin_until:
-                    self._wait(select.POLLIN, deadline)
+                    self._wait(selectors.EVENT_READ, deadline)
                 continue
             if not data:
                 raise ConnectionLost("connection to Redis closed")
             return data
 
-    def _wait(self, event: int, deadline: float) -> None:
-        poller = select.poll()
-        poller.register(self._sock, event)
-        if not poller.poll(max(0.0, deadline - time.perf_counter()) * 1000):
-            raise no_reply(self._reply_timeout)
+    def _wait(self, events: int, deadline: float) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._sock, events)
+            if not selector.select(max(0.0, deadline - time.perf_counter())):
+                raise no_reply(self._reply_timeout)
 
     @property
     def closed(self) -> bool:
