@@ -56,6 +56,7 @@ def shutdown(timeout: float = 5.0) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await loop.shutdown_asyncgens()  # as asyncio.run() does (the Redis driver closes its connections there)
         await asyncio.sleep(0)  # transports closed by those tasks close their sockets next turn
         loop.stop()
 

@@ -3,6 +3,8 @@ Redis and on a Redis Cluster is the conformance suite's.)"""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import signal
 import subprocess
 import time
@@ -96,6 +98,22 @@ def test_rediss_url_runs_jobs_over_tls(certificates: Path) -> None:
     finally:
         qm.close()
         server.stop()
+
+
+def test_each_asyncio_run_closes_the_connections_it_opened(redis_server: RedisServer) -> None:
+    """A script (or a test suite) that calls asyncio.run() again and again with one manager:
+    each run's loop gets its own connection, which must close with that loop, not pile up."""
+    qm = QueueManager(Config(driver="redis", connection=redis_server.url(), key_prefix="runs:"))
+    try:
+        with redis.Redis(port=redis_server.port) as outside:
+            before = len(outside.client_list())
+            for n in range(5):
+                asyncio.run(qm.adispatch("q", jobs.Note(f"run-{n}")))
+            gc.collect()  # an unclosed transport would warn here, which the suite makes an error
+            assert len(outside.client_list()) == before
+        assert qm.size("q") == 5
+    finally:
+        qm.close()
 
 
 def test_acl_user_in_the_url_and_the_database_number() -> None:

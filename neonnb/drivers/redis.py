@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -64,6 +64,9 @@ class RedisDriver(Driver):
         # Connections belong to the loop that made them: one client per loop, so a call from
         # the caller's loop goes straight to Redis instead of hopping threads.
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, resp.Client] = weakref.WeakKeyDictionary()
+        self._closers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncIterator[None]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._registered: set[str] = set()  # queues this process has added to P.."queues"
         self._watcher: concurrent.futures.Future[None] | None = None
         # Each thread's own blocking client (enqueue_blocking); closed with the thread, or by close().
@@ -72,17 +75,22 @@ class RedisDriver(Driver):
 
     # --- plumbing ---------------------------------------------------------------------
 
-    def _client(self) -> resp.Client:
+    async def _client(self) -> resp.Client:
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
             client = self._clients[loop] = resp.Client(self.settings)
+            # Closed with the loop: asyncio.run() (and pytest-asyncio) finalize a loop's async
+            # generators before closing it, while it still runs. Without this every
+            # asyncio.run() of a script left its connection open until the manager closed.
+            closer = self._closers[loop] = _close_at_loop_end(client)
+            await anext(closer)
         return client
 
     async def _reach(self, work: Callable[[resp.Client], Awaitable[T]]) -> T:
         """``work(client)``, with a lost connection reported as StoreUnavailable."""
         try:
-            return await work(self._client())
+            return await work(await self._client())
         except (ConnectionError, OSError) as exc:
             raise self._unreachable(exc) from exc
 
@@ -409,6 +417,13 @@ class _Waiter(Waiter):
     def close(self) -> None:
         if self.connection is not None:
             self.connection.close()
+
+
+async def _close_at_loop_end(client: resp.Client) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        client.close()
 
 
 def _popped(reply: list[str] | None) -> list[str]:
