@@ -78,7 +78,7 @@ class RedisDriver(Driver):
     async def _client(self) -> resp.Client:
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
-        if client is None:
+        if client is None or client.closed:
             client = self._clients[loop] = resp.Client(self.settings)
             # Closed with the loop: asyncio.run() (and pytest-asyncio) finalize a loop's async
             # generators before closing it, while it still runs. Without this every

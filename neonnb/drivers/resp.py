@@ -299,8 +299,8 @@ class BlockingConnection:
         and again instead of sleeping: a reply from a Redis on this machine is often back in
         tens of µs, sooner than a sleeping thread is woken for it (on this project's 2-core
         VM a PING took 27 µs spinning, 80 µs sleeping). It spins only while the last reply
-        came within that time (so not for a Redis across a slow network) and only where the
-        process has a second core (where spinning would take the core Redis needs)."""
+        came within that time (so not for a Redis across a slow network), and only where the
+        process has a second core (on one, spinning would hold the core Redis needs)."""
         spin_until = sent + _SPIN if self._last_wait < _SPIN else 0.0
         while True:
             try:
