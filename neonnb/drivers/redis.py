@@ -64,6 +64,7 @@ class RedisDriver(Driver):
         # Connections belong to the loop that made them: one client per loop, so a call from
         # the caller's loop goes straight to Redis instead of hopping threads.
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, resp.Client] = weakref.WeakKeyDictionary()
+        # Held here: a loop keeps its async generators only weakly.
         self._closers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncIterator[None]] = (
             weakref.WeakKeyDictionary()
         )
@@ -374,7 +375,7 @@ class RedisDriver(Driver):
                 client.close()
             elif loop.is_running():  # another thread's loop: close there, without waiting on it
                 loop.call_soon_threadsafe(client.close)
-            # a loop that has ended took its connections with it
+            # a loop that has ended closed them at its end (see _client), or left them to the collector
         for blocking in list(self._blocking):
             blocking.close()
 
