@@ -62,12 +62,11 @@ class RedisDriver(Driver):
         self.channel = f"{prefix}wake"
         self.settings = resp.Settings.from_url(url, password=password, database=database)
         # Connections belong to the loop that made them: one client per loop, so a call from
-        # the caller's loop goes straight to Redis instead of hopping threads.
-        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, resp.Client] = weakref.WeakKeyDictionary()
-        # Held here: a loop keeps its async generators only weakly.
-        self._closers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncIterator[None]] = (
-            weakref.WeakKeyDictionary()
-        )
+        # the caller's loop goes straight to Redis instead of hopping threads. Beside each
+        # client, what closes it at the loop's end (held here: a loop holds it only weakly).
+        self._clients: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[resp.Client, AsyncIterator[None]]
+        ] = weakref.WeakKeyDictionary()
         self._registered: set[str] = set()  # queues this process has added to P.."queues"
         self._watcher: concurrent.futures.Future[None] | None = None
         # Each thread's own blocking client (enqueue_blocking); closed with the thread, or by close().
@@ -78,14 +77,16 @@ class RedisDriver(Driver):
 
     async def _client(self) -> resp.Client:
         loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None or client.closed:
-            client = self._clients[loop] = resp.Client(self.settings)
-            # Closed with the loop: asyncio.run() (and pytest-asyncio) finalize a loop's async
-            # generators before closing it, while it still runs. Without this every
-            # asyncio.run() of a script left its connection open until the manager closed.
-            closer = self._closers[loop] = _close_at_loop_end(client)
-            await anext(closer)
+        known = self._clients.get(loop)
+        if known is not None and not known[0].closed:
+            return known[0]
+        client = resp.Client(self.settings)
+        # Closed with the loop: asyncio.run() (and pytest-asyncio) finalize a loop's async
+        # generators before closing it, while it still runs. Without this every asyncio.run()
+        # of a script left its connection open until the manager closed.
+        closer = _close_at_loop_end(client)
+        self._clients[loop] = (client, closer)
+        await anext(closer)
         return client
 
     async def _reach(self, work: Callable[[resp.Client], Awaitable[T]]) -> T:
@@ -369,8 +370,7 @@ class RedisDriver(Driver):
             self._watcher.cancel()
             self._watcher = None
         here = asyncio.get_running_loop()
-        clients, self._clients = list(self._clients.items()), weakref.WeakKeyDictionary()
-        for loop, client in clients:
+        for loop, (client, _) in list(self._clients.items()):  # closed clients are replaced on use
             if loop is here:
                 client.close()
             elif loop.is_running():  # another thread's loop: close there, without waiting on it

