@@ -94,7 +94,6 @@ def _pipeline(qm: QueueManager, jobs: int, url: str, out: Any) -> int:
     worker.stop(grace=5)
     elapsed = time.monotonic() - start
 
-    qm.stats()[QUEUE]
     failed = qm.failed.list()
     print("\nsummary", file=out)
     print(f"  loaded     {len(ok_days)} of {len(handles)} partitions in {elapsed:.1f}s "
@@ -116,14 +115,14 @@ def _follow(qm: QueueManager, total: int, out: Any) -> None:
     last = ""
     while True:
         c = qm.stats()[QUEUE]
-        done = c.succeeded + c.failed
-        bar = "#" * (20 * done // total) + "." * (20 - 20 * done // total)
-        line = (f"[{bar}] {done}/{total} done · {c.running} running · {sum(c.waiting.values())} waiting"
+        finished = c.succeeded + c.failed
+        bar = "#" * (20 * finished // total) + "." * (20 - 20 * finished // total)
+        line = (f"[{bar}] {finished}/{total} finished · {c.running} running · {sum(c.waiting.values())} waiting"
                 f" · {c.delayed} waiting to retry · {c.failed} failed")
         if line != last:
             print(("\r" + line) if tty else line, end="" if tty else "\n", file=out, flush=True)
             last = line
-        if done >= total:
+        if finished >= total:
             break
         time.sleep(0.1)
     if tty:

@@ -22,7 +22,7 @@ def test_demo_runs_the_pipeline_and_prints_a_summary() -> None:
     run = neonnb("demo")
     assert run.returncode == 0, run.stderr
     out = run.stdout
-    assert "[####################] 24/24 done" in out
+    assert "[####################] 24/24 finished" in out
     assert "loaded     23 of 24 partitions" in out
     assert "retried    3 time(s): source database timed out" in out
     assert "failed     1 job(s) in the failed store" in out
