@@ -21,10 +21,13 @@ from typing import Any
 from .errors import PayloadError, SerializationError
 
 _PRIMITIVES = (str, int, float, bool, type(None))
+_EXACT_PRIMITIVES = frozenset(_PRIMITIVES)  # most values are one of these exactly: checked first
 
 
 def encode(value: Any, path: str) -> Any:
     """Plain JSON data for ``value``; raises SerializationError naming ``path``."""
+    if type(value) in _EXACT_PRIMITIVES:
+        return value
     if isinstance(value, enum.Enum):
         return encode(value.value, path)
     if isinstance(value, _PRIMITIVES):
@@ -36,7 +39,7 @@ def encode(value: Any, path: str) -> Any:
     if isinstance(value, Decimal | uuid.UUID):
         return str(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: encode(getattr(value, f.name), f"{path}.{f.name}") for f in dataclasses.fields(value)}
+        return encode_fields(value, path)
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
@@ -54,6 +57,17 @@ def encode(value: Any, path: str) -> Any:
     )
 
 
+def encode_fields(value: Any, path: str) -> dict[str, Any]:
+    """A dataclass instance as a JSON object of its fields, each encoded."""
+    cls: type = type(value)
+    return {name: encode(getattr(value, name), f"{path}.{name}") for name in _field_names(cls)}
+
+
+@functools.lru_cache(maxsize=1024)
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
 dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 """Compact JSON text; NaN and infinities are refused (other languages can't read them)."""
 
@@ -69,6 +83,8 @@ def decode(data: Any, hint: Any, path: str) -> Any:
 
 
 def _decode(data: Any, hint: Any, path: str) -> Any:
+    if type(data) is hint and hint in _EXACT_PRIMITIVES:  # the common case, before the general checks
+        return data
     if hint is Any or hint is typing.Any or hint is object:
         return data
     origin = typing.get_origin(hint)

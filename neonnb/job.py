@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .codec import decode, decode_fields, dumps, encode
+from .codec import decode, decode_fields, dumps, encode, encode_fields
 from .errors import MissingDependency, PayloadError, UnknownJobError
 
 if TYPE_CHECKING:
@@ -164,7 +164,7 @@ def encode_job(job: Any) -> tuple[str, str]:
             f"can't dispatch {job!r}: expected a neonnb Job instance or a call made with "
             "my_function.call(...)/dispatch(...) on a @qm.job function"
         )
-    return job.job_name, dumps(encode(job, type(job).__qualname__))
+    return job.job_name, dumps(encode_fields(job, type(job).__qualname__))
 
 
 class FunctionJob(JobType):
