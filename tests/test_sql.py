@@ -3,9 +3,13 @@ PostgreSQL, data_version on SQLite), sharing an Engine, a schema that is already
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -56,33 +60,71 @@ def test_engine_connection_table_name_and_existing_schema(postgres_server: Postg
     engine.dispose()
 
 
-def test_sqlite_writers_of_one_process_take_turns_so_a_waiting_dispatch_can_be_interrupted(tmp_path: Path) -> None:
+# Another driver's write transaction, as a worker's, held until released.
+HOLD_A_WRITE = """
+import select, sys
+from neonnb import Config, QueueManager
+qm = QueueManager(Config(connection=sys.argv[1]))
+def hold(conn):
+    print("holding", flush=True)
+    select.select([sys.stdin], [], [], 10)  # until released, at most 10 s
+    open(sys.argv[2], "w").close()  # says it is letting go
+qm.driver._call(hold, False, True)
+qm.close()
+"""
+
+
+@contextlib.contextmanager
+def holding_a_write(url: str, in_this_process: bool, tmp_path: Path) -> Iterator[Callable[[], bool]]:
+    """Another driver on ``url`` holds a write transaction (in a thread of this process, or
+    in another process) until the block ends, at most 10 s; yields whether it still holds it."""
+    if in_this_process:
+        other, holding, release = QueueManager(Config(connection=url)), threading.Event(), threading.Event()
+
+        def hold(conn: object) -> None:
+            holding.set()
+            release.wait(10)
+
+        writer = threading.Thread(target=other.driver._call, args=(hold, False, True))  # type: ignore[attr-defined]
+        writer.start()
+        try:
+            assert holding.wait(10)
+            yield writer.is_alive
+        finally:
+            release.set()
+            writer.join(10)
+            other.close()
+    else:
+        let_go = tmp_path / "let-go"
+        process = subprocess.Popen([sys.executable, "-c", HOLD_A_WRITE, url, str(let_go)],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert process.stdout is not None and process.stdout.readline().strip() == "holding"
+            yield lambda: not let_go.exists()
+        finally:
+            process.communicate("done\n", timeout=10)
+
+
+@pytest.mark.parametrize("writer_in", ["this process", "another process"])
+def test_sqlite_writers_take_turns_so_a_waiting_dispatch_can_be_interrupted(tmp_path: Path, writer_in: str) -> None:
     # Waiting in SQLite's busy handler, a dispatch from a cell could not be interrupted (and
-    # slept in steps up to 100 ms); waiting for its turn on a lock, it can.
+    # slept in steps up to 100 ms); waiting for its turn (a lock between threads, an flock
+    # between processes), it can.
     url = f"sqlite:///{tmp_path / 'jobs.db'}"
-    qm, worker_side = QueueManager(Config(connection=url)), QueueManager(Config(connection=url))
+    qm = QueueManager(Config(connection=url))
     qm.size("q")
-    holding, release = threading.Event(), threading.Event()
-
-    def long_write(conn: object) -> None:  # a transaction of the other driver, as a worker's
-        holding.set()
-        release.wait(10)
-
-    writer = threading.Thread(target=worker_side.driver._call, args=(long_write, False, True))  # type: ignore[attr-defined]
-    writer.start()
     # Python's own SIGINT handler, whatever an earlier test in this process installed.
     previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        assert holding.wait(10)
-        # A real SIGINT to the main thread, as the notebook's Interrupt button sends.
-        threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
-        with pytest.raises(KeyboardInterrupt):
-            qm.dispatch("q", jobs.Note("never stored"))
-        assert writer.is_alive(), "the dispatch was interrupted only once the other write had ended"
+        with holding_a_write(url, writer_in == "this process", tmp_path) as still_holding:
+            # A real SIGINT to the main thread, as the notebook's Interrupt button sends.
+            threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
+            with pytest.raises(KeyboardInterrupt):
+                qm.dispatch("q", jobs.Note("never stored"))
+            assert still_holding(), "the dispatch was interrupted only once the other write had ended"
     finally:
         signal.signal(signal.SIGINT, previous_handler)
-        release.set()
-        writer.join(10)
     assert qm.size("q") == 0
+    qm.dispatch("q", jobs.Note("stored"))  # the turns were given back
+    assert qm.size("q") == 1
     qm.close()
-    worker_side.close()

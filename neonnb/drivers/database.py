@@ -15,10 +15,15 @@ import asyncio
 import contextlib
 import json
 import os
+import sys
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
+
+if sys.platform != "win32":
+    import fcntl
 
 from sqlalchemy import (
     Connection,
@@ -79,15 +84,46 @@ def _sqlite_engine(url: str) -> Engine:
     return engine
 
 
-_file_locks: dict[str, threading.Lock] = {}
-_file_locks_guard = threading.Lock()
+class _WriterTurns:
+    """Writers to one SQLite file take turns: this process's threads on a lock, processes on
+    an flock of a file beside the database (not on Windows). Both wake the next writer the
+    moment the last one is done, and the Interrupt button can break the wait; SQLite's own
+    busy handler sleeps in steps of 1 to 100 ms."""
+
+    def __init__(self, database: str) -> None:
+        self._threads = threading.Lock()
+        self._path = f"{database}-neonnb-lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> None:
+        self._threads.acquire()
+        if sys.platform == "win32":
+            return
+        try:
+            if self._fd is None:
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+                weakref.finalize(self, os.close, self._fd)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._threads.release()
+            raise
+
+    def __exit__(self, *_exc: object) -> None:
+        if sys.platform != "win32" and self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._threads.release()
 
 
-def _file_lock(database: str | None) -> threading.Lock:
-    """One lock per SQLite file in this process, shared by every driver on it."""
-    key = os.path.realpath(database or "")
-    with _file_locks_guard:
-        return _file_locks.setdefault(key, threading.Lock())
+# Held by the drivers: once none is left on a file, its turns and lock file descriptor go.
+_writer_turns: weakref.WeakValueDictionary[str, _WriterTurns] = weakref.WeakValueDictionary()
+_writer_turns_guard = threading.Lock()
+
+
+def _turns_for(database: str | None) -> _WriterTurns:
+    """One set of turns per SQLite file in this process, shared by every driver on it."""
+    path = os.path.realpath(database or "")
+    with _writer_turns_guard:
+        return _writer_turns.setdefault(path, _WriterTurns(path))
 
 
 # The DBAPI each database gets when the URL names none, and the extra that installs it.
@@ -151,10 +187,13 @@ class DatabaseDriver(Driver):
         # SQLite serialises writers anyway; one thread avoids busy-waiting on its lock.
         self._executor = ThreadPoolExecutor(max_workers=1 if dialect == "sqlite" else 8, thread_name_prefix="neonnb-db")
         # Every SQLite transaction takes the write lock (BEGIN IMMEDIATE), and a sync dispatch
-        # writes from its own thread: this process's writers take turns on a Python lock, which
-        # the Interrupt button can break, not in SQLite's busy handler, which sleeps in steps of
-        # 1 to 100 ms (a dispatch loop beside a draining worker: longest dispatch 79 -> 14-21 ms).
-        self._turns = _file_lock(self.engine.url.database) if dialect == "sqlite" else contextlib.nullcontext()
+        # writes from its own thread: writers take turns before they ask SQLite for the lock
+        # (a dispatch loop beside a draining worker in this process: longest dispatch 79 ->
+        # 14-21 ms; beside one in another process, benchmarks/sqlite_two_processes.py: p50
+        # 1.5 -> 0.6 ms, p99 9.2 -> 3.9 ms, over 5 ms 123-152 -> 9 of 2,000).
+        self._turns: contextlib.AbstractContextManager[None] = (
+            _turns_for(self.engine.url.database) if dialect == "sqlite" else contextlib.nullcontext()
+        )
         self._schema_ready = False
         self._schema_lock = threading.Lock()
         # LISTEN/NOTIFY needs psycopg 3's notifies(); other PostgreSQL DBAPIs poll.
