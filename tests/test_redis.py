@@ -4,6 +4,7 @@ Redis and on a Redis Cluster is the conformance suite's.)"""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gc
 import signal
 import subprocess
@@ -57,6 +58,81 @@ def test_cluster_spreads_queues_over_the_nodes_and_promotes_delayed_jobs(
         assert later.result(timeout=1) == "later"
     finally:
         qm.close()
+
+
+class SlotMove:
+    """Moves a queue's slot to another node of the cluster by hand, as `redis-cli --cluster
+    reshard` does: both nodes mark the slot, the keys go over, every node learns the owner."""
+
+    def __init__(self, cluster: RedisClusterServer, queue: str) -> None:
+        self.clients = {node.port: redis.Redis(port=node.port) for node in cluster.nodes}
+        self.slot = resp.key_slot("{" + queue + "}")
+        any_node = next(iter(self.clients.values()))
+        [(self.source, self.source_id)] = [(int(s[2][1]), s[2][2].decode()) for s in
+                                           any_node.execute_command("CLUSTER", "SLOTS") if s[0] <= self.slot <= s[1]]
+        self.target = next(port for port in self.clients if port != self.source)
+        self.target_id = self.clients[self.target].execute_command("CLUSTER", "MYID").decode()
+
+    def begin(self) -> None:
+        self.clients[self.target].execute_command("CLUSTER", "SETSLOT", self.slot, "IMPORTING", self.source_id)
+        self.clients[self.source].execute_command("CLUSTER", "SETSLOT", self.slot, "MIGRATING", self.target_id)
+
+    def finish(self) -> None:
+        keys = self.clients[self.source].execute_command("CLUSTER", "GETKEYSINSLOT", self.slot, 100_000)
+        if keys:
+            self.clients[self.source].execute_command("MIGRATE", "127.0.0.1", self.target, "", 0, 5000, "KEYS", *keys)
+        for client in self.clients.values():
+            client.execute_command("CLUSTER", "SETSLOT", self.slot, "NODE", self.target_id)
+
+    def cancel(self) -> None:
+        for port in (self.source, self.target):
+            self.clients[port].execute_command("CLUSTER", "SETSLOT", self.slot, "STABLE")
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
+
+
+def test_a_queue_whose_slot_moves_to_another_node_loses_nothing(redis_cluster_server: RedisClusterServer) -> None:
+    # While the slot moves its keys answer ASK: the driver waits for the move to end.
+    qm = QueueManager(Config(driver="redis", connection=redis_cluster_server.url(), key_prefix="move:"))
+    move = SlotMove(redis_cluster_server, "moving")
+    worker = qm.worker("moving", 2).start()
+    try:
+        assert qm.dispatch("moving", jobs.Note("before")).result(timeout=10) == "before"
+        delayed = qm.dispatch_after("moving", jobs.Note("delayed"), 1)
+        move.begin()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            during = pool.submit(qm.dispatch, "moving", jobs.Note("during"))
+            time.sleep(0.5)
+            assert not during.done(), f"the dispatch did not wait for the move: {during.exception()}"
+            move.finish()
+            assert during.result(timeout=15).result(timeout=15) == "during"
+        assert delayed.result(timeout=15) == "delayed"
+        assert qm.dispatch("moving", jobs.Note("after")).result(timeout=10) == "after"
+        clients = move.clients
+        assert clients[move.target].keys("move:{moving}:job:*") and not clients[move.source].keys("move:{moving}:*")
+    finally:
+        worker.stop()
+        qm.close()
+        move.close()
+
+
+def test_a_dispatch_waits_for_a_slot_move_no_longer_than_the_reply_timeout(
+    redis_cluster_server: RedisClusterServer,
+) -> None:
+    qm = QueueManager(Config(driver="redis", connection=f"{redis_cluster_server.url()}?socket_timeout=1",
+                             key_prefix="stuck:"))
+    move = SlotMove(redis_cluster_server, "stuck")
+    move.begin()
+    try:
+        with pytest.raises(StoreUnavailable, match="moving the slot of these keys to another node for over 1s"):
+            qm.dispatch("stuck", jobs.Note("never stored"))
+    finally:
+        move.cancel()
+        move.close()
+    assert qm.size("stuck") == 0
+    qm.close()
 
 
 @pytest.fixture(scope="module")

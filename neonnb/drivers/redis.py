@@ -409,7 +409,12 @@ class _Waiter(Waiter):
             woken.cancel()
             # No more hand-overs; what came meanwhile; the "" this leaves ends the pop.
             handed = await self.driver._script("unidle", self.queues, [member, self.worker_id])
-            await self.driver._reach(lambda _: popping)
+            try:
+                await self.driver._reach(lambda _: popping)
+            except resp.ReplyError:
+                # ASK or MOVED: the inbox's slot is moving or has moved to another node. The
+                # next wait connects to its owner then (its idle script waits out a move).
+                self.connection.close()
         start(self._records(handed))
 
     def _records(self, jobs: list[str]) -> list[JobRecord]:

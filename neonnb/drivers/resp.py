@@ -54,6 +54,10 @@ class NoReply(ConnectionError):
     would only double the wait."""
 
 
+class SlotMoving(ConnectionError):
+    """A Redis Cluster slot took longer than the reply timeout to move to another node."""
+
+
 def no_reply(timeout: float) -> NoReply:
     return NoReply(f"Redis sent no reply within {timeout:g}s")
 
@@ -414,20 +418,34 @@ class Client:
     async def pipeline(self, commands: Sequence[Command], key: str | None = None) -> list[Any]:
         """Run commands, pipelined: on a cluster each goes to the node of its first key
         (``key``, or the command's own first argument after its name)."""
-        for attempt in range(_RETRIES + 1):
+        attempt, moving_since = 0, None
+        while True:
             try:
                 return await self._send(commands, key)
             except ReplyError as exc:
-                # MOVED: the slot has a new owner, the map says which. (ASK, mid-migration,
-                # would need ASKING on the target node; it is raised as it comes.)
-                if not str(exc).startswith("MOVED") or attempt == _RETRIES:
+                code = str(exc).split(" ", 1)[0]
+                if code == "MOVED" and attempt < _RETRIES:  # the slot has a new owner: the map says which
+                    self._slots = []
+                    attempt += 1
+                elif code in ("ASK", "TRYAGAIN"):
+                    # The slot is moving to another node (resharding). A script names only
+                    # its queue's base key and finds the others as it goes, so it can't run
+                    # on either node while the keys are split between them (on the new one,
+                    # after ASKING, it would see half a queue): wait for the move to end,
+                    # as long as for a reply; MOVED then names the new owner.
+                    now = time.monotonic()
+                    moving_since = moving_since or now
+                    if now - moving_since > self.settings.reply_timeout:
+                        raise SlotMoving(f"Redis Cluster has been moving the slot of these keys to another node "
+                                         f"for over {self.settings.reply_timeout:g}s ({exc})") from exc
+                    await asyncio.sleep(0.05)
+                else:
                     raise
-                self._slots = []
             except ConnectionLost:
                 if attempt == _RETRIES:
                     raise
                 await asyncio.sleep(0.05 * 2**attempt)
-        raise AssertionError("unreachable")
+                attempt += 1
 
     async def _send(self, commands: Sequence[Command], key: str | None) -> list[Any]:
         cluster = await self.is_cluster()
