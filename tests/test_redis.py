@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import gc
+import logging
 import signal
 import subprocess
 import time
@@ -226,6 +227,24 @@ def test_password_and_database_config_fields() -> None:
         with redis.Redis(port=server.port, password="hunter2", db=5) as client:
             assert client.keys("neonnb:{q}:job:*")
     finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("policy", ["noeviction", "allkeys-lru"])
+def test_a_redis_that_may_evict_jobs_is_warned_about(policy: str, caplog: pytest.LogCaptureFixture) -> None:
+    server = RedisServer("--maxmemory-policy", policy)
+    qm = QueueManager(Config(driver="redis", connection=server.url()))
+    try:
+        with caplog.at_level(logging.WARNING, logger="neonnb.drivers.redis"):
+            qm.dispatch("q", jobs.Note("first"))
+            qm.dispatch("other", jobs.Note("second"))
+        warnings = [r.getMessage() for r in caplog.records if "maxmemory-policy" in r.getMessage()]
+        if policy == "noeviction":
+            assert warnings == []
+        else:
+            assert len(warnings) == 1 and "maxmemory-policy allkeys-lru" in warnings[0]
+    finally:
+        qm.close()
         server.stop()
 
 

@@ -187,9 +187,27 @@ class RedisDriver(Driver):
         by_queue = _enqueue_args(records)
         new = by_queue.keys() - self._registered
         if new:
+            if not self._registered:
+                await self._reach(self._warn_if_evicting)
             await self._reach(lambda client: client.execute("SADD", f"{self.prefix}queues", *new))
             self._registered |= new
         return await self._per_queue("enqueue", by_queue, lambda q: [self.channel, q, mode])
+
+    async def _warn_if_evicting(self, client: resp.Client) -> None:
+        """Once, before this process's first dispatch: a Redis that evicts any key when it
+        runs out of memory (maxmemory-policy allkeys-*) may drop queued jobs without a trace."""
+        try:
+            info = str(await client.execute("INFO", "memory"))
+        except resp.ReplyError:
+            return  # INFO not allowed to this ACL user: nothing to say
+        policy = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                       if line.startswith("maxmemory_policy:")), "")
+        if policy.startswith("allkeys"):
+            logger.warning(
+                "Redis at %s may evict queued jobs when it runs out of memory (maxmemory-policy %s); "
+                "set maxmemory-policy noeviction (or a volatile-* policy) for a queue",
+                self.url.split("@")[-1], policy,
+            )
 
     async def reserve(
         self, queues: Sequence[str], limit: int, worker_id: str, now: float, lease_expires: float
