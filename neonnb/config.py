@@ -54,6 +54,13 @@ def _positive_int(value: Any, name: str, allow_zero: bool = False) -> int:
     return value
 
 
+_OTHER_DRIVERS = {"memory": "memory", "redis": "redis", "rediss": "redis"}  # URL scheme -> driver
+
+
+def _scheme(url: str) -> str:
+    return url.partition("://")[0].split("+")[0].lower()
+
+
 @dataclass
 class Config:
     """Queue configuration; every field of the spec's ``queue.Config`` plus leases and backoff.
@@ -87,6 +94,12 @@ class Config:
             raise ConfigError(f"Config.driver must be one of {', '.join(DRIVERS)}, got {self.driver!r}")
         if self.connection is None and self.driver == "database":
             self.connection = DEFAULT_DATABASE_URL
+        scheme = _scheme(self.connection) if isinstance(self.connection, str) else None
+        if self.driver == "database" and scheme in _OTHER_DRIVERS:
+            raise ConfigError(
+                f"Config.connection is a {scheme}:// URL, for the {_OTHER_DRIVERS[scheme]} driver, but "
+                f"Config.driver is 'database': pass driver={_OTHER_DRIVERS[scheme]!r}, or use Config.for_url(url)"
+            )
         if not isinstance(self.default_queue, str) or not self.default_queue:
             raise ConfigError(f"Config.default_queue must be a non-empty string, got {self.default_queue!r}")
         if not isinstance(self.key_prefix, str) or not self.key_prefix or any(c.isspace() for c in self.key_prefix):
@@ -117,8 +130,7 @@ class Config:
                 f"can't connect to {url!r}: give a URL such as sqlite:///jobs.db, "
                 "postgresql://host/db, redis://host:6379/0 or memory://, or a .yaml config file"
             )
-        scheme = url.partition("://")[0].split("+")[0].lower()
-        driver = {"memory": "memory", "redis": "redis", "rediss": "redis"}.get(scheme, "database")
+        driver = _OTHER_DRIVERS.get(_scheme(url), "database")
         return cls(driver=driver, connection=None if driver == "memory" else url, **settings)
 
     @classmethod

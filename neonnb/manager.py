@@ -141,7 +141,8 @@ class QueueManager:
     ) -> Worker:
         """A worker for one queue or several (in order of preference after priority)."""
         queues = [queue] if isinstance(queue, str) else list(queue or [self.config.default_queue])
-        return Worker(self, queues, concurrency or self.config.workers, options or WorkerOptions())
+        concurrency = self.config.workers if concurrency is None else concurrency
+        return Worker(self, queues, concurrency, options or WorkerOptions())
 
     # --- dispatching --------------------------------------------------------------------
 

@@ -28,6 +28,10 @@ def test_durations_accept_numbers_strings_and_timedeltas() -> None:
         ("retry_delay", "soon", "Config.retry_delay must be a duration"),
         ("table_name", "jobs; drop table x", "Config.table_name must be a SQL identifier"),
         ("poll_interval", 0, "Config.poll_interval and Config.lease_timeout must be greater than 0"),
+        ("connection", "redis://user:secret@host/0",
+         "Config.connection is a redis:// URL, for the redis driver, but Config.driver is 'database': "
+         "pass driver='redis', or use Config.for_url(url)"),
+        ("connection", "memory://", "for the memory driver, but Config.driver is 'database'"),
     ],
 )
 def test_invalid_values_name_the_field(field: str, value: object, message: str) -> None:
@@ -70,6 +74,15 @@ def test_connect_picks_the_driver_from_the_url(tmp_path: Path) -> None:
         neonnb.connect("jobs.db")
     with pytest.raises(ConfigError, match="in-memory SQLite database can't be shared"):
         neonnb.connect("sqlite://")
+    with pytest.raises(ConfigError, match="SQLAlchemy knows no database 'foo'; the database driver takes sqlite:///"):
+        neonnb.connect("foo://bar/db")
+
+
+def test_a_worker_of_no_concurrency_is_refused() -> None:
+    with neonnb.connect("memory://") as qm:
+        assert qm.worker("q").concurrency == qm.config.workers
+        with pytest.raises(ValueError, match="worker concurrency must be an integer of at least 1, got 0"):
+            qm.worker("q", 0)
 
 
 def test_worker_options_fall_back_to_config_and_validate() -> None:

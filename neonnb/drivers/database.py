@@ -40,7 +40,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import DBAPIError, IntegrityError, NoSuchModuleError, OperationalError, ProgrammingError
 
 from ..errors import ConfigError
 from ..job import JobRecord, Priority, Status
@@ -145,6 +145,11 @@ def _engine_for(connection: str) -> Engine:
         url = url.set(drivername=f"{backend}+{dbapi}")
     try:
         return create_engine(url, pool_size=10, max_overflow=10)
+    except NoSuchModuleError:
+        raise ConfigError(
+            f"Config.connection {url.drivername}://: SQLAlchemy knows no database {backend!r}; the database "
+            "driver takes sqlite:///jobs.db, postgresql://host/db or mysql://host/db"
+        ) from None
     except ModuleNotFoundError as exc:
         hint = f"pip install 'neonnb[{extra}]'" if extra else f"install the DBAPI module {exc.name}"
         raise ConfigError(f"Config.connection {url.drivername}:// needs {exc.name}: {hint}") from None
