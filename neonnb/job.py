@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .codec import decode, decode_fields, dumps, encode, encode_fields
-from .errors import MissingDependency, PayloadError, UnknownJobError
+from .errors import MissingDependency, PayloadError, SerializationError, UnknownJobError
 
 if TYPE_CHECKING:
     from .handles import JobHandle
@@ -164,7 +164,18 @@ def encode_job(job: Any) -> tuple[str, str]:
             f"can't dispatch {job!r}: expected a neonnb Job instance or a call made with "
             "my_function.call(...)/dispatch(...) on a @qm.job function"
         )
-    return job.job_name, dumps(encode_fields(job, type(job).__qualname__))
+    data = encode_fields(job, type(job).__qualname__)
+    _check_decodes(lambda: decode_fields(data, type(job), job.job_name))
+    return job.job_name, dumps(data)
+
+
+def _check_decodes(decode: Callable[[], Any]) -> None:
+    """Decode what was just encoded, as the worker will: an argument that doesn't fit its
+    declared type fails the dispatch, instead of the job once a worker takes it."""
+    try:
+        decode()
+    except PayloadError as exc:
+        raise SerializationError(f"can't dispatch: {exc}") from None
 
 
 class FunctionJob(JobType):
@@ -218,6 +229,7 @@ class FunctionJob(JobType):
         except TypeError as exc:
             raise TypeError(f"{self.name}: {exc}") from None
         arguments = {k: encode(v, f"{self.name}({k}=...)") for k, v in bound.arguments.items()}
+        _check_decodes(lambda: self._decode_arguments(arguments))
         return FunctionCall(self, arguments)
 
     def dispatch(self, *args: Any, **kwargs: Any) -> JobHandle:
@@ -237,7 +249,9 @@ class FunctionJob(JobType):
         return typing.get_type_hints(self.fn)
 
     def decode(self, payload: str) -> FunctionCall:
-        data = _loads(payload, self.name)
+        return FunctionCall(self, self._decode_arguments(_loads(payload, self.name)), decoded=True)
+
+    def _decode_arguments(self, data: Any) -> dict[str, Any]:
         if not isinstance(data, dict):
             raise PayloadError(f"{self.name}: expected a JSON object of arguments, got {data!r}")
         hints = self._hints()
@@ -257,7 +271,7 @@ class FunctionJob(JobType):
             elif param.kind is param.VAR_KEYWORD:
                 hint = dict[str, hint]  # type: ignore[valid-type]
             arguments[name] = decode(data[name], hint, f"{self.name}({name}=...)")
-        return FunctionCall(self, arguments, decoded=True)
+        return arguments
 
 
 class FunctionCall:

@@ -32,6 +32,25 @@ def test_unserialisable_field_is_refused_and_nothing_is_enqueued(make_manager: M
     assert qm.stats() == {}
 
 
+def test_an_argument_of_the_wrong_type_fails_the_dispatch_not_the_job(make_manager: MakeManager) -> None:
+    qm = make_manager()
+
+    @qm.job(queue="q")
+    def double(n: int, scale: float = 1.0) -> float:
+        return 2 * n * scale
+
+    with pytest.raises(SerializationError, match=r"can't dispatch: tests\.jobs\.Note\.tag: expected str, got int 7"):
+        qm.dispatch("q", jobs.Note(7))  # type: ignore[arg-type]
+    with pytest.raises(SerializationError, match=r"double\(n=\.\.\.\): expected int, got 'three'"):
+        double.dispatch("three")
+    with pytest.raises(SerializationError, match=r"Note\.tag"):
+        qm.dispatch_batch("q", [jobs.Note("fine"), jobs.Note(None)])  # type: ignore[arg-type]
+    assert qm.stats() == {}
+    handle = double.dispatch(3, scale=2)  # an int where a float goes fits
+    qm.worker("q", 1).run_once()
+    assert handle.result(timeout=10) == 12.0
+
+
 def _store_raw(qm: QueueManager, name: str, payload: str) -> str:
     record = JobRecord(id=f"raw-{name}-{len(payload)}", queue="q", name=name, payload=payload, run_at=qm.clock(),
                        created_at=qm.clock())
