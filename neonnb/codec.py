@@ -60,12 +60,7 @@ def encode(value: Any, path: str) -> Any:
 def encode_fields(value: Any, path: str) -> dict[str, Any]:
     """A dataclass instance as a JSON object of its fields, each encoded."""
     cls: type = type(value)
-    return {name: encode(getattr(value, name), f"{path}.{name}") for name in _field_names(cls)}
-
-
-@functools.lru_cache(maxsize=1024)
-def _field_names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
+    return {name: encode(getattr(value, name), f"{path}.{name}") for name in _fields_of(cls)}
 
 
 dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
@@ -175,11 +170,13 @@ def decode_fields(data: Any, cls: type, path: str) -> Any:
 @functools.lru_cache(maxsize=1024)
 def _fields_of(cls: type) -> dict[str, tuple[Any, bool]]:
     """Each field's resolved type and whether it is required: resolving string annotations
-    is the slow part of decoding, so it happens once per class."""
+    is the slow part of decoding, so it happens once per class. Fields with ``init=False``
+    are left out: the class computes them (in ``__post_init__``), its constructor refuses them."""
     hints = typing.get_type_hints(cls)
     return {
         f.name: (hints.get(f.name, Any), f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
         for f in dataclasses.fields(cls)
+        if f.init
     }
 
 

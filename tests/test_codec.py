@@ -56,6 +56,21 @@ def test_round_trip_of_every_supported_type() -> None:
     assert decode_fields(data, Everything, "Everything") == value
 
 
+def test_fields_the_class_computes_are_not_stored() -> None:
+    @dataclasses.dataclass
+    class Box:
+        w: int
+        h: int
+        area: int = dataclasses.field(init=False)
+
+        def __post_init__(self) -> None:
+            self.area = self.w * self.h
+
+    data = encode(Box(2, 3), "Box")
+    assert data == {"w": 2, "h": 3}  # the constructor would refuse "area"
+    assert decode_fields(data, Box, "Box").area == 6
+
+
 def test_unserialisable_value_names_the_field_path() -> None:
     @dataclasses.dataclass
     class Holder:
