@@ -20,17 +20,33 @@ def load_manager(target: str) -> QueueManager:
     """A URL, a YAML config file, or ``module:attribute`` naming a QueueManager."""
     if "://" not in target and ":" in target and not target.endswith((".yaml", ".yml")):
         module_name, _, attribute = target.partition(":")
-        manager = getattr(importlib.import_module(module_name), attribute, None)
+        manager = getattr(_import(module_name), attribute, None)
         if not isinstance(manager, QueueManager):
             raise NeonnbError(f"{target}: {module_name}.{attribute} is not a neonnb QueueManager")
         return manager
     return connect(target)
 
 
+def _import(module: str) -> object:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise NeonnbError(
+            f"can't import {module}: {exc} (run from the folder that holds it, or add it to PYTHONPATH)"
+        ) from exc
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def _worker(args: argparse.Namespace) -> int:
     sys.path.insert(0, os.getcwd())  # so --import finds the project's own modules
     for module in args.imports:
-        importlib.import_module(module)
+        _import(module)
     manager = load_manager(args.target)
     options = WorkerOptions(max_jobs=args.max_jobs, burst=args.burst)
     worker = manager.worker(args.queues or None, args.concurrency, options)
@@ -58,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("target", help="connection URL (sqlite:///jobs.db), config file (queue.yaml) or module:manager")
     worker.add_argument("-q", "--queue", dest="queues", action="append", default=[],
                         help="queue to work on; repeat for several (default: the config's default_queue)")
-    worker.add_argument("-c", "--concurrency", type=int, default=None, help="jobs at a time (default: config workers)")
+    worker.add_argument("-c", "--concurrency", type=_at_least_one, default=None,
+                        help="jobs at a time (default: config workers)")
     worker.add_argument("-i", "--import", dest="imports", action="append", default=[],
                         help="module that defines jobs; repeat for several")
     worker.add_argument("--max-jobs", type=int, default=None, help="stop after this many jobs")

@@ -159,6 +159,7 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._stopping = False
+        self._claim_failed = False  # the last claim could not reach the store
         self._grace = 0.0
         self._next_due = float("inf")  # earliest known run_at of a delayed job on our queues
 
@@ -286,8 +287,8 @@ class Worker:
                 claimed = await self._claim(limit) if limit else 0
                 if claimed:
                     continue
-                if self.options.burst and not self._active:
-                    break
+                if self.options.burst and not self._active and not self._claim_failed:
+                    break  # the store said there is nothing to run (not: it could not be asked)
                 until_due = self._next_due - self.manager.clock()
                 if until_due <= 0:
                     self._next_due = float("inf")
@@ -340,6 +341,7 @@ class Worker:
         the store still claims the rest."""
         now = self.manager.clock()
         await self._guard(self.manager.housekeeping(now), "housekeeping")
+        self._claim_failed = False
         piece = self.driver.claim_piece or limit
         if limit <= piece:
             return await self._claim_piece(limit, now)
@@ -350,7 +352,10 @@ class Worker:
         records = await self._guard(
             self.driver.reserve(self.queues, limit, self.id, now, now + self.options.lease_timeout),
             "claiming jobs",
-        ) or []
+        )
+        if records is None:
+            self._claim_failed = True
+            return 0
         self._start(records)
         return len(records)
 

@@ -55,3 +55,9 @@ def test_bad_target_is_a_clear_error() -> None:
     run = neonnb("worker", "tests.jobs:RECORD")
     assert run.returncode == 2
     assert "tests.jobs:RECORD: tests.jobs.RECORD is not a neonnb QueueManager" in run.stderr
+    run = neonnb("worker", "memory://", "--import", "tests.no_such_jobs")
+    assert run.returncode == 2
+    assert "neonnb: can't import tests.no_such_jobs: No module named 'tests.no_such_jobs'" in run.stderr
+    run = neonnb("worker", "memory://", "-c", "0")
+    assert run.returncode == 2
+    assert "argument -c/--concurrency: must be 1 or more, got 0" in run.stderr

@@ -9,6 +9,7 @@ import gc
 import logging
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -269,6 +270,26 @@ def test_an_idle_worker_is_woken_again_after_redis_restarts() -> None:
             assert other.dispatch("q", jobs.Note("after the restart")).result(timeout=15) == "after the restart"
     finally:
         worker.stop()
+        qm.close()
+        server.stop()
+
+
+def test_a_burst_worker_waits_out_an_outage_instead_of_reporting_an_empty_queue() -> None:
+    server = RedisServer("--appendonly", "yes", "--appendfsync", "always")
+    qm = QueueManager(Config.for_url(server.url(), poll_interval=0.2))
+    try:
+        handles = qm.dispatch_batch("q", [jobs.Note(f"n{i}") for i in range(5)])
+        server.kill()
+        worker = qm.worker("q", 2, WorkerOptions(burst=True))
+        running = threading.Thread(target=worker.run)
+        running.start()
+        time.sleep(1)  # several claims fail meanwhile
+        assert running.is_alive(), "the burst worker stopped although it could not ask Redis for jobs"
+        server.start()
+        running.join(30)
+        assert not running.is_alive()
+        assert [h.result(timeout=5) for h in handles] == [f"n{i}" for i in range(5)]
+    finally:
         qm.close()
         server.stop()
 
