@@ -101,9 +101,9 @@ def _pipeline(qm: QueueManager, jobs: int, url: str, out: Any) -> int:
     reasons = sorted({e.error["message"] for e in retries if e.error})
     print(f"  retried    {len(retries)} time(s): " + ", ".join(reasons), file=out)
     print(f"  failed     {len(failed)} job(s) in the failed store:", file=out)
-    for f in failed:
-        print(f"             {f.id[:8]} {f.name} {f.arguments} -> {f.error_type}: {f.error} "
-              f"(after {f.attempts} attempt(s))", file=out)
+    for f in failed:  # the whole id: ids made within seconds of each other share their first half
+        print(f"             {f.id} {f.name} {f.arguments}", file=out)
+        print(f"               -> {f.error_type}: {f.error} (after {f.attempts} attempt(s))", file=out)
     print(f"  report     {report}", file=out)
     print("  next       fix the data, then qm.failed.retry(id) puts the job back with its arguments", file=out)
     return 0
