@@ -23,7 +23,7 @@ from typing import Any
 
 from redis import Redis
 
-from benchmarks.__main__ import run_one
+from benchmarks.__main__ import cell, run_one
 from benchmarks.systems import Stamp
 from benchmarks.workloads import LATENCY_GAP, N_LATENCY, latency
 from neonnb import Config, QueueManager
@@ -91,10 +91,6 @@ async def bare_handoff(url: str) -> dict[str, Any]:
         await qm.aclose()
 
 
-def cell(result: dict[str, Any]) -> str:
-    return f"p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms" if "p50_ms" in result else str(result)
-
-
 def main() -> None:
     server = RedisServer()
     url = server.url()
@@ -106,7 +102,7 @@ def main() -> None:
                 ("huey W3", lambda: run_one("huey", "w3", url)),
             ):
                 Redis(port=server.port).flushall()
-                print(f"{label:14} {cell(run())}", flush=True)
+                print(f"{label:14} p50 / p99 ms {cell(run())}", flush=True)
     finally:
         server.stop()
 

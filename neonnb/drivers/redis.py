@@ -57,7 +57,7 @@ class RedisDriver(Driver):
                 f"key_prefix {prefix!r} must not contain braces: neonnb puts each queue's name in "
                 "a {hash tag} after the prefix so that a queue's keys share one Redis Cluster slot"
             )
-        self.url = url
+        self._where = url.split("@")[-1]  # the URL without its credentials, for messages
         self.prefix = prefix
         self.channel = f"{prefix}wake"
         self.settings = resp.Settings.from_url(url, password=password, database=database)
@@ -97,7 +97,7 @@ class RedisDriver(Driver):
             raise self._unreachable(exc) from exc
 
     def _unreachable(self, exc: BaseException) -> StoreUnavailable:
-        return StoreUnavailable(f"Redis at {self.url.split('@')[-1]} can't be reached: {exc}")
+        return StoreUnavailable(f"Redis at {self._where} can't be reached: {exc}")
 
     def _base(self, queue: str) -> str:
         """Where queue's keys start; {queue} is their Redis Cluster hash tag."""
@@ -206,7 +206,7 @@ class RedisDriver(Driver):
             logger.warning(
                 "Redis at %s may evict queued jobs when it runs out of memory (maxmemory-policy %s); "
                 "set maxmemory-policy noeviction (or a volatile-* policy) for a queue",
-                self.url.split("@")[-1], policy,
+                self._where, policy,
             )
 
     async def reserve(
