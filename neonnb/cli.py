@@ -52,8 +52,21 @@ def _worker(args: argparse.Namespace) -> int:
     worker = manager.worker(args.queues or None, args.concurrency, options)
     # The worker runs on neonnb's background loop, where the drivers' clients live; this
     # thread only waits, and turns SIGTERM/SIGINT into a graceful stop.
+    signals = 0
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            worker.request_stop(args.grace)
+            return
+        # A second signal while sync jobs ignore ctx.cancelled: their threads can't be stopped,
+        # so the process ends without them; their leases run out and they run again elsewhere.
+        logging.getLogger("neonnb.worker").warning("%s again: exiting now", signal.Signals(signum).name)
+        os._exit(128 + signum)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda _signum, _frame: worker.request_stop(args.grace))
+        signal.signal(sig, on_signal)
     worker.run()
     manager.close()
     return 0

@@ -128,12 +128,52 @@ class Job(abc.ABC):
         if "__dataclass_fields__" not in cls.__dict__:
             dataclasses.dataclass(cls)
         cls.job_name = job_name or f"{cls.__module__}.{cls.__qualname__}"
+        _check_hooks(cls)
         if not inspect.isabstract(cls):
             register(cls.job_name, ClassJobType(cls))
 
     @abc.abstractmethod
     def handle(self, ctx: Context) -> Any:
         """Do the work; the return value, if JSON serialisable, is stored as the result."""
+
+
+# The optional methods a job may define, and how many arguments (after self) each may take.
+_HOOK_ARITIES = {
+    "should_retry": ((1,), "should_retry(self, err)"),
+    "retry_delay": ((0, 2), "retry_delay(self, attempt, err) or the spec's retry_delay(self)"),
+    "max_attempts": ((0,), "max_attempts(self)"),
+    "delay": ((0,), "delay(self)"),
+    "priority": ((0,), "priority(self)"),
+    "timeout": ((0,), "timeout(self)"),
+    "unique_key": ((0,), "unique_key(self)"),
+}
+
+
+def _check_hooks(cls: type) -> None:
+    """Refuse, at class definition, an optional method the worker could not call: it would
+    fail every attempt of every such job instead."""
+    for name, (arities, shape) in _HOOK_ARITIES.items():
+        method = cls.__dict__.get(name)
+        if method is None or not callable(method):
+            continue
+        params = list(inspect.signature(method).parameters.values())[1:]
+        if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+            continue
+        required = [p for p in params if p.default is p.empty]
+        if not any(len(required) <= n <= len(params) for n in arities):
+            raise TypeError(f"{cls.__qualname__}.{name} takes {len(params)} argument(s) after self; "
+                            f"neonnb calls it as {shape}")
+
+
+def takes_no_arguments(method: Callable[..., Any]) -> bool:
+    """Whether a bound method can be called without arguments (the spec's ``RetryDelay()``)."""
+    return _no_arguments(getattr(method, "__func__", method))
+
+
+@functools.cache
+def _no_arguments(function: Callable[..., Any]) -> bool:
+    params = list(inspect.signature(function).parameters.values())[1:]
+    return all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
 
 
 class JobType(abc.ABC):

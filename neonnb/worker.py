@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import socket
+import time
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -25,9 +26,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from . import _loop, capture, workflows
 from .codec import dumps, encode
-from .config import WorkerOptions
+from .config import WorkerOptions, parse_duration
 from .errors import JobCancelled, JobTimeout, PayloadError, Retry, SerializationError, UnknownJobError
-from .job import Context, JobRecord, Status, decode_job, is_async_job
+from .job import Context, JobRecord, Status, decode_job, is_async_job, takes_no_arguments
 
 if TYPE_CHECKING:
     from .manager import QueueManager
@@ -40,7 +41,8 @@ T = TypeVar("T")
 def backoff_delay(attempt: int, base: float, cap: float, jitter: bool = False) -> float:
     """Exponential backoff: ``base``, ``2*base``, ``4*base`` ... for attempts 1, 2, 3 ...,
     capped at ``cap``; with ``jitter`` a random point in the upper half of that delay."""
-    delay = min(cap, base * 2.0 ** max(attempt - 1, 0))
+    # Past 2**64 the doubling no longer matters (any cap is smaller), and 2.0 ** 1024 overflows.
+    delay = min(cap, base * 2.0 ** min(max(attempt - 1, 0), 64))
     return random.uniform(delay / 2, delay) if jitter else delay
 
 
@@ -50,7 +52,8 @@ def retry_delay_for(
     """Seconds until the next attempt, or None when the job must go to the failed store.
 
     ``Retry(delay=...)`` asks for a retry; otherwise the job's ``should_retry(err)`` decides.
-    The job's ``retry_delay(attempt, err)`` overrides the exponential backoff.
+    The job's ``retry_delay(attempt, err)`` (or the spec's argument-less ``retry_delay()``)
+    overrides the exponential backoff.
     """
     if record.attempts >= record.max_attempts:
         return None
@@ -60,7 +63,8 @@ def retry_delay_for(
     elif job is not None and hasattr(job, "should_retry") and not job.should_retry(exc):
         return None
     if job is not None and hasattr(job, "retry_delay"):
-        return max(0.0, float(job.retry_delay(record.attempts, exc)))
+        delay = job.retry_delay() if takes_no_arguments(job.retry_delay) else job.retry_delay(record.attempts, exc)
+        return parse_duration(delay, f"{record.name}.retry_delay()")
     return backoff_delay(record.attempts, base, cap, jitter)
 
 
@@ -148,8 +152,13 @@ class Worker:
         self.options = options.resolve(manager.config)
         self.id = self.options.worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.jobs_started = 0
+        self._started_before_run = 0  # max_jobs counts the jobs of this run: a stopped worker starts again
         self._active: dict[str, _Running] = {}
         self._cancelling: set[str] = set()  # jobs being stopped because someone cancelled them
+        # Jobs whose sync handler is running in a thread. Once such a job's task has ended (it
+        # timed out) its thread may go on, ignoring ctx.cancelled: it still holds its slot.
+        self._in_thread: set[str] = set()
+        self._releasing: set[str] = set()  # interrupted by stop(): whatever they end with, they go back
         self._dirty_progress: dict[str, tuple[JobRecord, dict[str, Any]]] = {}
         # Finished jobs waiting to be acknowledged together. Their slots are free already;
         # their leases are kept until the ack is stored.
@@ -160,6 +169,7 @@ class Worker:
         self._wake: asyncio.Event | None = None
         self._stopping = False
         self._claim_failed = False  # the last claim could not reach the store
+        self._warned_stuck = False
         self._grace = 0.0
         self._next_due = float("inf")  # earliest known run_at of a delayed job on our queues
 
@@ -221,6 +231,7 @@ class Worker:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._stopping = False
+        self._started_before_run = self.jobs_started
         if self._executor is None:
             self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"neonnb-job-{self.queues[0]}")
 
@@ -279,7 +290,7 @@ class Worker:
         try:
             while not self._stopping:
                 limit = self._free_slots()
-                if limit == 0 and not self._active:
+                if limit == 0 and not self._active and not self._in_thread:
                     break  # max_jobs reached and the last job finished
                 # Clear before claiming: a wake-up that lands while the claim is in flight
                 # must end the wait below, not be lost.
@@ -330,9 +341,17 @@ class Worker:
         return claimed
 
     def _free_slots(self) -> int:
-        free = self.concurrency - len(self._active)
+        stuck = len(self._in_thread.difference(self._active))
+        free = self.concurrency - len(self._active) - stuck
+        if stuck and free <= 0 and not self._warned_stuck:
+            self._warned_stuck = True
+            logger.warning("worker %s: all %d slot(s) are held, %d by timed-out sync job(s) whose threads still run "
+                           "(they ignore ctx.cancelled); claiming nothing until they return", self.id,
+                           self.concurrency, stuck)
+        elif not stuck:
+            self._warned_stuck = False
         if self.options.max_jobs:
-            free = min(free, self.options.max_jobs - self.jobs_started)
+            free = min(free, self.options.max_jobs - (self.jobs_started - self._started_before_run))
         return max(free, 0)
 
     async def _claim(self, limit: int) -> int:
@@ -426,10 +445,21 @@ class Worker:
             return
         for task in unfinished:
             tasks[task].ctx.cancel()
+            self._releasing.add(tasks[task].record.id)
+        # A sync handler's thread can't be stopped: releasing its job while the thread runs
+        # would let another worker run it at the same time. Those are released once it returns.
+        in_thread = {task for task in unfinished if tasks[task].record.id in self._in_thread}
+        if in_thread:
+            logger.warning("worker %s: waiting for %d sync job(s) still running past the grace period (they "
+                           "ignore ctx.cancelled); a second SIGTERM or Ctrl-C stops the process without them",
+                           self.id, len(in_thread))
+        cancelled = unfinished - in_thread
+        for task in cancelled:
             task.cancel()
         await asyncio.gather(*unfinished, return_exceptions=True)
         jobs = [tasks[task].record for task in unfinished]
         released = await self._persist(lambda: self.driver.release(jobs, self.id, self.manager.clock()), "release")
+        self._releasing.clear()
         logger.info("worker %s released %s unfinished job(s) back to the queue", self.id, released)
 
     # --- running one job --------------------------------------------------------------
@@ -478,6 +508,8 @@ class Worker:
         except (UnknownJobError, PayloadError) as exc:
             # Retrying can't help until someone imports or fixes something.
             await self._fail(record, exc)
+        except HandlerExited as exc:
+            await self._fail(record, exc.exception)  # it asked to end the process: never retried
         except Exception as exc:
             await self._after_error(record, job, exc)
         else:
@@ -530,46 +562,95 @@ class Worker:
 
     async def _call(self, job: Any, ctx: Context, timeout: float | None, output: capture.Output) -> Any:
         """Run the handler in this task; past ``timeout`` the task is cancelled (a timer, not
-        ``wait_for``, which would cost a second task per job)."""
+        ``wait_for``, which would cost a second task per job). The timeout counts from when
+        the handler starts."""
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
         timed_out = False
+        in_thread = not is_async_job(job)
+        thread_started: list[float] = []  # when a sync handler's thread began to run it
+        timer: asyncio.TimerHandle | None = None
 
         def expire() -> None:
-            nonlocal timed_out
+            nonlocal timed_out, timer
+            if in_thread:
+                left = thread_started[0] + limit - time.monotonic() if thread_started else limit
+                if left > 0:  # it waited for a thread: its time counts from the start
+                    timer = loop.call_later(left, expire)
+                    return
             timed_out = True
             ctx.cancel()  # a sync handler's thread can't be killed: ask it to stop
             task.cancel()
 
-        timer = loop.call_later(timeout, expire) if timeout else None
+        limit = timeout or 0.0
+        if limit:
+            timer = loop.call_later(limit, expire)
         try:
-            if is_async_job(job):
+            if not in_thread:
                 return await job.handle(ctx)
-            handle = capture.calling(output, job.handle)
-            return await loop.run_in_executor(self._executor, contextvars.Context().run, handle, ctx)
+            try:
+                return await self._in_a_thread(ctx, capture.calling(output, job.handle), thread_started)
+            finally:
+                if ctx.job_id in self._releasing:
+                    # stop() interrupted it and waited for its thread: however it ended, it goes
+                    # back to the queue like a cancelled async job.
+                    raise asyncio.CancelledError
         except asyncio.CancelledError:
             if not timed_out:
                 raise
             _uncancel()
             raise JobTimeout(f"job ran longer than its timeout of {timeout:g}s") from None
+        except Exception:
+            raise
+        except BaseException as exc:
+            # sys.exit(), KeyboardInterrupt and the like, raised by the handler itself: they
+            # end the job, never the worker (on the loop they would stop it for good).
+            raise HandlerExited(exc) from exc
         finally:
             if timer is not None:
                 timer.cancel()
 
+    def _in_a_thread(self, ctx: Context, handle: Callable[[Context], Any], started: list[float]) -> Awaitable[Any]:
+        """Run a sync handler on the worker's threads; the job holds its slot until its thread
+        returns, even when its task ended first (a timeout the handler ignored)."""
+        assert self._executor is not None and self._loop is not None
+        loop, job_id = self._loop, ctx.job_id
+
+        def run() -> Any:
+            started.append(time.monotonic())
+            return contextvars.Context().run(handle, ctx)
+
+        def returned(_future: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nothing is left to wake
+                loop.call_soon_threadsafe(self._thread_returned, job_id)
+
+        self._in_thread.add(job_id)
+        future = self._executor.submit(run)
+        future.add_done_callback(returned)
+        return asyncio.wrap_future(future)
+
+    def _thread_returned(self, job_id: str) -> None:
+        self._in_thread.discard(job_id)
+        if self._wake is not None:
+            self._wake.set()
+
     async def _after_error(self, record: JobRecord, job: Any, exc: Exception) -> None:
         config = self.manager.config
+        info = error_info(exc)
         try:
             delay = retry_delay_for(job, record, exc, config.retry_delay, config.backoff_cap, config.backoff_jitter)
         except Exception as hook_error:
+            # The job's own error stays the one recorded: it is what the user must fix first.
             logger.exception("job %s: its should_retry/retry_delay raised; failing the job", record.id)
-            exc = hook_error
+            hook = error_info(hook_error)
+            info["message"] += f" (then deciding whether to retry raised {hook['type']}: {hook['message']})"
+            info["traceback"] += "\nWhile deciding whether to retry:\n\n" + hook["traceback"]
             delay = None
         if delay is None:
-            await self._fail(record, exc)
+            await self._fail(record, exc, info=info)
             return
         await self._flush_progress(record.id)
-        info = error_info(exc)
         run_at = self.manager.clock() + delay
         if await self._persist(lambda: self.driver.retry(record, self.id, run_at, info), "retry"):
             self._next_due = min(self._next_due, run_at)
@@ -577,11 +658,12 @@ class Worker:
                         record.id, record.name, record.attempts, info["type"], delay)
             self.manager.events.emit("retrying", record, error=info, retry_in=delay)
 
-    async def _fail(self, record: JobRecord, exc: BaseException, status: Status = Status.FAILED) -> None:
+    async def _fail(self, record: JobRecord, exc: BaseException, status: Status = Status.FAILED,
+                    info: dict[str, Any] | None = None) -> None:
         await self._flush_progress(record.id)
         if record.flow is not None:
             await self._advance_flow(record, None, succeeded=False)
-        info = error_info(exc)
+        info = info or error_info(exc)
         now = self.manager.clock()
         if await self._persist(lambda: self.driver.fail(record, self.id, now, info, status), status.value):
             logger.warning("job %s (%s) %s after %d attempt(s): %s: %s", record.id, record.name, status.value,
@@ -600,6 +682,14 @@ class Worker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         return None
+
+
+class HandlerExited(Exception):
+    """A handler raised a BaseException that is not an Exception (SystemExit, KeyboardInterrupt)."""
+
+    def __init__(self, exception: BaseException) -> None:
+        super().__init__(repr(exception))
+        self.exception = exception
 
 
 def _uncancel() -> None:

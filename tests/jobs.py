@@ -247,3 +247,59 @@ class Renamed(Job, job_name="reports.renamed"):
 
     def handle(self, ctx: Context) -> str:
         return ctx.name
+
+
+class Exits(Job):
+    """Ends its handler the way a script would: sys.exit(), or a KeyboardInterrupt."""
+
+    how: str
+
+    def handle(self, ctx: Context) -> None:
+        if self.how == "exit":
+            sys.exit(3)
+        raise KeyboardInterrupt("pressed in the job")
+
+
+class ExitsAsync(Job):
+    how: str
+
+    async def handle(self, ctx: Context) -> None:
+        await asyncio.sleep(0)
+        if self.how == "exit":
+            sys.exit(4)
+        raise KeyboardInterrupt("pressed in the async job")
+
+
+class Stubborn(Job):
+    """A sync job that ignores ctx.cancelled: it runs until RELEASE is set."""
+
+    timeout_s: float = 0.0
+
+    def handle(self, ctx: Context) -> str:
+        RECORD.add("stubborn-start")
+        RELEASE.wait(60)
+        return "finally"
+
+    def timeout(self) -> float | None:
+        return self.timeout_s or None
+
+    def max_attempts(self) -> int:
+        return 1
+
+
+class SeedRetryDelay(Job):
+    """The spec's RetryDelay(): no arguments."""
+
+    def handle(self, ctx: Context) -> None:
+        raise ConnectionError("try later")
+
+    def retry_delay(self) -> float:
+        return 3.0
+
+
+class RaisingShouldRetry(Job):
+    def handle(self, ctx: Context) -> None:
+        raise ConnectionError("the real problem")
+
+    def should_retry(self, err: Exception) -> bool:
+        raise TypeError("should_retry is broken")

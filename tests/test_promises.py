@@ -1,0 +1,142 @@
+"""Promises a user relies on at the edges: jobs that misbehave, the spec's own patterns.
+
+Each test is named after the promise it keeps. Driver-level promises live in the
+conformance suite, which runs them on every store.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from neonnb import Config, QueueManager, Status, WorkerOptions
+from neonnb.worker import backoff_delay
+from tests import jobs
+from tests.conftest import FakeClock, wait_until
+
+
+@pytest.fixture(autouse=True)
+def fresh_recorder() -> Iterator[None]:
+    jobs.RECORD.__init__()  # type: ignore[misc]
+    jobs.RELEASE.clear()
+    yield
+    jobs.RELEASE.set()  # no test leaves a handler thread waiting
+
+
+@pytest.fixture
+def qm() -> Iterator[QueueManager]:
+    manager = QueueManager(Config(driver="memory", poll_interval=0.05))
+    yield manager
+    jobs.RELEASE.set()
+    manager.close()
+
+
+@pytest.mark.parametrize("job", [jobs.Exits("exit"), jobs.Exits("interrupt"), jobs.ExitsAsync("exit"),
+                                 jobs.ExitsAsync("interrupt")], ids=["sync-exit", "sync-interrupt",
+                                                                     "async-exit", "async-interrupt"])
+def test_a_job_that_exits_ends_failed_and_its_worker_goes_on(qm: QueueManager, job: object) -> None:
+    exiting = qm.dispatch("q", job)
+    worker = qm.worker("q", 2).start()
+    wait_until(lambda: exiting.status is Status.FAILED, timeout=10, what="the exiting job to fail")
+    after = qm.dispatch("q", jobs.Note("after"))
+    assert after.result(timeout=10) == "after"
+    failed = qm.failed.get(exiting.id)
+    assert failed.error_type in ("SystemExit", "KeyboardInterrupt")
+    assert failed.attempts == 1, "a job that asked to exit is not retried"
+    assert worker.is_running
+    worker.stop(grace=5)
+    assert not worker.is_running
+
+
+def test_a_timed_out_thread_holds_its_slot_and_later_jobs_get_their_whole_timeout(
+    qm: QueueManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    qm.config.timeout = 0.5  # the quick jobs' timeout: it must count from when each starts
+    stuck = qm.dispatch("q", jobs.Stubborn(timeout_s=0.1))
+    quick = [qm.dispatch("q", jobs.Note(f"quick-{i}")) for i in range(10)]
+    with caplog.at_level(logging.WARNING, "neonnb.worker"):
+        worker = qm.worker("q", 1).start()
+        wait_until(lambda: stuck.status is Status.FAILED, timeout=10, what="the stuck job to time out")
+        wait_until(lambda: "claiming nothing" in caplog.text, timeout=10, what="the worker to say it waits")
+    assert "timeout of 0.1s" in qm.failed.get(stuck.id).error
+    assert {h.status for h in quick} == {Status.QUEUED}, "jobs were claimed while every slot was held"
+    jobs.RELEASE.set()
+    assert [h.result(timeout=10) for h in quick] == [f"quick-{i}" for i in range(10)]
+    worker.stop()
+
+
+def test_graceful_stop_never_releases_a_job_whose_thread_still_runs(
+    qm: QueueManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    handle = qm.dispatch("q", jobs.Stubborn())
+    worker = qm.worker("q", 1).start()
+    wait_until(lambda: jobs.RECORD.counts["stubborn-start"] == 1, timeout=10, what="the job to start")
+    with caplog.at_level(logging.WARNING, "neonnb.worker"):
+        stopper = threading.Thread(target=worker.stop, kwargs={"grace": 0.1})
+        stopper.start()
+        wait_until(lambda: "still running past the grace period" in caplog.text, timeout=10,
+                   what="the worker to say it waits for the thread")
+    assert handle.status is Status.RUNNING, "the job went back to the queue while its thread runs"
+    other = qm.worker("q", 1)
+    assert other.run_once() == 0, "another worker could claim the job while it runs"
+    jobs.RELEASE.set()
+    stopper.join(10)
+    record = handle.fetch()  # interrupted by the stop, released once its thread returned
+    assert (record.status, record.attempts, jobs.RECORD.counts["stubborn-start"]) == (Status.QUEUED, 0, 1)
+
+
+def test_a_worker_stopped_by_max_jobs_starts_again(qm: QueueManager) -> None:
+    for i in range(5):
+        qm.dispatch("q", jobs.Note(f"n{i}"))
+    worker = qm.worker("q", 1, WorkerOptions(max_jobs=2))
+    worker.run()
+    assert len(jobs.RECORD.order) == 2 and not worker.is_running
+    worker.run()  # the spec: `if !worker.IsRunning() { worker.Start() }`
+    assert len(jobs.RECORD.order) == 4
+    worker.start()
+    wait_until(lambda: len(jobs.RECORD.order) == 5, timeout=10, what="the last job")
+
+
+def test_the_specs_argument_less_retry_delay_is_honoured() -> None:
+    clock = FakeClock()
+    qm = QueueManager(Config(driver="memory"), clock=clock)
+    handle = qm.dispatch("q", jobs.SeedRetryDelay())
+    qm.worker("q", 1).run_once()
+    record = handle.fetch()
+    assert (record.status, record.run_at - clock()) == (Status.QUEUED, 3.0)
+    assert record.error is not None and record.error["message"] == "try later"
+
+
+def test_a_job_method_neonnb_cannot_call_is_refused_when_the_class_is_defined() -> None:
+    from neonnb import Job
+
+    with pytest.raises(TypeError, match=r"Bad\.retry_delay takes 1 argument\(s\) after self.*retry_delay\(self\)"):
+        class Bad(Job):
+            def handle(self, ctx: object) -> None: ...
+
+            def retry_delay(self, attempt: int) -> float:
+                return 1.0
+
+    with pytest.raises(TypeError, match=r"should_retry takes 0 argument"):
+        class AlsoBad(Job):
+            def handle(self, ctx: object) -> None: ...
+
+            def should_retry(self) -> bool:
+                return True
+
+
+def test_a_raising_should_retry_keeps_the_jobs_own_error(qm: QueueManager) -> None:
+    handle = qm.dispatch("q", jobs.RaisingShouldRetry())
+    qm.worker("q", 1).run_once()
+    failed = qm.failed.get(handle.id)
+    assert failed.error_type == "ConnectionError"
+    assert failed.error.startswith("the real problem")
+    assert "should_retry is broken" in failed.error and "should_retry is broken" in failed.traceback
+
+
+def test_backoff_never_overflows_however_many_attempts() -> None:
+    assert backoff_delay(1025, 5.0, 3600.0) == 3600.0
+    assert backoff_delay(10**6, 5.0, 3600.0, jitter=True) <= 3600.0
