@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -18,7 +19,22 @@ DEFAULT_DATABASE_URL = "sqlite:///neonnb.db"
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+# PostgreSQL cuts identifiers at 63 characters, and the longest name made from the table's
+# is its index "<table_name>_finished".
+MAX_TABLE_NAME = 63 - len("_finished")
+_TABLE_NAME = re.compile(rf"[A-Za-z_][A-Za-z0-9_]{{0,{MAX_TABLE_NAME - 1}}}")
+# user:password@ in a URL, also a malformed one (a missing ':' after the scheme, an unencoded
+# '/' or '@' in the password): the password is everything up to the last '@' of the URL.
+_CREDENTIALS = re.compile(r"((?://|^)[^/\s:@'\"]*:)(?!//)[^\s'\"]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of any URL in it replaced by ``***``: for reprs, log lines
+    and errors, which must never show one."""
+    return _CREDENTIALS.sub(r"\1***@", text)
+
+
+MAX_DURATION = 100 * 365.25 * 86400.0  # longer is a mistake, and sums of such times stay exact enough
 
 
 def parse_duration(value: Any, name: str) -> float:
@@ -26,7 +42,7 @@ def parse_duration(value: Any, name: str) -> float:
     if isinstance(value, bool):
         raise ConfigError(f"{name} must be a duration, got {value!r}")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        seconds = float(value) if isinstance(value, float) or abs(value) <= 10**300 else math.inf
     elif isinstance(value, timedelta):
         seconds = value.total_seconds()
     elif isinstance(value, str):
@@ -42,6 +58,9 @@ def parse_duration(value: Any, name: str) -> float:
             )
     else:
         raise ConfigError(f"{name} must be a duration in seconds, got {type(value).__name__}")
+    if not math.isfinite(seconds) or seconds > MAX_DURATION:
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:20]}... ({len(repr(value))} characters)"
+        raise ConfigError(f"{name} must be a finite duration of at most 100 years, got {shown}")
     if seconds < 0:
         raise ConfigError(f"{name} must not be negative, got {value!r}")
     return seconds
@@ -94,6 +113,13 @@ class Config:
             raise ConfigError(f"Config.driver must be one of {', '.join(DRIVERS)}, got {self.driver!r}")
         if self.connection is None and self.driver == "database":
             self.connection = DEFAULT_DATABASE_URL
+        if self.driver == "redis" and isinstance(self.connection, str) and "://" not in self.connection:
+            self.connection = f"redis://{self.connection}"  # the spec's Connection: "localhost:6379"
+        if self.password is not None and not isinstance(self.password, str):
+            raise ConfigError(
+                f"Config.password must be a string, got a {type(self.password).__name__} (in YAML, quote it: "
+                "password: '0123', or YAML reads 0123 as the number 83)"
+            )
         scheme = _scheme(self.connection) if isinstance(self.connection, str) else None
         if self.driver == "database" and scheme in _OTHER_DRIVERS:
             raise ConfigError(
@@ -107,7 +133,12 @@ class Config:
         if not isinstance(self.table_name, str) or not _TABLE_NAME.fullmatch(self.table_name):
             raise ConfigError(
                 "Config.table_name must be a SQL identifier (letters, digits and _, not starting "
-                f"with a digit, at most 63 characters), got {self.table_name!r}"
+                f"with a digit, at most {MAX_TABLE_NAME} characters), got {self.table_name!r}"
+            )
+        if self.table_name.lower().endswith("_marks"):
+            raise ConfigError(
+                f"Config.table_name {self.table_name!r} must not end in _marks: beside each jobs table neonnb "
+                f"keeps one named <table_name>_marks, which another app's table could then collide with"
             )
         self.database = _positive_int(self.database, "Config.database", allow_zero=True)
         self.max_retries = _positive_int(self.max_retries, "Config.max_retries", allow_zero=True)
@@ -118,6 +149,14 @@ class Config:
         if self.poll_interval <= 0 or self.lease_timeout <= 0:
             raise ConfigError("Config.poll_interval and Config.lease_timeout must be greater than 0")
 
+    def __repr__(self) -> str:
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if isinstance(shown["connection"], str):
+            shown["connection"] = redact(shown["connection"])
+        if shown["password"] is not None:
+            shown["password"] = "***"
+        return f"Config({', '.join(f'{name}={value!r}' for name, value in shown.items())})"
+
     @property
     def max_attempts(self) -> int:
         return self.max_retries + 1
@@ -127,7 +166,7 @@ class Config:
         """The config for a connection URL, the driver picked from its scheme."""
         if "://" not in url:
             raise ConfigError(
-                f"can't connect to {url!r}: give a URL such as sqlite:///jobs.db, "
+                f"can't connect to {redact(url)!r}: give a URL such as sqlite:///jobs.db, "
                 "postgresql://host/db, redis://host:6379/0 or memory://, or a .yaml config file"
             )
         driver = _OTHER_DRIVERS.get(_scheme(url), "database")
@@ -137,17 +176,22 @@ class Config:
     def from_yaml(cls, path: str | os.PathLike[str], section: str = "queue") -> Config:
         """Load a config file such as the spec's ``config/queue.yaml``.
 
-        ``${VAR}`` and ``${VAR:-default}`` are replaced from the environment before parsing.
+        ``${VAR}`` and ``${VAR:-default}`` in a value are replaced from the environment after
+        parsing, so what a variable holds stays text (a password ``0123`` or ``yes``, or one with
+        ``: #``); fields that are numbers or flags read the text as one.
         """
         import yaml
 
-        text = _expand_env(Path(path).read_text(), str(path))
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if isinstance(data, dict) and section in data:
             data = data[section]
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping under '{section}:'")
-        return cls.from_dict(data, source=str(path))
+        expanded = {key: _expand_value(key, value, str(path)) for key, value in data.items()}
+        return cls.from_dict(expanded, source=str(path))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> Config:
@@ -164,7 +208,7 @@ class Config:
         return cls(**values)
 
 
-def _expand_env(text: str, source: str) -> str:
+def _expand_env(text: str) -> str:
     def replace(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
         value = os.environ.get(name)
@@ -175,6 +219,22 @@ def _expand_env(text: str, source: str) -> str:
         return ""
 
     return _ENV_VAR.sub(replace, text)
+
+
+_INT_FIELDS = ("database", "max_retries", "workers", "max_jobs")
+_FLAGS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def _expand_value(key: str, value: Any, source: str) -> Any:
+    """A YAML value with ``${VAR}`` expanded; a number or flag field reads the text as one."""
+    if not isinstance(value, str) or not _ENV_VAR.search(value):
+        return value
+    text = _expand_env(value)
+    if key in _INT_FIELDS and text.strip().isdigit():
+        return int(text)
+    if key == "backoff_jitter" and text.strip().lower() in _FLAGS:
+        return _FLAGS[text.strip().lower()]
+    return text
 
 
 @dataclass

@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import datetime as dt
 import logging
+import math
 import os
 import threading
 import time
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 from . import frames, workflows
 from ._loop import on_loop_thread, run_sync
-from .config import Config, WorkerOptions, parse_duration
+from .config import Config, WorkerOptions, parse_duration, redact
 from .drivers import create_driver
 from .drivers.base import Driver, QueueCounts
 from .errors import ConfigError
@@ -425,7 +426,11 @@ _last_id_time = 0
 
 
 def _epoch(when: dt.datetime | float) -> float:
-    return when.timestamp() if isinstance(when, dt.datetime) else float(when)
+    if isinstance(when, dt.datetime):
+        return when.timestamp()
+    if isinstance(when, bool) or not isinstance(when, (int, float)) or not math.isfinite(when):
+        raise ConfigError(f"dispatch_at takes a datetime or seconds since the epoch, got {when!r}")
+    return float(when)
 
 
 def _status(value: Status | str) -> Status:
@@ -443,11 +448,4 @@ def _priority(value: Priority | str) -> Priority:
 
 
 def _safe_url(connection: Any) -> str:
-    if not isinstance(connection, str):
-        return repr(connection)
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(connection).render_as_string(hide_password=True)
-    except Exception:
-        return connection.split("@")[-1]
+    return redact(connection) if isinstance(connection, str) else repr(connection)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -90,3 +91,82 @@ def test_worker_options_fall_back_to_config_and_validate() -> None:
     assert (resolved.timeout, resolved.poll_interval, resolved.max_jobs) == (120, 3, 9)
     with pytest.raises(ConfigError, match=r"WorkerOptions\.max_jobs"):
         WorkerOptions(max_jobs=-1).resolve(Config(driver="memory"))
+
+
+SECRET = "s3cr#t/pw"
+
+
+@pytest.mark.parametrize("probe", [
+    lambda: repr(Config(driver="redis", connection="redis://app:s3cr#t/pw@h:6379/0", password=SECRET)),
+    lambda: repr(Config(connection="postgresql://app:s3cr#t/pw@h/db")),
+    lambda: repr(neonnb.QueueManager(Config(driver="redis", connection="redis://app:s3cr#t/pw@h:6379/0"))),
+    lambda: Config.for_url("postgresql//app:s3cr#t/pw@h/db"),
+    lambda: _settings("redis://app:s3cr#t/pw@h:6379/0"),  # the unencoded '/' and '#'
+    lambda: _settings("redis://app:s3cr#t@h:6379/0"),
+    lambda: _settings("redis://app:s3cr@h:6379/0?bogus=1"),
+    lambda: _settings("redis://app:s3cr@h:6379/zero"),
+    lambda: _settings("redis://app:s3cr@h:6379/0?socket_timeout=soon"),
+    lambda: _settings("redis://app:s3cr@h:99999/0"),
+    lambda: repr(_settings("redis://app:s3cr@h:6379/0")),
+], ids=["config", "config-sql", "manager", "for_url", "unencoded", "hash", "option", "db", "socket_timeout", "port",
+        "settings"])
+def test_no_password_in_any_repr_or_error(probe: Callable[[], object]) -> None:
+    try:
+        shown = str(probe())
+    except Exception as exc:
+        shown = f"{type(exc).__name__}: {exc}"
+    assert "s3cr" not in shown, shown
+
+
+def _settings(url: str) -> object:
+    from neonnb.drivers.resp import Settings
+
+    return Settings.from_url(url)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 10**400, "99999999999999d"],
+                         ids=["nan", "inf", "-inf", "10**400", "huge-string"])
+@pytest.mark.parametrize("field", ["lease_timeout", "retry_delay", "timeout", "result_ttl"])
+def test_durations_are_finite(field: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=rf"Config\.{field} must be a finite duration|must not be negative"):
+        Config(**{field: value})  # type: ignore[arg-type]
+
+
+def test_dispatch_times_are_finite() -> None:
+    from tests import jobs
+
+    with neonnb.connect("memory://") as qm:
+        with pytest.raises(ConfigError, match="delay must be a finite duration"):
+            qm.dispatch_after("q", jobs.Note("x"), float("nan"))
+        with pytest.raises(ConfigError, match="dispatch_at takes a datetime or seconds since the epoch, got nan"):
+            qm.dispatch_at("q", jobs.Note("x"), float("nan"))
+        assert qm.stats() == {}
+
+
+def test_yaml_environment_values_stay_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "queue.yaml"
+    path.write_text("queue:\n  driver: redis\n  connection: ${REDIS_ADDR}\n  password: ${PW}\n"
+                    "  workers: ${WORKERS:-7}\n  backoff_jitter: ${JITTER:-yes}\n  default_queue: ${Q}\n")
+    monkeypatch.setenv("REDIS_ADDR", "localhost:6379")
+    monkeypatch.setenv("Q", "yes")
+    for password in ("0123", "yes", "p@ss: #word", "null"):
+        monkeypatch.setenv("PW", password)
+        config = Config.from_yaml(path)
+        assert config.password == password
+    assert (config.workers, config.backoff_jitter, config.default_queue) == (7, True, "yes")
+    assert config.connection == "redis://localhost:6379"  # the spec's host:port form
+
+
+def test_a_yaml_number_where_a_password_goes_says_to_quote_it(tmp_path: Path) -> None:
+    path = tmp_path / "queue.yaml"
+    path.write_text("queue:\n  driver: redis\n  password: 0123\n")
+    with pytest.raises(ConfigError, match="quote it: password: '0123'"):
+        Config.from_yaml(path)
+
+
+def test_table_names_within_the_databases_limits() -> None:
+    Config(table_name="t" * 54)
+    with pytest.raises(ConfigError, match="at most 54 characters"):
+        Config(table_name="t" * 55)
+    with pytest.raises(ConfigError, match="must not end in _marks"):
+        Config(table_name="jobs_marks")

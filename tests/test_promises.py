@@ -7,6 +7,7 @@ conformance suite, which runs them on every store.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterator
 
@@ -16,6 +17,7 @@ from neonnb import Config, QueueManager, Status, WorkerOptions
 from neonnb.worker import backoff_delay
 from tests import jobs
 from tests.conftest import FakeClock, wait_until
+from tests.services import PostgresServer, RedisServer
 
 
 @pytest.fixture(autouse=True)
@@ -140,3 +142,19 @@ def test_a_raising_should_retry_keeps_the_jobs_own_error(qm: QueueManager) -> No
 def test_backoff_never_overflows_however_many_attempts() -> None:
     assert backoff_delay(1025, 5.0, 3600.0) == 3600.0
     assert backoff_delay(10**6, 5.0, 3600.0, jitter=True) <= 3600.0
+
+
+def test_the_specs_host_port_redis_connection_works(redis_server: RedisServer) -> None:
+    config = Config(driver="redis", connection=f"127.0.0.1:{redis_server.port}", key_prefix=f"t{os.urandom(4).hex()}:")
+    with QueueManager(config) as qm:
+        handle = qm.dispatch("q", jobs.Note("host-port"))
+        qm.worker("q", 1).run_once()
+        assert handle.result(timeout=10) == "host-port"
+
+
+def test_the_longest_table_name_allowed_works_on_postgres(postgres_server: PostgresServer) -> None:
+    config = Config(connection=postgres_server.new_database(), table_name="t" * 54)
+    with QueueManager(config) as qm:
+        handle = qm.dispatch("q", jobs.Note("long-name"))
+        qm.worker("q", 1).run_once()
+        assert handle.result(timeout=10) == "long-name"

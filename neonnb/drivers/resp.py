@@ -25,9 +25,10 @@ import time
 import typing
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import redact
 from ..errors import ConfigError
 
 try:
@@ -67,7 +68,7 @@ class Settings:
     host: str
     port: int
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     db: int = 0
     tls: ssl.SSLContext | None = None
     connect_timeout: float = 5.0
@@ -78,24 +79,32 @@ class Settings:
         """``redis://[user:password@]host[:port][/db]`` or ``rediss://`` (TLS), options in the
         query: socket_timeout (seconds to wait for a reply), and for TLS ssl_ca_certs,
         ssl_certfile, ssl_keyfile, ssl_cert_reqs, ssl_check_hostname."""
+        shown = redact(url)  # errors name the URL, never its password
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("redis", "rediss"):
-            raise ConfigError(f"a Redis URL starts with redis:// or rediss:// (TLS), got {url!r}")
+            raise ConfigError(f"a Redis URL starts with redis:// or rediss:// (TLS), got {shown!r}")
+        if "@" in parts.path + parts.query + parts.fragment:
+            raise ConfigError(f"the Redis URL {shown!r} has a '/', '?', '#' or '@' in its user name or password: "
+                              "percent-encode them (urllib.parse.quote(password, safe='')), or pass Config.password")
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(parts.query).items()}
         unknown = set(query) - {"db", "socket_timeout", *_TLS_OPTIONS}
         if unknown:
-            raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))} in the Redis URL {url!r}; "
+            raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))} in the Redis URL {shown!r}; "
                               f"known: db, socket_timeout, {', '.join(_TLS_OPTIONS)}")
         path_db = parts.path.strip("/") or query.get("db", "0")
         if not path_db.isdigit():
-            raise ConfigError(f"the database in the Redis URL {url!r} must be a number, got {path_db!r}")
+            raise ConfigError(f"the database in the Redis URL {shown!r} must be a number, got {path_db!r}")
+        try:
+            port = parts.port or 6379
+        except ValueError:
+            raise ConfigError(f"the port in the Redis URL {shown!r} must be a number from 1 to 65535") from None
         return cls(
-            host=parts.hostname or "127.0.0.1", port=parts.port or 6379,
+            host=parts.hostname or "127.0.0.1", port=port,
             username=urllib.parse.unquote(parts.username) if parts.username else None,
             password=password or (urllib.parse.unquote(parts.password) if parts.password else None),
             db=database or int(path_db),  # Config.database, when set, wins over the URL
             tls=_tls_context(query) if parts.scheme == "rediss" else None,
-            reply_timeout=_seconds(query.get("socket_timeout", "10"), url),
+            reply_timeout=_seconds(query.get("socket_timeout", "10"), shown),
         )
 
     def hello(self) -> list[Command]:
