@@ -22,10 +22,14 @@ if TYPE_CHECKING:
 class JobHandle:
     """What dispatch returns: the job's id, its live status and progress, and its result."""
 
-    def __init__(self, manager: QueueManager, job_id: str, queue: str | None = None) -> None:
+    def __init__(self, manager: QueueManager, job_id: str, queue: str | None = None, *,
+                 stored_later: bool = False) -> None:
         self.manager = manager
         self.id = job_id
         self.queue = queue
+        # A job stored once others end (a batch's callback, a chain's later step): waiting on
+        # it waits for it to appear.
+        self.stored_later = stored_later
 
     def __repr__(self) -> str:
         return f"<JobHandle {self.id}>"
@@ -54,6 +58,8 @@ class JobHandle:
 
     async def afetch(self) -> JobRecord:
         record = await self.manager.driver.get(self.id, self.queue)
+        if record is None and self.stored_later:
+            raise JobNotFound(f"job {self.id} is not stored yet: it is stored once the jobs before it have ended")
         if record is None:
             raise JobNotFound(
                 f"job {self.id} not found: it never existed, was forgotten, or finished more "
@@ -82,11 +88,12 @@ class JobHandle:
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.005
         while True:
-            record = await self.afetch()
-            if record.status in FINISHED:
+            record = await (self.manager.driver.get(self.id, self.queue) if self.stored_later else self.afetch())
+            if record is not None and record.status in FINISHED:
                 return record
             if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"job {self.id} still {record.status.value} after {timeout:g}s")
+                state = "not stored yet" if record is None else f"still {record.status.value}"
+                raise TimeoutError(f"job {self.id} {state} after {timeout:g}s")
             await asyncio.sleep(pause)
             pause = min(pause * 1.5, 0.2)
 

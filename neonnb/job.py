@@ -450,8 +450,11 @@ class Context:
 
     @property
     def previous(self) -> Any:
-        """In a chain, the result of the step before this one (None for the first step)."""
-        previous = (self._record.flow or {}).get("chain", {}).get("previous")
+        """In a chain, the result of the step before this one (None for the first step); in a
+        batch's ``then`` job, the list of the batch's results in order (None for a job that
+        failed or was cancelled)."""
+        flow = self._record.flow or {}
+        previous = (flow.get("chain") or flow.get("after_batch") or {}).get("previous")
         return None if previous is None else json.loads(previous)
 
     @functools.cached_property

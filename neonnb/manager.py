@@ -38,6 +38,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("neonnb.manager")
 
+LEASE_ERROR: dict[str, Any] = {
+    "type": "LeaseExpired",
+    "message": (
+        "the worker running this job stopped heartbeating (it was killed, crashed or hung) on "
+        "the job's last allowed attempt; look for what kills the worker, then retry the job"
+    ),
+    "traceback": "",
+}
+"""The failure recorded when a job's worker kept dying under it."""
+
 
 class QueueManager:
     """The spec's ``queue.Manager``: ``QueueManager(Config(...))`` or ``neonnb.connect(url)``.
@@ -254,7 +264,7 @@ class QueueManager:
             batch_id = new_job_id()
             if records:
                 workflows.join_batch(batch_id, records, then_record)
-                callback = JobHandle(self, workflows.step_id(batch_id, "then"), queue)
+                callback = JobHandle(self, workflows.step_id(batch_id, "then"), queue, stored_later=True)
             else:
                 [callback] = await self._enqueue([then_record])  # nothing to wait for
         batch = workflows.BatchHandle(self, await self._enqueue(records) if records else [], callback)
@@ -319,8 +329,15 @@ class QueueManager:
         config = self.config
         self._next_housekeeping = now + max(config.poll_interval, config.lease_timeout / 4)
         recovered = await self.driver.recover_expired(now)
-        if recovered:
-            logger.warning("requeued %d job(s) whose worker stopped heartbeating", len(recovered))
+        if recovered.requeued:
+            logger.warning("requeued %d job(s) whose worker stopped heartbeating", len(recovered.requeued))
+        for record in recovered.exhausted:
+            # Counted first (a batch member's end), then ended: if this process dies between
+            # the two, the next housekeeping finds the job again and does both.
+            await workflows.member_finished(self, record, None)
+            if await self.driver.fail(record, record.worker_id or "", now, LEASE_ERROR):
+                logger.warning("job %s (%s) failed: its worker stopped heartbeating on its last allowed attempt",
+                               record.id, record.name)
         await self.driver.purge_finished(now - config.result_ttl)
 
     async def ajobs(
@@ -377,7 +394,7 @@ class QueueManager:
         if was is Status.QUEUED:
             record = await self.driver.get(job_id, queue)
             if record is not None and record.flow is not None:
-                await workflows.member_finished(self, record)  # a batch counts it as finished
+                await workflows.member_finished(self, record, None)  # a batch counts it as finished
         return was
 
     def cancel(self, job_id: str, queue: str | None = None) -> Status | None:

@@ -528,7 +528,7 @@ class Worker:
             step = workflows.next_step(record, result, self.manager.clock()) if succeeded else None
             if step is not None and await self.driver.enqueue_once(step):
                 self.manager._wake_workers(step.queue)
-            await workflows.member_finished(self.manager, record)
+            await workflows.member_finished(self.manager, record, result)
             return True
 
         return await self._persist(advance, "continue the workflow of") is not None

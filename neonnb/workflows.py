@@ -64,24 +64,40 @@ def next_step(record: JobRecord, result: str | None, now: float) -> JobRecord | 
     return _job_from(chain["steps"][index], step_id(chain["id"], index), record.queue, now, flow)
 
 
+def member_id(batch_id: str, index: int) -> str:
+    """A batch member's id: the batch's creation time, the member's place, then the batch's
+    random part. Time-ordered and FIFO within the batch, and derivable from the batch, so its
+    callback can gather every member's result."""
+    return f"{batch_id[:16]}{index:08x}{batch_id[24:32]}"
+
+
 def join_batch(batch_id: str, records: list[JobRecord], then: JobRecord) -> None:
     """Make ``records`` one batch whose last finished job stores ``then``."""
     batch = {"id": batch_id, "size": len(records), "then": _step(then)}
-    for record in records:
+    for index, record in enumerate(records):
+        record.id = member_id(batch_id, index)
         record.flow = {"batch": batch}
 
 
-async def member_finished(manager: QueueManager, record: JobRecord) -> None:
-    """Count a batch job's final outcome (succeeded, failed for good, cancelled). Whoever
-    completes the count stores the batch's callback job, once: its id is fixed."""
+async def member_finished(manager: QueueManager, record: JobRecord, result: str | None) -> None:
+    """Count a batch job's final outcome (succeeded with ``result``, failed for good,
+    cancelled). Whoever completes the count stores the batch's callback job, once (its id is
+    fixed), with every member's result in order (None for those that did not succeed) as its
+    ``ctx.previous``."""
     batch = (record.flow or {}).get("batch")
     if batch is None:
         return
-    now = manager.clock()
-    if await manager.driver.mark(record.queue, f"batch:{batch['id']}", record.id, now) >= batch["size"]:
-        callback = _job_from(batch["then"], step_id(batch["id"], "then"), record.queue, now, None)
-        if await manager.driver.enqueue_once(callback):
-            manager._wake_workers(callback.queue)
+    driver, now = manager.driver, manager.clock()
+    results = await driver.mark(record.queue, f"batch:{batch['id']}", record.id, result or "null", now,
+                                batch["size"])
+    if results is None:
+        return
+    ids = [member_id(batch["id"], index) for index in range(batch["size"])]
+    previous = "[" + ",".join(results.get(job_id) or "null" for job_id in ids) + "]"
+    flow = {"after_batch": {"id": batch["id"], "previous": previous}}
+    callback = _job_from(batch["then"], step_id(batch["id"], "then"), record.queue, now, flow)
+    if await driver.enqueue_once(callback):
+        manager._wake_workers(callback.queue)
 
 
 @dataclass
@@ -107,7 +123,7 @@ class ChainHandle:
     def step(self, index: int) -> JobHandle:
         from .handles import JobHandle
 
-        return JobHandle(self.manager, step_id(self.id, index), self.queue)
+        return JobHandle(self.manager, step_id(self.id, index), self.queue, stored_later=index > 0)
 
     async def astatus(self) -> ChainStatus:
         steps = []

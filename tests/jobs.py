@@ -303,3 +303,24 @@ class RaisingShouldRetry(Job):
 
     def should_retry(self, err: Exception) -> bool:
         raise TypeError("should_retry is broken")
+
+
+class Collect(Job):
+    """A batch's callback: returns what it received."""
+
+    def handle(self, ctx: Context) -> object:
+        RECORD.add("collected")
+        return ctx.previous
+
+
+class Last(Job):
+    """One attempt only: a job whose worker dies under it fails for good."""
+
+    tag: str
+
+    def handle(self, ctx: Context) -> str:
+        RECORD.add(self.tag)
+        return self.tag
+
+    def max_attempts(self) -> int:
+        return 1

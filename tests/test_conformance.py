@@ -415,3 +415,53 @@ def test_a_batch_handle_counts_its_jobs(make_manager: MakeManager, clock: FakeCl
     drain(qm)
     assert jobs.RECORD.counts["all done"] == 1
     assert qm.dispatch_batch("q", [], then=jobs.Note("empty")).then is not None  # nothing to wait for
+
+
+def test_every_batch_callback_runs_once_when_members_end_together(make_manager: MakeManager) -> None:
+    # Two managers (two connections, as two processes) with eight slots each, on 60 batches
+    # of 4: the last members of a batch often end at the same moment.
+    managers = [make_manager(poll_interval=0.05) for _ in range(2)]
+    batches = [managers[0].dispatch_batch("q", [jobs.Note(f"b{b}-{m}") for m in range(4)], then=jobs.Collect())
+               for b in range(60)]
+    workers = [qm.worker("q", 8).start() for qm in managers]
+    try:
+        wait_until(lambda: managers[0].stats()["q"].succeeded >= 300, timeout=90,
+                   what="every member and every callback to succeed")
+    finally:
+        for worker in workers:
+            worker.stop()
+    assert jobs.RECORD.counts["collected"] == 60
+    assert batches[7].then is not None
+    assert batches[7].then.result(timeout=1) == [f"b7-{m}" for m in range(4)]
+
+
+def test_a_batch_member_whose_worker_died_on_its_last_attempt_still_counts(
+    make_manager: MakeManager, clock: FakeClock
+) -> None:
+    qm = make_manager(clock=clock, lease_timeout=30)
+    batch = qm.dispatch_batch("q", [jobs.Last("doomed"), jobs.Last("fine")], then=jobs.Collect())
+    [doomed] = loop.run_sync(qm.driver.reserve(["q"], 1, "dead-worker", clock(), clock() + 30))
+    assert doomed.id == batch[0].id
+    drain(qm)
+    assert jobs.RECORD.counts["collected"] == 0, "the callback ran before every member ended"
+    clock.advance(31)  # the dead worker's lease ends; housekeeping fails the job for good
+    drain(qm)
+    failed = qm.failed.get(batch[0].id)
+    assert (failed.error_type, failed.attempts) == ("LeaseExpired", 1)
+    assert batch.then is not None and batch.then.result(timeout=5) == [None, "fine"]
+    assert jobs.RECORD.counts["collected"] == 1
+
+
+def test_a_batch_callbacks_result_can_be_awaited_before_it_exists(make_manager: MakeManager) -> None:
+    qm = make_manager(poll_interval=0.05)
+    batch = qm.dispatch_batch("q", [jobs.Note(f"n{i}") for i in range(3)], then=jobs.Collect())
+    assert batch.then is not None
+    waiting: list[object] = []
+    waiter = threading.Thread(target=lambda: waiting.append(batch.then.result(timeout=30)))  # type: ignore[union-attr]
+    waiter.start()
+    worker = qm.worker("q", 2).start()
+    try:
+        waiter.join(30)
+    finally:
+        worker.stop()
+    assert waiting == [["n0", "n1", "n2"]]

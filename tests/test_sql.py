@@ -128,3 +128,21 @@ def test_sqlite_writers_take_turns_so_a_waiting_dispatch_can_be_interrupted(tmp_
     qm.dispatch("q", jobs.Note("stored"))  # the turns were given back
     assert qm.size("q") == 1
     qm.close()
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres", "mariadb"])
+def test_a_marks_table_made_by_an_older_neonnb_gets_its_new_column(
+    request: pytest.FixtureRequest, tmp_path: Path, store: str
+) -> None:
+    url = connection_for(request, store, tmp_path)
+    engine = create_engine(url)
+    with engine.begin() as conn:  # the marks table as neonnb made it before batch results
+        conn.exec_driver_sql("CREATE TABLE neonnb_jobs_marks (grp VARCHAR(100) NOT NULL, member VARCHAR(36) NOT NULL, "
+                             "created_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (grp, member))")
+    engine.dispose()
+    with QueueManager(Config(connection=url)) as qm:
+        batch = qm.dispatch_batch("q", [jobs.Note("a"), jobs.Note("b")], then=jobs.Collect())
+        worker = qm.worker("q", 2)
+        while worker.run_once():
+            pass
+        assert batch.then is not None and batch.then.result(timeout=5) == ["a", "b"]

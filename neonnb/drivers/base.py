@@ -38,6 +38,15 @@ class QueueCounts:
         return sum(self.waiting.values()) + self.delayed
 
 
+@dataclass
+class Recovered:
+    """What ``recover_expired`` found: the requeued ids, and the jobs that used up their
+    attempts (still RUNNING under their dead worker's id)."""
+
+    requeued: list[str] = field(default_factory=list)
+    exhausted: list[JobRecord] = field(default_factory=list)
+
+
 class Waiter(abc.ABC):
     """One idle worker's wait for a job handed over as it is dispatched: one trip from the
     dispatcher to the worker, where a wake-up and then a claim would take two."""
@@ -87,10 +96,14 @@ class Driver(abc.ABC):
         id of the job that has it (this one's when stored). Atomic across processes."""
 
     @abc.abstractmethod
-    async def mark(self, queue: str, group: str, member: str, now: float) -> int:
-        """Add ``member`` to the set ``group`` (kept with ``queue``'s jobs; adding twice adds
-        once) and return the set's size. Sets are dropped with finished jobs by
-        ``purge_finished``. Batches count their finished jobs this way."""
+    async def mark(self, queue: str, group: str, member: str, value: str, now: float,
+                   complete_at: int) -> dict[str, str] | None:
+        """Add ``member`` with ``value`` to the set ``group`` (kept with ``queue``'s jobs; a
+        member added twice keeps its first value) and, if the set now has ``complete_at``
+        members or more, return every member's value; else None. Atomic: of members added
+        at once, the one that completes the set sees it complete. Sets are dropped with
+        finished jobs by ``purge_finished``. Batches count their finished jobs this way, each
+        with its result."""
 
     @abc.abstractmethod
     async def reserve(
@@ -139,9 +152,11 @@ class Driver(abc.ABC):
         """Give jobs back to the queue unfinished (graceful stop); their attempt is not counted."""
 
     @abc.abstractmethod
-    async def recover_expired(self, now: float) -> list[str]:
-        """Requeue RUNNING jobs whose lease ended (their worker died), attempt counted; those
-        that used up ``max_attempts`` go to the failed store. Returns the requeued ids."""
+    async def recover_expired(self, now: float) -> Recovered:
+        """Requeue RUNNING jobs whose lease ended (their worker died), attempt counted. Those
+        that used up ``max_attempts`` stay as they are and come back as records: the caller
+        ends them (``fail`` under their dead worker's id) once it has counted them where they
+        count (a batch), so that an end is never recorded without its consequences."""
 
     @abc.abstractmethod
     async def purge_finished(self, before: float) -> int:
@@ -181,14 +196,3 @@ class Driver(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - drivers without resources need nothing
         """Release connections."""
-
-
-LEASE_ERROR: dict[str, Any] = {
-    "type": "LeaseExpired",
-    "message": (
-        "the worker running this job stopped heartbeating (it was killed, crashed or hung) on "
-        "the job's last allowed attempt; look for what kills the worker, then retry the job"
-    ),
-    "traceback": "",
-}
-"""The failure recorded when a job's worker kept dying under it."""

@@ -44,7 +44,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, NoSuchModuleError, Operat
 
 from ..errors import ConfigError
 from ..job import JobRecord, Priority, Status
-from .base import LEASE_ERROR, Driver, QueueCounts
+from .base import Driver, QueueCounts, Recovered
 from .pg_notify import Listener, announce, install_trigger
 from .sql_schema import (
     CANCELLED,
@@ -54,6 +54,7 @@ from .sql_schema import (
     RUNNING,
     SUCCEEDED,
     HotStatements,
+    add_missing_columns,
     enqueued_row,
     insert_ignoring,
     jobs_table,
@@ -225,6 +226,7 @@ class DatabaseDriver(Driver):
             if self._postgres:
                 conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": self.table.name})
             self.table.metadata.create_all(conn, checkfirst=True)
+            add_missing_columns(conn, self.marks)
             if self._notifies:
                 install_trigger(conn, self.table.name)
 
@@ -321,24 +323,31 @@ class DatabaseDriver(Driver):
         row = dict(zip(ENQUEUED_COLUMNS, enqueued_row(record), strict=True))
 
         def store_unless_held(conn: Connection) -> str:
-            # Look and insert under a lock on the key that lasts until the commit, so two
-            # dispatches can't both miss each other. SQLite's BEGIN IMMEDIATE already
-            # serialises writers; PostgreSQL's advisory lock ends with the transaction.
-            if self._postgres:
-                conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": record.unique_key})
             existing = conn.execute(holder).scalar()
             if existing is not None:
                 return str(existing)
             conn.execute(self.table.insert(), {**row, "unique_key": record.unique_key})
             return record.id
 
-        if self.engine.dialect.name not in ("mysql", "mariadb"):
-            return await self._transaction(store_unless_held)
+        return await self._locked(f"unique:{record.unique_key}", store_unless_held)
 
-        def under_named_lock() -> str:
+    async def _locked(self, key: str, fn: Callable[[Connection], T]) -> T:
+        """``fn`` in one transaction under a lock on ``key`` that lasts until the commit, so
+        two callers can't both read before either writes: PostgreSQL's advisory lock (it ends
+        with the transaction), MariaDB's named lock (taken before, released after the commit);
+        SQLite's BEGIN IMMEDIATE already serialises writers."""
+        if self.engine.dialect.name not in ("mysql", "mariadb"):
+            def locked(conn: Connection) -> T:
+                if self._postgres:
+                    conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": key})
+                return fn(conn)
+
+            return await self._transaction(locked)
+
+        def under_named_lock() -> T:
             self._ensure_schema()
-            with self.engine.connect() as conn, mysql_lock(conn, f"neonnb:{record.unique_key}"), conn.begin():
-                return store_unless_held(conn)
+            with self.engine.connect() as conn, mysql_lock(conn, f"neonnb:{key}"), conn.begin():
+                return fn(conn)
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, under_named_lock)
 
@@ -467,18 +476,15 @@ class DatabaseDriver(Driver):
 
         return await self._transaction(give_back, durable=False) if jobs else 0
 
-    async def recover_expired(self, now: float) -> list[str]:
+    async def recover_expired(self, now: float) -> Recovered:
         c = self.table.c
         expired = and_(c.status == RUNNING, c.lease_expires < now)
 
-        def recover(conn: Connection) -> list[str]:
-            conn.execute(
-                update(self.table)
-                .where(expired, c.attempts >= c.max_attempts)
-                .values(status=FAILED, finished_at=now, lease_expires=None,
-                        error=json.dumps(LEASE_ERROR))
-            )
-            rows = list(conn.execute(select(c.id, c.queue).where(expired).with_for_update(skip_locked=True)))
+        def recover(conn: Connection) -> Recovered:
+            exhausted = [self._record(row) for row in
+                         conn.execute(select(self.table).where(expired, c.attempts >= c.max_attempts))]
+            retryable = and_(expired, c.attempts < c.max_attempts)
+            rows = list(conn.execute(select(c.id, c.queue).where(retryable).with_for_update(skip_locked=True)))
             ids = [row.id for row in rows]
             if ids:
                 conn.execute(
@@ -486,7 +492,7 @@ class DatabaseDriver(Driver):
                     .values(status=QUEUED, run_at=now, worker_id=None, lease_expires=None)
                 )
                 self._announce(conn, {row.queue for row in rows})
-            return ids
+            return Recovered(ids, exhausted)
 
         return await self._transaction(recover, durable=False)
 
@@ -501,14 +507,20 @@ class DatabaseDriver(Driver):
 
         return await self._transaction(purge)
 
-    async def mark(self, queue: str, group: str, member: str, now: float) -> int:
-        size = select(func.count()).select_from(self.marks).where(self.marks.c.grp == group)
+    async def mark(self, queue: str, group: str, member: str, value: str, now: float,
+                   complete_at: int) -> dict[str, str] | None:
+        m = self.marks.c
+        size = select(func.count()).select_from(self.marks).where(m.grp == group)
 
-        def add(conn: Connection) -> int:
-            conn.execute(self._insert_mark, {"grp": group, "member": member, "created_at": now})
-            return int(conn.execute(size).scalar_one())
+        def add(conn: Connection) -> dict[str, str] | None:
+            conn.execute(self._insert_mark, {"grp": group, "member": member, "value": value, "created_at": now})
+            if conn.execute(size).scalar_one() < complete_at:
+                return None
+            return {row.member: row.value for row in conn.execute(select(m.member, m.value).where(m.grp == group))}
 
-        return await self._transaction(add)
+        # Under a lock on the set: at READ COMMITTED two members ending together would each
+        # count before the other's insert committed, and neither would see the set complete.
+        return await self._locked(f"mark:{group}", add)
 
     async def get(self, job_id: str, queue: str | None = None) -> JobRecord | None:
         def fetch(conn: Connection) -> JobRecord | None:

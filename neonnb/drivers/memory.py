@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..job import JobRecord, Status
-from .base import LEASE_ERROR, Driver, QueueCounts
+from .base import Driver, QueueCounts, Recovered
 
 
 class MemoryDriver(Driver):
@@ -21,7 +21,7 @@ class MemoryDriver(Driver):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._jobs: dict[str, JobRecord] = {}
-        self._marks: dict[str, dict[str, float]] = {}
+        self._marks: dict[str, dict[str, tuple[str, float]]] = {}  # group -> member -> (value, when)
         self._entry_seq: dict[str, int] = {}
         self._scheduled: dict[str, list[tuple[float, int, str]]] = {}
         self._ready: dict[str, list[tuple[int, float, int, str]]] = {}
@@ -73,11 +73,12 @@ class MemoryDriver(Driver):
             self._store(record)
             return record.id
 
-    async def mark(self, queue: str, group: str, member: str, now: float) -> int:
+    async def mark(self, queue: str, group: str, member: str, value: str, now: float,
+                   complete_at: int) -> dict[str, str] | None:
         with self._lock:
             members = self._marks.setdefault(group, {})
-            members.setdefault(member, now)
-            return len(members)
+            members.setdefault(member, (value, now))
+            return {m: v for m, (v, _) in members.items()} if len(members) >= complete_at else None
 
     def _store(self, record: JobRecord) -> None:
         stored = copy.copy(record)
@@ -201,18 +202,17 @@ class MemoryDriver(Driver):
                     released += 1
         return released
 
-    async def recover_expired(self, now: float) -> list[str]:
-        requeued = []
+    async def recover_expired(self, now: float) -> Recovered:
+        recovered = Recovered()
         with self._lock:
             for record in self._jobs.values():
                 if record.status is Status.RUNNING and record.lease_expires is not None and record.lease_expires < now:
                     if record.attempts >= record.max_attempts:
-                        self._finish(record, Status.FAILED, now)
-                        record.error = dict(LEASE_ERROR)
+                        recovered.exhausted.append(replace(record))
                     else:
                         self._requeue(record, now)
-                        requeued.append(record.id)
-        return requeued
+                        recovered.requeued.append(record.id)
+        return recovered
 
     async def purge_finished(self, before: float) -> int:
         with self._lock:
@@ -223,7 +223,7 @@ class MemoryDriver(Driver):
             ]
             for job_id in old:
                 del self._jobs[job_id]
-            for group in [g for g, members in self._marks.items() if max(members.values()) < before]:
+            for group in [g for g, members in self._marks.items() if max(t for _, t in members.values()) < before]:
                 del self._marks[group]
         return len(old)
 

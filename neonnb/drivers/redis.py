@@ -22,7 +22,7 @@ from .. import _loop
 from ..errors import ConfigError, StoreUnavailable
 from ..job import JobRecord, Priority, Status
 from . import resp
-from .base import LEASE_ERROR, Driver, QueueCounts, Waiter
+from .base import Driver, QueueCounts, Recovered, Waiter
 from .wakeups import WAKE_ALL
 
 logger = logging.getLogger("neonnb.drivers.redis")
@@ -152,8 +152,10 @@ class RedisDriver(Driver):
     async def enqueue_unique(self, record: JobRecord) -> str:
         return str((await self._store([record], "unique"))[0])
 
-    async def mark(self, queue: str, group: str, member: str, now: float) -> int:
-        return int(await self._script("mark", [queue], [group, member, _num(now)]))
+    async def mark(self, queue: str, group: str, member: str, value: str, now: float,
+                   complete_at: int) -> dict[str, str] | None:
+        reply = await self._script("mark", [queue], [group, member, value, _num(now), complete_at])
+        return _fields(reply) if reply else None
 
     def enqueue_blocking(self, records: Sequence[JobRecord]) -> bool:
         by_queue = _enqueue_args(records)
@@ -262,10 +264,14 @@ class RedisDriver(Driver):
         released = await self._per_queue("release", _ids_by_queue(jobs), lambda q: [self.channel, q, worker_id])
         return sum(released)
 
-    async def recover_expired(self, now: float) -> list[str]:
+    async def recover_expired(self, now: float) -> Recovered:
         every = await self._by_queue(None, None)
-        requeued = await self._per_queue("recover", every, lambda q: [self.channel, q, _num(now), _LEASE_ERROR])
-        return [job_id for ids in requeued for job_id in ids]
+        replies = await self._per_queue("recover", every, lambda q: [self.channel, q, _num(now)])
+        recovered = Recovered([job_id for requeued, _ in replies for job_id in requeued])
+        exhausted = [(queue, job_id) for queue, (_, ids) in zip(every, replies, strict=True) for job_id in ids]
+        if exhausted:
+            recovered.exhausted = await self._reach(lambda client: self._records(client, exhausted))
+        return recovered
 
     async def purge_finished(self, before: float) -> int:
         return sum(await self._per_queue("purge", await self._by_queue(None, None), lambda q: [_num(before)]))
@@ -477,6 +483,3 @@ def _ids_by_queue(jobs: Sequence[JobRecord]) -> dict[str, list[Any]]:
     for job in jobs:
         groups.setdefault(job.queue, []).append(job.id)
     return groups
-
-
-_LEASE_ERROR = json.dumps(LEASE_ERROR)

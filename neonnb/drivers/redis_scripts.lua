@@ -24,7 +24,7 @@
 --                              scored by when the wait ends
 --   B.."inbox:"..worker  LIST  jobs handed to a waiting worker, already claimed for it (JSON
 --                              records; "" wakes it with nothing), expiring after a minute
---   B.."marks:"..group   SET   a mark set (a batch's finished job ids)
+--   B.."marks:"..group   HASH  a mark set: member -> value (a batch's finished job ids -> results)
 --   B.."marks"           ZSET  the mark sets' names scored by their latest change, for pruning
 --
 -- Each script below starts with a line "--! name"; the driver splits the file there.
@@ -112,13 +112,16 @@ if waiting > 0 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
 return result or stored
 
 --! mark
--- KEYS: B.  ARGV: group, member, now.   Adds member to the set; returns its size. The set
--- goes with the queue's finished jobs (purge) once its newest member is older than they are.
+-- KEYS: B.  ARGV: group, member, value, now, complete_at.   Adds member with its value to the
+-- set (a hash; the first value stays); returns every member's value (flat) once the set has
+-- complete_at members, else nothing. The set goes with the queue's finished jobs (purge) once
+-- its newest member is older than they are.
 local B = KEYS[1]
 local set = B .. 'marks:' .. ARGV[1]
-redis.call('SADD', set, ARGV[2])
-redis.call('ZADD', B .. 'marks', ARGV[3], ARGV[1])
-return redis.call('SCARD', set)
+redis.call('HSETNX', set, ARGV[2], ARGV[3])
+redis.call('ZADD', B .. 'marks', ARGV[4], ARGV[1])
+if redis.call('HLEN', set) >= tonumber(ARGV[5]) then return redis.call('HGETALL', set) end
+return false
 
 --! reserve
 -- KEYS: B of each queue.  ARGV: now, limit, worker_id, lease_expires.  Returns the claimed
@@ -295,26 +298,26 @@ if released > 0 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
 return released
 
 --! recover
--- KEYS: B.  ARGV: wake channel, queue, now, lease_error_json   (jobs whose worker stopped
--- heartbeating)
+-- KEYS: B.  ARGV: wake channel, queue, now   (jobs whose worker stopped heartbeating)
+-- Returns {requeued ids, exhausted ids}: a job that used up its attempts stays running under
+-- its dead worker's id; the driver's caller ends it (fail) once it has counted it.
 local B, now = KEYS[1], ARGV[3]
-local requeued = {}
+local requeued, exhausted = {}, {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', B .. 'running', '-inf', '(' .. now)) do
   local key = B .. 'job:' .. id
   local job = redis.call('HMGET', key, 'attempts', 'max_attempts', 'priority')
-  redis.call('ZREM', B .. 'running', id)
-  redis.call('HDEL', key, 'worker_id', 'lease_expires')
   if tonumber(job[1]) >= tonumber(job[2]) then
-    redis.call('HSET', key, 'status', 'failed', 'finished_at', now, 'error', ARGV[4])
-    redis.call('ZADD', B .. 'failed', now, id)
+    exhausted[#exhausted + 1] = id
   else
+    redis.call('ZREM', B .. 'running', id)
+    redis.call('HDEL', key, 'worker_id', 'lease_expires')
     redis.call('HSET', key, 'status', 'queued', 'run_at', now)
     redis.call('ZADD', B .. 'ready:' .. job[3], now, id)
     requeued[#requeued + 1] = id
   end
 end
 if #requeued > 0 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
-return requeued
+return {requeued, exhausted}
 
 --! purge
 -- KEYS: B.  ARGV: before   (succeeded and cancelled jobs past their result TTL)

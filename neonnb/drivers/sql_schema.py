@@ -45,6 +45,7 @@ def jobs_table(name: str) -> Table:
         Column("grp", String(100), primary_key=True),
         Column("member", String(36), primary_key=True),
         Column("created_at", Double, nullable=False),
+        Column("value", Text),  # what the member brought (a batch job's result); added in 0.1.x
     )
     t = Table(
         name,
@@ -93,6 +94,20 @@ ENQUEUED_COLUMNS = (
     "id", "queue", "name", "payload", "priority", "status", "attempts", "max_attempts", "timeout", "run_at",
     "created_at", "flow",
 )
+
+
+def add_missing_columns(conn: Connection, table: Table) -> None:
+    """Columns added to ``table`` since an older neonnb created it: ALTER TABLE adds them
+    (all nullable), so an existing database keeps working after an upgrade."""
+    from sqlalchemy import inspect
+
+    have = {column["name"] for column in inspect(conn).get_columns(table.name)}
+    preparer = conn.dialect.identifier_preparer
+    for column in table.columns:
+        if column.name not in have:
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.execute(text(f"ALTER TABLE {preparer.format_table(table)} ADD COLUMN "
+                              f"{preparer.format_column(column)} {kind}"))
 
 
 def insert_ignoring(table: Table, dialect: str) -> Any:
