@@ -11,8 +11,14 @@ and the tick's time, and the driver stores a job only if no job with that id exi
 (``enqueue_once``, atomic in every driver). So any number of schedulers, in kernels or on
 machines, may run the same schedules: each tick is dispatched exactly once.
 
-Missed ticks: a scheduler looks back ``catch_up`` (default 0: skip what was missed) when it
-starts, and dispatches the ticks of that window that no one dispatched.
+Missed ticks: a tick seen more than a second after its time was missed (the scheduler was
+down, paused or its machine asleep). Missed ticks within ``catch_up`` (default 0) of now are
+dispatched if no one did; of the others only the latest fires, once, on resume.
+
+Time zones: a cron whose hour is fixed ("30 2 * * *") follows the wall clock of its ``tz``:
+once a day across DST changes. On the autumn day whose 02:30 happens twice it fires at the
+first; on the spring day whose 02:30 doesn't exist it fires when the clock jumps past it
+(03:30 by the wall clock). A cron of every hour ("0 * * * *") fires every real hour.
 """
 
 from __future__ import annotations
@@ -26,9 +32,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from croniter import CroniterBadDateError, croniter
+
 from ._loop import run_sync, submit
 from .config import parse_duration
 from .errors import ConfigError, MissingDependency
+from .job import JobRecord
 
 if TYPE_CHECKING:
     import concurrent.futures
@@ -41,6 +50,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("neonnb.scheduler")
 
 MAX_CATCH_UP_TICKS = 1000  # a catch-up window never dispatches more than this per schedule
+# A tick seen later than this after its time was missed. The running scheduler wakes at each
+# tick's time, so an on-time tick is seen within milliseconds.
+LATE_AFTER = 1.0
 
 
 @dataclass
@@ -71,8 +83,29 @@ class Schedule:
             # computes the same ones whenever it started.
             return (after // self.interval + 1) * self.interval
         assert self.cron is not None
-        start = dt.datetime.fromtimestamp(after, self.tz)
-        return float(_croniter(self.cron, start).get_next(float))
+        if not _follows_wall_clock(self.cron):
+            return float(_croniter(self.cron, dt.datetime.fromtimestamp(after, self.tz)).get_next(float))
+        # On the wall clock: the next matching local time, placed at its first occurrence
+        # (fold=0; a time in the spring gap lands just past the jump). A time whose first
+        # occurrence is before ``after`` (we are in the repeated hour) is skipped.
+        ticks = _croniter(self.cron, dt.datetime.fromtimestamp(after, self.tz).replace(tzinfo=None))
+        while True:
+            tick = ticks.get_next(dt.datetime).replace(tzinfo=self.tz).timestamp()
+            if tick > after:
+                return float(tick)
+
+    def latest_tick(self, at: float) -> float | None:
+        """The latest tick at or before ``at`` (None: none in the two years before): looks
+        back in doubling windows until one holds a tick, then walks forward."""
+        window = 1.0
+        while window < 2 * 366 * 86400:
+            tick = self.next_tick(at - window)
+            if tick <= at:
+                while (following := self.next_tick(tick)) <= at:
+                    tick = following
+                return tick
+            window *= 2
+        return None
 
     def job_id(self, tick: float) -> str:
         """The id of this tick's job: the same in every process, and time-ordered like the
@@ -100,14 +133,21 @@ class Scheduler:
              catch_up: Any = 0) -> Schedule:
         """Dispatch ``job`` on the cron expression ``expr``: five fields, or six with seconds
         first (``"*/10 * * * * *"``), in time zone ``tz``."""
-        _croniter(expr, dt.datetime.now(dt.timezone.utc))  # refuses a bad expression now
+        if not isinstance(expr, str):
+            raise ConfigError(f"schedule {name!r}: a cron expression is a string such as '*/5 * * * *', "
+                              f"got {expr!r}")
         try:
             zone = ZoneInfo(tz)
-        except (ZoneInfoNotFoundError, ValueError):
+        except (ZoneInfoNotFoundError, ValueError, TypeError):
             raise ConfigError(f"unknown time zone {tz!r} for schedule {name!r}: use an IANA name such as "
                               "'Europe/Berlin' or 'UTC'") from None
-        return self._add(Schedule(name, job, queue or self.manager.config.default_queue, cron=expr, tz=zone,
-                                  catch_up=parse_duration(catch_up, f"schedule {name!r} catch_up")))
+        schedule = Schedule(name, job, queue or self.manager.config.default_queue, cron=expr, tz=zone,
+                            catch_up=parse_duration(catch_up, f"schedule {name!r} catch_up"))
+        try:
+            schedule.next_tick(self.manager.clock())  # refuses a bad or impossible expression now
+        except CroniterBadDateError:
+            raise ConfigError(f"cron expression {expr!r} of schedule {name!r} never fires (no such date)") from None
+        return self._add(schedule)
 
     def every(self, name: str, interval: Any, job: Any, *, queue: str | None = None, catch_up: Any = 0) -> Schedule:
         """Dispatch ``job`` every ``interval`` (seconds, timedelta or "5m")."""
@@ -138,17 +178,29 @@ class Scheduler:
         now = self.manager.clock()
         stored = []
         for schedule in list(self.schedules.values()):
-            since = self._checked.setdefault(schedule.name, now - schedule.catch_up)
-            for tick in schedule.ticks(since, now):
-                record = self.manager._record(schedule.queue, schedule.job, run_at=tick)
-                record.id = schedule.job_id(tick)
-                if await self.manager.driver.enqueue_once(record):
-                    stored.append(JobHandle(self.manager, record.id, record.queue))
-                    self.manager._wake_workers(record.queue, tick)
-                    logger.info("schedule %s: dispatched the tick of %s", schedule.name, _iso(tick))
-                schedule.last_tick = tick
-                self._checked[schedule.name] = tick
-            self._checked[schedule.name] = max(self._checked[schedule.name], now)
+            try:
+                stored += await self._tick_one(schedule, now)
+            except Exception as exc:  # a store outage, or a job that no longer encodes: the others go on
+                logger.error("schedule %s: dispatching failed (%r); the other schedules go on", schedule.name, exc)
+        return [JobHandle(self.manager, record.id, record.queue) for record in stored]
+
+    async def _tick_one(self, schedule: Schedule, now: float) -> list[JobRecord]:
+        since = self._checked.setdefault(schedule.name, now - schedule.catch_up)
+        # Ticks on time or within catch_up; of those missed before, the latest alone.
+        ticks = schedule.ticks(max(since, now - max(schedule.catch_up, LATE_AFTER)), now)
+        if not ticks and (latest := schedule.latest_tick(now)) is not None and latest > since:
+            ticks = [latest]
+        stored = []
+        for tick in ticks:
+            record = self.manager._record(schedule.queue, schedule.job, run_at=tick)
+            record.id = schedule.job_id(tick)
+            if await self.manager.driver.enqueue_once(record):
+                stored.append(record)
+                self.manager._wake_workers(record.queue, tick)
+                logger.info("schedule %s: dispatched the tick of %s", schedule.name, _iso(tick))
+            schedule.last_tick = tick
+            self._checked[schedule.name] = tick
+        self._checked[schedule.name] = max(self._checked[schedule.name], now)
         return stored
 
     def tick(self) -> list[JobHandle]:
@@ -224,10 +276,6 @@ class Scheduler:
 
 
 def _croniter(expr: str, start: dt.datetime) -> Any:
-    try:
-        from croniter import croniter
-    except ImportError as exc:  # pragma: no cover - croniter is a dependency
-        raise MissingDependency("cron schedules need croniter: pip install croniter") from exc
     fields = expr.split()
     if len(fields) not in (5, 6):
         raise ConfigError(f"cron expression {expr!r} has {len(fields)} fields; use five (minute hour day month "
@@ -236,6 +284,13 @@ def _croniter(expr: str, start: dt.datetime) -> Any:
         return croniter(expr, start, second_at_beginning=len(fields) == 6)
     except (ValueError, KeyError) as exc:
         raise ConfigError(f"invalid cron expression {expr!r}: {exc}") from None
+
+
+def _follows_wall_clock(expr: str) -> bool:
+    """Whether the cron names hours (``30 2 * * *``): then it follows the local wall clock,
+    once a day across DST changes; with every hour (``*``) it follows real time."""
+    fields = expr.split()
+    return fields[2 if len(fields) == 6 else 1] != "*"
 
 
 def _iso(epoch: float) -> str:

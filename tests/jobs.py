@@ -324,3 +324,18 @@ class Last(Job):
 
     def max_attempts(self) -> int:
         return 1
+
+
+FRAGILE_BROKEN = threading.Event()
+
+
+class Fragile(Job):
+    """Dispatches while FRAGILE_BROKEN is clear; after that its priority() raises."""
+
+    def handle(self, ctx: Context) -> None:
+        pass
+
+    def priority(self) -> Priority:
+        if FRAGILE_BROKEN.is_set():
+            raise RuntimeError("fragile is broken")
+        return Priority.NORMAL

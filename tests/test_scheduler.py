@@ -60,8 +60,11 @@ def test_cron_with_seconds_and_a_time_zone(make_manager: MakeManager, clock: Fak
     every_ten = s.cron("ten-seconds", "*/10 * * * * *", jobs.Note("ten"))
     assert every_ten.next_tick(clock.now + 3) == clock.now + 10
     s.tick()
-    clock.advance(31)
-    assert len(s.tick()) == 3  # +10, +20, +30; the standup is still an hour and a half away
+    fired = 0
+    for _ in range(31):
+        clock.advance(1)
+        fired += len(s.tick())
+    assert fired == 3  # +10, +20, +30; the standup is still an hour and a half away
     frame = s.schedules_df()
     assert list(frame.index) == ["standup", "ten-seconds"]
     assert frame.loc["ten-seconds", "last_run"] == dt.datetime.fromtimestamp(clock.now - 1, dt.timezone.utc)
@@ -110,9 +113,74 @@ def test_bad_schedules_are_refused_with_what_was_wrong() -> None:
         s.cron("bad", "0 * * * *", jobs.Note("x"), tz="Mars/Olympus")
     with pytest.raises(ConfigError, match="interval must be positive"):
         s.every("bad", 0, jobs.Note("x"))
+    with pytest.raises(ConfigError, match=r"'0 0 31 2 \*' of schedule 'bad' never fires"):
+        s.cron("bad", "0 0 31 2 *", jobs.Note("x"))
+    for not_a_cron in (None, 5):
+        with pytest.raises(ConfigError, match="a cron expression is a string such as"):
+            s.cron("bad", not_a_cron, jobs.Note("x"))  # type: ignore[arg-type]
+    for not_an_interval in (float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="must be a finite duration"):
+            s.every("bad", not_an_interval, jobs.Note("x"))
     with pytest.raises(SerializationError, match="conn"):
         s.every("bad", 60, jobs.HoldsObject("x", jobs.Unstorable()))
     assert s.schedules == {}
+    qm.close()
+
+
+def test_a_pause_fires_at_most_the_latest_tick_without_catch_up(make_manager: MakeManager, clock: FakeClock) -> None:
+    qm = make_manager(clock=clock)
+    s = qm.scheduler()
+    s.every("each-second", 1, jobs.Note("beat"), queue="t")
+    s.cron("each-second-cron", "* * * * * *", jobs.Note("cron-beat"), queue="t")
+    s.every("caught-up", 1, jobs.Note("caught"), queue="c", catch_up=5)
+    s.tick()
+    for pause in (20, 3600):  # a SIGSTOP, a laptop asleep for an hour
+        clock.advance(pause)
+        fired = s.tick()
+        by_queue = sorted(h.queue or "" for h in fired)
+        assert by_queue == ["c"] * 5 + ["t", "t"], f"after {pause}s: {by_queue}"
+        assert {h.fetch().run_at for h in fired if h.queue == "t"} == {clock()}
+        clock.advance(1)
+        assert len(s.tick()) == 3, "on time again: one tick each"
+
+
+def test_one_failing_schedule_never_stops_the_others(make_manager: MakeManager, clock: FakeClock) -> None:
+    qm = make_manager(clock=clock)
+    s = qm.scheduler()
+    s.every("fragile", 1, jobs.Fragile(), queue="t")
+    s.every("sturdy", 1, jobs.Note("sturdy"), queue="t")
+    s.tick()
+    jobs.FRAGILE_BROKEN.set()
+    try:
+        clock.advance(1)
+        fired = s.tick()
+    finally:
+        jobs.FRAGILE_BROKEN.clear()
+    assert [h.fetch().name for h in fired] == ["tests.jobs.Note"]
+    clock.advance(1)
+    assert len(s.tick()) == 2
+
+
+def _local(schedule: object, start: dt.datetime, end: dt.datetime) -> list[str]:
+    from neonnb.scheduler import Schedule
+
+    assert isinstance(schedule, Schedule)
+    return [dt.datetime.fromtimestamp(t, schedule.tz).isoformat()
+            for t in schedule.ticks(start.timestamp(), end.timestamp())]
+
+
+def test_a_daily_cron_fires_once_a_day_across_dst_changes() -> None:
+    qm = QueueManager(config_for("memory://"))
+    s = qm.scheduler()
+    daily = s.cron("nightly", "30 2 * * *", jobs.Note("x"), tz="Europe/Berlin")
+    hourly = s.cron("hourly", "0 * * * *", jobs.Note("x"), tz="Europe/Berlin")
+    utc = dt.timezone.utc
+    autumn = _local(daily, dt.datetime(2026, 10, 24, 12, tzinfo=utc), dt.datetime(2026, 10, 26, 12, tzinfo=utc))
+    assert autumn == ["2026-10-25T02:30:00+02:00", "2026-10-26T02:30:00+01:00"]  # 02:30 happens twice: once
+    spring = _local(daily, dt.datetime(2026, 3, 28, 12, tzinfo=utc), dt.datetime(2026, 3, 30, 12, tzinfo=utc))
+    assert spring == ["2026-03-29T03:30:00+02:00", "2026-03-30T02:30:00+02:00"]  # no 02:30: as the clock jumps
+    hours = _local(hourly, dt.datetime(2026, 10, 24, 22, tzinfo=utc), dt.datetime(2026, 10, 25, 23, tzinfo=utc))
+    assert len(hours) == 25, "every real hour, the repeated one too"
     qm.close()
 
 
