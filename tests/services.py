@@ -73,8 +73,9 @@ def _owned_tempdir(prefix: str, user: str) -> Path:
 class PostgresServer:
     """`initdb` + `pg_ctl` on a free port; `restart()` is `pg_ctl restart -m fast`."""
 
-    def __init__(self, fsync: bool = False) -> None:
+    def __init__(self, fsync: bool = False, **settings: str) -> None:
         self.fsync = fsync  # off for tests (speed); on for benchmarks (what production runs)
+        self.settings = settings  # more `-c name=value` server settings
         bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
         bindir = bindirs[-1] if bindirs else None
         if bindir is None and shutil.which("pg_ctl"):
@@ -94,6 +95,7 @@ class PostgresServer:
     def _ctl(self, action: str, *extra: str) -> None:
         fsync = "on" if self.fsync else "off"
         options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync={fsync} -c max_connections=200"
+        options += "".join(f" -c {name}={value}" for name, value in self.settings.items())
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.dir / "log"), "-o", options, "-w", action, *extra)
 
     def start(self) -> None:
@@ -101,6 +103,10 @@ class PostgresServer:
 
     def restart(self) -> None:
         self._ctl("restart", "-m", "fast")
+
+    def crash_and_restart(self) -> None:
+        """`pg_ctl restart -m immediate`: the server stops as if it crashed and recovers from its WAL."""
+        self._ctl("restart", "-m", "immediate")
 
     def stop(self) -> None:
         self._ctl("stop", "-m", "immediate")

@@ -157,3 +157,28 @@ def test_workers_ride_out_a_redis_kill_and_restart(tmp_path: Path) -> None:
     finally:
         server.stop()
         gc.collect()
+
+
+def test_every_outcome_a_worker_recorded_survives_a_postgres_crash() -> None:
+    # The WAL writer flushes at most every 10 s here, so only a commit that waits for its own
+    # flush survives the crash: the dispatches do, and every outcome a user sees must.
+    server = PostgresServer(fsync=True, wal_writer_delay="10s")
+    try:
+        config = Config(connection=server.new_database(), retry_delay=3600)
+        qm = QueueManager(config)
+        succeeded = qm.dispatch_batch("q", [jobs.Last(f"ok-{i}") for i in range(40)])
+        failed = qm.dispatch_batch("q", [jobs.Permanent() for _ in range(20)])
+        retried = qm.dispatch_batch("q", [jobs.Flaky(attempts=5) for _ in range(20)])
+        worker = qm.worker("q", 8).start()
+        wait_until(lambda: qm.stats()["q"].succeeded == 40 and qm.stats()["q"].failed == 20
+                   and qm.stats()["q"].delayed == 20, timeout=60, what="every job's first outcome")
+        worker.stop()
+        server.crash_and_restart()
+        counts = qm.stats()["q"]
+        assert (counts.succeeded, counts.failed, counts.delayed, counts.running) == (40, 20, 20, 0)
+        assert {qm.failed.get(h.id).error for h in failed} == {"bad input, don't retry"}
+        assert {h.fetch().error["type"] for h in retried} == {"ConnectionError"}  # type: ignore[index]
+        assert {h.result(timeout=1) for h in succeeded} == {f"ok-{i}" for i in range(40)}
+        qm.close()
+    finally:
+        server.stop()

@@ -178,9 +178,10 @@ class DatabaseDriver(Driver):
         # On PostgreSQL a single statement needs no BEGIN/COMMIT round trips: run it in
         # autocommit. Elsewhere every call is a transaction (BEGIN IMMEDIATE on SQLite).
         self._postgres = dialect == "postgresql"
-        # Worker bookkeeping (claims, acks, leases) can skip the commit fsync: a write lost to
-        # a server crash only means a job runs again, which at-least-once allows. Dispatches
-        # and failed-store changes stay durable. Only for engines we create ourselves.
+        # Worker bookkeeping (claims, leases, releases, progress) can skip the commit fsync: a
+        # write lost to a server crash only means a job runs again, which at-least-once allows.
+        # Dispatches and every outcome a user sees (succeeded, failed, retry scheduled, the
+        # failed store's changes) stay durable. Only for engines we create ourselves.
         relaxed = (
             create_engine(self.engine.url, pool_size=10, max_overflow=10,
                           connect_args={"options": "-c synchronous_commit=off"})
@@ -288,10 +289,10 @@ class DatabaseDriver(Driver):
         if self._notifies:
             announce(conn, self.table.name, queues)
 
-    async def _update_owned(self, job_id: str, owner: str, values: dict[str, Any]) -> bool:
+    async def _update_owned(self, job_id: str, owner: str, values: dict[str, Any], durable: bool) -> bool:
         stmt = update(self.table).where(self._sql.owned).values(**values)
         params = {"b_ids": [job_id], "b_owner": owner}
-        return await self._statement(lambda conn: conn.execute(stmt, params).rowcount == 1, durable=False)
+        return await self._statement(lambda conn: conn.execute(stmt, params).rowcount == 1, durable=durable)
 
     # --- the protocol -----------------------------------------------------------------
 
@@ -418,10 +419,10 @@ class DatabaseDriver(Driver):
         return await self._transaction(cancel)
 
     async def set_progress(self, job: JobRecord, worker_id: str, progress: dict[str, Any]) -> None:
-        await self._update_owned(job.id, worker_id, {"progress": json.dumps(progress)})
+        await self._update_owned(job.id, worker_id, {"progress": json.dumps(progress)}, durable=False)
 
     async def save_output(self, job: JobRecord, worker_id: str, output: str) -> None:
-        await self._update_owned(job.id, worker_id, {"output": output})
+        await self._update_owned(job.id, worker_id, {"output": output}, durable=False)
 
     async def complete(self, results: Sequence[tuple[JobRecord, str | None]], worker_id: str, now: float) -> list[str]:
         sql = self._sql
@@ -442,22 +443,22 @@ class DatabaseDriver(Driver):
             return finished
 
         # Without results the claim-back is a single statement; with them, status and result
-        # must appear together, so one transaction.
+        # must appear together, so one transaction. Durable: a user saw it succeed.
         if not with_result and self._returning:
-            return await self._statement(finish, durable=False)
-        return await self._transaction(finish, durable=False)
+            return await self._statement(finish)
+        return await self._transaction(finish)
 
     async def retry(self, job: JobRecord, worker_id: str, run_at: float, error: dict[str, Any]) -> bool:
         return await self._update_owned(job.id, worker_id, {
             "status": QUEUED, "run_at": run_at, "worker_id": None, "lease_expires": None, "error": json.dumps(error),
-        })
+        }, durable=True)
 
     async def fail(
         self, job: JobRecord, worker_id: str, now: float, error: dict[str, Any], status: Status = Status.FAILED
     ) -> bool:
         return await self._update_owned(job.id, worker_id, {
             "status": status.value, "finished_at": now, "lease_expires": None, "error": json.dumps(error),
-        })
+        }, durable=True)
 
     async def release(self, jobs: Sequence[JobRecord], worker_id: str, now: float) -> int:
         c = self.table.c
