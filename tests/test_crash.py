@@ -182,3 +182,30 @@ def test_every_outcome_a_worker_recorded_survives_a_postgres_crash() -> None:
         qm.close()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["one", "batch"])
+@pytest.mark.parametrize("store", ["postgres", "mariadb", "redis"])
+def test_a_dispatch_whose_reply_was_lost_is_stored_once(
+    request: pytest.FixtureRequest, tmp_path: Path, store: str, batch: bool
+) -> None:
+    from tests.faults import ReplyCutter
+
+    server = request.getfixturevalue(f"{store}_server")
+    cutter = ReplyCutter(server.port)
+    connection = connection_for(request, store, tmp_path).replace(f":{server.port}/", f":{cutter.port}/")
+    qm = QueueManager(config_for(connection))
+    try:
+        qm.size("q")  # the schema exists and a connection is open
+        qm.dispatch("warm-up", jobs.Note("warm"))  # and the sync dispatch's own connection
+        cutter.cut_next_reply()
+        if batch:
+            handles = list(qm.dispatch_batch("q", [jobs.Note(f"b{i}") for i in range(5)]))
+        else:
+            handles = [qm.dispatch("q", jobs.Note("once"))]
+        assert cutter.cut.is_set(), "no reply was lost: the test tested nothing"
+        assert qm.size("q") == len(handles)
+        assert {h.status for h in handles} == {Status.QUEUED}
+    finally:
+        qm.close()
+        cutter.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -170,6 +171,7 @@ class DatabaseDriver(Driver):
         self.table = jobs_table(table_name)
         self.marks = self.table.metadata.tables[f"{table_name}_marks"]
         self._insert_mark = insert_ignoring(self.marks, dialect)
+        self._insert_new = insert_ignoring(self.table, dialect)
         self._sql = HotStatements(
             self.table, dialect == "postgresql", dialect in ("mysql", "mariadb"), self.engine.dialect.paramstyle,
             self.engine.dialect.identifier_preparer.quote(table_name),
@@ -231,7 +233,11 @@ class DatabaseDriver(Driver):
             if self._notifies:
                 install_trigger(conn, self.table.name)
 
-    def _call(self, fn: Callable[[Connection], T], single_statement: bool, durable: bool) -> T:
+    def _call(self, fn: Callable[[Connection], T], single_statement: bool, durable: bool,
+              again: Callable[[Connection], T] | None = None) -> T:
+        """``fn`` on a pooled connection; once more (as ``again``, if given) on a fresh one if
+        that connection died. It may have died after the server did the work, its reply lost:
+        a call retried this way must be safe to repeat."""
         self._ensure_schema()
         for attempt in (1, 2):
             try:
@@ -246,6 +252,7 @@ class DatabaseDriver(Driver):
                 # and a fresh connection gets the call through.
                 if attempt == 2 or not exc.connection_invalidated:
                     raise
+                fn = again or fn
         raise AssertionError("unreachable")
 
     async def _statement(self, fn: Callable[[Connection], T], durable: bool = True) -> T:
@@ -301,15 +308,19 @@ class DatabaseDriver(Driver):
 
     def enqueue_blocking(self, records: Sequence[JobRecord]) -> bool:
         rows = [enqueued_row(r) for r in records]
+        # A dispatch repeated after its reply was lost stores nothing twice: each row goes in
+        # unless its id is there (ids are unique, so only the first try can have put it there).
         if len(rows) == 1:
             # Plain DBAPI SQL: a one-row dispatch spends more in SQLAlchemy's statement
             # machinery than in the database.
-            self._call(lambda conn: conn.exec_driver_sql(self._sql.insert_one, rows[0]), True, True)
-        elif self._postgres and rows:
-            self._call(lambda conn: self._copy_in(conn, rows), True, True)
+            self._call(lambda conn: conn.exec_driver_sql(self._sql.insert_new, rows[0]), True, True)
         elif rows:  # a large batch may take several INSERTs: all or none
             named = [dict(zip(ENQUEUED_COLUMNS, row, strict=True)) for row in rows]
-            self._call(lambda conn: conn.execute(self.table.insert(), named), False, True)
+            insert = functools.partial(_execute, self._insert_new, named)
+            if self._postgres:
+                self._call(lambda conn: self._copy_in(conn, rows), True, True, again=insert)
+            else:
+                self._call(insert, False, True)
         return True
 
     async def enqueue_once(self, record: JobRecord) -> bool:
@@ -357,11 +368,18 @@ class DatabaseDriver(Driver):
         of a multi-row INSERT (which spends it adapting parameters)."""
         raw = conn.connection.driver_connection
         assert raw is not None
-        with raw.cursor() as cursor, cursor.copy(
-            f'COPY "{self.table.name}" ({", ".join(ENQUEUED_COLUMNS)}) FROM STDIN'
-        ) as copy:
-            for row in rows:
-                copy.write_row(row)
+        statement = f'COPY "{self.table.name}" ({", ".join(ENQUEUED_COLUMNS)}) FROM STDIN'
+        try:
+            with raw.cursor() as cursor, cursor.copy(statement) as copy:
+                for row in rows:
+                    copy.write_row(row)
+        except Exception as exc:
+            if not (raw.closed or raw.broken):
+                raise
+            # psycopg's own cursor, not SQLAlchemy's: say the connection died as SQLAlchemy
+            # would, so the pool drops it and _call tries once more.
+            conn.invalidate(exc)
+            raise OperationalError(statement, None, exc, connection_invalidated=True) from exc
 
     async def reserve(
         self, queues: Sequence[str], limit: int, worker_id: str, now: float, lease_expires: float
@@ -615,6 +633,10 @@ class DatabaseDriver(Driver):
         if self._owns_engine:
             for engine in set(self._engines.values()):
                 engine.dispose()
+
+
+def _execute(statement: Any, parameters: Any, conn: Connection) -> Any:
+    return conn.execute(statement, parameters)
 
 
 def _json_or_none(text: str | None) -> Any:
