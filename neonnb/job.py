@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .codec import decode, decode_fields, dumps, encode, encode_fields
-from .errors import MissingDependency, PayloadError, SerializationError, UnknownJobError
+from .errors import ConfigError, MissingDependency, PayloadError, SerializationError, UnknownJobError
 
 if TYPE_CHECKING:
     from .handles import JobHandle
@@ -57,6 +57,45 @@ class Priority(str, enum.Enum):
 
 _RANKS = {Priority.HIGH: 0, Priority.NORMAL: 1, Priority.LOW: 2}
 _BY_RANK = {rank: p for p, rank in _RANKS.items()}
+_BANDS = {p.value for p in Priority}
+
+
+# Limits every store can hold (the SQL columns' widths), checked before anything is stored.
+MAX_QUEUE_NAME, MAX_JOB_NAME, MAX_UNIQUE_KEY, MAX_WORKER_ID = 200, 300, 300, 100
+
+
+def split_selector(selector: str) -> tuple[str, Priority | None]:
+    """A worker's queue selector: ``"emails"`` (every priority) or ``"emails:high"``, the
+    spec's ``qm.Worker("emails:high", 5)``: only that priority band of queue ``emails``."""
+    queue, colon, band = selector.rpartition(":")
+    if colon and queue and band in _BANDS:
+        return queue, Priority(band)
+    return selector, None
+
+
+def check_queue_name(queue: Any) -> str:
+    """``queue`` if every store can keep it; else ConfigError saying what is wrong."""
+    if not isinstance(queue, str) or not queue:
+        raise ConfigError(f"a queue name must be a non-empty string, got {queue!r}")
+    problem = None
+    if len(queue) > MAX_QUEUE_NAME:
+        problem = f"is {len(queue)} characters long; at most {MAX_QUEUE_NAME} fit"
+    elif any(c in queue for c in "{}\x00"):
+        problem = "contains '{', '}' or a NUL byte, which Redis's hash tags and SQL text can't hold"
+    elif split_selector(queue)[1] is not None:
+        band = queue.rpartition(":")[2]
+        problem = (f"ends in ':{band}', which names a worker's priority band: dispatch to "
+                   f"{queue.rpartition(':')[0]!r} with priority {band!r} instead")
+    if problem:
+        raise ConfigError(f"queue name {queue[:60]!r}{'...' if len(queue) > 60 else ''} {problem}")
+    return queue
+
+
+def check_text(value: str, limit: int, what: str) -> str:
+    if len(value) > limit or "\x00" in value:
+        raise ConfigError(f"{what} {value[:60]!r}... must be at most {limit} characters, without NUL bytes "
+                          f"(it has {len(value)})")
+    return value
 
 
 class Status(str, enum.Enum):
@@ -127,7 +166,7 @@ class Job(abc.ABC):
         super().__init_subclass__(**kwargs)
         if "__dataclass_fields__" not in cls.__dict__:
             dataclasses.dataclass(cls)
-        cls.job_name = job_name or f"{cls.__module__}.{cls.__qualname__}"
+        cls.job_name = check_text(job_name or f"{cls.__module__}.{cls.__qualname__}", MAX_JOB_NAME, "job name")
         _check_hooks(cls)
         if not inspect.isabstract(cls):
             register(cls.job_name, ClassJobType(cls))
@@ -240,8 +279,8 @@ class FunctionJob(JobType):
         self.fn = fn
         self.unique = unique
         self.manager = manager
-        self.name = name or f"{fn.__module__}.{fn.__qualname__}"
-        self.queue = queue
+        self.name = check_text(name or f"{fn.__module__}.{fn.__qualname__}", MAX_JOB_NAME, "job name")
+        self.queue = None if queue is None else check_queue_name(queue)
         self.max_attempts = max_attempts
         self.timeout = timeout
         self.priority = priority

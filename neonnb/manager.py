@@ -26,7 +26,7 @@ from .drivers import create_driver
 from .drivers.base import Driver, QueueCounts
 from .errors import ConfigError
 from .handles import FailedStore, JobHandle
-from .job import FunctionJob, JobRecord, Priority, Status, encode_job
+from .job import MAX_UNIQUE_KEY, FunctionJob, JobRecord, Priority, Status, check_queue_name, check_text, encode_job
 from .worker import Events, Worker
 
 if TYPE_CHECKING:
@@ -161,8 +161,7 @@ class QueueManager:
         self, queue: str, job: Any, *, priority: Priority | str | None = None, run_at: float | None = None
     ) -> JobRecord:
         """Encode a job and resolve its options (the job's own methods, then config)."""
-        if not isinstance(queue, str) or not queue:
-            raise ValueError(f"queue must be a non-empty string, got {queue!r}")
+        check_queue_name(queue)
         name, payload = encode_job(job)
         now = self.clock()
         if run_at is None:
@@ -182,7 +181,7 @@ class QueueManager:
             timeout=None if timeout is None else parse_duration(timeout, f"{name}.timeout()"),
             run_at=run_at,
             created_at=now,
-            unique_key=job.unique_key() if hasattr(job, "unique_key") else None,
+            unique_key=_unique_key(job),
         )
 
     def _add_worker(self, worker: Worker) -> None:
@@ -204,7 +203,7 @@ class QueueManager:
         """Jobs of ``queue`` ("*": any) are due at ``due`` (None: now). Called after our own
         dispatches, and by the driver when another process made jobs due."""
         for worker in self._local_workers():
-            if queue == "*" or queue in worker.queues:
+            if queue == "*" or queue in worker.queue_names:
                 worker.notify(due)
 
     async def _enqueue(self, records: list[JobRecord]) -> list[JobHandle]:
@@ -440,6 +439,13 @@ def new_job_id() -> str:
 
 _id_lock = threading.Lock()
 _last_id_time = 0
+
+
+def _unique_key(job: Any) -> str | None:
+    key = job.unique_key() if hasattr(job, "unique_key") else None
+    if key is not None and not isinstance(key, str):
+        raise ConfigError(f"{type(job).__qualname__}.unique_key() must return a string or None, got {key!r}")
+    return None if key is None else check_text(key, MAX_UNIQUE_KEY, "unique key")
 
 
 def _epoch(when: dt.datetime | float) -> float:

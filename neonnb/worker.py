@@ -28,7 +28,18 @@ from . import _loop, capture, workflows
 from .codec import dumps, encode
 from .config import WorkerOptions, parse_duration
 from .errors import JobCancelled, JobTimeout, PayloadError, Retry, SerializationError, UnknownJobError
-from .job import Context, JobRecord, Status, decode_job, is_async_job, takes_no_arguments
+from .job import (
+    MAX_WORKER_ID,
+    Context,
+    JobRecord,
+    Status,
+    check_queue_name,
+    check_text,
+    decode_job,
+    is_async_job,
+    split_selector,
+    takes_no_arguments,
+)
 
 if TYPE_CHECKING:
     from .manager import QueueManager
@@ -36,6 +47,32 @@ if TYPE_CHECKING:
 logger = logging.getLogger("neonnb.worker")
 ACK_DELAY = 0.001  # seconds a finished job's ack waits for others to travel with
 T = TypeVar("T")
+
+
+def claim_groups(selectors: Sequence[str]) -> list[tuple[list[str], list[int] | None]]:
+    """What a worker on ``selectors`` claims, in order: groups of queues with the priority
+    ranks to take from them (None: every priority). ``["emails:high", "emails:normal",
+    "reports"]`` claims ranks 0 and 1 of emails, then all of reports."""
+    wanted: dict[str, set[int] | None] = {}
+    for selector in selectors:
+        queue, band = split_selector(selector) if isinstance(selector, str) else (selector, None)
+        check_queue_name(queue)
+        if band is None or wanted.get(queue, set()) is None:
+            wanted[queue] = None
+        else:
+            ranks = wanted.setdefault(queue, set())
+            assert ranks is not None
+            ranks.add(band.rank)
+    groups: list[tuple[list[str], list[int] | None]] = []
+    for queue, ranks in wanted.items():
+        key = None if ranks is None else sorted(ranks)
+        for names, group_ranks in groups:
+            if group_ranks == key:
+                names.append(queue)
+                break
+        else:
+            groups.append(([queue], key))
+    return groups
 
 
 def backoff_delay(attempt: int, base: float, cap: float, jitter: bool = False) -> float:
@@ -147,10 +184,13 @@ class Worker:
             raise ValueError("a worker needs at least one queue name")
         self.manager = manager
         self.driver = manager.driver
-        self.queues = list(queues)
+        self.queues = list(queues)  # as given: "emails", or "emails:high" for one priority band
+        self._claims = claim_groups(self.queues)
+        self.queue_names = [name for names, _ in self._claims for name in names]
         self.concurrency = concurrency
         self.options = options.resolve(manager.config)
-        self.id = self.options.worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.id = check_text(self.options.worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
+                             MAX_WORKER_ID, "WorkerOptions.worker_id")
         self.jobs_started = 0
         self._started_before_run = 0  # max_jobs counts the jobs of this run: a stopped worker starts again
         self._active: dict[str, _Running] = {}
@@ -285,7 +325,10 @@ class Worker:
         assert self._wake is not None
         self.manager._add_worker(self)
         heartbeat = asyncio.create_task(self._heartbeat())
-        waiter = await self._guard(self.driver.waiter(self.id, self.queues), "preparing to wait")
+        # A store's hand-off gives an idle worker any job of its queues: not for priority bands.
+        bands = any(ranks is not None for _, ranks in self._claims)
+        waiter = None if bands else await self._guard(self.driver.waiter(self.id, self.queue_names),
+                                                      "preparing to wait")
         logger.info("worker %s started on %s (concurrency %d)", self.id, ",".join(self.queues), self.concurrency)
         try:
             while not self._stopping:
@@ -368,15 +411,19 @@ class Worker:
         return sum(await asyncio.gather(*(self._claim_piece(n, now) for n in pieces)))
 
     async def _claim_piece(self, limit: int, now: float) -> int:
-        records = await self._guard(
-            self.driver.reserve(self.queues, limit, self.id, now, now + self.options.lease_timeout),
-            "claiming jobs",
-        )
-        if records is None:
-            self._claim_failed = True
-            return 0
-        self._start(records)
-        return len(records)
+        claimed = 0
+        for queues, ranks in self._claims:
+            if claimed >= limit:
+                break
+            lease = now + self.options.lease_timeout
+            records = await self._guard(self.driver.reserve(queues, limit - claimed, self.id, now, lease, ranks),
+                                        "claiming jobs")
+            if records is None:
+                self._claim_failed = True
+                break
+            self._start(records)
+            claimed += len(records)
+        return claimed
 
     def _start(self, records: Sequence[JobRecord]) -> None:
         """Run jobs claimed for this worker, each in its own task."""

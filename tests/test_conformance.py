@@ -465,3 +465,53 @@ def test_a_batch_callbacks_result_can_be_awaited_before_it_exists(make_manager: 
     finally:
         worker.stop()
     assert waiting == [["n0", "n1", "n2"]]
+
+
+def test_a_worker_on_queue_high_runs_only_that_band(make_manager: MakeManager, clock: FakeClock) -> None:
+    # The spec: DispatchWithPriority("emails", job, High); qm.Worker("emails:high", 5).
+    qm = make_manager(clock=clock)
+    for priority in (Priority.LOW, Priority.NORMAL, Priority.HIGH, Priority.HIGH):
+        qm.dispatch_with_priority("emails", jobs.Note(priority.value), priority)
+        clock.advance(0.001)
+    qm.dispatch("reports", jobs.Note("report"))
+    high = qm.worker("emails:high", 5)
+    assert high.run_once() == 2 and jobs.RECORD.order == ["high", "high"]
+    assert high.run_once() == 0, "the high-band worker took a job of another band"
+    both = qm.worker(["emails:normal", "emails:low", "reports"], 5)
+    while both.run_once():
+        pass
+    assert jobs.RECORD.order[2:] == ["normal", "low", "report"]
+
+
+def test_a_started_band_worker_is_woken_for_its_band(make_manager: MakeManager) -> None:
+    qm = make_manager(poll_interval=0.05)
+    worker = qm.worker("emails:high", 2).start()
+    try:
+        low = qm.dispatch_with_priority("emails", jobs.Note("low"), Priority.LOW)
+        high = qm.dispatch_with_priority("emails", jobs.Note("high"), Priority.HIGH)
+        assert high.result(timeout=10) == "high"
+        assert low.status is Status.QUEUED
+    finally:
+        worker.stop()
+
+
+def test_names_past_what_a_store_holds_are_refused_at_dispatch(make_manager: MakeManager) -> None:
+    from neonnb import ConfigError, WorkerOptions
+
+    qm = make_manager()
+    for queue, message in [("q" * 201, "is 201 characters long; at most 200 fit"),
+                           ("a\x00b", "a NUL byte"), ("}", "contains '{', '}'"),
+                           ("emails:high", "names a worker's priority band: dispatch to 'emails' with priority 'high'"),
+                           ("", "non-empty string")]:
+        with pytest.raises(ConfigError, match=message):
+            qm.dispatch(queue, jobs.Note("x"))
+    with pytest.raises(ConfigError, match=r"unique key 'report:kkkk.* must be at most 300 characters"):
+        qm.dispatch("q", jobs.DailyReport("k" * 400))
+    with pytest.raises(ConfigError, match=r"WorkerOptions.worker_id .* at most 100 characters"):
+        qm.worker("q", 1, WorkerOptions(worker_id="w" * 101))
+    with pytest.raises(ConfigError, match=r"job name .* at most 300 characters"):
+        qm.job(name="n" * 301)(lambda: None)
+    assert qm.stats() == {}
+    longest = qm.dispatch("q" * 200, jobs.DailyReport("k" * 292))  # the key is "report:" + 292 characters
+    qm.worker("q" * 200, 1).run_once()
+    assert longest.result(timeout=10) == "k" * 292

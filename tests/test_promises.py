@@ -158,3 +158,17 @@ def test_the_longest_table_name_allowed_works_on_postgres(postgres_server: Postg
         handle = qm.dispatch("q", jobs.Note("long-name"))
         qm.worker("q", 1).run_once()
         assert handle.result(timeout=10) == "long-name"
+
+
+@pytest.mark.parametrize("url", ["postgresql://app:s3cret@127.0.0.1:{port}/db", "mysql://app:s3cret@127.0.0.1:{port}/db",
+                                 "sqlite:////nonexistent-dir/jobs.db"], ids=["postgres", "mariadb", "sqlite"])
+def test_an_unreachable_sql_store_raises_store_unavailable(url: str) -> None:
+    from neonnb import StoreUnavailable
+    from tests.services import free_port
+
+    with QueueManager(Config(connection=url.format(port=free_port()))) as qm:
+        for call in (lambda: qm.dispatch("q", jobs.Note("x")), qm.stats,
+                     lambda: qm.dispatch_batch("q", [jobs.Note("y")] * 2)):
+            with pytest.raises(StoreUnavailable, match="can't be reached") as raised:
+                call()
+            assert "s3cret" not in str(raised.value)

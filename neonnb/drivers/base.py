@@ -107,9 +107,11 @@ class Driver(abc.ABC):
 
     @abc.abstractmethod
     async def reserve(
-        self, queues: Sequence[str], limit: int, worker_id: str, now: float, lease_expires: float
+        self, queues: Sequence[str], limit: int, worker_id: str, now: float, lease_expires: float,
+        ranks: Sequence[int] | None = None,
     ) -> list[JobRecord]:
-        """Claim up to ``limit`` due jobs: highest priority first, FIFO within a priority.
+        """Claim up to ``limit`` due jobs: highest priority first, FIFO within a priority;
+        with ``ranks``, only jobs of those priorities (``Priority.rank``).
 
         Each claimed job becomes RUNNING with ``attempts + 1``, ``worker_id`` and the lease.
         """

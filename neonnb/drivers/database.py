@@ -19,7 +19,7 @@ import os
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -43,7 +43,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, NoSuchModuleError, OperationalError, ProgrammingError
 
-from ..errors import ConfigError
+from ..config import redact
+from ..errors import ConfigError, StoreUnavailable
 from ..job import JobRecord, Priority, Status
 from .base import Driver, QueueCounts, Recovered
 from .pg_notify import Listener, announce, install_trigger
@@ -238,22 +239,35 @@ class DatabaseDriver(Driver):
         """``fn`` on a pooled connection; once more (as ``again``, if given) on a fresh one if
         that connection died. It may have died after the server did the work, its reply lost:
         a call retried this way must be safe to repeat."""
-        self._ensure_schema()
-        for attempt in (1, 2):
-            try:
-                with self._turns:
-                    if single_statement and self._postgres:
-                        with self._autocommit[durable].connect() as conn:
+        with self._reachable():
+            self._ensure_schema()
+            for attempt in (1, 2):
+                try:
+                    with self._turns:
+                        if single_statement and self._postgres:
+                            with self._autocommit[durable].connect() as conn:
+                                return fn(conn)
+                        with self._engines[durable].begin() as conn:
                             return fn(conn)
-                    with self._engines[durable].begin() as conn:
-                        return fn(conn)
-            except DBAPIError as exc:
-                # A pooled connection that died with a server restart: the pool has dropped it,
-                # and a fresh connection gets the call through.
-                if attempt == 2 or not exc.connection_invalidated:
-                    raise
-                fn = again or fn
+                except DBAPIError as exc:
+                    # A pooled connection that died with a server restart: the pool has dropped
+                    # it, and a fresh connection gets the call through.
+                    if attempt == 2 or not exc.connection_invalidated:
+                        raise
+                    fn = again or fn
         raise AssertionError("unreachable")
+
+    @contextlib.contextmanager
+    def _reachable(self) -> Iterator[None]:
+        """A database that can't be reached (or used at all) raises StoreUnavailable, as the
+        other drivers do, naming the database but never its password."""
+        try:
+            yield
+        except DBAPIError as exc:
+            if not (isinstance(exc, OperationalError) or exc.connection_invalidated):
+                raise
+            where = self.engine.url.render_as_string(hide_password=True)
+            raise StoreUnavailable(redact(f"the database {where} can't be reached: {exc.orig}")) from exc
 
     async def _statement(self, fn: Callable[[Connection], T], durable: bool = True) -> T:
         """Run ``fn``, which issues exactly one statement, on the driver's threads."""
@@ -357,9 +371,10 @@ class DatabaseDriver(Driver):
             return await self._transaction(locked)
 
         def under_named_lock() -> T:
-            self._ensure_schema()
-            with self.engine.connect() as conn, mysql_lock(conn, f"neonnb:{key}"), conn.begin():
-                return fn(conn)
+            with self._reachable():
+                self._ensure_schema()
+                with self.engine.connect() as conn, mysql_lock(conn, f"neonnb:{key}"), conn.begin():
+                    return fn(conn)
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, under_named_lock)
 
@@ -382,12 +397,15 @@ class DatabaseDriver(Driver):
             raise OperationalError(statement, None, exc, connection_invalidated=True) from exc
 
     async def reserve(
-        self, queues: Sequence[str], limit: int, worker_id: str, now: float, lease_expires: float
+        self, queues: Sequence[str], limit: int, worker_id: str, now: float, lease_expires: float,
+        ranks: Sequence[int] | None = None,
     ) -> list[JobRecord]:
         params = {
-            "b_queues": list(queues), "b_limit": limit, "b_owner": worker_id, "b_now": now, "b_lease": lease_expires
+            "b_queues": list(queues), "b_limit": limit, "b_owner": worker_id, "b_now": now, "b_lease": lease_expires,
+            "b_ranks": list(ranks or ()),
         }
         sql = self._sql
+        claim, due = (sql.claim, sql.due) if ranks is None else (sql.claim_in_bands, sql.due_in_bands)
 
         def in_order(rows: list[Row[Any]]) -> list[JobRecord]:
             rows.sort(key=lambda row: (row.priority, row.run_at, row.seq))
@@ -403,10 +421,10 @@ class DatabaseDriver(Driver):
             ]
 
         if self._returning:
-            return await self._statement(lambda conn: in_order(list(conn.execute(sql.claim, params))), durable=False)
+            return await self._statement(lambda conn: in_order(list(conn.execute(claim, params))), durable=False)
 
         def select_then_claim(conn: Connection) -> list[JobRecord]:  # MariaDB/MySQL: no UPDATE ... RETURNING
-            seqs = list(conn.execute(sql.due, params).scalars())
+            seqs = list(conn.execute(due, params).scalars())
             if not seqs:
                 return []
             conn.execute(sql.claim_seqs, {**params, "b_seqs": seqs})

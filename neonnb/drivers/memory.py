@@ -14,9 +14,9 @@ from .base import Driver, QueueCounts, Recovered
 
 
 class MemoryDriver(Driver):
-    """Jobs in a dict; per queue a heap of not-yet-promoted jobs by due time and a heap of
-    due jobs by (priority, due time, sequence). Heap entries are invalidated lazily: an entry
-    counts only while its sequence number is the job's current one."""
+    """Jobs in a dict; per queue a heap of not-yet-promoted jobs by due time, and per queue
+    and priority a heap of due jobs by (due time, sequence). Heap entries are invalidated
+    lazily: an entry counts only while its sequence number is the job's current one."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -24,7 +24,7 @@ class MemoryDriver(Driver):
         self._marks: dict[str, dict[str, tuple[str, float]]] = {}  # group -> member -> (value, when)
         self._entry_seq: dict[str, int] = {}
         self._scheduled: dict[str, list[tuple[float, int, str]]] = {}
-        self._ready: dict[str, list[tuple[int, float, int, str]]] = {}
+        self._ready: dict[tuple[str, int], list[tuple[float, int, str]]] = {}
         self._seq = 0
 
     def _schedule(self, record: JobRecord) -> None:
@@ -37,11 +37,11 @@ class MemoryDriver(Driver):
 
     def _promote_due(self, queue: str, now: float) -> None:
         scheduled = self._scheduled.get(queue)
-        ready = self._ready.setdefault(queue, [])
         while scheduled and scheduled[0][0] <= now:
             run_at, seq, job_id = heapq.heappop(scheduled)
             if self._live(job_id, seq):
-                heapq.heappush(ready, (self._jobs[job_id].priority.rank, run_at, seq, job_id))
+                rank = self._jobs[job_id].priority.rank
+                heapq.heappush(self._ready.setdefault((queue, rank), []), (run_at, seq, job_id))
 
     def _owned(self, job_id: str, worker_id: str) -> JobRecord | None:
         record = self._jobs.get(job_id)
@@ -86,23 +86,25 @@ class MemoryDriver(Driver):
         self._schedule(stored)
 
     async def reserve(
-        self, queues: Sequence[str], limit: int, worker_id: str, now: float, lease_expires: float
+        self, queues: Sequence[str], limit: int, worker_id: str, now: float, lease_expires: float,
+        ranks: Sequence[int] | None = None,
     ) -> list[JobRecord]:
         claimed: list[JobRecord] = []
+        bands = [(rank, queue) for rank in sorted(range(3) if ranks is None else ranks) for queue in queues]
         with self._lock:
             for queue in queues:
                 self._promote_due(queue, now)
             while len(claimed) < limit:
-                best: str | None = None
-                for queue in queues:
-                    ready = self._ready.get(queue)
-                    while ready and not self._live(ready[0][3], ready[0][2]):
+                best: tuple[str, int] | None = None  # (queue, rank)
+                for rank, queue in bands:  # a higher priority first, then the earliest due
+                    ready = self._ready.get((queue, rank))
+                    while ready and not self._live(ready[0][2], ready[0][1]):
                         heapq.heappop(ready)
-                    if ready and (best is None or ready[0] < self._ready[best][0]):
-                        best = queue
+                    if ready and (best is None or (rank == best[1] and ready[0] < self._ready[best][0])):
+                        best = (queue, rank)
                 if best is None:
                     break
-                job_id = heapq.heappop(self._ready[best])[3]
+                job_id = heapq.heappop(self._ready[best])[2]
                 del self._entry_seq[job_id]
                 record = self._jobs[job_id]
                 record.status = Status.RUNNING

@@ -212,7 +212,8 @@ class RedisDriver(Driver):
             )
 
     async def reserve(
-        self, queues: Sequence[str], limit: int, worker_id: str, now: float, lease_expires: float
+        self, queues: Sequence[str], limit: int, worker_id: str, now: float, lease_expires: float,
+        ranks: Sequence[int] | None = None,
     ) -> list[JobRecord]:
         # On a cluster each queue lives in its own slot: claim queue by queue, in the order
         # given; on one server a single script keeps priority strict across all of them.
@@ -221,7 +222,8 @@ class RedisDriver(Driver):
         for group in rounds:
             if len(claimed) >= limit:
                 break
-            args = [_num(now), limit - len(claimed), worker_id, _num(lease_expires)]
+            bands = "".join(str(rank) for rank in (range(3) if ranks is None else ranks))
+            args = [_num(now), limit - len(claimed), worker_id, _num(lease_expires), bands]
             rows = await self._script("reserve", group, args)
             claimed += [self._record(_fields(flat)) for flat in rows]
         return claimed

@@ -124,12 +124,14 @@ if redis.call('HLEN', set) >= tonumber(ARGV[5]) then return redis.call('HGETALL'
 return false
 
 --! reserve
--- KEYS: B of each queue.  ARGV: now, limit, worker_id, lease_expires.  Returns the claimed
--- jobs' records, each as its hash's flat field/value list read before the claim, with the
--- claimed fields appended (a later duplicate field wins when the client reads the list)
+-- KEYS: B of each queue.  ARGV: now, limit, worker_id, lease_expires, the priorities to claim
+-- in rank order ("012": all).  Returns the claimed jobs' records, each as its hash's flat field/value list
+-- read before the claim, with the claimed fields appended (a later duplicate field wins when
+-- the client reads the list)
 local now, limit, worker, lease = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local out = {}
-for p = 0, 2 do
+for b = 1, #ARGV[5] do
+  local p = tonumber(string.sub(ARGV[5], b, b))
   local need = limit - #out
   if need <= 0 then break end
   local candidates = {}

@@ -173,14 +173,19 @@ class HotStatements:
             c.worker_id == bindparam("b_owner"),
             c.lease_expires.is_not(None),
         )
-        self.due = (
-            select(c.seq)
-            .where(one_of(c.queue, "b_queues"), c.status == QUEUED)
-            .where(c.run_at <= bindparam("b_now"))
-            .order_by(c.priority, c.run_at, c.seq)
-            .limit(bindparam("b_limit"))
-            .with_for_update(skip_locked=True)
-        )
+        def due(*where: Any) -> Any:
+            return (
+                select(c.seq)
+                .where(one_of(c.queue, "b_queues"), c.status == QUEUED, *where)
+                .where(c.run_at <= bindparam("b_now"))
+                .order_by(c.priority, c.run_at, c.seq)
+                .limit(bindparam("b_limit"))
+                .with_for_update(skip_locked=True)
+            )
+
+        # Every priority, or (a worker on "queue:high") only those in b_ranks.
+        self.due = due()
+        self.due_in_bands = due(one_of(c.priority, "b_ranks"))
         claim = update(t).values(
             status=RUNNING, attempts=c.attempts + 1, worker_id=bindparam("b_owner"),
             lease_expires=bindparam("b_lease"), started_at=bindparam("b_now"),
@@ -190,11 +195,16 @@ class HotStatements:
         # select and claim more rows than asked for; re-checking status here would tempt its
         # planner (on a young table with no statistics) to scan every queued row. The rows are
         # locked (on SQLite the whole database is), so they are still queued.
-        due_rows = self.due.cte("due").prefix_with("MATERIALIZED", dialect="postgresql")
         # What a worker needs of a claimed job; the rest it knows (it just set it) or never reads.
         claimed = [c.seq, c.id, c.queue, c.name, c.payload, c.priority, c.attempts, c.max_attempts, c.timeout,
                    c.run_at, c.created_at, c.flow]
-        self.claim = claim.where(c.seq == due_rows.c.seq).returning(*claimed)
+
+        def claim_of(due_select: Any) -> Any:
+            due_rows = due_select.cte("due").prefix_with("MATERIALIZED", dialect="postgresql")
+            return claim.where(c.seq == due_rows.c.seq).returning(*claimed)
+
+        self.claim = claim_of(self.due)
+        self.claim_in_bands = claim_of(self.due_in_bands)
         self.claim_seqs = claim.where(c.seq.in_(bindparam("b_seqs", expanding=True)))
         self.rows_by_seq = select(*claimed).where(c.seq.in_(bindparam("b_seqs", expanding=True)))
         self.extend = update(t).where(self.owned).values(lease_expires=bindparam("b_lease"))
