@@ -7,6 +7,7 @@ these; pandas is imported only here (``pip install 'neonnb[notebook]'``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +55,7 @@ def jobs_frame(records: Sequence[JobRecord]) -> pd.DataFrame:
         "max_attempts": pd.Series([r.max_attempts for r in records], dtype="int64"),
         **{name: _timestamps(pd, [getattr(r, name) for r in records]) for name in TIMES},
         "progress": pd.Series([fraction(r.progress) for r in records], dtype="float64"),
-        "message": pd.Series([(r.progress or {}).get("message") for r in records], dtype="object"),
+        "message": pd.Series([progress_message(r.progress) for r in records], dtype="object"),
         "worker_id": pd.Series([r.worker_id for r in records], dtype="object"),
         "error": pd.Series([(r.error or {}).get("message") for r in records], dtype="object"),
     })
@@ -91,8 +92,19 @@ def _timestamps(pd: Any, epochs: list[float | None]) -> Any:
     return pd.to_datetime(pd.Series(epochs, dtype="float64"), unit="s", utc=True).astype("datetime64[ns, UTC]")
 
 
-def fraction(progress: dict[str, Any] | None) -> float | None:
-    """done/total in [0, 1], or None when the job reported no total."""
-    if not progress or not progress.get("total"):
+def fraction(progress: Any) -> float | None:
+    """done/total in [0, 1], or None when the job reported no total. Values ctx.progress no
+    longer takes (text, NaN), stored by an older neonnb or by hand, read as no total."""
+    if not isinstance(progress, dict) or not progress.get("total"):
         return None
-    return min(max(float(progress["done"]) / float(progress["total"]), 0.0), 1.0)
+    try:
+        share = float(progress["done"]) / float(progress["total"])
+    except (TypeError, ValueError, KeyError, ZeroDivisionError, OverflowError):
+        return None
+    return min(max(share, 0.0), 1.0) if math.isfinite(share) else None
+
+
+def progress_message(progress: Any) -> str | None:
+    """The message of a progress report, as text whatever was stored."""
+    message = progress.get("message") if isinstance(progress, dict) else None
+    return None if message is None else str(message)

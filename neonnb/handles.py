@@ -51,7 +51,7 @@ class JobHandle:
                 ["attempts", f"{record.attempts} of {record.max_attempts}"]]
         if record.status is Status.RUNNING or record.progress:
             progress = record.progress or {}
-            rows.append(["progress", html.progress_bar(frames.fraction(progress), progress.get("message"))])
+            rows.append(["progress", html.progress_bar(frames.fraction(progress), frames.progress_message(progress))])
         if record.error:
             rows.append(["last error", f"{record.error.get('type')}: {record.error.get('message')}"])
         return html.panel(f"job {self.id}", html.table(["", ""], rows, "neonnb-job-fields"), "neonnb-panel neonnb-job")

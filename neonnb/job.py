@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import sys
 import threading
 import typing
@@ -458,6 +459,10 @@ def decode_job(record: JobRecord) -> Any:
 # --- the context a handler receives -------------------------------------------------------
 
 
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 class Dependencies(dict[str, Any]):
     """What ``qm.provide(name=value)`` injected; a missing name says how to provide it."""
 
@@ -503,6 +508,11 @@ class Context:
 
     def progress(self, done: float, total: float | None = None, message: str | None = None) -> None:
         """Report progress: ``ctx.progress(3, 10, "loading")``. Cheap to call often."""
+        if not _finite_number(done) or (total is not None and not _finite_number(total)):
+            raise TypeError(f"ctx.progress(done, total, message): done and total must be finite numbers "
+                            f"(total may be None), got done={done!r}, total={total!r}")
+        if message is not None and not isinstance(message, str):
+            raise TypeError(f"ctx.progress(done, total, message): message must be a string or None, got {message!r}")
         self._report_progress(self._record, {"done": done, "total": total, "message": message})
 
     @property

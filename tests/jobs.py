@@ -339,3 +339,10 @@ class Fragile(Job):
         if FRAGILE_BROKEN.is_set():
             raise RuntimeError("fragile is broken")
         return Priority.NORMAL
+
+
+class ProgressWrong(Job):
+    """Reports progress with text where numbers go."""
+
+    def handle(self, ctx: Context) -> None:
+        ctx.progress("half", 10)  # type: ignore[arg-type]

@@ -515,3 +515,18 @@ def test_names_past_what_a_store_holds_are_refused_at_dispatch(make_manager: Mak
     longest = qm.dispatch("q" * 200, jobs.DailyReport("k" * 292))  # the key is "report:" + 292 characters
     qm.worker("q" * 200, 1).run_once()
     assert longest.result(timeout=10) == "k" * 292
+
+
+def test_progress_takes_numbers_and_old_bad_values_never_break_a_view(make_manager: MakeManager) -> None:
+    qm = make_manager(max_retries=0)
+    wrong = qm.dispatch("q", jobs.ProgressWrong())
+    qm.worker("q", 1).run_once()
+    assert "ctx.progress(done, total, message): done and total must be finite numbers" in qm.failed.get(wrong.id).error
+    # A value stored before ctx.progress checked (or by hand) still renders everywhere.
+    held = qm.dispatch("q", jobs.Note("held"))
+    [record] = loop.run_sync(qm.driver.reserve(["q"], 1, "w", qm.clock(), qm.clock() + 60))
+    for bad in ({"done": "abc", "total": "x", "message": 5}, {"done": 1, "total": 0}, {"done": None, "total": 2}):
+        loop.run_sync(qm.driver.set_progress(record, "w", bad))
+        frame = qm.jobs_df()
+        assert frame.loc[frame["id"] == held.id, "progress"].isna().all()
+        assert "job " + held.id in held._repr_html_()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _loop
 from ..errors import MissingDependency
-from ..frames import fraction
+from ..frames import fraction, progress_message
 from ..job import JobRecord, Status
 from . import html
 
@@ -143,7 +143,7 @@ class Dashboard:
             _, bar, label = self._bars[record.id]
             progress = record.progress or {}
             self._set(bar, "value", fraction(progress) or 0.0)
-            self._set(label, "value", str(progress.get("message") or ""))
+            self._set(label, "value", progress_message(progress) or "")
         ids = [r.id for r in records]
         for gone in set(self._bars) - set(ids):
             self._bars.pop(gone)[0].close()

@@ -7,7 +7,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from .. import _loop
-from ..frames import fraction
+from ..frames import fraction, progress_message
 from ..job import FINISHED, Status
 from . import html
 
@@ -48,7 +48,7 @@ async def _follow(handle: JobHandle, bar: Any, label: Any, interval: float = 0.3
             bar.value = 1.0
         elif fraction(progress) is not None:
             bar.value = fraction(progress)
-        message = progress.get("message") or ""
+        message = progress_message(progress) or ""
         label.value = f"{html.status_badge(record.status.value)} {html.escape(str(message))}"
         if record.status in FINISHED:
             return
