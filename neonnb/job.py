@@ -140,6 +140,7 @@ class JobRecord:
     flow: dict[str, Any] | None = None  # a chain step's or batch member's place in it (neonnb.workflows)
     unique_key: str | None = None  # at most one queued or running job per key
     cancel_requested: bool = False  # someone asked this running job to stop
+    broken: str | None = None  # what could not be read of the stored record (never stored)
 
     def result_value(self) -> Any:
         return None if self.result is None else json.loads(self.result)
@@ -444,8 +445,16 @@ def lookup(name: str) -> JobType:
     raise UnknownJobError(f"job type {name!r} is not registered in this process: {hint}")
 
 
+def unreadable(record: JobRecord) -> PayloadError:
+    """The error of a job whose stored record can't be read (``JobRecord.broken``)."""
+    return PayloadError(f"the stored record of job {record.id} {record.broken}: fix it in the store and retry "
+                        "the job, or forget it")
+
+
 def decode_job(record: JobRecord) -> Any:
     """The runnable job a record stores; UnknownJobError or PayloadError say what to fix."""
+    if record.broken:
+        raise unreadable(record)
     job_type = lookup(record.name)
     try:
         return job_type.decode(record.payload)

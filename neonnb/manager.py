@@ -26,8 +26,18 @@ from .drivers import create_driver
 from .drivers.base import Driver, QueueCounts
 from .errors import ConfigError
 from .handles import FailedStore, JobHandle
-from .job import MAX_UNIQUE_KEY, FunctionJob, JobRecord, Priority, Status, check_queue_name, check_text, encode_job
-from .worker import Events, Worker
+from .job import (
+    MAX_UNIQUE_KEY,
+    FunctionJob,
+    JobRecord,
+    Priority,
+    Status,
+    check_queue_name,
+    check_text,
+    encode_job,
+    unreadable,
+)
+from .worker import Events, Worker, error_info
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -334,7 +344,8 @@ class QueueManager:
             # Counted first (a batch member's end), then ended: if this process dies between
             # the two, the next housekeeping finds the job again and does both.
             await workflows.member_finished(self, record, None)
-            if await self.driver.fail(record, record.worker_id or "", now, LEASE_ERROR):
+            error = error_info(unreadable(record)) if record.broken else LEASE_ERROR
+            if await self.driver.fail(record, record.worker_id or "", now, error):
                 logger.warning("job %s (%s) failed: its worker stopped heartbeating on its last allowed attempt",
                                record.id, record.name)
         await self.driver.purge_finished(now - config.result_ttl)

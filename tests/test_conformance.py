@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -530,3 +531,63 @@ def test_progress_takes_numbers_and_old_bad_values_never_break_a_view(make_manag
         frame = qm.jobs_df()
         assert frame.loc[frame["id"] == held.id, "progress"].isna().all()
         assert "job " + held.id in held._repr_html_()
+
+
+DEEP = "[" * 20_000 + "]" * 20_000  # JSON nested deeper than Python's reader recurses; fits a TEXT column
+
+
+def _corrupt(qm: QueueManager, job_id: str, queue: str, **fields: object) -> None:
+    """Write fields of a stored job by hand, as another program (or a bit flip) might."""
+    if qm.config.driver == "memory":
+        pytest.skip("the memory store holds Python objects: nothing to corrupt")
+    if qm.config.driver == "redis":
+        import redis
+
+        key = f"{qm.config.key_prefix}{{{queue}}}:job:{job_id}"
+        client: Any = redis.Redis.from_url(qm.config.connection)
+        try:
+            client.hset(key, mapping=fields)
+        except redis.exceptions.MovedError:  # a cluster
+            client.close()
+            client = redis.RedisCluster.from_url(qm.config.connection)
+            client.hset(key, mapping=fields)
+        client.close()
+        return
+    from sqlalchemy import text
+
+    # Untyped SQL: SQLAlchemy's column types would refuse text for a number (SQLite takes it).
+    with qm.driver.engine.begin() as conn:  # type: ignore[attr-defined]
+        for column, value in fields.items():
+            conn.execute(text(f"UPDATE neonnb_jobs SET {column} = :value WHERE id = :id"), {"value": value, "id": job_id})
+
+
+def test_an_unreadable_record_fails_alone_and_never_blocks_its_queue(make_manager: MakeManager) -> None:
+    qm = make_manager(max_retries=0)
+    sqlite, redis_store = str(qm.config.connection).startswith("sqlite"), qm.config.driver == "redis"
+    corruptions: list[dict[str, object]] = [{"flow": "{bad json"}, {"flow": "[1, 2]"}, {"flow": DEEP}]
+    if redis_store:  # (attempts a claim repairs: it counts from 0)
+        corruptions += [{"payload": b"\xff\xfe{"}, {"max_attempts": "many"}, {"run_at": "soon"}]
+    else:
+        corruptions += [{"priority": 7}]
+    if sqlite:  # (text in attempts or run_at a claim repairs or never finds due)
+        corruptions += [{"max_attempts": "many"}, {"timeout": "long"}]
+    poisoned = [qm.dispatch("q", jobs.Note(f"poison-{i}")) for i in range(len(corruptions))]
+    for handle, fields in zip(poisoned, corruptions, strict=True):
+        _corrupt(qm, handle.id, "q", **fields)
+    zombie = qm.dispatch("listed", jobs.Note("zombie"))
+    _corrupt(qm, zombie.id, "listed", status="zombie", progress="{")
+    good = [qm.dispatch("q", jobs.Note(f"good-{i}")) for i in range(20)]
+    # Every view still works, and shows the broken records for what they are.
+    listed = {r.id: r for r in qm.jobs(limit=1000)}
+    assert listed[zombie.id].broken and "status" in listed[zombie.id].broken
+    assert sum(c.size + c.failed for c in qm.stats().values()) >= len(good)
+    worker = qm.worker("q", 8)
+    while worker.run_once():
+        pass
+    assert [h.result(timeout=5) for h in good] == [f"good-{i}" for i in range(20)]
+    assert {h.fetch().attempts for h in good} == {1}, "a good job was charged an attempt"
+    failed = {f.id: f for f in qm.failed.list(limit=100)}
+    for handle, fields in zip(poisoned, corruptions, strict=True):
+        assert handle.id in failed, f"{fields} was not sent to the failed store"
+        assert "PayloadError" in failed[handle.id].error_type
+    assert qm.failed_df() is not None and len(qm.jobs_df(limit=1000)) >= 21

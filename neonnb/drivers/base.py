@@ -14,11 +14,81 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..job import JobRecord, Status
+from ..job import JobRecord, Priority, Status
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected text, got {type(value).__name__}")
+    return value
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None or value == "" else _text(value)
+
+
+def _optional_number(value: Any) -> float | None:
+    return None if value is None or value == "" else _number(value)
+
+
+def _number(value: Any) -> float:
+    number = float(value)
+    if number != number:
+        raise ValueError("NaN")
+    return number
+
+
+def _json_object(value: Any) -> dict[str, Any] | None:
+    if value is None or value == "":
+        return None
+    data = json.loads(value)
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+# How each stored field is read; Redis keeps text (""/absent: none), SQL typed values.
+_READERS: dict[str, Any] = {
+    "id": _text, "queue": _text, "name": _text, "payload": _text,
+    "priority": lambda v: Priority.from_rank(int(v)), "status": Status,
+    "attempts": int, "max_attempts": int, "timeout": _optional_number, "run_at": _number, "created_at": _number,
+    "started_at": _optional_number, "finished_at": _optional_number, "lease_expires": _optional_number,
+    "worker_id": _optional_text, "progress": _json_object, "result": _optional_text, "error": _json_object,
+    "output": _optional_text, "flow": _json_object, "unique_key": _optional_text,
+    "cancel_requested": lambda v: v in (1, "1", True),
+}
+
+
+def read_record(stored: Any) -> JobRecord:
+    """A job's record from its stored fields (a mapping: a SQL row's, a Redis hash). A field
+    that can't be read (a bad JSON flow, text where a number goes, an unknown status, nesting
+    too deep, a missing field) keeps its default and the record says what is wrong in
+    ``broken``: a worker sends such a job to the failed store, listings show it, and nothing
+    else breaks."""
+    values: dict[str, Any] = {}
+    problems = []
+    for name, read in _READERS.items():
+        if name not in stored:
+            continue
+        try:
+            values[name] = read(stored[name])
+        except Exception as exc:  # RecursionError too: JSON nested too deep
+            shown = repr(stored[name])
+            problems.append(f"{name} {shown[:40]}{'...' if len(shown) > 40 else ''} ({type(exc).__name__})")
+    for name in ("id", "queue", "name", "payload"):
+        if name not in values:
+            values[name] = ""
+            if name not in stored:
+                problems.append(f"{name} missing")
+    record = JobRecord(**values)
+    if problems:
+        record.broken = "can't read " + ", ".join(problems)
+    return record
 
 
 @dataclass

@@ -46,7 +46,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, NoSuchModuleError, Operat
 from ..config import redact
 from ..errors import ConfigError, StoreUnavailable
 from ..job import JobRecord, Priority, Status
-from .base import Driver, QueueCounts, Recovered
+from .base import Driver, QueueCounts, Recovered, read_record
 from .pg_notify import Listener, announce, install_trigger
 from .sql_schema import (
     CANCELLED,
@@ -65,6 +65,8 @@ from .sql_schema import (
 from .sqlite_watch import Watcher
 
 T = TypeVar("T")
+_BANDS = {p.rank: p.value for p in Priority}
+_COUNTED = {"delayed", RUNNING, SUCCEEDED, FAILED, CANCELLED}
 
 def _sqlite_engine(url: str) -> Engine:
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
@@ -280,31 +282,7 @@ class DatabaseDriver(Driver):
         return await loop.run_in_executor(self._executor, self._call, fn, False, durable)
 
     def _record(self, row: Row[Any]) -> JobRecord:
-        m = row._mapping
-        return JobRecord(
-            id=m["id"],
-            queue=m["queue"],
-            name=m["name"],
-            payload=m["payload"],
-            priority=Priority.from_rank(m["priority"]),
-            status=Status(m["status"]),
-            attempts=m["attempts"],
-            max_attempts=m["max_attempts"],
-            timeout=m["timeout"],
-            run_at=m["run_at"],
-            created_at=m["created_at"],
-            started_at=m["started_at"],
-            finished_at=m["finished_at"],
-            lease_expires=m["lease_expires"],
-            worker_id=m["worker_id"],
-            progress=_json_or_none(m["progress"]),
-            result=m["result"],
-            error=_json_or_none(m["error"]),
-            output=m["output"],
-            flow=_json_or_none(m["flow"]),
-            unique_key=m["unique_key"],
-            cancel_requested=bool(m["cancel_requested"]),
-        )
+        return read_record(row._mapping)
 
     def _announce(self, conn: Connection, queues: set[str]) -> None:
         if self._notifies:
@@ -408,17 +386,14 @@ class DatabaseDriver(Driver):
         claim, due = (sql.claim, sql.due) if ranks is None else (sql.claim_in_bands, sql.due_in_bands)
 
         def in_order(rows: list[Row[Any]]) -> list[JobRecord]:
-            rows.sort(key=lambda row: (row.priority, row.run_at, row.seq))
-            return [
-                JobRecord(
-                    id=row.id, queue=row.queue, name=row.name, payload=row.payload,
-                    priority=Priority.from_rank(row.priority), status=Status.RUNNING, attempts=row.attempts,
-                    max_attempts=row.max_attempts, timeout=row.timeout, run_at=row.run_at,
-                    created_at=row.created_at, started_at=now, lease_expires=lease_expires, worker_id=worker_id,
-                    flow=_json_or_none(row.flow),
-                )
-                for row in rows
-            ]
+            claimed = []
+            for row in rows:
+                record = read_record(row._mapping)
+                record.status, record.started_at, record.lease_expires, record.worker_id = (
+                    Status.RUNNING, now, lease_expires, worker_id)
+                claimed.append((record.priority.rank, record.run_at, row.seq, record))
+            claimed.sort(key=lambda entry: entry[:3])
+            return [record for *_, record in claimed]
 
         if self._returning:
             return await self._statement(lambda conn: in_order(list(conn.execute(claim, params))), durable=False)
@@ -599,9 +574,12 @@ class DatabaseDriver(Driver):
             for queue, st, priority, n in conn.execute(stmt):
                 qc = result.setdefault(queue, QueueCounts())
                 if st == QUEUED:
-                    qc.waiting[Priority.from_rank(priority).value] += n
-                else:
+                    band = _BANDS.get(priority, "normal")  # a rank stored by hand counts as normal
+                    qc.waiting[band] += n
+                elif st in _COUNTED:
                     setattr(qc, st, getattr(qc, st) + n)
+                else:
+                    qc.failed += n  # a status no neonnb writes: it needs someone's attention
             return result
 
         return await self._statement(count)
@@ -655,7 +633,3 @@ class DatabaseDriver(Driver):
 
 def _execute(statement: Any, parameters: Any, conn: Connection) -> Any:
     return conn.execute(statement, parameters)
-
-
-def _json_or_none(text: str | None) -> Any:
-    return None if text is None else json.loads(text)

@@ -22,7 +22,7 @@ from .. import _loop
 from ..errors import ConfigError, StoreUnavailable
 from ..job import JobRecord, Priority, Status
 from . import resp
-from .base import Driver, QueueCounts, Recovered, Waiter
+from .base import Driver, QueueCounts, Recovered, Waiter, read_record
 from .wakeups import WAKE_ALL
 
 logger = logging.getLogger("neonnb.drivers.redis")
@@ -115,25 +115,7 @@ class RedisDriver(Driver):
         return list(await asyncio.gather(*calls))
 
     def _record(self, fields: dict[str, str]) -> JobRecord:
-        def number(name: str) -> float | None:
-            value = fields.get(name)
-            return None if value in (None, "") else float(value)
-
-        return JobRecord(
-            id=fields["id"], queue=fields["queue"], name=fields["name"], payload=fields["payload"],
-            priority=Priority.from_rank(int(fields["priority"])), status=Status(fields["status"]),
-            attempts=int(fields["attempts"]), max_attempts=int(fields["max_attempts"]), timeout=number("timeout"),
-            run_at=float(fields["run_at"]), created_at=float(fields["created_at"]), started_at=number("started_at"),
-            finished_at=number("finished_at"), lease_expires=number("lease_expires"),
-            worker_id=fields.get("worker_id"),
-            progress=json.loads(fields["progress"]) if fields.get("progress") else None,
-            result=fields.get("result"),
-            error=json.loads(fields["error"]) if fields.get("error") else None,
-            output=fields.get("output"),
-            flow=json.loads(fields["flow"]) if fields.get("flow") else None,
-            unique_key=fields.get("unique_key"),
-            cancel_requested=fields.get("cancel_requested") == "1",
-        )
+        return read_record(fields)
 
     # --- the protocol -----------------------------------------------------------------
 

@@ -151,7 +151,7 @@ for b = 1, #ARGV[5] do
     local fields = redis.call('HGETALL', key)
     local attempts = 1
     for f = 1, #fields, 2 do
-      if fields[f] == 'attempts' then attempts = tonumber(fields[f + 1]) + 1 end
+      if fields[f] == 'attempts' then attempts = (tonumber(fields[f + 1]) or 0) + 1 end  -- the worker fails a broken record
     end
     local claim = {'attempts', attempts, 'status', 'running', 'worker_id', worker, 'lease_expires', lease,
                    'started_at', now}
@@ -211,9 +211,9 @@ return stopping
 -- Returns the status the job had ("" when there is no such job).
 local B, id = KEYS[1], ARGV[1]
 local key = B .. 'job:' .. id
-local job = redis.call('HMGET', key, 'status', 'priority')
+local job = redis.call('HMGET', key, 'status')
 if job[1] == 'queued' then
-  redis.call('ZREM', B .. 'ready:' .. job[2], id)
+  for p = 0, 2 do redis.call('ZREM', B .. 'ready:' .. p, id) end  -- whatever its priority field says
   redis.call('HSET', key, 'status', 'cancelled', 'finished_at', ARGV[2])
   redis.call('ZADD', B .. 'cancelled', ARGV[2], id)
 elseif job[1] == 'running' then
@@ -259,6 +259,7 @@ local B, id = KEYS[1], ARGV[1]
 local key = B .. 'job:' .. id
 local held = redis.call('HMGET', key, 'worker_id', 'status', 'priority')
 if held[1] ~= ARGV[2] or held[2] ~= 'running' then return 0 end
+if held[3] ~= '0' and held[3] ~= '2' then held[3] = '1' end  -- a priority written by hand: normal
 redis.call('HSET', key, 'status', 'queued', 'run_at', ARGV[3], 'error', ARGV[4])
 redis.call('HDEL', key, 'worker_id', 'lease_expires')
 redis.call('ZREM', B .. 'running', id)
@@ -287,6 +288,8 @@ for i = 4, #ARGV do
   local id = ARGV[i]
   local key = B .. 'job:' .. id
   local held = redis.call('HMGET', key, 'worker_id', 'status', 'priority', 'run_at')
+  if held[3] ~= '0' and held[3] ~= '2' then held[3] = '1' end  -- a priority written by hand: normal
+  if not tonumber(held[4]) then held[4] = '0' end
   if held[1] == worker and held[2] == 'running' then
     redis.call('HSET', key, 'status', 'queued')
     redis.call('HINCRBY', key, 'attempts', -1)
@@ -308,7 +311,10 @@ local requeued, exhausted = {}, {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', B .. 'running', '-inf', '(' .. now)) do
   local key = B .. 'job:' .. id
   local job = redis.call('HMGET', key, 'attempts', 'max_attempts', 'priority')
-  if tonumber(job[1]) >= tonumber(job[2]) then
+  if job[3] ~= '0' and job[3] ~= '2' then job[3] = '1' end  -- a priority written by hand: normal
+  -- Unreadable attempts count as used up: the driver's caller fails the job, saying why.
+  local attempts, most = tonumber(job[1]), tonumber(job[2])
+  if not attempts or not most or attempts >= most then
     exhausted[#exhausted + 1] = id
   else
     redis.call('ZREM', B .. 'running', id)
@@ -351,6 +357,7 @@ local moved = {}
 for _, id in ipairs(ids) do
   local key = B .. 'job:' .. id
   local job = redis.call('HMGET', key, 'status', 'priority')
+  if job[2] ~= '0' and job[2] ~= '2' then job[2] = '1' end  -- a priority written by hand: normal
   if job[1] == 'failed' then
     redis.call('HSET', key, 'status', 'queued', 'attempts', 0, 'run_at', now)
     redis.call('HDEL', key, 'finished_at', 'worker_id', 'lease_expires', 'progress')

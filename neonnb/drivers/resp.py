@@ -147,7 +147,9 @@ class Connection(asyncio.Protocol):
     and fail with NoReply."""
 
     def __init__(self) -> None:
-        self._reader = hiredis.Reader(encoding="utf-8")
+        # neonnb stores only text: a byte that isn't UTF-8 was written by someone else, and
+        # must turn into U+FFFD in that one value, not make every reply unreadable.
+        self._reader = hiredis.Reader(encoding="utf-8", errors="replace")
         self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
         self._transport: asyncio.Transport | None = None
         self._watchdog: asyncio.TimerHandle | None = None
@@ -269,7 +271,7 @@ class BlockingConnection:
         except TimeoutError as exc:  # accepted by no one: the loop's way would only wait as long again
             raise NoReply(f"Redis did not accept a connection within {settings.connect_timeout:g}s") from exc
         self._reply_timeout = settings.reply_timeout
-        self._reader = hiredis.Reader(encoding="utf-8")
+        self._reader = hiredis.Reader(encoding="utf-8", errors="replace")
         self._selector = selectors.DefaultSelector()  # one per connection: ~3 µs less a wait than one per wait
         self._last_wait = 0.0  # how long the last reply took
         try:
