@@ -51,8 +51,9 @@ logger = logging.getLogger("neonnb.manager")
 LEASE_ERROR: dict[str, Any] = {
     "type": "LeaseExpired",
     "message": (
-        "the worker running this job stopped heartbeating (it was killed, crashed or hung) on "
-        "the job's last allowed attempt; look for what kills the worker, then retry the job"
+        "the worker running this job stopped heartbeating for longer than the lease (it was "
+        "killed, crashed, hung, or lost the store) on the job's last allowed attempt; look for "
+        "what stops the worker, then retry the job"
     ),
     "traceback": "",
 }

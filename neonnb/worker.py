@@ -208,7 +208,9 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._stopping = False
-        self._claim_failed = False  # the last claim could not reach the store
+        # A call to the store failed since the last claim: the store may have claimed (or, on
+        # Redis, handed) jobs for us whose reply was lost, and "nothing to run" is not known.
+        self._store_failed = False
         self._warned_stuck = False
         self._grace = 0.0
         self._next_due = float("inf")  # earliest known run_at of a delayed job on our queues
@@ -341,7 +343,7 @@ class Worker:
                 claimed = await self._claim(limit) if limit else 0
                 if claimed:
                     continue
-                if self.options.burst and not self._active and not self._claim_failed:
+                if self.options.burst and not self._active and not self._store_failed:
                     break  # the store said there is nothing to run (not: it could not be asked)
                 until_due = self._next_due - self.manager.clock()
                 if until_due <= 0:
@@ -403,12 +405,25 @@ class Worker:
         the store still claims the rest."""
         now = self.manager.clock()
         await self._guard(self.manager.housekeeping(now), "housekeeping")
-        self._claim_failed = False
+        if self._store_failed and not await self._give_back_unheld(now):
+            return 0
+        self._store_failed = False
         piece = self.driver.claim_piece or limit
         if limit <= piece:
             return await self._claim_piece(limit, now)
         pieces = [min(piece, limit - taken) for taken in range(0, limit, piece)]
         return sum(await asyncio.gather(*(self._claim_piece(n, now) for n in pieces)))
+
+    async def _give_back_unheld(self, now: float) -> bool:
+        """After a failed call: the store may have claimed jobs for us whose reply was lost. They go back uncharged, before they could sit out their lease and be charged an
+        attempt that never ran. False while the store is still unreachable."""
+        held = [*self._active, *(record.id for record, _ in self._acks)]
+        released = await self._guard(self.driver.release_unheld(self.queue_names, self.id, held, now),
+                                     "giving back what a lost claim took")
+        if released:
+            logger.warning("worker %s: gave back %d job(s) a claim took for it whose reply was lost", self.id,
+                           released)
+        return released is not None
 
     async def _claim_piece(self, limit: int, now: float) -> int:
         claimed = 0
@@ -419,7 +434,6 @@ class Worker:
             records = await self._guard(self.driver.reserve(queues, limit - claimed, self.id, now, lease, ranks),
                                         "claiming jobs")
             if records is None:
-                self._claim_failed = True
                 break
             self._start(records)
             claimed += len(records)
@@ -447,6 +461,7 @@ class Worker:
         try:
             return await coro
         except Exception as exc:
+            self._store_failed = True
             pause = self.options.poll_interval
             logger.warning("worker %s: %s failed (%r); retrying within %.1fs", self.id, doing, exc, pause)
             if self._wake is not None:

@@ -18,14 +18,17 @@ class ReplyCutter:
         self.upstream_port = upstream_port
         self.port = free_port()
         self._armed = threading.Event()
+        self._marker = b""
         self.cut = threading.Event()  # set once a reply was lost
         self._listener = socket.create_server(("127.0.0.1", self.port))
         self._closing = False
         self._sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def cut_next_reply(self) -> None:
+    def cut_next_reply(self, containing: bytes = b"") -> None:
+        """Lose the next reply (that holds ``containing``, when given)."""
         self.cut.clear()
+        self._marker = containing
         self._armed.set()
 
     def _accept(self) -> None:
@@ -42,7 +45,7 @@ class ReplyCutter:
     def _pump(self, source: socket.socket, sink: socket.socket, from_server: bool) -> None:
         with contextlib.suppress(OSError):
             while chunk := source.recv(65536):
-                if from_server and self._armed.is_set():
+                if from_server and self._armed.is_set() and self._marker in chunk:
                     self._armed.clear()
                     self.cut.set()
                     break  # the reply is lost with the connection

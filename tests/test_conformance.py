@@ -591,3 +591,18 @@ def test_an_unreadable_record_fails_alone_and_never_blocks_its_queue(make_manage
         assert handle.id in failed, f"{fields} was not sent to the failed store"
         assert "PayloadError" in failed[handle.id].error_type
     assert qm.failed_df() is not None and len(qm.jobs_df(limit=1000)) >= 21
+
+
+def test_jobs_claimed_for_a_worker_that_never_got_them_go_back_uncharged(
+    make_manager: MakeManager, clock: FakeClock
+) -> None:
+    qm = make_manager(clock=clock)
+    handles = [qm.dispatch("q", jobs.Note(f"n{i}")) for i in range(3)]
+    other = qm.dispatch("other", jobs.Note("elsewhere"))
+    claimed = loop.run_sync(qm.driver.reserve(["q", "other"], 4, "w", clock(), clock() + 30))
+    assert len(claimed) == 4
+    held = [handles[0].id]
+    assert loop.run_sync(qm.driver.release_unheld(["q"], "w", held, clock())) == 2
+    assert handles[0].status is Status.RUNNING and other.status is Status.RUNNING  # held, or not on these queues
+    assert [(h.status, h.fetch().attempts) for h in handles[1:]] == [(Status.QUEUED, 0)] * 2
+    assert loop.run_sync(qm.driver.release_unheld(["q"], "somebody-else", [], clock())) == 0

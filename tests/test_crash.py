@@ -209,3 +209,35 @@ def test_a_dispatch_whose_reply_was_lost_is_stored_once(
     finally:
         qm.close()
         cutter.close()
+
+
+@pytest.mark.parametrize("store", ["postgres", "redis"])
+def test_jobs_a_claim_took_whose_reply_was_lost_run_without_an_attempt_charged(
+    request: pytest.FixtureRequest, tmp_path: Path, store: str
+) -> None:
+    from tests.faults import ReplyCutter
+
+    jobs.RECORD.__init__()  # type: ignore[misc]
+    server = request.getfixturevalue(f"{store}_server")
+    cutter = ReplyCutter(server.port)
+    connection = connection_for(request, store, tmp_path)
+    dispatcher = QueueManager(config_for(connection))
+    # Through the proxy, with a lease short enough that jobs left claimed would expire (and,
+    # at one attempt each, fail) within the test.
+    through = connection.replace(f":{server.port}/", f":{cutter.port}/")
+    qm = QueueManager(config_for(through, lease_timeout=2, poll_interval=0.1))
+    try:
+        handles = [dispatcher.dispatch("q", jobs.Last(f"lost-claim-{i}")) for i in range(10)]
+        cutter.cut_next_reply(containing=b"lost-claim")
+        worker = qm.worker("q", 4).start()
+        wait_until(lambda: all(h.status in (Status.SUCCEEDED, Status.FAILED) for h in handles), timeout=30,
+                   what="every job to end")
+        worker.stop()
+        assert cutter.cut.is_set(), "no claim's reply was lost: the test tested nothing"
+        assert {h.status for h in handles} == {Status.SUCCEEDED}
+        assert {h.fetch().attempts for h in handles} == {1}
+        assert set(jobs.RECORD.counts.values()) == {1} and len(jobs.RECORD.counts) == 10
+    finally:
+        qm.close()
+        dispatcher.close()
+        cutter.close()

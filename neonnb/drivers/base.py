@@ -224,6 +224,12 @@ class Driver(abc.ABC):
         """Give jobs back to the queue unfinished (graceful stop); their attempt is not counted."""
 
     @abc.abstractmethod
+    async def release_unheld(self, queues: Sequence[str], worker_id: str, held: Sequence[str], now: float) -> int:
+        """Give back, attempt not counted, the jobs of ``queues`` running under ``worker_id``
+        that are not in ``held``: a claim whose reply was lost left them claimed for a
+        worker that never got them. Returns how many."""
+
+    @abc.abstractmethod
     async def recover_expired(self, now: float) -> Recovered:
         """Requeue RUNNING jobs whose lease ended (their worker died), attempt counted. Those
         that used up ``max_attempts`` stay as they are and come back as records: the caller

@@ -237,10 +237,10 @@ class DatabaseDriver(Driver):
                 install_trigger(conn, self.table.name)
 
     def _call(self, fn: Callable[[Connection], T], single_statement: bool, durable: bool,
-              again: Callable[[Connection], T] | None = None) -> T:
+              again: Callable[[Connection], T] | None = None, repeatable: bool = True) -> T:
         """``fn`` on a pooled connection; once more (as ``again``, if given) on a fresh one if
-        that connection died. It may have died after the server did the work, its reply lost:
-        a call retried this way must be safe to repeat."""
+        that connection died, unless not ``repeatable``. It may have died after the server did
+        the work, its reply lost: a call retried this way must be safe to repeat."""
         with self._reachable():
             self._ensure_schema()
             for attempt in (1, 2):
@@ -254,7 +254,7 @@ class DatabaseDriver(Driver):
                 except DBAPIError as exc:
                     # A pooled connection that died with a server restart: the pool has dropped
                     # it, and a fresh connection gets the call through.
-                    if attempt == 2 or not exc.connection_invalidated:
+                    if attempt == 2 or not exc.connection_invalidated or not repeatable:
                         raise
                     fn = again or fn
         raise AssertionError("unreachable")
@@ -271,15 +271,17 @@ class DatabaseDriver(Driver):
             where = self.engine.url.render_as_string(hide_password=True)
             raise StoreUnavailable(redact(f"the database {where} can't be reached: {exc.orig}")) from exc
 
-    async def _statement(self, fn: Callable[[Connection], T], durable: bool = True) -> T:
+    async def _statement(self, fn: Callable[[Connection], T], durable: bool = True, repeatable: bool = True) -> T:
         """Run ``fn``, which issues exactly one statement, on the driver's threads."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call, fn, True, durable)
+        call = functools.partial(self._call, fn, True, durable, repeatable=repeatable)
+        return await loop.run_in_executor(self._executor, call)
 
-    async def _transaction(self, fn: Callable[[Connection], T], durable: bool = True) -> T:
+    async def _transaction(self, fn: Callable[[Connection], T], durable: bool = True, repeatable: bool = True) -> T:
         """Run ``fn`` (several statements) in one transaction on the driver's threads."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call, fn, False, durable)
+        call = functools.partial(self._call, fn, False, durable, repeatable=repeatable)
+        return await loop.run_in_executor(self._executor, call)
 
     def _record(self, row: Row[Any]) -> JobRecord:
         return read_record(row._mapping)
@@ -395,8 +397,11 @@ class DatabaseDriver(Driver):
             claimed.sort(key=lambda entry: entry[:3])
             return [record for *_, record in claimed]
 
+        # Not repeated on a fresh connection if the first one dies: the claim may have run, its
+        # reply lost; the worker then gives back what it took (release_unheld).
         if self._returning:
-            return await self._statement(lambda conn: in_order(list(conn.execute(claim, params))), durable=False)
+            return await self._statement(lambda conn: in_order(list(conn.execute(claim, params))), durable=False,
+                                         repeatable=False)
 
         def select_then_claim(conn: Connection) -> list[JobRecord]:  # MariaDB/MySQL: no UPDATE ... RETURNING
             seqs = list(conn.execute(due, params).scalars())
@@ -405,7 +410,7 @@ class DatabaseDriver(Driver):
             conn.execute(sql.claim_seqs, {**params, "b_seqs": seqs})
             return in_order(list(conn.execute(sql.rows_by_seq, {"b_seqs": seqs})))
 
-        return await self._transaction(select_then_claim, durable=False)
+        return await self._transaction(select_then_claim, durable=False, repeatable=False)
 
     async def extend_leases(self, jobs: Sequence[JobRecord], worker_id: str, lease_expires: float) -> list[str]:
         params = {"b_ids": [job.id for job in jobs], "b_owner": worker_id, "b_lease": lease_expires}
@@ -473,9 +478,17 @@ class DatabaseDriver(Driver):
 
     async def release(self, jobs: Sequence[JobRecord], worker_id: str, now: float) -> int:
         c = self.table.c
+        return await self._give_back(c.id.in_([job.id for job in jobs]), worker_id) if jobs else 0
+
+    async def release_unheld(self, queues: Sequence[str], worker_id: str, held: Sequence[str], now: float) -> int:
+        c = self.table.c
+        return await self._give_back(and_(c.queue.in_(list(queues)), c.id.not_in(list(held))), worker_id)
+
+    async def _give_back(self, which: Any, worker_id: str) -> int:
+        c = self.table.c
         stmt = (
             update(self.table)
-            .where(c.id.in_([job.id for job in jobs]), c.status == RUNNING, c.worker_id == worker_id)
+            .where(which, c.status == RUNNING, c.worker_id == worker_id)
             .values(status=QUEUED, attempts=c.attempts - 1, worker_id=None, lease_expires=None)
         )
 
@@ -486,7 +499,7 @@ class DatabaseDriver(Driver):
             self._announce(conn, set(queues))
             return len(queues)
 
-        return await self._transaction(give_back, durable=False) if jobs else 0
+        return await self._transaction(give_back, durable=False)
 
     async def recover_expired(self, now: float) -> Recovered:
         c = self.table.c

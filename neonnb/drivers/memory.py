@@ -204,6 +204,12 @@ class MemoryDriver(Driver):
                     released += 1
         return released
 
+    async def release_unheld(self, queues: Sequence[str], worker_id: str, held: Sequence[str], now: float) -> int:
+        with self._lock:
+            unheld = [r for r in self._jobs.values() if r.status is Status.RUNNING and r.worker_id == worker_id
+                      and r.queue in queues and r.id not in held]
+        return await self.release(unheld, worker_id, now)
+
     async def recover_expired(self, now: float) -> Recovered:
         recovered = Recovered()
         with self._lock:

@@ -103,9 +103,9 @@ class RedisDriver(Driver):
         """Where queue's keys start; {queue} is their Redis Cluster hash tag."""
         return f"{self.prefix}{{{queue}}}:"
 
-    async def _script(self, name: str, queues: Sequence[str], args: Sequence[Any]) -> Any:
+    async def _script(self, name: str, queues: Sequence[str], args: Sequence[Any], resend: bool = True) -> Any:
         keys = [self._base(q) for q in queues]
-        return await self._reach(lambda client: client.script(_SCRIPTS[name], keys, args))
+        return await self._reach(lambda client: client.script(_SCRIPTS[name], keys, args, resend))
 
     async def _per_queue(self, name: str, groups: dict[str, list[Any]], args: Callable[[str], list[Any]]) -> list[Any]:
         """Run script ``name`` once per queue (a script touches one queue's slot), concurrently."""
@@ -206,7 +206,9 @@ class RedisDriver(Driver):
                 break
             bands = "".join(str(rank) for rank in (range(3) if ranks is None else ranks))
             args = [_num(now), limit - len(claimed), worker_id, _num(lease_expires), bands]
-            rows = await self._script("reserve", group, args)
+            # Not sent again if the connection drops: the claim may have run, its reply lost;
+            # the worker then gives back what it took (release_unheld).
+            rows = await self._script("reserve", group, args, resend=False)
             claimed += [self._record(_fields(flat)) for flat in rows]
         return claimed
 
@@ -247,6 +249,10 @@ class RedisDriver(Driver):
     async def release(self, jobs: Sequence[JobRecord], worker_id: str, now: float) -> int:
         released = await self._per_queue("release", _ids_by_queue(jobs), lambda q: [self.channel, q, worker_id])
         return sum(released)
+
+    async def release_unheld(self, queues: Sequence[str], worker_id: str, held: Sequence[str], now: float) -> int:
+        groups = {queue: list(held) for queue in queues}
+        return sum(await self._per_queue("release_unheld", groups, lambda q: [self.channel, q, worker_id]))
 
     async def recover_expired(self, now: float) -> Recovered:
         every = await self._by_queue(None, None)

@@ -302,6 +302,30 @@ end
 if released > 0 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
 return released
 
+--! release_unheld
+-- KEYS: B.  ARGV: wake channel, queue, worker_id, held id...   Jobs running under worker_id
+-- that it doesn't hold (a claim whose reply was lost) go back, their attempt not counted.
+local B, worker = KEYS[1], ARGV[3]
+local held = {}
+for i = 4, #ARGV do held[ARGV[i]] = true end
+local released = 0
+for _, id in ipairs(redis.call('ZRANGE', B .. 'running', 0, -1)) do
+  local key = B .. 'job:' .. id
+  local job = redis.call('HMGET', key, 'worker_id', 'priority', 'run_at')
+  if job[1] == worker and not held[id] then
+    if job[2] ~= '0' and job[2] ~= '2' then job[2] = '1' end  -- a priority written by hand: normal
+    if not tonumber(job[3]) then job[3] = '0' end
+    redis.call('HSET', key, 'status', 'queued')
+    redis.call('HINCRBY', key, 'attempts', -1)
+    redis.call('HDEL', key, 'worker_id', 'lease_expires')
+    redis.call('ZREM', B .. 'running', id)
+    redis.call('ZADD', B .. 'ready:' .. job[2], job[3], id)
+    released = released + 1
+  end
+end
+if released > 0 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
+return released
+
 --! recover
 -- KEYS: B.  ARGV: wake channel, queue, now   (jobs whose worker stopped heartbeating)
 -- Returns {requeued ids, exhausted ids}: a job that used up its attempts stays running under

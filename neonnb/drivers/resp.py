@@ -400,7 +400,8 @@ class Script:
 class Client:
     """Commands to one Redis server or to a cluster's nodes, one pipelined connection each.
     A command whose connection is lost is sent again on a new one, up to three times, then
-    fails with ConnectionLost: the driver's scripts are safe to repeat."""
+    fails with ConnectionLost: the driver's scripts are safe to repeat, except a claim
+    (``resend=False``), which the server may have run with its reply lost."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -415,20 +416,21 @@ class Client:
         """Run one command; ``key`` (on a cluster) picks the node."""
         return (await self.pipeline([command], key=key))[0]
 
-    async def script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def script(self, script: Script, keys: Sequence[str], args: Sequence[Any], resend: bool = True) -> Any:
         command = script.command(keys, args)
         node = keys[0] if keys else None
         try:
-            return await self.execute(*command, key=node)
+            return (await self.pipeline([command], key=node, resend=resend))[0]
         except ReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
         await self.execute("SCRIPT", "LOAD", script.body, key=node)
-        return await self.execute(*command, key=node)
+        return (await self.pipeline([command], key=node, resend=resend))[0]
 
-    async def pipeline(self, commands: Sequence[Command], key: str | None = None) -> list[Any]:
+    async def pipeline(self, commands: Sequence[Command], key: str | None = None, resend: bool = True) -> list[Any]:
         """Run commands, pipelined: on a cluster each goes to the node of its first key
-        (``key``, or the command's own first argument after its name)."""
+        (``key``, or the command's own first argument after its name). ``resend=False``: a
+        lost connection fails at once (the commands may have run)."""
         attempt, moving_since = 0, None
         while True:
             try:
@@ -453,7 +455,7 @@ class Client:
                 else:
                     raise
             except ConnectionLost:
-                if attempt == _RETRIES:
+                if attempt == _RETRIES or not resend:
                     raise
                 await asyncio.sleep(0.05 * 2**attempt)
                 attempt += 1
