@@ -415,7 +415,8 @@ class Worker:
         return sum(await asyncio.gather(*(self._claim_piece(n, now) for n in pieces)))
 
     async def _give_back_unheld(self, now: float) -> bool:
-        """After a failed call: the store may have claimed jobs for us whose reply was lost. They go back uncharged, before they could sit out their lease and be charged an
+        """After a failed call: the store may have claimed jobs for us whose reply was lost.
+        They go back uncharged, before they could sit out their lease and be charged an
         attempt that never ran. False while the store is still unreachable."""
         held = [*self._active, *(record.id for record, _ in self._acks)]
         released = await self._guard(self.driver.release_unheld(self.queue_names, self.id, held, now),

@@ -558,7 +558,8 @@ def _corrupt(qm: QueueManager, job_id: str, queue: str, **fields: object) -> Non
     # Untyped SQL: SQLAlchemy's column types would refuse text for a number (SQLite takes it).
     with qm.driver.engine.begin() as conn:  # type: ignore[attr-defined]
         for column, value in fields.items():
-            conn.execute(text(f"UPDATE neonnb_jobs SET {column} = :value WHERE id = :id"), {"value": value, "id": job_id})
+            statement = text(f"UPDATE neonnb_jobs SET {column} = :value WHERE id = :id")
+            conn.execute(statement, {"value": value, "id": job_id})
 
 
 def test_an_unreadable_record_fails_alone_and_never_blocks_its_queue(make_manager: MakeManager) -> None:
