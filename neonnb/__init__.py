@@ -3,6 +3,7 @@
 from .config import Config, WorkerOptions
 from .drivers.base import QueueCounts
 from .errors import (
+    ClockSkew,
     ConfigError,
     JobCancelled,
     JobFailed,
@@ -23,8 +24,8 @@ from .notebook import load_ipython_extension, unload_ipython_extension
 from .worker import JobEvent, Worker
 
 __all__ = [
-    "Config", "ConfigError", "Context", "FailedJob", "Job", "JobCancelled", "JobEvent", "JobFailed", "JobHandle",
-    "JobNotFound", "JobRecord", "JobTimeout", "MissingDependency", "NeonnbError", "PayloadError",
+    "ClockSkew", "Config", "ConfigError", "Context", "FailedJob", "Job", "JobCancelled", "JobEvent", "JobFailed",
+    "JobHandle", "JobNotFound", "JobRecord", "JobTimeout", "MissingDependency", "NeonnbError", "PayloadError",
     "Priority", "QueueCounts", "QueueManager", "Retry", "SerializationError", "Status", "StoreUnavailable",
     "UnknownJobError", "Worker", "WorkerOptions", "connect", "load_ipython_extension", "unload_ipython_extension",
 ]

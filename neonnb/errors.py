@@ -10,6 +10,7 @@
     ├── JobCancelled           waited on a job that was cancelled
     ├── JobTimeout             a job ran past its timeout
     ├── StoreUnavailable       the queue's store (Redis, the database) can't be reached
+    ├── ClockSkew              this machine's clock and the store's disagree by more than leases allow
     ├── MissingDependency      a job asked ctx.deps for something nobody provided
     └── Retry                  raised by a handler to ask for a retry after a delay
 
@@ -66,6 +67,10 @@ class JobTimeout(NeonnbError, TimeoutError):
 
 class StoreUnavailable(NeonnbError, ConnectionError):
     """The queue's store can't be reached; nothing was enqueued."""
+
+
+class ClockSkew(NeonnbError):
+    """This machine's clock and the store's disagree by more than a quarter of the lease."""
 
 
 class MissingDependency(NeonnbError, KeyError):

@@ -16,6 +16,8 @@ import logging
 import os
 import random
 import socket
+import sys
+import threading
 import time
 import traceback
 import uuid
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from . import _loop, capture, workflows
 from .codec import dumps, encode
 from .config import WorkerOptions, parse_duration
-from .errors import JobCancelled, JobTimeout, PayloadError, Retry, SerializationError, UnknownJobError
+from .errors import ClockSkew, JobCancelled, JobTimeout, PayloadError, Retry, SerializationError, UnknownJobError
 from .job import (
     MAX_WORKER_ID,
     Context,
@@ -161,6 +163,56 @@ class Events:
                 logger.exception("event subscriber %r failed on %s", callback, kind)
 
 
+class _LoopWatch:
+    """Asks the worker's loop for a moment, from a thread of its own; a loop that doesn't
+    answer within ``after`` seconds is blocked (an async handler doing blocking work), and
+    can't heartbeat: the warning names the job and where it is stuck, long before the lease
+    of every job on that loop runs out."""
+
+    def __init__(self, worker: Worker, loop: asyncio.AbstractEventLoop, after: float) -> None:
+        self.worker, self.loop, self.after = worker, loop, after
+        self.loop_thread = threading.get_ident()
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, name=f"neonnb-watch-{worker.id}", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.after / 2):
+            answered = threading.Event()
+            try:
+                self.loop.call_soon_threadsafe(answered.set)
+            except RuntimeError:  # the loop closed
+                return
+            started = time.monotonic()
+            if answered.wait(self.after) or self._stop.is_set():
+                continue
+            logger.warning("worker %s: its event loop has been blocked for %.1fs by %s; an async handler must not "
+                           "block (await instead, or make the handler sync: it then runs in a thread). Leases can't "
+                           "be extended meanwhile: after %gs other workers may run its jobs again.%s",
+                           self.worker.id, time.monotonic() - started, self._culprit(),
+                           self.worker.options.lease_timeout, self._where())
+            while not answered.wait(1.0) and not self._stop.is_set():
+                pass
+            logger.warning("worker %s: its event loop answers again after %.1fs", self.worker.id,
+                           time.monotonic() - started)
+
+    def _culprit(self) -> str:
+        try:
+            task = asyncio.current_task(self.loop)
+        except RuntimeError:
+            task = None
+        for running in list(self.worker._active.values()):
+            if running.task is task:
+                return f"job {running.record.id} ({running.record.name})"
+        return "code on the loop that is not one of this worker's jobs"
+
+    def _where(self) -> str:
+        frame = sys._current_frames().get(self.loop_thread)
+        return "" if frame is None else "\nWhere the loop is:\n" + "".join(traceback.format_stack(frame)[-4:])
+
+
 class _Running(NamedTuple):
     """A job this worker has claimed and is running."""
 
@@ -245,9 +297,34 @@ class Worker:
         return self
 
     async def _start_task(self) -> None:
-        self._bind_loop()
+        await self._prepare()
         task = contextvars.Context().run(asyncio.get_running_loop().create_task, self._main())
         task.add_done_callback(_log_crash)
+
+    async def _prepare(self) -> None:
+        """Bind to the running loop, and refuse to run on a clock that disagrees with the
+        store's by more than a quarter of the lease: leases are times by the workers' clocks,
+        and a worker ahead would take live jobs of others for dead ones, and run them twice."""
+        self._bind_loop()
+        clock = self.manager.clock
+        try:
+            before = clock()
+            server = await self.driver.server_time()
+            skew = (before + clock()) / 2 - server if server is not None else 0.0
+        except Exception as exc:  # an unreachable store: the worker waits for it as usual
+            logger.warning("worker %s: could not read the store's clock (%r)", self.id, exc)
+            return
+        lease = self.options.lease_timeout
+        if abs(skew) > lease / 4:
+            self._unbind_loop()
+            raise ClockSkew(
+                f"this machine's clock is {abs(skew):.1f}s {'ahead of' if skew > 0 else 'behind'} the store's: with "
+                f"a lease of {lease:g}s, jobs would be taken for dead and run twice; sync the clock (NTP), or set "
+                f"lease_timeout above {4 * abs(skew):.0f}s"
+            )
+        if abs(skew) > 1.0:
+            logger.warning("worker %s: this machine's clock is %.1fs %s the store's", self.id, abs(skew),
+                           "ahead of" if skew > 0 else "behind")
 
     def run(self) -> None:
         """Run until stopped (``stop()``, ``max_jobs`` or ``burst``), blocking this thread."""
@@ -320,13 +397,14 @@ class Worker:
 
     async def arun(self) -> None:
         """Run on the current event loop until stopped."""
-        self._bind_loop()
+        await self._prepare()
         await self._main()
 
     async def _main(self) -> None:
         assert self._wake is not None
         self.manager._add_worker(self)
         heartbeat = asyncio.create_task(self._heartbeat())
+        watch = _LoopWatch(self, asyncio.get_running_loop(), min(1.0, self.options.lease_timeout / 6))
         # A store's hand-off gives an idle worker any job of its queues: not for priority bands.
         bands = any(ranks is not None for _, ranks in self._claims)
         waiter = None if bands else await self._guard(self.driver.waiter(self.id, self.queue_names),
@@ -367,6 +445,7 @@ class Worker:
         finally:
             if waiter is not None:
                 waiter.close()
+            watch.stop()
             heartbeat.cancel()
             self.manager._remove_worker(self)
             self._unbind_loop()

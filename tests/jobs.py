@@ -346,3 +346,41 @@ class ProgressWrong(Job):
 
     def handle(self, ctx: Context) -> None:
         ctx.progress("half", 10)  # type: ignore[arg-type]
+
+
+class BlocksTheLoop(Job):
+    """An async handler that blocks its loop with sync work (a mistake the worker must name)."""
+
+    seconds: float
+
+    async def handle(self, ctx: Context) -> str:
+        time.sleep(self.seconds)
+        return "unblocked"
+
+
+class Chaotic(Job):
+    """For the chaos test: logs each start to a file shared between processes, then behaves
+    as its kind says: fast, slow, failing (for good), flaky (fails its first attempt) or
+    timeout (runs past its timeout)."""
+
+    kind: str
+    log: str
+
+    def handle(self, ctx: Context) -> str:
+        with Path(self.log).open("a") as f:
+            f.write(f"start {self.kind} {ctx.job_id} {ctx.attempt} {os.getpid()}\n")
+        if self.kind == "failing":
+            raise ValueError("failing for good")
+        if self.kind == "flaky" and ctx.attempt == 1:
+            raise ConnectionError("flaky first attempt")
+        time.sleep({"fast": 0.01, "slow": 0.8, "timeout": 1.0}.get(self.kind, 0.0))
+        return self.kind
+
+    def should_retry(self, err: Exception) -> bool:
+        return not isinstance(err, ValueError)
+
+    def timeout(self) -> float | None:
+        return 0.2 if self.kind == "timeout" else None
+
+    def max_attempts(self) -> int:
+        return 2 if self.kind == "timeout" else 6

@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -172,3 +173,47 @@ def test_an_unreachable_sql_store_raises_store_unavailable(url: str) -> None:
             with pytest.raises(StoreUnavailable, match="can't be reached") as raised:
                 call()
             assert "s3cret" not in str(raised.value)
+
+
+@pytest.mark.parametrize("store", ["postgres", "mariadb", "redis"])
+def test_a_worker_whose_clock_disagrees_with_the_store_refuses_to_start(
+    request: pytest.FixtureRequest, tmp_path: Path, store: str
+) -> None:
+    import time
+
+    from neonnb import ClockSkew
+    from tests.conftest import config_for, connection_for
+
+    connection = connection_for(request, store, tmp_path)
+    ahead = QueueManager(config_for(connection, lease_timeout=30), clock=lambda: time.time() + 60)
+    try:
+        with pytest.raises(ClockSkew, match=r"clock is 60\.\ds ahead of the store's: with a lease of 30s"):
+            ahead.worker("q", 1).start()
+        with pytest.raises(ClockSkew, match="behind"):
+            QueueManager(ahead.config, driver=ahead.driver, clock=lambda: time.time() - 60).worker("q", 1).run()
+        slightly = QueueManager(ahead.config, driver=ahead.driver, clock=lambda: time.time() + 3)
+        worker = slightly.worker("q", 1).start()  # within a quarter of the lease: it runs, and says so
+        assert worker.is_running
+        worker.stop()
+    finally:
+        ahead.close()
+
+
+def test_an_async_handler_that_blocks_the_loop_is_named_before_its_lease_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    qm = QueueManager(Config(driver="memory", lease_timeout=6))
+    try:
+        with caplog.at_level(logging.WARNING, "neonnb.worker"):
+            worker = qm.worker("q", 2).start()
+            blocker = qm.dispatch("q", jobs.BlocksTheLoop(3.0))
+            wait_until(lambda: "its event loop has been blocked" in caplog.text, timeout=2.5,
+                       what="a warning while the loop is still blocked")
+            assert blocker.result(timeout=10) == "unblocked"
+            worker.stop()
+        blocked = next(r for r in caplog.records if "has been blocked" in r.getMessage()).getMessage()
+        assert f"job {blocker.id} (tests.jobs.BlocksTheLoop)" in blocked
+        assert "time.sleep(self.seconds)" in blocked  # where it is stuck
+        assert "answers again" in caplog.text
+    finally:
+        qm.close()

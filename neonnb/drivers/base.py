@@ -267,6 +267,11 @@ class Driver(abc.ABC):
     async def delete_failed(self, ids: Sequence[str] | None) -> int:
         """Forget failed jobs; ``ids=None`` flushes the whole failed store."""
 
+    async def server_time(self) -> float | None:
+        """The store's clock (seconds since the epoch), for a store on another machine whose
+        clock leases depend on; None (the default): the store shares this machine's clock."""
+        return None
+
     def watch(self, callback: Callable[[str], None]) -> None:  # noqa: B027 - polling is the default
         """Call ``callback(queue)``, from any thread, when another process makes a job of
         ``queue`` due (``"*"``: any queue may have jobs). Drivers that can't tell leave

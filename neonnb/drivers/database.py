@@ -480,6 +480,14 @@ class DatabaseDriver(Driver):
         c = self.table.c
         return await self._give_back(c.id.in_([job.id for job in jobs]), worker_id) if jobs else 0
 
+    async def server_time(self) -> float | None:
+        now = {"postgresql": "SELECT extract(epoch from clock_timestamp())",
+               "mysql": "SELECT UNIX_TIMESTAMP(NOW(6))", "mariadb": "SELECT UNIX_TIMESTAMP(NOW(6))"}.get(
+            self.engine.dialect.name)
+        if now is None:
+            return None  # SQLite: this machine's clock
+        return float(await self._statement(lambda conn: conn.exec_driver_sql(now).scalar_one()))
+
     async def release_unheld(self, queues: Sequence[str], worker_id: str, held: Sequence[str], now: float) -> int:
         c = self.table.c
         return await self._give_back(and_(c.queue.in_(list(queues)), c.id.not_in(list(held))), worker_id)

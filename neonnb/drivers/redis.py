@@ -250,6 +250,10 @@ class RedisDriver(Driver):
         released = await self._per_queue("release", _ids_by_queue(jobs), lambda q: [self.channel, q, worker_id])
         return sum(released)
 
+    async def server_time(self) -> float | None:
+        seconds, micros = await self._reach(lambda client: client.execute("TIME", key=self.prefix))
+        return int(seconds) + int(micros) / 1e6
+
     async def release_unheld(self, queues: Sequence[str], worker_id: str, held: Sequence[str], now: float) -> int:
         groups = {queue: list(held) for queue in queues}
         return sum(await self._per_queue("release_unheld", groups, lambda q: [self.channel, q, worker_id]))
