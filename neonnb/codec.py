@@ -12,6 +12,7 @@ import datetime as dt
 import enum
 import functools
 import json
+import math
 import types
 import typing
 import uuid
@@ -24,12 +25,22 @@ _PRIMITIVES = (str, int, float, bool, type(None))
 _EXACT_PRIMITIVES = frozenset(_PRIMITIVES)  # most values are one of these exactly: checked first
 
 
-def encode(value: Any, path: str) -> Any:
+MAX_DEPTH = 100  # nesting deeper than this is refused by name, before it meets Python's recursion limit
+
+
+def encode(value: Any, path: str, depth: int = 0) -> Any:
     """Plain JSON data for ``value``; raises SerializationError naming ``path``."""
     if type(value) in _EXACT_PRIMITIVES:
+        if type(value) is float and not math.isfinite(value):
+            raise SerializationError(f"{path} is {value!r}, which JSON can't hold; pass a finite number or None")
         return value
+    if depth >= MAX_DEPTH:
+        raise SerializationError(f"{path} is nested more than {MAX_DEPTH} levels deep; flatten it")
+    depth += 1
     if isinstance(value, enum.Enum):
-        return encode(value.value, path)
+        return encode(value.value, path, depth)
+    if isinstance(value, float):  # a float subclass (numpy.float64): checked as a float
+        return encode(float(value), path, depth)
     if isinstance(value, _PRIMITIVES):
         return value
     if isinstance(value, dt.datetime | dt.date | dt.time):
@@ -39,17 +50,17 @@ def encode(value: Any, path: str) -> Any:
     if isinstance(value, Decimal | uuid.UUID):
         return str(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return encode_fields(value, path)
+        return encode_fields(value, path, depth)
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
             if not isinstance(key, str | int | enum.Enum | uuid.UUID):
                 raise SerializationError(f"{path} has a dict key {key!r} of type {type(key).__name__}; use str keys")
-            out[str(encode(key, path))] = encode(item, f"{path}[{key!r}]")
+            out[str(encode(key, path, depth))] = encode(item, f"{path}[{key!r}]", depth)
         return out
     if isinstance(value, list | tuple | set | frozenset):
         items = sorted(value, key=repr) if isinstance(value, set | frozenset) else value
-        return [encode(item, f"{path}[{i}]") for i, item in enumerate(items)]
+        return [encode(item, f"{path}[{i}]", depth) for i, item in enumerate(items)]
     raise SerializationError(
         f"{path} is a {type(value).__module__}.{type(value).__qualname__}, which can't be stored as JSON; "
         "pass plain data (str, numbers, dates, Decimal, UUID, Enum, dataclasses, lists, dicts) and "
@@ -57,10 +68,10 @@ def encode(value: Any, path: str) -> Any:
     )
 
 
-def encode_fields(value: Any, path: str) -> dict[str, Any]:
+def encode_fields(value: Any, path: str, depth: int = 0) -> dict[str, Any]:
     """A dataclass instance as a JSON object of its fields, each encoded."""
     cls: type = type(value)
-    return {name: encode(getattr(value, name), f"{path}.{name}") for name in _fields_of(cls)}
+    return {name: encode(getattr(value, name), f"{path}.{name}", depth) for name in _fields_of(cls)}
 
 
 dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode

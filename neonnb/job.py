@@ -411,7 +411,7 @@ _async_classes: dict[type, bool] = {}  # iscoroutinefunction is slow enough to m
 def _loads(payload: str, name: str) -> Any:
     try:
         return json.loads(payload)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise PayloadError(f"{name}: the stored payload is not valid JSON ({exc}); it was {payload[:200]!r}") from None
 
 

@@ -96,3 +96,29 @@ def test_decode_errors_name_the_path_and_the_type() -> None:
         decode("purple", Colour, "c")
     with pytest.raises(PayloadError, match="expected int"):
         decode(True, int, "n")
+
+
+def test_nan_and_deep_nesting_are_refused_naming_the_field() -> None:
+    import pytest
+
+    from neonnb import QueueManager, SerializationError
+    from neonnb.config import Config
+    from tests import jobs
+
+    with QueueManager(Config(driver="memory")) as qm:
+
+        @qm.job(queue="q")
+        def measure(x: float, rows: list = []) -> None:  # noqa: B006 - never mutated
+            ...
+
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(SerializationError, match=rf"measure\(x=\.\.\.\) is {bad!r}, which JSON can't hold"):
+                measure.dispatch(bad)
+        deep: list = []
+        for _ in range(500):
+            deep = [deep]
+        with pytest.raises(SerializationError, match=r"measure\(rows=\.\.\.\)\[0\]\[0\].* nested more than 100 levels"):
+            measure.dispatch(1.0, deep)
+        with pytest.raises(SerializationError, match=r"Note\.tag is nan"):
+            qm.dispatch("q", jobs.Note(float("nan")))  # type: ignore[arg-type]
+        assert qm.stats() == {}
