@@ -78,6 +78,11 @@ def check_queue_name(queue: Any) -> str:
     """``queue`` if every store can keep it; else ConfigError saying what is wrong."""
     if not isinstance(queue, str) or not queue:
         raise ConfigError(f"a queue name must be a non-empty string, got {queue!r}")
+    return _checked_queue_name(queue)
+
+
+@functools.lru_cache(maxsize=1024)  # a process dispatches to a few queues, again and again
+def _checked_queue_name(queue: str) -> str:
     problem = None
     if len(queue) > MAX_QUEUE_NAME:
         problem = f"is {len(queue)} characters long; at most {MAX_QUEUE_NAME} fit"

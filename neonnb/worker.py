@@ -247,9 +247,10 @@ class Worker:
         self._started_before_run = 0  # max_jobs counts the jobs of this run: a stopped worker starts again
         self._active: dict[str, _Running] = {}
         self._cancelling: set[str] = set()  # jobs being stopped because someone cancelled them
-        # Jobs whose sync handler is running in a thread. Once such a job's task has ended (it
-        # timed out) its thread may go on, ignoring ctx.cancelled: it still holds its slot.
+        # Jobs whose sync handler is running in a thread, and of those the ones whose task has
+        # ended (a timeout the handler ignored): their threads go on and still hold their slots.
         self._in_thread: set[str] = set()
+        self._stuck: set[str] = set()
         self._releasing: set[str] = set()  # interrupted by stop(): whatever they end with, they go back
         self._dirty_progress: dict[str, tuple[JobRecord, dict[str, Any]]] = {}
         # Finished jobs waiting to be acknowledged together. Their slots are free already;
@@ -413,7 +414,7 @@ class Worker:
         try:
             while not self._stopping:
                 limit = self._free_slots()
-                if limit == 0 and not self._active and not self._in_thread:
+                if limit == 0 and not self._active and not self._stuck:
                     break  # max_jobs reached and the last job finished
                 # Clear before claiming: a wake-up that lands while the claim is in flight
                 # must end the wait below, not be lost.
@@ -465,7 +466,7 @@ class Worker:
         return claimed
 
     def _free_slots(self) -> int:
-        stuck = len(self._in_thread.difference(self._active))
+        stuck = len(self._stuck)
         free = self.concurrency - len(self._active) - stuck
         if stuck and free <= 0 and not self._warned_stuck:
             self._warned_stuck = True
@@ -753,7 +754,7 @@ class Worker:
             if timer is not None:
                 timer.cancel()
 
-    def _in_a_thread(self, ctx: Context, handle: Callable[[Context], Any], started: list[float]) -> Awaitable[Any]:
+    async def _in_a_thread(self, ctx: Context, handle: Callable[[Context], Any], started: list[float]) -> Any:
         """Run a sync handler on the worker's threads; the job holds its slot until its thread
         returns, even when its task ended first (a timeout the handler ignored)."""
         assert self._executor is not None and self._loop is not None
@@ -769,11 +770,18 @@ class Worker:
 
         self._in_thread.add(job_id)
         future = self._executor.submit(run)
-        future.add_done_callback(returned)
-        return asyncio.wrap_future(future)
+        try:
+            return await asyncio.wrap_future(future)
+        finally:
+            if future.done():
+                self._in_thread.discard(job_id)
+            else:  # its task ends first (a timeout, a stop): the thread frees the slot when it returns
+                self._stuck.add(job_id)
+                future.add_done_callback(returned)
 
     def _thread_returned(self, job_id: str) -> None:
         self._in_thread.discard(job_id)
+        self._stuck.discard(job_id)
         if self._wake is not None:
             self._wake.set()
 

@@ -52,16 +52,19 @@ def _json_object(value: Any) -> dict[str, Any] | None:
     return data
 
 
+_STATUSES = {status.value: status for status in Status}
+_PRIORITIES: dict[int | str, Priority] = {key: p for p in Priority for key in (p.rank, str(p.rank))}
+
 # How each stored field is read; Redis keeps text (""/absent: none), SQL typed values.
-_READERS: dict[str, Any] = {
-    "id": _text, "queue": _text, "name": _text, "payload": _text,
-    "priority": lambda v: Priority.from_rank(int(v)), "status": Status,
-    "attempts": int, "max_attempts": int, "timeout": _optional_number, "run_at": _number, "created_at": _number,
-    "started_at": _optional_number, "finished_at": _optional_number, "lease_expires": _optional_number,
-    "worker_id": _optional_text, "progress": _json_object, "result": _optional_text, "error": _json_object,
-    "output": _optional_text, "flow": _json_object, "unique_key": _optional_text,
-    "cancel_requested": lambda v: v in (1, "1", True),
-}
+_READERS: tuple[tuple[str, Callable[[Any], Any]], ...] = (
+    ("id", _text), ("queue", _text), ("name", _text), ("payload", _text),
+    ("priority", _PRIORITIES.__getitem__), ("status", _STATUSES.__getitem__),
+    ("attempts", int), ("max_attempts", int), ("timeout", _optional_number), ("run_at", _number),
+    ("created_at", _number), ("started_at", _optional_number), ("finished_at", _optional_number),
+    ("lease_expires", _optional_number), ("worker_id", _optional_text), ("progress", _json_object),
+    ("result", _optional_text), ("error", _json_object), ("output", _optional_text), ("flow", _json_object),
+    ("unique_key", _optional_text), ("cancel_requested", lambda v: v in (1, "1", True)),
+)
 
 
 def read_record(stored: Any) -> JobRecord:
@@ -70,24 +73,28 @@ def read_record(stored: Any) -> JobRecord:
     too deep, a missing field) keeps its default and the record says what is wrong in
     ``broken``: a worker sends such a job to the failed store, listings show it, and nothing
     else breaks."""
+    try:  # every field readable: the usual case, and the claim's hot path
+        return JobRecord(**{name: read(stored[name]) for name, read in _READERS if name in stored})
+    except Exception:  # RecursionError too: JSON nested too deep
+        return _read_broken(stored)
+
+
+def _read_broken(stored: Any) -> JobRecord:
     values: dict[str, Any] = {}
     problems = []
-    for name, read in _READERS.items():
+    for name, read in _READERS:
         if name not in stored:
+            if name in ("id", "queue", "name", "payload"):
+                values[name] = ""
+                problems.append(f"{name} missing")
             continue
         try:
             values[name] = read(stored[name])
-        except Exception as exc:  # RecursionError too: JSON nested too deep
+        except Exception as exc:
             shown = repr(stored[name])
             problems.append(f"{name} {shown[:40]}{'...' if len(shown) > 40 else ''} ({type(exc).__name__})")
-    for name in ("id", "queue", "name", "payload"):
-        if name not in values:
-            values[name] = ""
-            if name not in stored:
-                problems.append(f"{name} missing")
     record = JobRecord(**values)
-    if problems:
-        record.broken = "can't read " + ", ".join(problems)
+    record.broken = "can't read " + ", ".join(problems)
     return record
 
 
