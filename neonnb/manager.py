@@ -37,7 +37,7 @@ from .job import (
     encode_job,
     unreadable,
 )
-from .worker import Events, Worker, error_info
+from .worker import Events, Worker, clock_skew_error, error_info
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -83,6 +83,7 @@ class QueueManager:
         self._workers_lock = threading.Lock()  # the driver's notification thread reads the set
         self._watching = False
         self._next_housekeeping = 0.0
+        self.clocks_checked = False  # a worker compared this process's clock with the store's (Worker.start)
         # What this process started, for the dashboard: its schedulers, its latest chains and batches.
         self.schedulers: list[Scheduler] = []
         self.recent_workflows: collections.deque[ChainHandle | BatchHandle] = collections.deque(maxlen=8)
@@ -338,6 +339,12 @@ class QueueManager:
             return
         config = self.config
         self._next_housekeeping = now + max(config.poll_interval, config.lease_timeout / 4)
+        # Once a worker has checked the clocks at its start, every round checks them again: a
+        # clock that jumped since (a VM resumed, NTP stepped it) would make live jobs look dead.
+        skewed = clock_skew_error(await self.aclock_skew(), config.lease_timeout) if self.clocks_checked else None
+        if skewed is not None:
+            logger.error("%s; leases are not recovered until the clocks agree", skewed)
+            return
         recovered = await self.driver.recover_expired(now)
         if recovered.requeued:
             logger.warning("requeued %d job(s) whose worker stopped heartbeating", len(recovered.requeued))
@@ -350,6 +357,13 @@ class QueueManager:
                 logger.warning("job %s (%s) failed: its worker stopped heartbeating on its last allowed attempt",
                                record.id, record.name)
         await self.driver.purge_finished(now - config.result_ttl)
+
+    async def aclock_skew(self) -> float:
+        """Seconds this process's clock is ahead of the store's (behind: negative); 0 for a
+        store on this machine. Leases are times by the workers' clocks, so they must agree."""
+        before = self.clock()
+        server = await self.driver.server_time()
+        return 0.0 if server is None else (before + self.clock()) / 2 - server
 
     async def ajobs(
         self, status: Status | str | None = None, queue: str | None = None, limit: int = 100

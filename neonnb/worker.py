@@ -51,6 +51,18 @@ ACK_DELAY = 0.001  # seconds a finished job's ack waits for others to travel wit
 T = TypeVar("T")
 
 
+def clock_skew_error(skew: float, lease: float) -> ClockSkew | None:
+    """The error for a clock ``skew`` seconds ahead of the store's (behind: negative) that
+    leases of ``lease`` seconds can't bear: more than a quarter of the lease."""
+    if abs(skew) <= lease / 4:
+        return None
+    return ClockSkew(
+        f"this machine's clock is {abs(skew):.1f}s {'ahead of' if skew > 0 else 'behind'} the store's: with a "
+        f"lease of {lease:g}s, jobs would be taken for dead and run twice; sync the clock (NTP), or set "
+        f"lease_timeout above {4 * abs(skew):.0f}s"
+    )
+
+
 def claim_groups(selectors: Sequence[str]) -> list[tuple[list[str], list[int] | None]]:
     """What a worker on ``selectors`` claims, in order: groups of queues with the priority
     ranks to take from them (None: every priority). ``["emails:high", "emails:normal",
@@ -307,22 +319,16 @@ class Worker:
         store's by more than a quarter of the lease: leases are times by the workers' clocks,
         and a worker ahead would take live jobs of others for dead ones, and run them twice."""
         self._bind_loop()
-        clock = self.manager.clock
         try:
-            before = clock()
-            server = await self.driver.server_time()
-            skew = (before + clock()) / 2 - server if server is not None else 0.0
+            skew = await self.manager.aclock_skew()
         except Exception as exc:  # an unreachable store: the worker waits for it as usual
             logger.warning("worker %s: could not read the store's clock (%r)", self.id, exc)
             return
-        lease = self.options.lease_timeout
-        if abs(skew) > lease / 4:
+        refused = clock_skew_error(skew, self.options.lease_timeout)
+        if refused is not None:
             self._unbind_loop()
-            raise ClockSkew(
-                f"this machine's clock is {abs(skew):.1f}s {'ahead of' if skew > 0 else 'behind'} the store's: with "
-                f"a lease of {lease:g}s, jobs would be taken for dead and run twice; sync the clock (NTP), or set "
-                f"lease_timeout above {4 * abs(skew):.0f}s"
-            )
+            raise refused
+        self.manager.clocks_checked = True
         if abs(skew) > 1.0:
             logger.warning("worker %s: this machine's clock is %.1fs %s the store's", self.id, abs(skew),
                            "ahead of" if skew > 0 else "behind")

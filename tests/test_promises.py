@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import neonnb._loop as loop
 from neonnb import Config, QueueManager, Status, WorkerOptions
 from neonnb.worker import backoff_delay
 from tests import jobs
@@ -191,9 +192,18 @@ def test_a_worker_whose_clock_disagrees_with_the_store_refuses_to_start(
             ahead.worker("q", 1).start()
         with pytest.raises(ClockSkew, match="behind"):
             QueueManager(ahead.config, driver=ahead.driver, clock=lambda: time.time() - 60).worker("q", 1).run()
-        slightly = QueueManager(ahead.config, driver=ahead.driver, clock=lambda: time.time() + 3)
+        offset = [3.0]
+        slightly = QueueManager(ahead.config, driver=ahead.driver, clock=lambda: time.time() + offset[0])
         worker = slightly.worker("q", 1).start()  # within a quarter of the lease: it runs, and says so
         assert worker.is_running
+        # The clock jumps 60 s ahead while the worker runs: the job another worker holds (its
+        # lease 30 s by the store's clock) must not be taken for dead.
+        on_time = QueueManager(ahead.config, driver=ahead.driver)  # another machine, its clock right
+        held = on_time.dispatch("elsewhere", jobs.Note("held elsewhere"))
+        [_] = loop.run_sync(slightly.driver.reserve(["elsewhere"], 1, "other-worker", time.time(), time.time() + 30))
+        offset[0] = 60.0
+        loop.run_sync(slightly.housekeeping(time.time() + 60))
+        assert held.status is Status.RUNNING, "a live job was recovered by a worker whose clock jumped ahead"
         worker.stop()
     finally:
         ahead.close()
