@@ -216,8 +216,8 @@ def test_an_async_handler_that_blocks_the_loop_is_named_before_its_lease_ends(
     try:
         with caplog.at_level(logging.WARNING, "neonnb.worker"):
             worker = qm.worker("q", 2).start()
-            blocker = qm.dispatch("q", jobs.BlocksTheLoop(3.0))
-            wait_until(lambda: "its event loop has been blocked" in caplog.text, timeout=2.5,
+            blocker = qm.dispatch("q", jobs.BlocksTheLoop(5.0))
+            wait_until(lambda: "its event loop has been blocked" in caplog.text, timeout=4.5,
                        what="a warning while the loop is still blocked")
             assert blocker.result(timeout=10) == "unblocked"
             worker.stop()
