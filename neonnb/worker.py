@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("neonnb.worker")
 ACK_DELAY = 0.001  # seconds a finished job's ack waits for others to travel with
+PROGRESS_EVERY = 0.25  # seconds from a job's progress report to the store
 T = TypeVar("T")
 
 
@@ -265,6 +266,7 @@ class Worker:
         self._stuck: set[str] = set()
         self._releasing: set[str] = set()  # interrupted by stop(): whatever they end with, they go back
         self._dirty_progress: dict[str, tuple[JobRecord, dict[str, Any]]] = {}
+        self._progress_writer: asyncio.Task[None] | None = None
         # Finished jobs waiting to be acknowledged together. Their slots are free already;
         # their leases are kept until the ack is stored.
         self._acks: list[tuple[JobRecord, str | None]] = []
@@ -454,6 +456,8 @@ class Worker:
                 waiter.close()
             watch.stop()
             heartbeat.cancel()
+            if self._progress_writer is not None:
+                self._progress_writer.cancel()
             self.manager._remove_worker(self)
             self._unbind_loop()
             logger.info("worker %s stopped after %d jobs", self.id, self.jobs_started)
@@ -559,8 +563,7 @@ class Worker:
     async def _heartbeat(self) -> None:
         interval = self.options.lease_timeout / 3
         while True:
-            await asyncio.sleep(min(interval, 0.25) if self._dirty_progress else interval)
-            await self._flush_progress()
+            await asyncio.sleep(interval)
             held = [*(running.record for running in self._active.values()), *(record for record, _ in self._acks)]
             if held:
                 now = self.manager.clock()
@@ -626,6 +629,18 @@ class Worker:
     def _note_progress(self, record: JobRecord, progress: dict[str, Any]) -> None:
         self._dirty_progress[record.id] = (record, progress)
         self.manager.events.emit("progress", record, progress=progress)
+        if self._progress_writer is None or self._progress_writer.done():
+            # In a context of its own, not the reporting job's (whose output it would capture).
+            loop = asyncio.get_running_loop()
+            self._progress_writer = contextvars.Context().run(loop.create_task, self._write_progress())
+
+    async def _write_progress(self) -> None:
+        """Store the latest progress of each job that reported some, PROGRESS_EVERY after the
+        first report: seen everywhere within that, and however often a job reports, a few
+        writes a second (the last value is stored before the job's outcome)."""
+        while self._dirty_progress:
+            await asyncio.sleep(PROGRESS_EVERY)
+            await self._flush_progress()
 
     async def _flush_progress(self, only: str | None = None) -> None:
         ids = [only] if only is not None else list(self._dirty_progress)

@@ -384,3 +384,16 @@ class Chaotic(Job):
 
     def max_attempts(self) -> int:
         return 2 if self.kind == "timeout" else 6
+
+
+STEPS = [threading.Event() for _ in range(3)]  # the test lets a Stepwise job take each step
+
+
+class Stepwise(Job):
+    """Reports step 1, 2, 3 of 3, each once the test has seen the one before."""
+
+    def handle(self, ctx: Context) -> str:
+        for i, step in enumerate(STEPS, start=1):
+            ctx.progress(i, len(STEPS), f"step {i}")
+            step.wait(30)
+        return "stepped"

@@ -607,3 +607,25 @@ def test_jobs_claimed_for_a_worker_that_never_got_them_go_back_uncharged(
     assert handles[0].status is Status.RUNNING and other.status is Status.RUNNING  # held, or not on these queues
     assert [(h.status, h.fetch().attempts) for h in handles[1:]] == [(Status.QUEUED, 0)] * 2
     assert loop.run_sync(qm.driver.release_unheld(["q"], "somebody-else", [], clock())) == 0
+
+
+def test_progress_is_seen_from_another_connection_as_the_job_reports_it(make_manager: MakeManager) -> None:
+    # lease_timeout 30: the heartbeat runs every 10 s, so only a prompt progress write shows.
+    qm = make_manager(poll_interval=0.05, lease_timeout=30)
+    observer = qm if qm.config.driver == "memory" else make_manager()
+    for step in jobs.STEPS:
+        step.clear()
+    handle = qm.dispatch("q", jobs.Stepwise())
+    worker = qm.worker("q", 1).start()
+    try:
+        seen = observer.handle(handle.id)
+        for i, step in enumerate(jobs.STEPS, start=1):
+            wait_until(lambda i=i: (seen.progress or {}).get("done") == i, timeout=3,  # type: ignore[misc]
+                       what=f"step {i} to be visible in the store")
+            assert (seen.progress or {}).get("message") == f"step {i}"
+            step.set()
+        assert handle.result(timeout=10) == "stepped"
+    finally:
+        for step in jobs.STEPS:
+            step.set()
+        worker.stop()

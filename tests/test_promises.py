@@ -227,3 +227,24 @@ def test_an_async_handler_that_blocks_the_loop_is_named_before_its_lease_ends(
         assert "answers again" in caplog.text
     finally:
         qm.close()
+
+
+def test_a_job_reporting_progress_constantly_costs_the_store_a_few_writes() -> None:
+    from neonnb.drivers.memory import MemoryDriver
+
+    class Counting(MemoryDriver):
+        writes = 0
+
+        async def set_progress(self, job: object, worker_id: str, progress: dict[str, object]) -> None:
+            Counting.writes += 1
+            await super().set_progress(job, worker_id, progress)  # type: ignore[arg-type]
+
+    qm = QueueManager(Config(driver="memory"), driver=Counting())
+    try:
+        handle = qm.dispatch("q", jobs.Progressing(20_000))
+        qm.worker("q", 1).run_once()
+        assert handle.result(timeout=10) == 20_000
+        assert handle.progress == {"done": 20_000, "total": 20_000, "message": "step 20000"}  # the last value
+        assert Counting.writes <= 10, f"{Counting.writes} progress writes for 20,000 reports"
+    finally:
+        qm.close()
