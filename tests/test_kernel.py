@@ -108,3 +108,21 @@ def test_magics_connect_start_status_failed_retry_output_and_debug(
     assert handle.id == bad.id and qm.size() == 1
     with pytest.raises(Exception, match="unknown %neonnb command 'frobnicate'"):
         shell.run_line_magic("neonnb", "frobnicate")
+
+
+def test_magics_use_the_notebooks_own_manager_and_ask_which_when_there_are_several(
+    shell: InteractiveShell, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from IPython.core.error import UsageError
+
+    shell.run_cell("import neonnb\nqm = neonnb.connect('memory://')")
+    shell.run_cell("from tests import jobs\nqm.dispatch('q', jobs.Permanent())\nqm.worker('q', 1).run_once()")
+    assert len(shell.run_line_magic("neonnb", "failed")) == 1  # the README's style: no %neonnb connect
+    shell.run_cell("other = neonnb.connect('memory://')")
+    with pytest.raises(UsageError, match=r"several queue managers \(other, qm\): say which, as in `%neonnb -m"):
+        shell.run_line_magic("neonnb", "failed")
+    assert len(shell.run_line_magic("neonnb", "-m qm failed")) == 1
+    assert len(shell.run_line_magic("neonnb", "-m other failed")) == 0
+    with pytest.raises(UsageError, match="no QueueManager named 'nope'"):
+        shell.run_line_magic("neonnb", "-m nope failed")
+    shell.run_cell("qm.close()\nother.close()\ndel qm, other")

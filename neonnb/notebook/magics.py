@@ -9,6 +9,10 @@ captured output, and ``%neonnb debug ID`` to replay a failed job under the debug
     %neonnb output ID                      # what the job printed and logged
     %neonnb debug ID                       # run its handler again here, under pdb
     %neonnb stop
+    %neonnb -m other status                # which manager, when the notebook holds several
+
+Without -m, the magics use the notebook's QueueManager (``qm = neonnb.connect(...)`` works as
+well as ``%neonnb connect``).
 """
 
 from __future__ import annotations
@@ -28,17 +32,44 @@ from ..manager import QueueManager, connect
 class NeonnbMagics(Magics):
     manager: QueueManager | None = None
 
+    chosen: str | None = None  # the notebook variable named with -m for the current command
+
     @line_magic
     def neonnb(self, line: str) -> Any:
-        command, _, rest = line.strip().partition(" ")
+        words = line.strip()
+        self.chosen = None
+        if words.startswith(("-m ", "--manager ")):  # %neonnb -m NAME COMMAND ...
+            _, self.chosen, words = [*words.split(None, 2), ""][:3]
+        command, _, rest = words.partition(" ")
         handler = COMMANDS.get(command or "status")
         if handler is None:
             raise UsageError(f"unknown %neonnb command {command!r}; use one of: {', '.join(COMMANDS)}")
         return handler(self, rest)
 
     def _manager(self) -> QueueManager:
+        """The manager the notebook uses: the one named with ``-m NAME``, else the only
+        QueueManager among the notebook's variables (``qm = neonnb.connect(...)``), else the
+        one ``%neonnb connect`` made."""
+        assert self.shell is not None
+        namespace = self.shell.user_ns
+        if self.chosen is not None:
+            manager = namespace.get(self.chosen)
+            if not isinstance(manager, QueueManager):
+                raise UsageError(f"-m {self.chosen}: the notebook has no QueueManager named {self.chosen!r}")
+            return manager
+        names: dict[int, list[str]] = {}
+        for name, value in namespace.items():
+            if isinstance(value, QueueManager) and not name.startswith("_"):
+                names.setdefault(id(value), []).append(name)
+        if len(names) > 1:
+            listed = ", ".join(sorted(group[0] for group in names.values()))
+            raise UsageError(f"the notebook has several queue managers ({listed}): say which, as in "
+                             f"`%neonnb -m {min(group[0] for group in names.values())} status`")
+        if names:
+            return namespace[next(iter(names.values()))[0]]  # type: ignore[no-any-return]
         if self.manager is None:
-            raise UsageError("no queue yet: run `%neonnb connect URL` first (e.g. sqlite:///jobs.db or memory://)")
+            raise UsageError("no queue yet: run `qm = neonnb.connect(URL)` or `%neonnb connect URL` first "
+                             "(e.g. sqlite:///jobs.db or memory://)")
         return self.manager
 
     @magic_arguments(name="%neonnb connect")
