@@ -87,6 +87,7 @@ class QueueManager:
         # What this process started, for the dashboard: its schedulers, its latest chains and batches.
         self.schedulers: list[Scheduler] = []
         self.recent_workflows: collections.deque[ChainHandle | BatchHandle] = collections.deque(maxlen=8)
+        self._dashboard: Dashboard | None = None  # the one panel of this manager (dashboard())
 
     def __repr__(self) -> str:
         return f"<neonnb.QueueManager driver={self.config.driver} connection={_safe_url(self.config.connection)}>"
@@ -406,10 +407,15 @@ class QueueManager:
 
     def dashboard(self, interval: float | None = 0.5) -> Dashboard:
         """The live ipywidgets panel (what ``%neonnb status`` shows); refreshes every
-        ``interval`` seconds until its ``close()``."""
+        ``interval`` seconds until its ``close()``. One per manager: calling it again (a
+        re-run cell) shows the same panel, with one refresher, instead of adding another."""
         from .notebook.dashboard import Dashboard
 
-        return Dashboard(self, interval=interval).start()
+        dashboard = self._dashboard
+        if dashboard is None or dashboard.closed:
+            dashboard = self._dashboard = Dashboard(self, interval=interval)
+        dashboard.interval = interval
+        return dashboard.start()
 
     async def acancel(self, job_id: str, queue: str | None = None) -> Status | None:
         """Cancel a job: a queued or delayed one never runs; a running one is asked to stop

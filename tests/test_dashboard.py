@@ -161,3 +161,16 @@ def test_a_running_job_handle_displays_a_live_progress_bar(qm: QueueManager) -> 
     finally:
         jobs.RELEASE.set()
         worker.stop()
+
+
+def test_re_running_the_dashboard_cell_keeps_one_refresher(qm: QueueManager) -> None:
+    from neonnb.notebook import dashboard as panel
+
+    shown = [qm.dashboard(interval=0.05) for _ in range(10)]  # a cell re-run ten times
+    assert all(d is shown[0] for d in shown)
+    assert len([d for d in panel._open if d.manager is qm]) == 1
+    shown[0].close()
+    again = qm.dashboard(interval=0.05)  # closed: the next call makes a new one
+    assert again is not shown[0] and not again.closed
+    assert len([d for d in panel._open if d.manager is qm]) == 1
+    again.close()

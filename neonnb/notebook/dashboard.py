@@ -45,6 +45,7 @@ class Dashboard:
         self._bars: dict[str, tuple[w.HBox, w.FloatProgress, w.Label]] = {}
         self._workers: list[Worker] = []
         self._task: Any = None
+        self.closed = False
 
         self.queues = _with_class(w.HTML(), "neonnb-queues-view")
         self.sparkline = _with_class(w.HTML(), "neonnb-sparkline-view")
@@ -93,19 +94,21 @@ class Dashboard:
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        self.closed = True
         _open.discard(self)
         self.widget.close()
 
     async def _refresh_forever(self) -> None:
-        assert self.interval
-        while True:
+        while self.interval:  # None (set by a later qm.dashboard(interval=None)): refresh by hand
             try:
                 await self.refresh()
             except Exception as exc:  # the store may be down for a while; keep the panel alive
                 logger.warning("dashboard refresh failed: %r", exc)
                 error = f"<span style='color:{html.ERROR}'>{html.escape(str(exc))}</span>"
                 self._set(self.worker_state, "value", error)
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(self.interval or 0)
+        self._task = None
+        _open.discard(self)
 
     async def refresh(self) -> None:
         """Read the store once and update what changed."""
