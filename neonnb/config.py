@@ -190,7 +190,8 @@ class Config:
             data = data[section]
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping under '{section}:'")
-        expanded = {key: _expand_value(key, value, str(path)) for key, value in data.items()}
+        kinds = {f.name: str(f.type) for f in dataclasses.fields(cls)}  # "int", "bool", ...: postponed annotations
+        expanded = {key: _expand_value(kinds.get(key), value) for key, value in data.items()}
         return cls.from_dict(expanded, source=str(path))
 
     @classmethod
@@ -221,18 +222,18 @@ def _expand_env(text: str) -> str:
     return _ENV_VAR.sub(replace, text)
 
 
-_INT_FIELDS = ("database", "max_retries", "workers", "max_jobs")
 _FLAGS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
-def _expand_value(key: str, value: Any, source: str) -> Any:
-    """A YAML value with ``${VAR}`` expanded; a number or flag field reads the text as one."""
+def _expand_value(kind: str | None, value: Any) -> Any:
+    """A YAML value with ``${VAR}`` expanded; a field declared ``int`` or ``bool`` (``kind``)
+    reads the text as one."""
     if not isinstance(value, str) or not _ENV_VAR.search(value):
         return value
     text = _expand_env(value)
-    if key in _INT_FIELDS and text.strip().isdigit():
+    if kind == "int" and text.strip().isdigit():
         return int(text)
-    if key == "backoff_jitter" and text.strip().lower() in _FLAGS:
+    if kind == "bool" and text.strip().lower() in _FLAGS:
         return _FLAGS[text.strip().lower()]
     return text
 

@@ -672,10 +672,14 @@ class Worker:
         except (UnknownJobError, PayloadError) as exc:
             # Retrying can't help until someone imports or fixes something.
             await self._fail(record, exc)
-        except HandlerExited as exc:
-            await self._fail(record, exc.exception)  # it asked to end the process: never retried
         except Exception as exc:
             await self._after_error(record, job, exc)
+        except GeneratorExit:  # the task itself is being closed (its loop is going): nothing to record
+            raise
+        except BaseException as exc:
+            # sys.exit(), KeyboardInterrupt and the like, raised by the handler: they end the
+            # job, never retried, and never the worker (escaping the task they would stop the loop).
+            await self._fail(record, exc)
         else:
             if record.id in self._dirty_progress:
                 await self._flush_progress(record.id)
@@ -765,12 +769,6 @@ class Worker:
                 raise
             _uncancel()
             raise JobTimeout(f"job ran longer than its timeout of {timeout:g}s") from None
-        except Exception:
-            raise
-        except BaseException as exc:
-            # sys.exit(), KeyboardInterrupt and the like, raised by the handler itself: they
-            # end the job, never the worker (on the loop they would stop it for good).
-            raise HandlerExited(exc) from exc
         finally:
             if timer is not None:
                 timer.cancel()
@@ -853,14 +851,6 @@ class Worker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         return None
-
-
-class HandlerExited(Exception):
-    """A handler raised a BaseException that is not an Exception (SystemExit, KeyboardInterrupt)."""
-
-    def __init__(self, exception: BaseException) -> None:
-        super().__init__(repr(exception))
-        self.exception = exception
 
 
 def _uncancel() -> None:

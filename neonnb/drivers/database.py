@@ -310,7 +310,9 @@ class DatabaseDriver(Driver):
             self._call(lambda conn: conn.exec_driver_sql(self._sql.insert_new, rows[0]), True, True)
         elif rows:  # a large batch may take several INSERTs: all or none
             named = [dict(zip(ENQUEUED_COLUMNS, row, strict=True)) for row in rows]
-            insert = functools.partial(_execute, self._insert_new, named)
+            def insert(conn: Connection) -> None:
+                conn.execute(self._insert_new, named)
+
             if self._postgres:
                 self._call(lambda conn: self._copy_in(conn, rows), True, True, again=insert)
             else:
@@ -650,7 +652,3 @@ class DatabaseDriver(Driver):
         if self._owns_engine:
             for engine in set(self._engines.values()):
                 engine.dispose()
-
-
-def _execute(statement: Any, parameters: Any, conn: Connection) -> Any:
-    return conn.execute(statement, parameters)

@@ -35,9 +35,11 @@ _STATUS_KEYS = {
 
 
 def _scripts() -> dict[str, resp.Script]:
+    """Each script of the file, with the file's ``_prelude`` (shared helpers) in front."""
     text = resources.files("neonnb.drivers").joinpath("redis_scripts.lua").read_text()
-    parts = text.split("--! ")[1:]
-    return {part.split("\n", 1)[0].strip(): resp.Script(part.split("\n", 1)[1]) for part in parts}
+    bodies = dict(part.split("\n", 1) for part in text.split("--! ")[1:])
+    prelude = bodies.pop("_prelude")
+    return {name.strip(): resp.Script(prelude + body) for name, body in bodies.items()}
 
 
 _SCRIPTS = _scripts()
@@ -247,7 +249,8 @@ class RedisDriver(Driver):
         return bool(await self._script("fail", [job.queue], args))
 
     async def release(self, jobs: Sequence[JobRecord], worker_id: str, now: float) -> int:
-        released = await self._per_queue("release", _ids_by_queue(jobs), lambda q: [self.channel, q, worker_id])
+        released = await self._per_queue("release", _ids_by_queue(jobs),
+                                         lambda q: [self.channel, q, worker_id, "these"])
         return sum(released)
 
     async def server_time(self) -> float | None:
@@ -256,7 +259,7 @@ class RedisDriver(Driver):
 
     async def release_unheld(self, queues: Sequence[str], worker_id: str, held: Sequence[str], now: float) -> int:
         groups = {queue: list(held) for queue in queues}
-        return sum(await self._per_queue("release_unheld", groups, lambda q: [self.channel, q, worker_id]))
+        return sum(await self._per_queue("release", groups, lambda q: [self.channel, q, worker_id, "unheld"]))
 
     async def recover_expired(self, now: float) -> Recovered:
         every = await self._by_queue(None, None)

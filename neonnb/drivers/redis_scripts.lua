@@ -29,6 +29,15 @@
 --
 -- Each script below starts with a line "--! name"; the driver splits the file there.
 
+--! _prelude
+-- Put in front of every script below.
+-- The priority band a job's hash names; one written by hand (not 0, 1 or 2) counts as normal,
+-- so it never lands in a ready set no claim reads.
+local function band(p)
+  if p == '0' or p == '2' then return p end
+  return '1'
+end
+
 --! enqueue
 -- KEYS: B.  ARGV: wake channel, queue, mode, then 12 per job: id name payload priority status
 -- attempts max_attempts timeout run_at created_at flow unique_key ("" for none).
@@ -259,11 +268,10 @@ local B, id = KEYS[1], ARGV[1]
 local key = B .. 'job:' .. id
 local held = redis.call('HMGET', key, 'worker_id', 'status', 'priority')
 if held[1] ~= ARGV[2] or held[2] ~= 'running' then return 0 end
-if held[3] ~= '0' and held[3] ~= '2' then held[3] = '1' end  -- a priority written by hand: normal
 redis.call('HSET', key, 'status', 'queued', 'run_at', ARGV[3], 'error', ARGV[4])
 redis.call('HDEL', key, 'worker_id', 'lease_expires')
 redis.call('ZREM', B .. 'running', id)
-redis.call('ZADD', B .. 'ready:' .. held[3], ARGV[3], id)
+redis.call('ZADD', B .. 'ready:' .. band(held[3]), ARGV[3], id)
 return 1
 
 --! fail
@@ -280,46 +288,30 @@ redis.call('ZADD', B .. ARGV[5], ARGV[3], id)
 return 1
 
 --! release
--- KEYS: B.  ARGV: wake channel, queue, worker_id, id...   (an unfinished job goes back; its
--- attempt is not counted)
+-- KEYS: B.  ARGV: wake channel, queue, worker_id, which ("these": the ids listed; "unheld":
+-- every job running under worker_id but those listed, which a claim whose reply was lost
+-- took for it), id...   An unfinished job goes back; its attempt is not counted.
 local B, worker = KEYS[1], ARGV[3]
+local ids = {}
+if ARGV[4] == 'these' then
+  for i = 5, #ARGV do ids[#ids + 1] = ARGV[i] end
+else
+  local listed = {}
+  for i = 5, #ARGV do listed[ARGV[i]] = true end
+  for _, id in ipairs(redis.call('ZRANGE', B .. 'running', 0, -1)) do
+    if not listed[id] then ids[#ids + 1] = id end
+  end
+end
 local released = 0
-for i = 4, #ARGV do
-  local id = ARGV[i]
+for _, id in ipairs(ids) do
   local key = B .. 'job:' .. id
   local held = redis.call('HMGET', key, 'worker_id', 'status', 'priority', 'run_at')
-  if held[3] ~= '0' and held[3] ~= '2' then held[3] = '1' end  -- a priority written by hand: normal
-  if not tonumber(held[4]) then held[4] = '0' end
   if held[1] == worker and held[2] == 'running' then
     redis.call('HSET', key, 'status', 'queued')
     redis.call('HINCRBY', key, 'attempts', -1)
     redis.call('HDEL', key, 'worker_id', 'lease_expires')
     redis.call('ZREM', B .. 'running', id)
-    redis.call('ZADD', B .. 'ready:' .. held[3], held[4], id)
-    released = released + 1
-  end
-end
-if released > 0 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
-return released
-
---! release_unheld
--- KEYS: B.  ARGV: wake channel, queue, worker_id, held id...   Jobs running under worker_id
--- that it doesn't hold (a claim whose reply was lost) go back, their attempt not counted.
-local B, worker = KEYS[1], ARGV[3]
-local held = {}
-for i = 4, #ARGV do held[ARGV[i]] = true end
-local released = 0
-for _, id in ipairs(redis.call('ZRANGE', B .. 'running', 0, -1)) do
-  local key = B .. 'job:' .. id
-  local job = redis.call('HMGET', key, 'worker_id', 'priority', 'run_at')
-  if job[1] == worker and not held[id] then
-    if job[2] ~= '0' and job[2] ~= '2' then job[2] = '1' end  -- a priority written by hand: normal
-    if not tonumber(job[3]) then job[3] = '0' end
-    redis.call('HSET', key, 'status', 'queued')
-    redis.call('HINCRBY', key, 'attempts', -1)
-    redis.call('HDEL', key, 'worker_id', 'lease_expires')
-    redis.call('ZREM', B .. 'running', id)
-    redis.call('ZADD', B .. 'ready:' .. job[2], job[3], id)
+    redis.call('ZADD', B .. 'ready:' .. band(held[3]), tonumber(held[4]) and held[4] or '0', id)
     released = released + 1
   end
 end
@@ -335,7 +327,6 @@ local requeued, exhausted = {}, {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', B .. 'running', '-inf', '(' .. now)) do
   local key = B .. 'job:' .. id
   local job = redis.call('HMGET', key, 'attempts', 'max_attempts', 'priority')
-  if job[3] ~= '0' and job[3] ~= '2' then job[3] = '1' end  -- a priority written by hand: normal
   -- Unreadable attempts count as used up: the driver's caller fails the job, saying why.
   local attempts, most = tonumber(job[1]), tonumber(job[2])
   if not attempts or not most or attempts >= most then
@@ -344,7 +335,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', B .. 'running', '-inf', '(' .. n
     redis.call('ZREM', B .. 'running', id)
     redis.call('HDEL', key, 'worker_id', 'lease_expires')
     redis.call('HSET', key, 'status', 'queued', 'run_at', now)
-    redis.call('ZADD', B .. 'ready:' .. job[3], now, id)
+    redis.call('ZADD', B .. 'ready:' .. band(job[3]), now, id)
     requeued[#requeued + 1] = id
   end
 end
@@ -381,12 +372,11 @@ local moved = {}
 for _, id in ipairs(ids) do
   local key = B .. 'job:' .. id
   local job = redis.call('HMGET', key, 'status', 'priority')
-  if job[2] ~= '0' and job[2] ~= '2' then job[2] = '1' end  -- a priority written by hand: normal
   if job[1] == 'failed' then
     redis.call('HSET', key, 'status', 'queued', 'attempts', 0, 'run_at', now)
     redis.call('HDEL', key, 'finished_at', 'worker_id', 'lease_expires', 'progress')
     redis.call('ZREM', B .. 'failed', id)
-    redis.call('ZADD', B .. 'ready:' .. job[2], now, id)
+    redis.call('ZADD', B .. 'ready:' .. band(job[2]), now, id)
     moved[#moved + 1] = id
   end
 end
