@@ -1,6 +1,8 @@
 """Jobs never print into cells: while a job runs, what it writes to ``sys.stdout`` and
-``sys.stderr`` and what it logs goes into its own ``Output``, which the worker saves in the
-job's record (``handle.output``, ``%neonnb output ID``).
+``sys.stderr`` and what it logs through ``ctx.logger`` goes into its own ``Output``, which
+the worker saves in the job's record (``handle.output``, ``%neonnb output ID``). Other
+loggers' records reach it only where a handler writes them to the (routed) streams: the
+user's logging set-up is theirs, and neonnb adds nothing to it.
 
 The streams are routed, not replaced per job: ``install()`` wraps them, and each write
 goes to the ``Output`` of the job whose context it happens in (a context variable, so jobs
@@ -23,8 +25,9 @@ T = TypeVar("T")
 MAX_OUTPUT = 64_000  # characters kept per job: the last ones, where the error usually is
 
 _current: contextvars.ContextVar[Output | None] = contextvars.ContextVar("neonnb_job_output", default=None)
+_passing_through: contextvars.ContextVar[bool] = contextvars.ContextVar("neonnb_passing_through", default=False)
 _install_lock = threading.Lock()
-_installed = False
+JOB_LOG_LEVEL = logging.INFO  # what ctx.logger keeps in a job's output unless the neonnb.jobs logger says otherwise
 
 
 class Output:
@@ -45,8 +48,12 @@ class Output:
 
     def _trim(self) -> None:
         joined = "".join(self._parts)
-        self._dropped = self._dropped or len(joined) > MAX_OUTPUT
-        self._parts = [joined[-MAX_OUTPUT:]]
+        if len(joined) > MAX_OUTPUT:
+            self._dropped = True
+            cut = len(joined) - MAX_OUTPUT
+            line_start = joined.find("\n", cut - 1, cut + MAX_OUTPUT // 2)  # keep whole lines only
+            joined = joined[line_start + 1 if line_start >= 0 else cut:]
+        self._parts = [joined]
         self._size = len(self._parts[0])
 
     def text(self) -> str:
@@ -80,7 +87,7 @@ class _Router(io.TextIOBase):
 
     def write(self, text: str) -> int:
         output = _current.get()
-        if output is None:
+        if output is None or _passing_through.get():
             return self.stream.write(text)
         output.write(text)
         return len(text)
@@ -95,23 +102,61 @@ class _Router(io.TextIOBase):
         return getattr(self.stream, name)
 
 
-class _LogCapture(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
+def job_logger(job_id: str) -> logging.Logger:
+    """``ctx.logger``: a logger of the job's own, child of ``neonnb.jobs``, whose records at
+    the job's level (``JOB_LOG_LEVEL``, or ``neonnb.jobs``'s own level where one is set) go
+    into the job's output with their ``extra=`` fields, whatever the root logger's level.
+    Each record also goes on to the handlers the user configured, for the levels they asked
+    for. Nothing is added to the user's logging set-up: a ``basicConfig()`` after a job works.
+    (Not registered with ``logging.getLogger``, which keeps every logger forever.)"""
+    parent = logging.getLogger("neonnb.jobs")
+    capture_level = parent.level or JOB_LOG_LEVEL
+    logger = logging.Logger("neonnb.jobs", min(capture_level, parent.getEffectiveLevel()))
+    logger.parent, logger.propagate = parent, False
+    logger.addHandler(_JobHandler(job_id, capture_level, parent))
+    return logger
+
+
+class _JobHandler(logging.Handler):
+    def __init__(self, job_id: str, capture_level: int, parent: logging.Logger) -> None:
+        super().__init__()
+        self.job_id, self.capture_level, self.parent = job_id, capture_level, parent
+
+    def handle(self, record: logging.LogRecord) -> bool:  # no lock: nothing here is shared
+        record.job_id = self.job_id
         output = _current.get()
-        if output is not None:
-            output.write(self.format(record) + "\n")
+        if output is not None and record.levelno >= self.capture_level:
+            output.write(_format(record))
+        if self.parent.isEnabledFor(record.levelno):
+            token = _passing_through.set(True)  # a console handler of the user's prints it: captured already
+            try:
+                self.parent.handle(record)
+            finally:
+                _passing_through.reset(token)
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.handle(record)
+
+
+_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+_PLAIN_FIELDS = {*logging.makeLogRecord({}).__dict__, "message", "asctime", "job_id", "taskName"}
+
+
+def _format(record: logging.LogRecord) -> str:
+    text = _FORMAT.format(record)
+    extra = "".join(f" {key}={value!r}" for key, value in record.__dict__.items() if key not in _PLAIN_FIELDS)
+    if extra:  # after the message's first line, not after a traceback
+        head, newline, rest = text.partition("\n")
+        text = head + extra + newline + rest
+    return text + "\n"
 
 
 def install() -> None:
-    """Route the streams (again, if someone replaced them since) and logging, once each."""
-    global _installed
+    """Route the streams (again, if someone replaced them since), once each. Only the
+    streams: wrapping them is the one way to keep concurrent jobs' ``print`` apart."""
     with _install_lock:
         if not isinstance(sys.stdout, _Router):
             sys.stdout = _Router(sys.stdout)
         if not isinstance(sys.stderr, _Router):
             sys.stderr = _Router(sys.stderr)
-        if not _installed:
-            handler = _LogCapture()
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-            logging.getLogger().addHandler(handler)
-            _installed = True

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from .capture import job_logger
 from .codec import decode, decode_fields, dumps, encode, encode_fields
 from .errors import ConfigError, MissingDependency, PayloadError, SerializationError, UnknownJobError
 
@@ -516,9 +517,10 @@ class Context:
         return None if previous is None else json.loads(previous)
 
     @functools.cached_property
-    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
-        """The ``neonnb.jobs`` logger with the job id attached."""
-        return logging.LoggerAdapter(logging.getLogger("neonnb.jobs"), {"job_id": self.job_id})
+    def logger(self) -> logging.Logger:
+        """A ``neonnb.jobs`` logger whose records carry the job id and, from INFO up, are
+        kept in the job's output (``handle.output``); see ``neonnb.capture.job_logger``."""
+        return job_logger(self.job_id)
 
     def progress(self, done: float, total: float | None = None, message: str | None = None) -> None:
         """Report progress: ``ctx.progress(3, 10, "loading")``. Cheap to call often."""
