@@ -80,7 +80,7 @@ def test_magics_connect_start_status_failed_retry_output_and_debug(
     shell.run_line_magic("neonnb", "connect memory://")
     qm = shell.user_ns["qm"]
     shell.run_cell("@qm.job(max_attempts=1)\ndef parse(text: str) -> int:\n"
-                   "    print('parsing', text)\n    return int(text)")
+                   "    print('parsing', text)\n    doubled = text * 2\n    return int(doubled)")
     parse = shell.user_ns["parse"]
     bad = parse.dispatch("forty-two")
     worker = shell.run_line_magic("neonnb", "start -c 2")
@@ -92,12 +92,14 @@ def test_magics_connect_start_status_failed_retry_output_and_debug(
     shell.run_line_magic("neonnb", f"output {bad.id}")
     assert "parsing forty-two" in capsys.readouterr().out
 
-    # The debugger replays the handler with the stored argument: print it, then continue.
-    monkeypatch.setattr("sys.stdin", io.StringIO("p text\ncontinue\n"))
+    # The job runs again with its stored argument and the debugger opens where it failed,
+    # with that frame's locals, as %debug does.
+    monkeypatch.setattr("sys.stdin", io.StringIO("p doubled\ncontinue\n"))
     interrupt = signal.getsignal(signal.SIGINT)
-    with pytest.raises(ValueError, match="forty-two"):
-        shell.run_line_magic("neonnb", f"debug {bad.id}")
-    assert "'forty-two'" in capsys.readouterr().out
+    shell.run_line_magic("neonnb", f"debug {bad.id}")
+    printed = capsys.readouterr().out
+    assert f"job {bad.id} (__main__.parse) failed again: ValueError" in printed
+    assert "'forty-twoforty-two'" in printed
     assert signal.getsignal(signal.SIGINT) is interrupt, "the Interrupt button must interrupt again"
 
     dashboard = shell.run_line_magic("neonnb", "status")
@@ -108,6 +110,30 @@ def test_magics_connect_start_status_failed_retry_output_and_debug(
     assert handle.id == bad.id and qm.size() == 1
     with pytest.raises(Exception, match="unknown %neonnb command 'frobnicate'"):
         shell.run_line_magic("neonnb", "frobnicate")
+
+
+def test_debug_opens_an_async_job_post_mortem_at_its_failing_frame(
+    shell: InteractiveShell, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shell.run_line_magic("neonnb", "connect memory://")
+    shell.run_cell("import asyncio\n"
+                   "async def check(rows):\n    bad = [r for r in rows if r < 0]\n    assert not bad, 'negative rows'\n"
+                   "@qm.job(max_attempts=1)\nasync def audit(rows: list) -> int:\n"
+                   "    await asyncio.sleep(0)\n    total = sum(rows)\n    await check(rows)\n    return total")
+    qm = shell.user_ns["qm"]
+    bad = shell.user_ns["audit"].dispatch([3, -1, 4])
+    qm.worker("default", 1).run_once()
+    assert bad.fetch().status.value == "failed"
+    # At the failing frame (check's), then one frame up (audit's), with their locals.
+    monkeypatch.setattr("sys.stdin", io.StringIO("p bad\nup\np total\ncontinue\n"))
+    assert shell.run_line_magic("neonnb", f"debug {bad.id}") is None
+    printed = capsys.readouterr().out
+    assert "failed again: AssertionError: negative rows" in printed
+    assert "[-1]" in printed and "\n6\n" in printed.replace("ipdb> ", "\n")
+
+    good = shell.user_ns["audit"].dispatch([1, 2])
+    assert shell.run_line_magic("neonnb", f"debug {good.id}") == 3
+    assert "ran without an error this time" in capsys.readouterr().out
 
 
 def test_magics_use_the_notebooks_own_manager_and_ask_which_when_there_are_several(

@@ -1,5 +1,5 @@
 """``%neonnb``: connect, start and stop in-kernel workers, status, failed jobs, a job's
-captured output, and ``%neonnb debug ID`` to replay a failed job under the debugger.
+captured output, and ``%neonnb debug ID`` to re-run a failed job and debug it post-mortem.
 
     %neonnb connect sqlite:///jobs.db      # binds `qm` in the notebook (--as NAME to rename)
     %neonnb start -q etl -c 4              # a worker on the background loop
@@ -7,7 +7,7 @@ captured output, and ``%neonnb debug ID`` to replay a failed job under the debug
     %neonnb failed                         # the failed store as a DataFrame
     %neonnb retry ID | --all               # back to the queue
     %neonnb output ID                      # what the job printed and logged
-    %neonnb debug ID                       # run its handler again here, under pdb
+    %neonnb debug ID                       # run it again here; the debugger opens where it fails
     %neonnb stop
     %neonnb -m other status                # which manager, when the notebook holds several
 
@@ -17,7 +17,9 @@ well as ``%neonnb connect``).
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import threading
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -128,30 +130,65 @@ class NeonnbMagics(Magics):
         print(text if text else f"job {args.job_id} printed and logged nothing")
 
     @magic_arguments(name="%neonnb debug")
-    @argument("job_id", help="a job (usually a failed one) whose handler to run again here")
+    @argument("job_id", help="a (usually failed) job to run again here, stopping where it fails")
     def debug(self, rest: str) -> Any:
-        """Decode the job's stored arguments and call its handler in the kernel under the
-        IPython debugger: step through it, fix the code, re-run the cell that defines it."""
+        """Run the job again in the kernel with its stored arguments and, where it fails,
+        open the IPython debugger post-mortem at the failing frame with its locals, as
+        ``%debug`` does; async handlers too (run to the end on a loop of their own)."""
         args = parse_argstring(self.debug, rest)
         manager = self._manager()
         record = manager.handle(args.job_id).fetch()
         job = decode_job(record)
-        if is_async_job(job):
-            raise UsageError(
-                f"job {record.id} ({record.name}) has an async handler; the debugger steps through sync code "
-                "only: `await` it yourself with a `breakpoint()` inside, or make a sync twin to debug"
-            )
-        from IPython.core.debugger import Pdb
-
         ctx = Context(record, manager.dependencies, lambda _record, _progress: None)
-        fn, args, kwargs = job.target(ctx) if isinstance(job, FunctionCall) else (job.handle, (ctx,), {})
-        interrupt = signal.getsignal(signal.SIGINT)
+        fn, call_args, kwargs = job.target(ctx) if isinstance(job, FunctionCall) else (job.handle, (ctx,), {})
         try:
-            return Pdb().runcall(fn, *args, **kwargs)
-        finally:
-            # After `continue` pdb keeps its own SIGINT handler, which would turn the next
-            # Interrupt of any cell into a debugger stop instead of a KeyboardInterrupt.
-            signal.signal(signal.SIGINT, interrupt)
+            value = _run_async(fn, call_args, kwargs) if is_async_job(job) else fn(*call_args, **kwargs)
+        except Exception as exc:
+            print(f"job {record.id} ({record.name}) failed again: {type(exc).__name__}: {exc}")
+            _post_mortem(exc)
+            return None
+        print(f"job {record.id} ({record.name}) ran without an error this time")
+        return value
+
+
+def _run_async(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """An async handler, to the end, on a loop of its own (the kernel's is busy running
+    this cell): its frames stay in the traceback for the debugger."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = asyncio.run(fn(*args, **kwargs))
+        except Exception as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="neonnb-debug")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _post_mortem(exc: BaseException) -> None:
+    from IPython.core.debugger import Pdb
+
+    traceback = exc.__traceback__
+    while traceback is not None and _is_plumbing(traceback.tb_frame.f_globals.get("__name__", "")):
+        traceback = traceback.tb_next  # start the stack at the job's code, not at neonnb's or asyncio's
+    interrupt = signal.getsignal(signal.SIGINT)
+    try:
+        debugger = Pdb()
+        debugger.reset()
+        debugger.interaction(None, traceback or exc.__traceback__)
+    finally:
+        # After `continue` pdb may keep its own SIGINT handler, which would turn the next
+        # Interrupt of any cell into a debugger stop instead of a KeyboardInterrupt.
+        signal.signal(signal.SIGINT, interrupt)
+
+
+def _is_plumbing(module: str) -> bool:
+    return module.split(".")[0] in ("neonnb", "asyncio", "threading")
 
 
 COMMANDS = {
