@@ -4,20 +4,21 @@ the worker saves in the job's record (``handle.output``, ``%neonnb output ID``).
 loggers' records reach it only where a handler writes them to the (routed) streams: the
 user's logging set-up is theirs, and neonnb adds nothing to it.
 
-The streams are routed, not replaced per job: ``install()`` wraps them, and each write
-goes to the ``Output`` of the job whose context it happens in (a context variable, so jobs
-running at once on the loop or in threads keep their lines apart); writes outside any job
-pass through untouched.
+While jobs run, the streams are routed, not replaced per job: each write goes to the
+``Output`` of the job whose context it happens in (a context variable, so jobs running at
+once on the loop or in threads keep their lines apart); writes outside any job pass through
+untouched. After the last job the process has its own streams back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import io
 import logging
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO, TypeVar
 
 T = TypeVar("T")
@@ -27,6 +28,7 @@ MAX_OUTPUT = 64_000  # characters kept per job: the last ones, where the error u
 _current: contextvars.ContextVar[Output | None] = contextvars.ContextVar("neonnb_job_output", default=None)
 _passing_through: contextvars.ContextVar[bool] = contextvars.ContextVar("neonnb_passing_through", default=False)
 _install_lock = threading.Lock()
+_capturing = 0  # jobs (and handler threads) capturing now: the streams are routed while there are any
 JOB_LOG_LEVEL = logging.INFO  # what ctx.logger keeps in a job's output unless the neonnb.jobs logger says otherwise
 
 
@@ -66,17 +68,25 @@ class Output:
         return self._size > 0
 
 
-def activate(output: Output) -> None:
-    """Capture into ``output`` for the rest of the current context (the job's own task)."""
-    install()
-    _current.set(output)
+@contextlib.contextmanager
+def capturing(output: Output) -> Iterator[None]:
+    """Capture into ``output`` in the current context (the job's own task, or a sync
+    handler's thread), with the streams routed while it lasts."""
+    _route()
+    token = _current.set(output)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+        _unroute()
 
 
 def calling(output: Output, fn: Callable[..., T]) -> Callable[..., T]:
-    """``fn`` capturing into ``output``, for a sync handler's thread (its own context)."""
+    """``fn`` capturing into ``output``, for a sync handler's thread (its own context); the
+    streams stay routed until the thread returns, even when its job timed out before."""
     def run(*args: Any) -> T:
-        _current.set(output)
-        return fn(*args)
+        with capturing(output):
+            return fn(*args)
 
     return run
 
@@ -152,11 +162,25 @@ def _format(record: logging.LogRecord) -> str:
     return text + "\n"
 
 
-def install() -> None:
-    """Route the streams (again, if someone replaced them since), once each. Only the
-    streams: wrapping them is the one way to keep concurrent jobs' ``print`` apart."""
+def _route() -> None:
+    """Route the streams while any job runs (again, if someone replaced them since): the
+    one way to keep concurrent jobs' ``print`` apart."""
+    global _capturing
     with _install_lock:
+        _capturing += 1
         if not isinstance(sys.stdout, _Router):
             sys.stdout = _Router(sys.stdout)
         if not isinstance(sys.stderr, _Router):
             sys.stderr = _Router(sys.stderr)
+
+
+def _unroute() -> None:
+    """After the last job, give the streams back, unless someone replaced them since."""
+    global _capturing
+    with _install_lock:
+        _capturing -= 1
+        if _capturing == 0:
+            if isinstance(sys.stdout, _Router):
+                sys.stdout = sys.stdout.stream
+            if isinstance(sys.stderr, _Router):
+                sys.stderr = sys.stderr.stream

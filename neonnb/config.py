@@ -161,6 +161,22 @@ class Config:
     def max_attempts(self) -> int:
         return self.max_retries + 1
 
+    def describe_store(self) -> str:
+        """Where the jobs live, for people: "SQLite jobs.db", "Redis 127.0.0.1:6379/0",
+        "in memory" (never a password)."""
+        if self.driver == "memory":
+            return "in memory"
+        if not isinstance(self.connection, str):
+            return f"{self.driver} ({type(self.connection).__name__})"
+        scheme, _, rest = redact(self.connection).partition("://")
+        kind = scheme.split("+")[0]
+        label = {"sqlite": "SQLite", "postgresql": "PostgreSQL", "postgres": "PostgreSQL", "mysql": "MySQL",
+                 "mariadb": "MariaDB", "redis": "Redis", "rediss": "Redis (TLS)"}.get(kind, kind)
+        if kind == "sqlite":
+            path = rest[1:] if rest.startswith("/") else rest  # sqlite:///jobs.db is jobs.db
+            return f"{label} {path or 'in memory'}"
+        return f"{label} {rest.rpartition('@')[2] or rest}"
+
     @classmethod
     def for_url(cls, url: str, **settings: Any) -> Config:
         """The config for a connection URL, the driver picked from its scheme."""

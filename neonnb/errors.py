@@ -19,6 +19,7 @@ Each error's docstring is its default message.
 
 from __future__ import annotations
 
+from types import TracebackType
 from typing import Any
 
 
@@ -86,3 +87,17 @@ class Retry(NeonnbError):
     def __init__(self, message: str | None = None, *, delay: float | None = None) -> None:
         super().__init__(message)
         self.delay = delay
+
+
+# Where a job's traceback runs through neonnb's machinery before it reaches the job's code.
+_PLUMBING = ("neonnb.worker", "neonnb.capture", "neonnb.job", "neonnb.notebook", "asyncio", "concurrent", "threading")
+
+
+def user_traceback(tb: TracebackType | None) -> TracebackType | None:
+    """``tb`` from the first frame of the job's own code on: the frames of the worker, its
+    threads and its loop above that say nothing about what went wrong. An error raised in
+    neonnb itself (a timeout, a payload it can't decode) keeps every frame."""
+    start = tb
+    while start is not None and start.tb_frame.f_globals.get("__name__", "").startswith(_PLUMBING):
+        start = start.tb_next
+    return start or tb

@@ -79,8 +79,8 @@ class QueueManager:
         self.events = Events()
         self.dependencies: dict[str, Any] = {}
         self.failed = FailedStore(self)
-        self._workers: set[Worker] = set()
-        self._workers_lock = threading.Lock()  # the driver's notification thread reads the set
+        self._workers: dict[Worker, None] = {}  # in the order they started (a set that keeps it)
+        self._workers_lock = threading.Lock()  # the driver's notification thread reads them
         self._watching = False
         self._next_housekeeping = 0.0
         self.clocks_checked = False  # a worker compared this process's clock with the store's (Worker.start)
@@ -100,7 +100,7 @@ class QueueManager:
         except Exception as exc:  # a repr must render even when the store is down
             body = f"<span style='color:{html.ERROR}'>{html.escape(str(exc))}</span>"
         workers = f"<div>{len(self.workers)} worker(s) in this kernel</div>"
-        title = f"neonnb {self.config.driver} {_safe_url(self.config.connection)}"
+        title = f"neonnb · {self.config.describe_store()}"
         return html.panel(title, body + workers, "neonnb-panel neonnb-manager")
 
     def __enter__(self) -> QueueManager:
@@ -199,14 +199,14 @@ class QueueManager:
 
     def _add_worker(self, worker: Worker) -> None:
         with self._workers_lock:
-            self._workers.add(worker)
+            self._workers[worker] = None
             if not self._watching:
                 self._watching = True
                 self.driver.watch(self._wake_workers)
 
     def _remove_worker(self, worker: Worker) -> None:
         with self._workers_lock:
-            self._workers.discard(worker)
+            self._workers.pop(worker, None)
 
     def _local_workers(self) -> list[Worker]:
         with self._workers_lock:

@@ -29,7 +29,16 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from . import _loop, capture, workflows
 from .codec import dumps, encode
 from .config import WorkerOptions, parse_duration
-from .errors import ClockSkew, JobCancelled, JobTimeout, PayloadError, Retry, SerializationError, UnknownJobError
+from .errors import (
+    ClockSkew,
+    JobCancelled,
+    JobTimeout,
+    PayloadError,
+    Retry,
+    SerializationError,
+    UnknownJobError,
+    user_traceback,
+)
 from .job import (
     MAX_WORKER_ID,
     Context,
@@ -124,7 +133,7 @@ def error_info(exc: BaseException) -> dict[str, Any]:
     return {
         "type": f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins."),
         "message": str(exc),
-        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, user_traceback(exc.__traceback__))),
     }
 
 
@@ -298,6 +307,18 @@ class Worker:
     @property
     def is_running(self) -> bool:
         return self._loop is not None
+
+    @property
+    def state(self) -> str:
+        """In words: "running", "stopping" (finishing what it started) or "stopped"."""
+        if self._loop is None:
+            return "stopped"
+        return "stopping" if self._stopping else "running"
+
+    @property
+    def running_job_ids(self) -> frozenset[str]:
+        """The jobs whose handlers run now (not those finished and waiting for their ack)."""
+        return frozenset(self._active)
 
     @property
     def running_jobs(self) -> list[str]:
@@ -655,11 +676,11 @@ class Worker:
         events.emit("started", record)
         job: Any = None
         output = capture.Output()
-        capture.activate(output)  # this task runs in its own context (see _claim)
         try:
             job = decode_job(record)
             try:
-                value = await self._call(job, ctx, record.timeout or self.options.timeout, output)
+                with capture.capturing(output):  # this task runs in a context of its own (see _start)
+                    value = await self._call(job, ctx, record.timeout or self.options.timeout, output)
             finally:
                 if output:
                     await self._guard(self.driver.save_output(record, self.id, output.text()), "saving output")

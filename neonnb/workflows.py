@@ -107,8 +107,9 @@ class ChainStatus:
     failed_step: int | None = None  # the index of the step that failed or was cancelled
 
     def __str__(self) -> str:
-        where = f" at step {self.failed_step}" if self.failed_step is not None else ""
-        return f"{self.state}{where}: " + ", ".join(f"{i}:{s}" for i, s in enumerate(self.steps))
+        """Steps counted from 1, as people count them: "failed at step 3 of 3: 1 succeeded, ..."."""
+        where = f" at step {self.failed_step + 1} of {len(self.steps)}" if self.failed_step is not None else ""
+        return f"{self.state}{where}: " + ", ".join(f"{i} {s}" for i, s in enumerate(self.steps, start=1))
 
 
 class ChainHandle:
@@ -165,20 +166,30 @@ class BatchHandle(list["JobHandle"]):
         super().__init__(handles)
         self.manager = manager
         self.then = then  # the callback job, stored once every job of the batch has finished
+        self._done: set[str] = set()  # jobs seen succeeded or gone (past their result TTL)
 
     def __repr__(self) -> str:
         return f"<BatchHandle {len(self)} jobs>"
 
     async def acounts(self) -> dict[str, int]:
         """How many of the batch's jobs are pending (queued or delayed), running, done,
-        failed and cancelled (jobs past their result TTL count as done)."""
+        failed and cancelled (jobs past their result TTL count as done). Reads only the jobs
+        not seen done before: a done job stays done, so a panel following a large batch reads
+        less and less of it."""
         queue = self[0].queue if self else None
-        records = await self.manager.driver.get_many([h.id for h in self], queue)
-        counts = {"pending": 0, "running": 0, "done": len(self) - len(records), "failed": 0, "cancelled": 0}
-        names = {Status.QUEUED: "pending", Status.RUNNING: "running", Status.SUCCEEDED: "done",
-                 Status.FAILED: "failed", Status.CANCELLED: "cancelled"}
+        unsettled = [h.id for h in self if h.id not in self._done]
+        records = await self.manager.driver.get_many(unsettled, queue) if unsettled else []
+        found = {record.id for record in records}
+        self._done.update(job_id for job_id in unsettled if job_id not in found)
+        counts = {"pending": 0, "running": 0, "done": 0, "failed": 0, "cancelled": 0}
+        names = {Status.QUEUED: "pending", Status.RUNNING: "running", Status.FAILED: "failed",
+                 Status.CANCELLED: "cancelled"}
         for record in records:
-            counts[names[record.status]] += 1
+            if record.status is Status.SUCCEEDED:
+                self._done.add(record.id)
+            else:
+                counts[names[record.status]] += 1
+        counts["done"] = len(self._done)
         return counts
 
     def counts(self) -> dict[str, int]:

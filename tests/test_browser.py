@@ -22,18 +22,20 @@ from nbformat.v4 import new_code_cell, new_notebook
 from tests.services import free_port, unavailable
 
 CHROMIUM = "/usr/bin/chromium"
+# The panel's screenshots, light and dark, kept after the run (docs/dashboard.png is made from one).
+ARTIFACTS = Path(__file__).resolve().parent.parent / "build" / "artifacts"
 
 CELLS = [
     "import time\nimport neonnb\nqm = neonnb.connect('memory://')",
     # A 4 s job reporting every 0.1 s: its bar must be seen at several values while it runs.
     "@qm.job\ndef crunch(ctx, steps: int) -> int:\n    for i in range(steps):\n        time.sleep(0.1)\n"
     "        ctx.progress(i + 1, steps, f'step {i + 1}')\n    return steps",
-    "@qm.job(queue='fragile', max_attempts=1)\ndef explode() -> None:\n"
-    "    raise ValueError('boom from the browser test')",
+    "@qm.job(queue='fragile', max_attempts=1)\ndef explode(n: int) -> None:\n"
+    "    raise ValueError(f'boom {n} from the browser test ' + 'with a long explanation ' * 12)",
     "dashboard = qm.dashboard(interval=0.2)\ndashboard",
-    # One job each: the 'fragile' worker stops after its job, so a retried job stays queued.
-    "qm.worker('default', 1).start()\nqm.worker('fragile', 1, neonnb.WorkerOptions(max_jobs=1)).start()\n"
-    "crunch.dispatch(40)\nexplode.dispatch()",
+    # The 'fragile' worker stops after its two jobs, so a retried job stays queued.
+    "qm.worker('default', 1).start()\nqm.worker('fragile', 1, neonnb.WorkerOptions(max_jobs=2)).start()\n"
+    "crunch.dispatch(40)\nexplode.dispatch(1)\nexplode.dispatch(2)",
     # The kernel is busy in sync code while the jobs run: the panel must move anyway.
     "time.sleep(15)",
 ]
@@ -49,6 +51,9 @@ def jupyterlab(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
     notebook = new_notebook(cells=[new_code_cell(c) for c in CELLS], metadata={"kernelspec": kernelspec})
     nbformat.write(notebook, root / "dashboard.ipynb")
+    settings = tmp_path / "settings" / "@jupyterlab" / "apputils-extension"
+    settings.mkdir(parents=True)
+    (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false", "checkForUpdates": false}')
     port, token = free_port(), os.urandom(8).hex()
     log = open(tmp_path / "jupyterlab.log", "w")  # noqa: SIM115 - closed in the finally below
     lab = subprocess.Popen(
@@ -56,6 +61,7 @@ def jupyterlab(tmp_path: Path) -> Iterator[tuple[str, Path]]:
          f"--ServerApp.port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
          "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
         stdout=subprocess.DEVNULL, stderr=log,
+        env={**os.environ, "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings")},  # no "Jupyter news?" pop-up
     )
     try:
         deadline = time.monotonic() + 60
@@ -109,16 +115,34 @@ def test_dashboard_shows_progress_and_failed_job_and_retry_moves_it_back(jupyter
             busy = page.locator(".jp-Cell").last.locator(".jp-InputPrompt")
             expect(busy).to_have_text("[*]:")  # the bar moved while the kernel ran the sleeping cell
             failed = dashboard.locator(".neonnb-failed-job")
-            expect(failed).to_contain_text("boom from the browser test", timeout=30_000)
-            page.screenshot(path=str(output / "dashboard.png"), full_page=True)
+            expect(failed).to_have_count(2, timeout=30_000)
+            expect(failed.first).to_contain_text("from the browser test")
+            for button in ("retry", "forget"):  # a long error must not squeeze them
+                box = failed.first.locator(f".neonnb-{button}").bounding_box()
+                assert box is not None and box["width"] >= 69, f"the {button} button is {box}"
+            failed.first.locator("summary").click()  # the folded error and traceback open
+            expect(failed.first.locator("pre")).to_contain_text("Traceback")
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            dashboard.screenshot(path=str(ARTIFACTS / "dashboard-light.png"))
 
-            failed.locator(".neonnb-retry").click()
+            first = failed.first.inner_text()
+            failed.first.locator(".neonnb-retry").click()
+            expect(failed).to_have_count(1, timeout=30_000)
+            assert failed.first.inner_text() != first
+            failed.first.locator(".neonnb-forget").click()
             expect(failed).to_have_count(0, timeout=30_000)
+            expect(dashboard.locator(".neonnb-section-failed")).to_be_hidden()  # no empty section
             fragile = dashboard.locator(".neonnb-queues tr", has_text="fragile")
             # queue, high, normal, low, delayed, running, succeeded, failed
-            expect(fragile.locator("td").nth(2)).to_have_text("1", timeout=30_000)
-            expect(fragile.locator("td").nth(7)).to_have_text("0")
-            page.screenshot(path=str(output / "after-retry.png"), full_page=True)
+            expect(fragile.locator("td").nth(2)).to_have_text("1", timeout=30_000)  # the retried one, queued
+            expect(fragile.locator("td").nth(7)).to_have_text("0")  # the forgotten one, gone
+
+            page.locator(".lm-MenuBar-itemLabel", has_text="Settings").click()
+            page.locator(".lm-Menu-itemLabel").get_by_text("Theme", exact=True).hover()
+            page.locator(".lm-Menu-itemLabel").get_by_text("JupyterLab Dark", exact=True).click()
+            page.locator("body[data-jp-theme-light='false']").wait_for(state="attached", timeout=30_000)
+            time.sleep(1)
+            dashboard.screenshot(path=str(ARTIFACTS / "dashboard-dark.png"))
         except Exception:
             page.screenshot(path=str(output / "failure.png"), full_page=True)
             raise

@@ -35,6 +35,7 @@ SCRIPT = textwrap.dedent('''
     print(handle.output)
     print("JOB OUTPUT END")
     print("root handlers after a job:", logging.getLogger().handlers)
+    print("streams given back:", sys.stdout is sys.__stdout__ and sys.stderr is sys.__stderr__)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="USER %(levelname)s %(message)s")
     logging.getLogger("user").info("basicConfig works")
 
@@ -60,6 +61,7 @@ def test_ctx_logger_info_is_kept_with_extras_and_the_users_basic_config_still_wo
     assert "ERROR neonnb.jobs: division went wrong" in output and "ZeroDivisionError" in output
     assert "printed users" in output and "not kept" not in output
     assert "root handlers after a job: []" in run.stdout
+    assert "streams given back: True" in run.stdout
     assert "USER INFO basicConfig works" in run.stdout
     second = _between(run.stdout, "SECOND OUTPUT BEGIN", "SECOND OUTPUT END")
     assert second.count("loading orders") == 1, second

@@ -262,7 +262,7 @@ def test_a_failed_step_stops_the_chain_and_retrying_it_resumes(make_manager: Mak
     drain(qm)
     status = chain.status()
     assert (status.state, status.failed_step, status.steps) == ("failed", 1, ["succeeded", "failed", "pending"])
-    assert "failed at step 1" in str(status)
+    assert str(status) == "failed at step 2 of 3: 1 succeeded, 2 failed, 3 pending"  # counted as people count
     with pytest.raises(JobFailed, match="the gate is closed"):
         chain.result(timeout=5)
     jobs.GATE.set()  # the fix

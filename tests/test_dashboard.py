@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -39,7 +40,7 @@ def test_refresh_shows_queues_running_progress_and_failed_jobs(qm: QueueManager)
         assert bar.value == 0.5 and "neonnb-progress" in bar._dom_classes
         assert running.children[1].value == "half way"
         [failed_row] = dashboard.failed.children
-        assert "ValueError" in failed_row.children[2].value
+        assert "ValueError" in failed_row.children[2].value and "<details" in failed_row.children[2].value
         assert "Note" in dashboard.recent.value
 
         shown = dashboard.queues.value
@@ -128,7 +129,7 @@ def test_dashboard_shows_schedules_chains_and_batches(qm: QueueManager) -> None:
     assert "nightly" in dashboard.schedules.value and "every 86400s" in dashboard.schedules.value
     chain_row, batch_row = dashboard.workflows.children
     assert chain_row.children[0].description == "chain of 2" and chain_row.children[0].value == 0.0
-    assert "running: 0:queued, 1:pending" in chain_row.children[1].value
+    assert "running: 1 queued, 2 pending" in chain_row.children[1].value  # steps counted from 1
     worker = qm.worker("flows", 2)
     while worker.run_once():
         pass
@@ -174,3 +175,99 @@ def test_re_running_the_dashboard_cell_keeps_one_refresher(qm: QueueManager) -> 
     assert again is not shown[0] and not again.closed
     assert len([d for d in panel._open if d.manager is qm]) == 1
     again.close()
+
+
+def _visible(dashboard: Any) -> set[str]:
+    return {name for name, box in dashboard.sections.items() if box.layout.display != "none"}
+
+
+def test_the_panel_reads_like_a_product(qm: QueueManager) -> None:
+    """A summary card; only sections with something in them; running means started; failed
+    rows keep their buttons' size and fold their tracebacks; the kernel's workers in words."""
+    dashboard = qm.dashboard(interval=None)
+    loop.run_sync(dashboard.refresh())
+    assert _visible(dashboard) == set(), "an empty store shows no empty sections"
+    assert "in memory" in dashboard.header.value and "None" not in dashboard.header.value
+    assert "0 queued" in dashboard.header.value and dashboard.retry_all.layout.display == "none"
+
+    jobs.RELEASE.clear()
+    for i in range(3):
+        qm.dispatch("q", jobs.Note(f"n{i}"))
+    qm.dispatch("q", jobs.Permanent())
+    qm.dispatch("q", jobs.Halfway())
+    worker = qm.worker("q", 4).start()
+    idle = qm.worker("elsewhere", 1).start()
+    try:
+        wait_until(lambda: (qm.jobs(Status.RUNNING)[0].progress or {}).get("done") == 1, what="progress saved")
+        wait_until(lambda: qm.stats()["q"].succeeded == 3 and qm.stats()["q"].failed == 1, what="the quick ones")
+        # A job claimed under a kernel worker's id that its handler doesn't run (as one that
+        # ended and waits for its ack): not shown as running.
+        held = qm.dispatch("q2", jobs.Note("finished, waiting for its ack"))
+        [claimed] = loop.run_sync(qm.driver.reserve(["q2"], 1, idle.id, qm.clock(), 60.0))
+        assert claimed.id == held.id
+        loop.run_sync(dashboard.refresh())
+
+        header = dashboard.header.value
+        assert "2 workers in this kernel" in header and "3 done" in header and "1 failed" in header
+        assert _visible(dashboard) == {"queues", "running", "recent", "failed"}
+        [row] = dashboard.running.children
+        bar, message, elapsed = row.children
+        assert (bar.value, message.value, bar.description) == (0.5, "half way", "Halfway")
+        assert elapsed.value.endswith(" s")
+        assert "neonnb-status-succeeded" in dashboard.recent.value and "neonnb-status-failed" in dashboard.recent.value
+        assert "took" in dashboard.recent.value and "neonnb-id" in dashboard.recent.value
+
+        [failed_row] = dashboard.failed.children
+        retry, _forget, detail = failed_row.children
+        assert retry.layout.min_width == "70px" and retry.layout.flex == "0 0 auto"
+        assert "<details" in detail.value and "Traceback" in detail.value and detail.layout.min_width == "0"
+        assert "tests/jobs.py" in detail.value and "neonnb/worker.py" not in detail.value  # the job's frames only
+
+        state = dashboard.worker_state.value
+        assert "q" in state and "elsewhere" in state and "neonnb-status-running" in state and "busy" in state
+        assert "neonnb.Worker" not in state
+        assert (dashboard.queue_name.value, dashboard.concurrency.value) == ("q", 4)  # from the running one
+
+        bundle = dashboard._repr_mimebundle_()
+        assert "application/vnd.jupyter.widget-view+json" in bundle
+        assert "neonnb-snapshot" in bundle["text/html"] and "bad input" in bundle["text/html"]
+        assert "VBox" not in bundle["text/plain"]
+    finally:
+        jobs.RELEASE.set()
+    dashboard.stop_button.click()  # stops every worker of the kernel, however it was started
+    wait_until(lambda: not worker.is_running and not idle.is_running, what="all the kernel's workers to stop")
+    dashboard.close()
+
+
+def test_a_failed_chain_shows_a_red_bar_and_the_step_counted_from_one(qm: QueueManager) -> None:
+    jobs.GATE.clear()
+    chain = qm.chain("flows", [jobs.AddToPrevious(1), jobs.Gated()])
+    worker = qm.worker("flows", 1)
+    while worker.run_once():
+        pass
+    assert chain.status().state == "failed"
+    dashboard = qm.dashboard(interval=None)
+    loop.run_sync(dashboard.refresh())
+    [row] = dashboard.workflows.children
+    assert row.children[0].bar_style == "danger"
+    assert "failed at step 2 of 2" in row.children[1].value
+    dashboard.close()
+
+
+def test_a_batch_followed_by_the_panel_reads_only_its_unfinished_jobs(qm: QueueManager) -> None:
+    batch = qm.dispatch_batch("q", [jobs.Note(f"n{i}") for i in range(50)])
+    asked: list[int] = []
+    get_many = qm.driver.get_many
+
+    async def counting(ids: list[str], queue: str | None = None) -> Any:
+        asked.append(len(ids))
+        return await get_many(ids, queue)
+
+    qm.driver.get_many = counting  # type: ignore[method-assign]
+    assert batch.counts()["pending"] == 50
+    worker = qm.worker("q", 4)
+    for _ in range(10):  # 40 of the 50 run
+        worker.run_once()
+    assert batch.counts() == {"pending": 10, "running": 0, "done": 40, "failed": 0, "cancelled": 0}
+    assert batch.counts()["done"] == 40
+    assert asked == [50, 50, 10], "a done job stays done: it need not be read again"

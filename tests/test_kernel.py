@@ -64,6 +64,24 @@ def test_a_job_defined_in_a_cell_is_replaced_by_re_running_the_cell(kernel: Any)
     assert text(outputs) == "'goodbye you'"
 
 
+WIDGET = "application/vnd.jupyter.widget-view+json"
+
+
+def test_a_shown_panel_carries_a_picture_and_a_closed_one_leaves_it(kernel: Any) -> None:
+    """What GitHub, nbviewer or a notebook opened without its kernel show: a static HTML
+    snapshot of the panel's last state, never `VBox(children=...`."""
+    kernel("import neonnb\nfrom tests import jobs\nqm = neonnb.connect('memory://')\n"
+           "qm.dispatch('q', jobs.Permanent())\nqm.worker('q', 1).run_once()")
+    shown, _ = kernel("panel = qm.dashboard()\npanel")
+    [bundle] = [o["data"] for o in shown if o.get("output_type") == "display_data"]
+    assert WIDGET in bundle and "neonnb-snapshot" in bundle["text/html"]
+    assert "bad input" in bundle["text/html"] and "1 failed" in bundle["text/html"]
+    assert "VBox" not in bundle["text/plain"]
+    kernel("panel.close()")
+    [closed] = [o["data"] for o in shown]  # nbclient applies the display update to the earlier cell
+    assert WIDGET not in closed and "neonnb-snapshot" in closed["text/html"] and "(closed)" in closed["text/plain"]
+
+
 @pytest.fixture
 def shell() -> Iterator[InteractiveShell]:
     ip = InteractiveShell.instance()

@@ -1,6 +1,10 @@
-"""``qm.dashboard()``: one ipywidgets panel with the queues, a depth sparkline, running jobs
-with progress bars, recent completions, the failed jobs (retry, forget, retry all) and worker
-controls.
+"""``qm.dashboard()``: one ipywidgets panel. A card with one line of summary (store,
+workers, throughput, queued / running / done / failed, how long the backlog will take), then
+only the sections that have something to show: queues with a depth sparkline, running jobs
+with bar, message and elapsed time, recently finished jobs, chains and batches, schedules,
+failed jobs (retry, forget, an expandable error and traceback, retry all), and the kernel's
+workers with controls. Where the panel is saved or closed, a static HTML snapshot of its last
+state takes its place.
 
 One refresher task on neonnb's background loop reads the store every ``interval`` seconds
 and sets a widget trait only when what it shows changed, inside ``hold_sync()``: the kernel
@@ -12,11 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
+import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from .. import _loop
+from ..drivers.base import QueueCounts
 from ..errors import MissingDependency
 from ..frames import fraction, progress_message
 from ..job import JobRecord, Status
@@ -34,31 +41,57 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 logger = logging.getLogger("neonnb.notebook")
 
 _open: set[Dashboard] = set()  # refreshing now; %unload_ext closes them
+REST_PER_REFRESH = 9.0  # seconds of rest per second a refresh took
+# ipywidgets' HTML content keeps its text's width: let a failed row's error shrink to the row
+# (and end in an ellipsis) instead of pushing its traceback out of sight.
+_STYLE = ("<style>.neonnb-failed-job .widget-html-content{min-width:0;overflow:hidden}"
+          "</style>")
+
+
+@dataclasses.dataclass
+class _Seen:
+    """What one refresh read, as plain data: the widgets and the static snapshot show it."""
+
+    counts: dict[str, QueueCounts]
+    running: list[tuple[JobRecord, float | None, str | None, float | None]]  # record, done, message, elapsed
+    recent: list[JobRecord]
+    failed: list[JobRecord]
+    flows: list[tuple[str, str, float, str, str]]  # key, label, done share, state text, bar style
+    schedules: str
+    workers: list[Worker]
+    throughput: float | None
+    eta: float | None
 
 
 class Dashboard:
     def __init__(self, manager: QueueManager, *, interval: float | None = 0.5, history: int = 120) -> None:
         self.manager = manager
         self.interval = interval
+        self.store = manager.config.describe_store()
         self._depths: collections.deque[int] = collections.deque(maxlen=history)
+        self._finished: collections.deque[tuple[float, int]] = collections.deque()  # (monotonic, done + failed)
         self._shown: dict[str, Any] = {}  # what each part shows now, to skip unchanged updates
-        self._bars: dict[str, tuple[w.HBox, w.FloatProgress, w.Label]] = {}
-        self._workers: list[Worker] = []
+        self._bars: dict[str, tuple[w.HBox, w.FloatProgress, w.Label, w.Label]] = {}
+        self._workflow_bars: dict[str, tuple[w.HBox, w.FloatProgress, w.HTML]] = {}
+        self._seen: _Seen | None = None
+        self._display_ids: list[str] = []
+        self._filled: tuple[str, int] | None = None  # what the worker controls were last filled in with
         self._task: Any = None
         self.closed = False
 
+        self.header = _with_class(w.HTML(), "neonnb-summary-view")
         self.queues = _with_class(w.HTML(), "neonnb-queues-view")
         self.sparkline = _with_class(w.HTML(), "neonnb-sparkline-view")
         self.running = _with_class(w.VBox(), "neonnb-running")
         self.recent = _with_class(w.HTML(), "neonnb-recent")
-        self.schedules = _with_class(w.HTML(), "neonnb-schedules")
         self.workflows = _with_class(w.VBox(), "neonnb-workflows")
-        self._workflow_bars: dict[str, tuple[w.HBox, w.FloatProgress, w.HTML]] = {}
+        self.schedules = _with_class(w.HTML(), "neonnb-schedules")
         self.failed = _with_class(w.VBox(), "neonnb-failed")
-        self.retry_all = _with_class(w.Button(description="Retry all failed", icon="redo"), "neonnb-retry-all")
+        self.retry_all = _with_class(w.Button(description="Retry all failed", icon="redo",
+                                              layout={"width": "auto", "align_self": "flex-start"}), "neonnb-retry-all")
         self.retry_all.on_click(lambda _: self._submit(self.manager.failed.aretry_all()))
         self.queue_name = w.Text(value=manager.config.default_queue, description="queue", layout={"width": "200px"})
-        self.concurrency = w.BoundedIntText(value=manager.config.workers, min=1, max=1000, description="workers",
+        self.concurrency = w.BoundedIntText(value=manager.config.workers, min=1, max=1000, description="slots",
                                             layout={"width": "160px"})
         self.start_button = _with_class(w.Button(description="Start worker", icon="play"), "neonnb-start")
         self.stop_button = _with_class(w.Button(description="Stop workers", icon="stop"), "neonnb-stop")
@@ -66,20 +99,64 @@ class Dashboard:
         self.stop_button.on_click(lambda _: self.stop_workers())
         self.worker_state = _with_class(w.HTML(), "neonnb-worker-state")
 
-        def title(text: str) -> w.HTML:
-            return w.HTML(f"<b>{html.escape(text)}</b>")
+        def section(name: str, title: str, *parts: w.Widget) -> w.VBox:
+            return _with_class(w.VBox([w.HTML(html.section_title(title)), *parts]), f"neonnb-section-{name}")
 
+        self.sections = {
+            "queues": _with_class(w.VBox([self.queues, self.sparkline]), "neonnb-section-queues"),
+            "running": section("running", "running", self.running),
+            "recent": section("recent", "recently finished", self.recent),
+            "workflows": section("workflows", "chains and batches", self.workflows),
+            "schedules": section("schedules", "schedules", self.schedules),
+            "failed": section("failed", "failed", self.failed, self.retry_all),
+        }
+        controls = w.HBox([self.queue_name, self.concurrency, self.start_button, self.stop_button])
         self.widget = _with_class(w.VBox([
-            title(f"neonnb · {manager.config.driver}"), self.queues, self.sparkline,
-            title("running"), self.running, title("recently finished"), self.recent,
-            title("schedules"), self.schedules, title("chains and batches"), self.workflows,
-            title("failed"), self.failed, self.retry_all,
-            title("workers in this kernel"), w.HBox([self.queue_name, self.concurrency, self.start_button,
-                                                    self.stop_button]), self.worker_state,
-        ]), "neonnb-panel", "neonnb-dashboard")
+            w.HTML(_STYLE), self.header, *self.sections.values(),
+            section("workers", "workers in this kernel", self.worker_state, controls),
+        ], layout={"padding": "4px 8px"}), "neonnb-panel", "neonnb-dashboard")
+        self._fill_controls(manager.workers)
 
-    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        return self.widget._repr_mimebundle_(**kwargs)
+    # --- display: the live widget, with a picture of it for saved notebooks ----------------
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        if self._seen is None and not self.closed:
+            self._refresh_now()
+        bundle = dict(self.widget._repr_mimebundle_(**kwargs))
+        bundle["text/html"] = self.snapshot()
+        bundle["text/plain"] = f"neonnb panel · {self.store}"
+        return bundle
+
+    def _ipython_display_(self) -> None:
+        """Shown with a display id, so that ``close()`` can leave the snapshot in its place."""
+        from IPython.display import display
+
+        handle = display(self._repr_mimebundle_(), raw=True, display_id=True)  # type: ignore[no-untyped-call]
+        if handle is not None:
+            self._display_ids.append(handle.display_id)
+
+    def snapshot(self) -> str:
+        """Static HTML of what the panel showed last: what GitHub, nbviewer or a notebook
+        opened without its kernel show in the panel's place."""
+        seen = self._seen
+        parts = [html.summary(self.store, 0, None, {}, None) if seen is None else self._summary(seen)]
+        if seen is not None:
+            if seen.counts:
+                parts.append(html.queues_table(seen.counts) + html.sparkline(list(self._depths)))
+            if seen.running:
+                parts.append(html.section_title("running") + html.running_rows(seen.running))
+            if seen.recent:
+                parts.append(html.section_title("recently finished") + html.recent_table(seen.recent))
+            if seen.flows:
+                rows = [[label, html.progress_bar(done), state] for _, label, done, state, _ in seen.flows]
+                parts.append(html.section_title("chains and batches") + html.table(["", "", ""], rows, "neonnb-flows"))
+            if seen.schedules:
+                parts.append(html.section_title("schedules") + seen.schedules)
+            if seen.failed:
+                parts.append(html.section_title("failed") + "".join(html.failed_detail(r) for r in seen.failed))
+            if seen.workers:
+                parts.append(html.section_title("workers in this kernel") + html.workers_table(seen.workers))
+        return html.panel("neonnb", "".join(parts), "neonnb-panel neonnb-snapshot")
 
     # --- refreshing ---------------------------------------------------------------------
 
@@ -91,97 +168,158 @@ class Dashboard:
         return self
 
     def close(self) -> None:
+        """Stop refreshing; where the panel was shown, its last snapshot stays."""
         if self._task is not None:
             self._task.cancel()
             self._task = None
         self.closed = True
         _open.discard(self)
+        if self._display_ids:
+            from IPython.display import update_display
+
+            closed = {"text/html": self.snapshot(), "text/plain": f"neonnb panel · {self.store} (closed)"}
+            for display_id in self._display_ids:
+                update_display(closed, raw=True, display_id=display_id)  # type: ignore[no-untyped-call]
         self.widget.close()
+
+    def _refresh_now(self) -> None:
+        try:
+            _loop.run_sync(self.refresh())
+        except Exception as exc:  # a repr must render even when the store is down
+            logger.warning("dashboard refresh failed: %r", exc)
 
     async def _refresh_forever(self) -> None:
         while self.interval:  # None (set by a later qm.dashboard(interval=None)): refresh by hand
+            started = time.monotonic()
             try:
                 await self.refresh()
             except Exception as exc:  # the store may be down for a while; keep the panel alive
                 logger.warning("dashboard refresh failed: %r", exc)
                 error = f"<span style='color:{html.ERROR}'>{html.escape(str(exc))}</span>"
-                self._set(self.worker_state, "value", error)
-            await asyncio.sleep(self.interval or 0)
+                self._set(self.header, "value", html.summary(self.store, 0, None, {}, None) + error)
+            # However large the store, the panel takes at most a tenth of the kernel's time.
+            took = time.monotonic() - started
+            await asyncio.sleep(max(self.interval or 0, REST_PER_REFRESH * took))
         self._task = None
         _open.discard(self)
 
     async def refresh(self) -> None:
         """Read the store once and update what changed."""
+        seen = await self._read()
+        self._seen = seen
+        self._depths.append(sum(c.size for c in seen.counts.values()))
+        with self.widget.hold_sync():
+            self._set(self.header, "value", self._summary(seen))
+            self._set(self.queues, "value", html.queues_table(seen.counts))
+            self._set(self.sparkline, "value", html.sparkline(list(self._depths)))
+            self._show_running(seen.running)
+            self._set(self.recent, "value", html.recent_table(seen.recent))
+            self._show_workflows(seen.flows)
+            self._set(self.schedules, "value", seen.schedules)
+            self._show_failed(seen.failed)
+            self._set(self.retry_all.layout, "display", None if len(seen.failed) > 1 else "none")
+            self._set(self.worker_state, "value", html.workers_table(seen.workers) if seen.workers else "")
+            self._fill_controls(seen.workers)
+            shown = {"queues": seen.counts, "running": seen.running, "recent": seen.recent,
+                     "workflows": seen.flows, "schedules": seen.schedules, "failed": seen.failed}
+            for name, box in self.sections.items():
+                self._set(box.layout, "display", None if shown[name] else "none")  # empty sections stay out of sight
+
+    async def _read(self) -> _Seen:
         manager = self.manager
+        now = manager.clock()
         counts = await manager.astats()
-        running = await manager.ajobs(Status.RUNNING, limit=20)
+        workers = manager.workers
+        # A job whose handler ended waits for its ack (still "running" in the store) while the
+        # slot runs the next one: of this kernel's workers, show only what runs now.
+        running_here = {wk.id: wk.running_job_ids for wk in workers}
+        running = [r for r in await manager.ajobs(Status.RUNNING, limit=40)
+                   if r.worker_id not in running_here or r.id in running_here[r.worker_id]][:20]
         finished = await manager.ajobs(Status.SUCCEEDED, limit=8)
         failed = await manager.ajobs(Status.FAILED, limit=20)
-        self._depths.append(sum(c.size for c in counts.values()))
-        with self.widget.hold_sync():
-            self._set(self.queues, "value", html.queues_table(counts))
-            self._set(self.sparkline, "value", html.sparkline(list(self._depths)))
-            self._show_running(running)
-            self._set(self.recent, "value", _recent_table(finished))
-            self._show_failed(failed)
-            self._set(self.schedules, "value", _schedules_table(manager, manager.clock()))
-            self._show_workflows(await _workflow_states(manager))
-            workers = manager.workers
-            state = ", ".join(repr(wk) for wk in workers) or "none running"
-            self._set(self.worker_state, "value", f"<span class='neonnb-workers'>{html.escape(state)}</span>")
+        cancelled = await manager.ajobs(Status.CANCELLED, limit=8)
+        recent = sorted([*finished, *failed[:8], *cancelled], key=lambda r: r.finished_at or 0, reverse=True)[:8]
+        throughput = self._throughput(sum(c.succeeded + c.failed for c in counts.values()))
+        waiting = sum(sum(c.waiting.values()) for c in counts.values())
+        return _Seen(
+            counts=counts,
+            running=[(r, fraction(r.progress or {}), progress_message(r.progress or {}),
+                      None if r.started_at is None else max(0.0, now - r.started_at)) for r in running],
+            recent=recent, failed=failed, flows=await _workflow_states(manager),
+            schedules=_schedules_table(manager, now), workers=workers, throughput=throughput,
+            eta=waiting / throughput if throughput and waiting else None,
+        )
 
-    def _set(self, widget: w.Widget, trait: str, value: Any) -> None:
+    def _throughput(self, finished: int, window: float = 10.0) -> float | None:
+        """Jobs finished per second over the last ``window`` seconds of refreshes."""
+        now = time.monotonic()
+        self._finished.append((now, finished))
+        while len(self._finished) > 2 and now - self._finished[1][0] >= window:
+            self._finished.popleft()
+        then, before = self._finished[0]
+        if now - then < 1.0:
+            return None
+        return max(0, finished - before) / (now - then)  # results expire: never below 0
+
+    def _summary(self, seen: _Seen) -> str:
+        busy = sum(1 for wk in seen.workers if wk.is_running)
+        return html.summary(self.store, busy, seen.throughput, seen.counts, seen.eta)
+
+    def _set(self, widget: Any, trait: str, value: Any) -> None:
         key = f"{id(widget)}.{trait}"
         if self._shown.get(key) != value:
             self._shown[key] = value
             setattr(widget, trait, value)
 
-    def _show_running(self, records: list[JobRecord]) -> None:
-        for record in records:
+    def _show_running(self, rows: list[tuple[JobRecord, float | None, str | None, float | None]]) -> None:
+        for record, done, message, elapsed in rows:
             if record.id not in self._bars:
                 short_name = record.name.rpartition(".")[2][-24:]
-                bar = _with_class(w.FloatProgress(min=0.0, max=1.0, description=short_name), "neonnb-progress")
-                label = w.Label()
-                self._bars[record.id] = (_with_class(w.HBox([bar, label]), "neonnb-running-job"), bar, label)
-            _, bar, label = self._bars[record.id]
-            progress = record.progress or {}
-            self._set(bar, "value", fraction(progress) or 0.0)
-            self._set(label, "value", progress_message(progress) or "")
-        ids = [r.id for r in records]
+                bar = _with_class(w.FloatProgress(min=0.0, max=1.0, description=short_name,
+                                                  tooltip=record.id), "neonnb-progress")
+                label, clock = w.Label(), _with_class(w.Label(), "neonnb-elapsed")
+                self._bars[record.id] = (_with_class(w.HBox([bar, label, clock]), "neonnb-running-job"),
+                                         bar, label, clock)
+            _, bar, label, clock = self._bars[record.id]
+            self._set(bar, "value", done or 0.0)
+            self._set(label, "value", message or "")
+            self._set(clock, "value", html.duration(elapsed))
+        ids = [record.id for record, *_ in rows]
         for gone in set(self._bars) - set(ids):
             self._bars.pop(gone)[0].close()
         self._set(self.running, "children", tuple(self._bars[i][0] for i in ids))
 
-    def _show_workflows(self, states: list[tuple[str, str, float, str]]) -> None:
-        """One row per recent chain or batch: a label, a progress bar and its state."""
-        for key, label, done, state in states:
+    def _show_workflows(self, states: list[tuple[str, str, float, str, str]]) -> None:
+        """One row per recent chain or batch: a label, a progress bar (red once it failed)
+        and its state."""
+        for key, label, done, state, style in states:
             if key not in self._workflow_bars:
                 bar = _with_class(w.FloatProgress(min=0.0, max=1.0, description=label), "neonnb-workflow-progress")
                 text = w.HTML()
                 self._workflow_bars[key] = (_with_class(w.HBox([bar, text]), "neonnb-workflow"), bar, text)
             _, bar, text = self._workflow_bars[key]
             self._set(bar, "value", done)
+            self._set(bar, "bar_style", style)
             self._set(text, "value", html.escape(state))
         self._set(self.workflows, "children", tuple(self._workflow_bars[key][0] for key, *_ in states))
 
     def _show_failed(self, records: list[JobRecord]) -> None:
-        rows = tuple((r.id, r.name, r.attempts, (r.error or {}).get("type"), (r.error or {}).get("message"))
-                     for r in records)
+        rows = tuple((r.id, html.failed_detail(r)) for r in records)
         if self._shown.get("failed") == rows:
             return
         self._shown["failed"] = rows
         for old in self.failed.children:
             old.close()
-        self.failed.children = tuple(self._failed_row(*row) for row in rows)
+        self.failed.children = tuple(self._failed_row(job_id, detail) for job_id, detail in rows)
 
-    def _failed_row(self, job_id: str, name: str, attempts: int, kind: str | None, message: str | None) -> w.HBox:
-        text = w.HTML(f"<code>{html.escape(job_id)}</code> {html.escape(name)} after {attempts} attempt(s): "
-                      f"<span style='color:{html.ERROR}'>{html.escape(str(kind))}: {html.escape(str(message))}</span>")
-        retry = _with_class(w.Button(description="retry", layout={"width": "70px"}), "neonnb-retry")
-        forget = _with_class(w.Button(description="forget", layout={"width": "70px"}), "neonnb-forget")
+    def _failed_row(self, job_id: str, detail: str) -> w.HBox:
+        fixed = {"width": "70px", "min_width": "70px", "flex": "0 0 auto"}  # a long error never squeezes them
+        retry = _with_class(w.Button(description="retry", layout=fixed), "neonnb-retry")
+        forget = _with_class(w.Button(description="forget", layout=fixed), "neonnb-forget")
+        text = w.HTML(detail, layout={"flex": "1 1 auto", "min_width": "0", "overflow": "hidden"})
         retry.on_click(lambda _: self._submit(self.manager.failed.aretry(job_id)))
         forget.on_click(lambda _: self._submit(self.manager.failed.aforget(job_id)))
-        return _with_class(w.HBox([retry, forget, text]), "neonnb-failed-job")
+        return _with_class(w.HBox([retry, forget, text], layout={"width": "100%"}), "neonnb-failed-job")
 
     def _submit(self, work: Coroutine[Any, Any, Any]) -> None:
         """From a button: run ``work`` on the loop, then refresh; never block the caller."""
@@ -195,16 +333,26 @@ class Dashboard:
 
     # --- worker controls ----------------------------------------------------------------
 
+    def _fill_controls(self, workers: list[Worker]) -> None:
+        """Start from what the running worker does, unless the user typed something else."""
+        running = [wk for wk in workers if wk.is_running]
+        if not running:
+            return
+        proposal = (",".join(running[0].queues), running[0].concurrency)
+        if self._filled is None or (self.queue_name.value, self.concurrency.value) == self._filled:
+            self._filled = proposal
+            self._set(self.queue_name, "value", proposal[0])
+            self._set(self.concurrency, "value", proposal[1])
+
     def start_worker(self) -> Worker:
-        worker = self.manager.worker(self.queue_name.value, int(self.concurrency.value)).start()
-        self._workers.append(worker)
-        return worker
+        queues = [q.strip() for q in self.queue_name.value.split(",") if q.strip()]
+        return self.manager.worker(queues or self.manager.config.default_queue, int(self.concurrency.value)).start()
 
     def stop_workers(self) -> None:
-        """Ask the workers started here to stop; their unfinished jobs go back to the queue."""
-        for worker in self._workers:
+        """Ask every worker of this kernel's manager to stop, however it was started (here,
+        ``%neonnb start``, ``qm.worker(...)``); their unfinished jobs go back to the queue."""
+        for worker in self.manager.workers:
             worker.request_stop()
-        self._workers.clear()
 
 
 def _with_class(widget: Any, *names: str) -> Any:
@@ -213,24 +361,17 @@ def _with_class(widget: Any, *names: str) -> Any:
     return widget
 
 
-def _recent_table(records: list[JobRecord]) -> str:
-    if not records:
-        return f"<div class='neonnb-recent-view' style='color:{html.MUTED}'>nothing yet</div>"
-    rows = [[html.when(r.finished_at), r.name, r.queue, r.id] for r in records]
-    return html.table(["finished", "job", "queue", "id"], rows, "neonnb-recent-view")
-
-
 def _schedules_table(manager: QueueManager, now: float) -> str:
     schedules = [s for scheduler in manager.schedulers for s in scheduler.schedules.values()]
     if not schedules:
-        return f"<div class='neonnb-schedules-view' style='color:{html.MUTED}'>no schedules in this kernel</div>"
+        return ""
     rows = [[s.name, s.cron or f"every {s.interval:g}s", s.queue, html.when(s.last_tick),
              html.when(s.next_tick(now))] for s in schedules]
     return html.table(["schedule", "rule", "queue", "last run", "next run"], rows, "neonnb-schedules-view")
 
 
-async def _workflow_states(manager: QueueManager) -> list[tuple[str, str, float, str]]:
-    """(key, label, finished share, state) of this kernel's recent chains and batches."""
+async def _workflow_states(manager: QueueManager) -> list[tuple[str, str, float, str, str]]:
+    """(key, label, finished share, state, bar style) of this kernel's recent chains and batches."""
     from ..workflows import BatchHandle
 
     states = []
@@ -238,11 +379,13 @@ async def _workflow_states(manager: QueueManager) -> list[tuple[str, str, float,
         if isinstance(flow, BatchHandle):
             counts = await flow.acounts()
             state = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
-            states.append((str(id(flow)), f"batch of {len(flow)}", flow.finished_share(counts), state))
+            style = "danger" if counts.get("failed") else "success" if flow.finished_share(counts) == 1 else ""
+            states.append((str(id(flow)), f"batch of {len(flow)}", flow.finished_share(counts), state, style))
         else:
             status = await flow.astatus()
             done = status.steps.count(Status.SUCCEEDED.value)
-            states.append((flow.id, f"chain of {flow.length}", done / flow.length, str(status)))
+            style = {"failed": "danger", "cancelled": "danger", "succeeded": "success"}.get(status.state, "")
+            states.append((flow.id, f"chain of {flow.length}", done / flow.length, str(status), style))
     return states
 
 

@@ -16,11 +16,14 @@ MUTED = "var(--jp-ui-font-color2, #666)"
 BORDER = "var(--jp-border-color2, #ddd)"
 ACCENT = "var(--jp-brand-color1, #1976d2)"
 ERROR = "var(--jp-error-color1, #d32f2f)"
-__all__ = ["ACCENT", "BORDER", "ERROR", "FG", "MUTED", "Raw", "escape", "panel", "progress_bar", "queues_table",
-           "sparkline", "status_badge", "table", "when"]
+__all__ = ["ACCENT", "BORDER", "ERROR", "FG", "MUTED", "SUCCESS", "Raw", "duration", "escape", "failed_detail",
+           "job_id", "panel", "progress_bar", "queues_table", "recent_table", "running_rows", "section_title",
+           "sparkline", "status_badge", "summary", "table", "when", "workers_table"]
 
+SUCCESS = "var(--jp-success-color1, #388e3c)"
 STATUS_COLOURS = {
-    "queued": MUTED, "running": ACCENT, "succeeded": "var(--jp-success-color1, #388e3c)", "failed": ERROR,
+    "queued": MUTED, "running": ACCENT, "succeeded": SUCCESS, "failed": ERROR,
+    "cancelled": "var(--jp-warn-color1, #f57c00)", "stopping": "var(--jp-warn-color1, #f57c00)", "stopped": MUTED,
 }
 
 
@@ -92,3 +95,88 @@ def when(moment: dt.datetime | float | None) -> str:
 def panel(title: str, body: str, css: str = "neonnb-panel") -> str:
     return (f"<div class='{css}' style='border:1px solid {BORDER};padding:6px 10px;color:{FG};display:inline-block'>"
             f"<div style='font-weight:bold;margin-bottom:4px'>{escape(title)}</div>{body}</div>")
+
+
+def job_id(full: str, keep: int = 8) -> Raw:
+    """The id's last ``keep`` characters (where ids of jobs made together differ), the whole
+    id on hover, and the whole id copied by a click-and-copy: the rest is there, zero-sized."""
+    hidden, shown = full[:-keep], full[-keep:]
+    return Raw(f"<code class='neonnb-id' title='{escape(full)}' style='user-select:all'>"
+               f"<span style='font-size:0'>{escape(hidden)}</span>{escape(shown)}</code>")
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds < 0:
+        return ""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 90:
+        return f"{minutes} min {secs} s" if minutes < 10 and secs else f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+
+
+def summary(store: str, workers: int, throughput: float | None, counts: dict[str, QueueCounts],
+            eta: float | None) -> str:
+    """The card's one line: where, how many workers, how fast, how much of each, how long."""
+    queued = sum(sum(c.waiting.values()) + c.delayed for c in counts.values())
+    running = sum(c.running for c in counts.values())
+    done = sum(c.succeeded for c in counts.values())
+    failed = sum(c.failed for c in counts.values())
+    parts = [f"<b>{escape(store)}</b>", f"{workers} worker{'s' if workers != 1 else ''} in this kernel"]
+    if throughput is not None:
+        parts.append(f"{throughput:,.1f} jobs/s")
+    parts += [f"<span class='neonnb-count-queued'>{queued:,} queued</span>",
+              f"<span class='neonnb-count-running' style='color:{ACCENT}'>{running:,} running</span>",
+              f"<span class='neonnb-count-done' style='color:{SUCCESS}'>{done:,} done</span>",
+              f"<span class='neonnb-count-failed' style='color:{ERROR if failed else FG}'>{failed:,} failed</span>"]
+    if eta is not None:
+        parts.append(f"backlog clear in about {duration(eta)}")
+    card = (f"color:{FG};background:var(--jp-layout-color2, #f5f5f5);border:1px solid {BORDER};"
+            "border-radius:4px;padding:6px 10px;margin-bottom:4px")
+    return f"<div class='neonnb-summary' style='{card}'><b>neonnb</b> · {' · '.join(parts)}</div>"
+
+
+def section_title(text: str) -> str:
+    return f"<div style='font-weight:bold;margin:8px 0 2px;color:{FG}'>{escape(text)}</div>"
+
+
+def recent_table(records: Sequence[Any]) -> str:
+    """Finished jobs, newest first: status in its colour, how long each took."""
+    rows = [[status_badge(r.status.value), r.name.rpartition(".")[2], r.queue,
+             duration(None if r.started_at is None or r.finished_at is None else r.finished_at - r.started_at),
+             when(r.finished_at), job_id(r.id)] for r in records]
+    return table(["", "job", "queue", "took", "finished", "id"], rows, "neonnb-recent-view")
+
+
+def failed_detail(record: Any) -> str:
+    """One failed job: a line that says what and why, its full error and traceback folded."""
+    error = record.error or {}
+    message = str(error.get("message") or "")
+    first = message.splitlines()[0] if message else ""
+    if len(first) > 120:
+        first = first[:119] + "…"
+    head = (f"{job_id(record.id)} {escape(record.name.rpartition('.')[2])} · {record.attempts} attempt(s) · "
+            f"<span style='color:{ERROR}'>{escape(str(error.get('type')))}: {escape(first)}</span>")
+    body = escape(message + ("\n\n" + str(error["traceback"]) if error.get("traceback") else ""))
+    return (f"<details class='neonnb-failed-detail' style='color:{FG}'><summary style='cursor:pointer;"
+            f"white-space:nowrap;overflow:hidden;text-overflow:ellipsis'>{head}</summary>"
+            f"<pre style='white-space:pre-wrap;max-height:16em;overflow:auto;font-size:smaller;margin:2px 0'>{body}"
+            f"</pre></details>")
+
+
+def workers_table(workers: Sequence[Any]) -> str:
+    """The kernel's workers, their state in words."""
+    rows = [[", ".join(wk.queues), wk.concurrency, status_badge(wk.state),
+             f"{len(wk.running_job_ids)} of {wk.concurrency} busy", f"{wk.jobs_started:,}"] for wk in workers]
+    return table(["queues", "slots", "state", "now", "started"], rows, "neonnb-workers")
+
+
+def running_rows(rows: Sequence[tuple[Any, float | None, str | None, float | None]]) -> str:
+    """For the snapshot: (record, fraction, message, elapsed) as static bars."""
+    body = [[r.name.rpartition(".")[2], progress_bar(done, message), duration(elapsed), job_id(r.id)]
+            for r, done, message, elapsed in rows]
+    return table(["job", "progress", "running for", "id"], body, "neonnb-running-view")

@@ -26,6 +26,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
+from ..errors import user_traceback
 from ..job import Context, FunctionCall, decode_job, is_async_job
 from ..manager import QueueManager, connect
 
@@ -173,22 +174,15 @@ def _run_async(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 def _post_mortem(exc: BaseException) -> None:
     from IPython.core.debugger import Pdb
 
-    traceback = exc.__traceback__
-    while traceback is not None and _is_plumbing(traceback.tb_frame.f_globals.get("__name__", "")):
-        traceback = traceback.tb_next  # start the stack at the job's code, not at neonnb's or asyncio's
     interrupt = signal.getsignal(signal.SIGINT)
     try:
         debugger = Pdb()
         debugger.reset()
-        debugger.interaction(None, traceback or exc.__traceback__)
+        debugger.interaction(None, user_traceback(exc.__traceback__))  # the stack starts at the job's code
     finally:
         # After `continue` pdb may keep its own SIGINT handler, which would turn the next
         # Interrupt of any cell into a debugger stop instead of a KeyboardInterrupt.
         signal.signal(signal.SIGINT, interrupt)
-
-
-def _is_plumbing(module: str) -> bool:
-    return module.split(".")[0] in ("neonnb", "asyncio", "threading")
 
 
 COMMANDS = {
