@@ -1,7 +1,6 @@
 """neonnb: a background job queue for people who work in Jupyter notebooks."""
 
 from .config import Config, WorkerOptions
-from .drivers.base import QueueCounts
 from .errors import (
     ClockSkew,
     ConfigError,
@@ -18,9 +17,10 @@ from .errors import (
     UnknownJobError,
 )
 from .handles import FailedJob, JobHandle
-from .job import Context, Job, JobRecord, Priority, Status
+from .job import Context, Job
 from .manager import QueueManager, connect
 from .notebook import load_ipython_extension, unload_ipython_extension
+from .records import JobRecord, Priority, QueueCounts, Status
 from .worker import JobEvent, Worker
 
 __all__ = [

@@ -19,8 +19,9 @@ from typing import Any
 
 from .config import Config
 from .errors import Retry
-from .job import Context, Job, Priority
+from .job import Context, Job
 from .manager import QueueManager
+from .records import Priority
 from .worker import JobEvent
 
 QUEUE = "pipeline"

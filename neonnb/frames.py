@@ -11,9 +11,8 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .drivers.base import QueueCounts
 from .errors import MissingDependency
-from .job import JobRecord, Priority, Status
+from .records import JobRecord, Priority, QueueCounts, Status
 
 if TYPE_CHECKING:
     import pandas as pd

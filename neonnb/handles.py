@@ -10,10 +10,10 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import frames
+from . import frames, render
 from ._loop import run_sync
 from .errors import JobCancelled, JobFailed, JobNotFound
-from .job import FINISHED, JobRecord, Status
+from .records import FINISHED, JobRecord, Status
 
 if TYPE_CHECKING:
     from .manager import QueueManager
@@ -36,25 +36,22 @@ class JobHandle:
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         """In a notebook: a live progress bar while the job runs (neonnb.notebook.live)."""
-        from .notebook.live import job_bundle
-
-        return job_bundle(self)
+        return render.VIEWS["job_handle"](self)  # type: ignore[no-any-return]
 
     def _repr_html_(self) -> str:
-        from .notebook import html
-
         try:
             record = self.fetch()
         except JobNotFound as exc:
-            return html.panel(f"job {self.id}", html.escape(str(exc)), "neonnb-panel neonnb-job")
-        rows = [["name", record.name], ["queue", record.queue], ["status", html.status_badge(record.status.value)],
+            return render.panel(f"job {self.id}", render.escape(str(exc)), "neonnb-panel neonnb-job")
+        rows = [["name", record.name], ["queue", record.queue], ["status", render.status_badge(record.status.value)],
                 ["attempts", f"{record.attempts} of {record.max_attempts}"]]
         if record.status is Status.RUNNING or record.progress:
             progress = record.progress or {}
-            rows.append(["progress", html.progress_bar(frames.fraction(progress), frames.progress_message(progress))])
+            rows.append(["progress", render.progress_bar(frames.fraction(progress), frames.progress_message(progress))])
         if record.error:
             rows.append(["last error", f"{record.error.get('type')}: {record.error.get('message')}"])
-        return html.panel(f"job {self.id}", html.table(["", ""], rows, "neonnb-job-fields"), "neonnb-panel neonnb-job")
+        fields = render.table(["", ""], rows, "neonnb-job-fields")
+        return render.panel(f"job {self.id}", fields, "neonnb-panel neonnb-job")
 
     async def afetch(self) -> JobRecord:
         record = await self.manager.driver.get(self.id, self.queue)
@@ -142,13 +139,11 @@ class FailedJob:
         return f"<FailedJob {self.id} {self.name}: {self.error_type}>"
 
     def _repr_html_(self) -> str:
-        from .notebook import html
-
         rows: list[list[Any]] = [["name", self.name], ["queue", self.queue], ["attempts", self.attempts],
-                ["failed at", html.when(self.failed_at)], ["error", f"{self.error_type}: {self.error}"],
-                ["arguments", html.Raw(f"<code>{html.escape(json.dumps(self.arguments, default=str))}</code>")]]
-        trace = f"<details><summary>traceback</summary><pre>{html.escape(self.traceback)}</pre></details>"
-        return html.panel(f"failed job {self.id}", html.table(["", ""], rows, "neonnb-failed-fields") + trace,
+                ["failed at", render.when(self.failed_at)], ["error", f"{self.error_type}: {self.error}"],
+                ["arguments", render.Raw(f"<code>{render.escape(json.dumps(self.arguments, default=str))}</code>")]]
+        trace = f"<details><summary>traceback</summary><pre>{render.escape(self.traceback)}</pre></details>"
+        return render.panel(f"failed job {self.id}", render.table(["", ""], rows, "neonnb-failed-fields") + trace,
                           "neonnb-panel neonnb-failed-job")
 
     @classmethod

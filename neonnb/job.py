@@ -1,4 +1,4 @@
-"""Jobs: the ``Job`` base class, ``@qm.job`` functions, the registry, records and context.
+"""Jobs: the ``Job`` base class, ``@qm.job`` functions, the registry and the context.
 
 A stored job names a registered job type and carries its arguments as JSON. Only registered
 types ever run, so a payload can't name an arbitrary callable. Re-defining a job (a re-run
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import enum
 import functools
 import hashlib
 import inspect
@@ -20,12 +19,12 @@ import sys
 import threading
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .capture import job_logger
 from .codec import decode, decode_fields, dumps, encode, encode_fields
-from .errors import ConfigError, MissingDependency, PayloadError, SerializationError, UnknownJobError
+from .errors import MissingDependency, PayloadError, SerializationError, UnknownJobError
+from .records import MAX_JOB_NAME, JobRecord, Priority, check_queue_name, check_text
 
 if TYPE_CHECKING:
     from .handles import JobHandle
@@ -38,118 +37,6 @@ else:
     from typing_extensions import dataclass_transform
 
 logger = logging.getLogger("neonnb.job")
-
-
-class Priority(str, enum.Enum):
-    """The spec's ``PriorityHigh``, ``PriorityNormal`` and ``PriorityLow``."""
-
-    HIGH = "high"
-    NORMAL = "normal"
-    LOW = "low"
-
-    @property
-    def rank(self) -> int:
-        """Sort key: 0 runs first."""
-        return _RANKS[self]
-
-    @classmethod
-    def from_rank(cls, rank: int) -> Priority:
-        return _BY_RANK[rank]
-
-
-_RANKS = {Priority.HIGH: 0, Priority.NORMAL: 1, Priority.LOW: 2}
-_BY_RANK = {rank: p for p, rank in _RANKS.items()}
-_BANDS = {p.value for p in Priority}
-
-
-# Limits every store can hold (the SQL columns' widths), checked before anything is stored.
-MAX_QUEUE_NAME, MAX_JOB_NAME, MAX_UNIQUE_KEY, MAX_WORKER_ID = 200, 300, 300, 100
-
-
-def split_selector(selector: str) -> tuple[str, Priority | None]:
-    """A worker's queue selector: ``"emails"`` (every priority) or ``"emails:high"``, the
-    spec's ``qm.Worker("emails:high", 5)``: only that priority band of queue ``emails``."""
-    queue, colon, band = selector.rpartition(":")
-    if colon and queue and band in _BANDS:
-        return queue, Priority(band)
-    return selector, None
-
-
-def check_queue_name(queue: Any) -> str:
-    """``queue`` if every store can keep it; else ConfigError saying what is wrong."""
-    if not isinstance(queue, str) or not queue:
-        raise ConfigError(f"a queue name must be a non-empty string, got {queue!r}")
-    return _checked_queue_name(queue)
-
-
-@functools.lru_cache(maxsize=1024)  # a process dispatches to a few queues, again and again
-def _checked_queue_name(queue: str) -> str:
-    problem = None
-    if len(queue) > MAX_QUEUE_NAME:
-        problem = f"is {len(queue)} characters long; at most {MAX_QUEUE_NAME} fit"
-    elif any(c in queue for c in "{}\x00"):
-        problem = "contains '{', '}' or a NUL byte, which Redis's hash tags and SQL text can't hold"
-    elif split_selector(queue)[1] is not None:
-        band = queue.rpartition(":")[2]
-        problem = (f"ends in ':{band}', which names a worker's priority band: dispatch to "
-                   f"{queue.rpartition(':')[0]!r} with priority {band!r} instead")
-    if problem:
-        raise ConfigError(f"queue name {queue[:60]!r}{'...' if len(queue) > 60 else ''} {problem}")
-    return queue
-
-
-def check_text(value: str, limit: int, what: str) -> str:
-    if len(value) > limit or "\x00" in value:
-        raise ConfigError(f"{what} {value[:60]!r}... must be at most {limit} characters, without NUL bytes "
-                          f"(it has {len(value)})")
-    return value
-
-
-class Status(str, enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
-
-
-@dataclass
-class JobRecord:
-    """A job as a driver stores it. Times are seconds since the epoch.
-
-    ``attempts`` counts reservations, so a job whose worker died has that attempt counted.
-    ``error`` holds ``type``, ``message`` and ``traceback`` of the last failure.
-    """
-
-    id: str
-    queue: str
-    name: str
-    payload: str
-    priority: Priority = Priority.NORMAL
-    status: Status = Status.QUEUED
-    attempts: int = 0
-    max_attempts: int = 4
-    timeout: float | None = None
-    run_at: float = 0.0
-    created_at: float = 0.0
-    started_at: float | None = None
-    finished_at: float | None = None
-    lease_expires: float | None = None
-    worker_id: str | None = None
-    progress: dict[str, Any] | None = None
-    result: str | None = None
-    error: dict[str, Any] | None = None
-    output: str | None = None  # what the last attempt printed and logged (neonnb.capture)
-    flow: dict[str, Any] | None = None  # a chain step's or batch member's place in it (neonnb.workflows)
-    unique_key: str | None = None  # at most one queued or running job per key
-    cancel_requested: bool = False  # someone asked this running job to stop
-    broken: str | None = None  # what could not be read of the stored record (never stored)
-
-    def result_value(self) -> Any:
-        return None if self.result is None else json.loads(self.result)
 
 
 # --- the job types ---------------------------------------------------------------------

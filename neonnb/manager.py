@@ -19,24 +19,15 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
-from . import frames, workflows
+from . import frames, render, workflows
 from ._loop import on_loop_thread, run_sync
 from .config import Config, WorkerOptions, parse_duration, redact
 from .drivers import create_driver
-from .drivers.base import Driver, QueueCounts
+from .drivers.base import Driver
 from .errors import ConfigError
 from .handles import FailedStore, JobHandle
-from .job import (
-    MAX_UNIQUE_KEY,
-    FunctionJob,
-    JobRecord,
-    Priority,
-    Status,
-    check_queue_name,
-    check_text,
-    encode_job,
-    unreadable,
-)
+from .job import FunctionJob, encode_job, unreadable
+from .records import MAX_UNIQUE_KEY, JobRecord, Priority, QueueCounts, Status, check_queue_name, check_text
 from .worker import Events, Worker, clock_skew_error, error_info
 
 if TYPE_CHECKING:
@@ -93,15 +84,13 @@ class QueueManager:
         return f"<neonnb.QueueManager driver={self.config.driver} connection={_safe_url(self.config.connection)}>"
 
     def _repr_html_(self) -> str:
-        from .notebook import html
-
         try:
-            body = html.queues_table(self.stats())
+            body = render.queues_table(self.stats())
         except Exception as exc:  # a repr must render even when the store is down
-            body = f"<span style='color:{html.ERROR}'>{html.escape(str(exc))}</span>"
+            body = f"<span style='color:{render.ERROR}'>{render.escape(str(exc))}</span>"
         workers = f"<div>{len(self.workers)} worker(s) in this kernel</div>"
         title = f"neonnb · {self.config.describe_store()}"
-        return html.panel(title, body + workers, "neonnb-panel neonnb-manager")
+        return render.panel(title, body + workers, "neonnb-panel neonnb-manager")
 
     def __enter__(self) -> QueueManager:
         return self
@@ -409,11 +398,9 @@ class QueueManager:
         """The live ipywidgets panel (what ``%neonnb status`` shows); refreshes every
         ``interval`` seconds until its ``close()``. One per manager: calling it again (a
         re-run cell) shows the same panel, with one refresher, instead of adding another."""
-        from .notebook.dashboard import Dashboard
-
         dashboard = self._dashboard
         if dashboard is None or dashboard.closed:
-            dashboard = self._dashboard = Dashboard(self, interval=interval)
+            dashboard = self._dashboard = render.VIEWS["dashboard"](self, interval)
         dashboard.interval = interval
         return dashboard.start()
 

@@ -37,7 +37,7 @@ from croniter import CroniterBadDateError, croniter
 from ._loop import run_sync, submit
 from .config import parse_duration
 from .errors import ConfigError, MissingDependency
-from .job import JobRecord
+from .records import JobRecord
 
 if TYPE_CHECKING:
     import concurrent.futures

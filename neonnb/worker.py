@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from . import _loop, capture, workflows
+from . import _loop, capture, render, workflows
 from .codec import dumps, encode
 from .config import WorkerOptions, parse_duration
 from .errors import (
@@ -39,18 +39,8 @@ from .errors import (
     UnknownJobError,
     user_traceback,
 )
-from .job import (
-    MAX_WORKER_ID,
-    Context,
-    JobRecord,
-    Status,
-    check_queue_name,
-    check_text,
-    decode_job,
-    is_async_job,
-    split_selector,
-    takes_no_arguments,
-)
+from .job import Context, decode_job, is_async_job, takes_no_arguments
+from .records import MAX_WORKER_ID, JobRecord, Status, check_queue_name, check_text, split_selector
 
 if TYPE_CHECKING:
     from .manager import QueueManager
@@ -296,13 +286,11 @@ class Worker:
         return f"<neonnb.Worker {','.join(self.queues)} x{self.concurrency} {state}>"
 
     def _repr_html_(self) -> str:
-        from .notebook import html
-
-        state = html.status_badge("running" if self.is_running else "stopped")
+        state = render.status_badge("running" if self.is_running else "stopped")
         rows: list[list[Any]] = [["id", self.id], ["queues", ", ".join(self.queues)], ["state", state],
                 ["running now", f"{len(self._active)} of {self.concurrency}"], ["jobs started", self.jobs_started]]
-        fields = html.table(["", ""], rows, "neonnb-worker-fields")
-        return html.panel("neonnb worker", fields, "neonnb-panel neonnb-worker")
+        fields = render.table(["", ""], rows, "neonnb-worker-fields")
+        return render.panel("neonnb worker", fields, "neonnb-panel neonnb-worker")
 
     @property
     def is_running(self) -> bool:

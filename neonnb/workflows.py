@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._loop import run_sync
-from .job import JobRecord, Priority, Status
+from .records import JobRecord, Priority, Status
 
 if TYPE_CHECKING:
     from .handles import JobHandle

@@ -45,8 +45,8 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, NoSuchModuleError, Operat
 
 from ..config import redact
 from ..errors import ConfigError, StoreUnavailable
-from ..job import JobRecord, Priority, Status
-from .base import Driver, QueueCounts, Recovered, read_record
+from ..records import JobRecord, Priority, QueueCounts, Recovered, Status, read_record
+from .base import Driver
 from .pg_notify import Listener, announce, install_trigger
 from .sql_schema import (
     CANCELLED,

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from ..job import JobRecord, Status
-from .base import Driver, QueueCounts, Recovered
+from ..records import JobRecord, QueueCounts, Recovered, Status
+from .base import Driver
 
 
 class MemoryDriver(Driver):

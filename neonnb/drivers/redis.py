@@ -20,9 +20,9 @@ from typing import Any, TypeVar
 
 from .. import _loop
 from ..errors import ConfigError, StoreUnavailable
-from ..job import JobRecord, Priority, Status
+from ..records import JobRecord, Priority, QueueCounts, Recovered, Status, read_record
 from . import resp
-from .base import Driver, QueueCounts, Recovered, Waiter, read_record
+from .base import Driver, Waiter
 from .wakeups import WAKE_ALL
 
 logger = logging.getLogger("neonnb.drivers.redis")
@@ -463,8 +463,13 @@ def _fields(flat: list[str]) -> dict[str, str]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
+# The fields a dispatch stores, in the order the enqueue script's `fields` list names them.
+ENQUEUE_FIELDS = ("id", "name", "payload", "priority", "status", "attempts", "max_attempts", "timeout", "run_at",
+                  "created_at", "flow", "unique_key")
+
+
 def _enqueue_args(records: Sequence[JobRecord]) -> dict[str, list[str]]:
-    """The enqueue script's per-job arguments, grouped by queue."""
+    """The enqueue script's per-job arguments (ENQUEUE_FIELDS), grouped by queue."""
     by_queue: dict[str, list[str]] = {}
     for r in records:
         by_queue.setdefault(r.queue, []).extend((

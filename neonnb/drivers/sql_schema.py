@@ -31,7 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..errors import ConfigError
-from ..job import JobRecord, Status
+from ..records import JobRecord, Status
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (s.value for s in Status)
 

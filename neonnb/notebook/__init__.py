@@ -5,6 +5,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import render
+
+
+def _job_bundle(handle: Any) -> dict[str, Any]:
+    from .live import job_bundle
+
+    return job_bundle(handle)
+
+
+def _dashboard(manager: Any, interval: float | None) -> Any:
+    from .dashboard import Dashboard
+
+    return Dashboard(manager, interval=interval)
+
+
+render.VIEWS.update(job_handle=_job_bundle, dashboard=_dashboard)
+
 
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext neonnb``; loading twice just registers the same magics again."""

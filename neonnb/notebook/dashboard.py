@@ -22,12 +22,10 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-from .. import _loop
-from ..drivers.base import QueueCounts
+from .. import _loop, render
 from ..errors import MissingDependency
 from ..frames import fraction, progress_message
-from ..job import JobRecord, Status
-from . import html
+from ..records import JobRecord, QueueCounts, Status
 
 if TYPE_CHECKING:
     from ..manager import QueueManager
@@ -100,7 +98,7 @@ class Dashboard:
         self.worker_state = _with_class(w.HTML(), "neonnb-worker-state")
 
         def section(name: str, title: str, *parts: w.Widget) -> w.VBox:
-            return _with_class(w.VBox([w.HTML(html.section_title(title)), *parts]), f"neonnb-section-{name}")
+            return _with_class(w.VBox([w.HTML(render.section_title(title)), *parts]), f"neonnb-section-{name}")
 
         self.sections = {
             "queues": _with_class(w.VBox([self.queues, self.sparkline]), "neonnb-section-queues"),
@@ -139,24 +137,25 @@ class Dashboard:
         """Static HTML of what the panel showed last: what GitHub, nbviewer or a notebook
         opened without its kernel show in the panel's place."""
         seen = self._seen
-        parts = [html.summary(self.store, 0, None, {}, None) if seen is None else self._summary(seen)]
+        parts = [render.summary(self.store, 0, None, {}, None) if seen is None else self._summary(seen)]
         if seen is not None:
             if seen.counts:
-                parts.append(html.queues_table(seen.counts) + html.sparkline(list(self._depths)))
+                parts.append(render.queues_table(seen.counts) + render.sparkline(list(self._depths)))
             if seen.running:
-                parts.append(html.section_title("running") + html.running_rows(seen.running))
+                parts.append(render.section_title("running") + render.running_rows(seen.running))
             if seen.recent:
-                parts.append(html.section_title("recently finished") + html.recent_table(seen.recent))
+                parts.append(render.section_title("recently finished") + render.recent_table(seen.recent))
             if seen.flows:
-                rows = [[label, html.progress_bar(done), state] for _, label, done, state, _ in seen.flows]
-                parts.append(html.section_title("chains and batches") + html.table(["", "", ""], rows, "neonnb-flows"))
+                rows = [[label, render.progress_bar(done), state] for _, label, done, state, _ in seen.flows]
+                flows = render.table(["", "", ""], rows, "neonnb-flows")
+                parts.append(render.section_title("chains and batches") + flows)
             if seen.schedules:
-                parts.append(html.section_title("schedules") + seen.schedules)
+                parts.append(render.section_title("schedules") + seen.schedules)
             if seen.failed:
-                parts.append(html.section_title("failed") + "".join(html.failed_detail(r) for r in seen.failed))
+                parts.append(render.section_title("failed") + "".join(render.failed_detail(r) for r in seen.failed))
             if seen.workers:
-                parts.append(html.section_title("workers in this kernel") + html.workers_table(seen.workers))
-        return html.panel("neonnb", "".join(parts), "neonnb-panel neonnb-snapshot")
+                parts.append(render.section_title("workers in this kernel") + render.workers_table(seen.workers))
+        return render.panel("neonnb", "".join(parts), "neonnb-panel neonnb-snapshot")
 
     # --- refreshing ---------------------------------------------------------------------
 
@@ -195,8 +194,8 @@ class Dashboard:
                 await self.refresh()
             except Exception as exc:  # the store may be down for a while; keep the panel alive
                 logger.warning("dashboard refresh failed: %r", exc)
-                error = f"<span style='color:{html.ERROR}'>{html.escape(str(exc))}</span>"
-                self._set(self.header, "value", html.summary(self.store, 0, None, {}, None) + error)
+                error = f"<span style='color:{render.ERROR}'>{render.escape(str(exc))}</span>"
+                self._set(self.header, "value", render.summary(self.store, 0, None, {}, None) + error)
             # However large the store, the panel takes at most a tenth of the kernel's time.
             took = time.monotonic() - started
             await asyncio.sleep(max(self.interval or 0, REST_PER_REFRESH * took))
@@ -210,15 +209,15 @@ class Dashboard:
         self._depths.append(sum(c.size for c in seen.counts.values()))
         with self.widget.hold_sync():
             self._set(self.header, "value", self._summary(seen))
-            self._set(self.queues, "value", html.queues_table(seen.counts))
-            self._set(self.sparkline, "value", html.sparkline(list(self._depths)))
+            self._set(self.queues, "value", render.queues_table(seen.counts))
+            self._set(self.sparkline, "value", render.sparkline(list(self._depths)))
             self._show_running(seen.running)
-            self._set(self.recent, "value", html.recent_table(seen.recent))
+            self._set(self.recent, "value", render.recent_table(seen.recent))
             self._show_workflows(seen.flows)
             self._set(self.schedules, "value", seen.schedules)
             self._show_failed(seen.failed)
             self._set(self.retry_all.layout, "display", None if len(seen.failed) > 1 else "none")
-            self._set(self.worker_state, "value", html.workers_table(seen.workers) if seen.workers else "")
+            self._set(self.worker_state, "value", render.workers_table(seen.workers) if seen.workers else "")
             self._fill_controls(seen.workers)
             shown = {"queues": seen.counts, "running": seen.running, "recent": seen.recent,
                      "workflows": seen.flows, "schedules": seen.schedules, "failed": seen.failed}
@@ -263,7 +262,7 @@ class Dashboard:
 
     def _summary(self, seen: _Seen) -> str:
         busy = sum(1 for wk in seen.workers if wk.is_running)
-        return html.summary(self.store, busy, seen.throughput, seen.counts, seen.eta)
+        return render.summary(self.store, busy, seen.throughput, seen.counts, seen.eta)
 
     def _set(self, widget: Any, trait: str, value: Any) -> None:
         key = f"{id(widget)}.{trait}"
@@ -283,7 +282,7 @@ class Dashboard:
             _, bar, label, clock = self._bars[record.id]
             self._set(bar, "value", done or 0.0)
             self._set(label, "value", message or "")
-            self._set(clock, "value", html.duration(elapsed))
+            self._set(clock, "value", render.duration(elapsed))
         ids = [record.id for record, *_ in rows]
         for gone in set(self._bars) - set(ids):
             self._bars.pop(gone)[0].close()
@@ -300,11 +299,11 @@ class Dashboard:
             _, bar, text = self._workflow_bars[key]
             self._set(bar, "value", done)
             self._set(bar, "bar_style", style)
-            self._set(text, "value", html.escape(state))
+            self._set(text, "value", render.escape(state))
         self._set(self.workflows, "children", tuple(self._workflow_bars[key][0] for key, *_ in states))
 
     def _show_failed(self, records: list[JobRecord]) -> None:
-        rows = tuple((r.id, html.failed_detail(r)) for r in records)
+        rows = tuple((r.id, render.failed_detail(r)) for r in records)
         if self._shown.get("failed") == rows:
             return
         self._shown["failed"] = rows
@@ -365,9 +364,9 @@ def _schedules_table(manager: QueueManager, now: float) -> str:
     schedules = [s for scheduler in manager.schedulers for s in scheduler.schedules.values()]
     if not schedules:
         return ""
-    rows = [[s.name, s.cron or f"every {s.interval:g}s", s.queue, html.when(s.last_tick),
-             html.when(s.next_tick(now))] for s in schedules]
-    return html.table(["schedule", "rule", "queue", "last run", "next run"], rows, "neonnb-schedules-view")
+    rows = [[s.name, s.cron or f"every {s.interval:g}s", s.queue, render.when(s.last_tick),
+             render.when(s.next_tick(now))] for s in schedules]
+    return render.table(["schedule", "rule", "queue", "last run", "next run"], rows, "neonnb-schedules-view")
 
 
 async def _workflow_states(manager: QueueManager) -> list[tuple[str, str, float, str, str]]:

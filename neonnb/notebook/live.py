@@ -6,10 +6,9 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from .. import _loop
+from .. import _loop, render
 from ..frames import fraction, progress_message
-from ..job import FINISHED, Status
-from . import html
+from ..records import FINISHED, Status
 
 if TYPE_CHECKING:
     from ..handles import JobHandle
@@ -41,7 +40,7 @@ async def _follow(handle: JobHandle, bar: Any, label: Any, interval: float = 0.3
         try:
             record = await handle.afetch()
         except Exception as exc:
-            label.value = html.escape(str(exc))
+            label.value = render.escape(str(exc))
             return
         progress = record.progress or {}
         if record.status is Status.SUCCEEDED:
@@ -49,7 +48,7 @@ async def _follow(handle: JobHandle, bar: Any, label: Any, interval: float = 0.3
         elif fraction(progress) is not None:
             bar.value = fraction(progress)
         message = progress_message(progress) or ""
-        label.value = f"{html.status_badge(record.status.value)} {html.escape(str(message))}"
+        label.value = f"{render.status_badge(record.status.value)} {render.escape(str(message))}"
         if record.status in FINISHED:
             return
         await asyncio.sleep(interval)

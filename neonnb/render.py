@@ -5,11 +5,16 @@ so the output reads well in light and dark themes. CSS classes start with ``neon
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from html import escape
 from typing import Any
 
-from ..drivers.base import QueueCounts
+from .records import QueueCounts
+
+# The notebook layer's live views (the dashboard, a running job's bar), which the objects
+# below offer without importing upward: neonnb.notebook puts them here when it is imported,
+# as neonnb's own __init__ does.
+VIEWS: dict[str, Callable[..., Any]] = {}
 
 FG = "var(--jp-ui-font-color1, #222)"
 MUTED = "var(--jp-ui-font-color2, #666)"

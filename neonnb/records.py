@@ -1,0 +1,237 @@
+"""The bottom layer: a job as stored (``JobRecord``), its ``Status`` and ``Priority``, the
+counts of a queue, the names every store can hold, and how a stored record is read back.
+Plain data and pure functions: the drivers import this module and nothing above it.
+
+``RECORD_FIELDS`` lists the stored fields once; the SQL columns, the Redis hash fields and
+the Lua scripts' field list are checked against it (tests/test_layers.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+
+class Priority(str, enum.Enum):
+    """The spec's ``PriorityHigh``, ``PriorityNormal`` and ``PriorityLow``."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    @property
+    def rank(self) -> int:
+        """Sort key: 0 runs first."""
+        return _RANKS[self]
+
+    @classmethod
+    def from_rank(cls, rank: int) -> Priority:
+        return _BY_RANK[rank]
+
+
+_RANKS = {Priority.HIGH: 0, Priority.NORMAL: 1, Priority.LOW: 2}
+_BY_RANK = {rank: p for p, rank in _RANKS.items()}
+_BANDS = {p.value for p in Priority}
+
+
+# Limits every store can hold (the SQL columns' widths), checked before anything is stored.
+MAX_QUEUE_NAME, MAX_JOB_NAME, MAX_UNIQUE_KEY, MAX_WORKER_ID = 200, 300, 300, 100
+
+
+def split_selector(selector: str) -> tuple[str, Priority | None]:
+    """A worker's queue selector: ``"emails"`` (every priority) or ``"emails:high"``, the
+    spec's ``qm.Worker("emails:high", 5)``: only that priority band of queue ``emails``."""
+    queue, colon, band = selector.rpartition(":")
+    if colon and queue and band in _BANDS:
+        return queue, Priority(band)
+    return selector, None
+
+
+def check_queue_name(queue: Any) -> str:
+    """``queue`` if every store can keep it; else ConfigError saying what is wrong."""
+    if not isinstance(queue, str) or not queue:
+        raise ConfigError(f"a queue name must be a non-empty string, got {queue!r}")
+    return _checked_queue_name(queue)
+
+
+@functools.lru_cache(maxsize=1024)  # a process dispatches to a few queues, again and again
+def _checked_queue_name(queue: str) -> str:
+    problem = None
+    if len(queue) > MAX_QUEUE_NAME:
+        problem = f"is {len(queue)} characters long; at most {MAX_QUEUE_NAME} fit"
+    elif any(c in queue for c in "{}\x00"):
+        problem = "contains '{', '}' or a NUL byte, which Redis's hash tags and SQL text can't hold"
+    elif split_selector(queue)[1] is not None:
+        band = queue.rpartition(":")[2]
+        problem = (f"ends in ':{band}', which names a worker's priority band: dispatch to "
+                   f"{queue.rpartition(':')[0]!r} with priority {band!r} instead")
+    if problem:
+        raise ConfigError(f"queue name {queue[:60]!r}{'...' if len(queue) > 60 else ''} {problem}")
+    return queue
+
+
+def check_text(value: str, limit: int, what: str) -> str:
+    if len(value) > limit or "\x00" in value:
+        raise ConfigError(f"{what} {value[:60]!r}... must be at most {limit} characters, without NUL bytes "
+                          f"(it has {len(value)})")
+    return value
+
+
+class Status(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+
+
+@dataclass
+class JobRecord:
+    """A job as a driver stores it. Times are seconds since the epoch.
+
+    ``attempts`` counts reservations, so a job whose worker died has that attempt counted.
+    ``error`` holds ``type``, ``message`` and ``traceback`` of the last failure.
+    """
+
+    id: str
+    queue: str
+    name: str
+    payload: str
+    priority: Priority = Priority.NORMAL
+    status: Status = Status.QUEUED
+    attempts: int = 0
+    max_attempts: int = 4
+    timeout: float | None = None
+    run_at: float = 0.0
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    lease_expires: float | None = None
+    worker_id: str | None = None
+    progress: dict[str, Any] | None = None
+    result: str | None = None
+    error: dict[str, Any] | None = None
+    output: str | None = None  # what the last attempt printed and logged (neonnb.capture)
+    flow: dict[str, Any] | None = None  # a chain step's or batch member's place in it (neonnb.workflows)
+    unique_key: str | None = None  # at most one queued or running job per key
+    cancel_requested: bool = False  # someone asked this running job to stop
+    broken: str | None = None  # what could not be read of the stored record (never stored)
+
+    def result_value(self) -> Any:
+        return None if self.result is None else json.loads(self.result)
+
+
+# What a store keeps of a record, in order ("broken" is what reading found, never stored).
+RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(JobRecord) if f.name != "broken")
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected text, got {type(value).__name__}")
+    return value
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None or value == "" else _text(value)
+
+
+def _optional_number(value: Any) -> float | None:
+    return None if value is None or value == "" else _number(value)
+
+
+def _number(value: Any) -> float:
+    number = float(value)
+    if number != number:
+        raise ValueError("NaN")
+    return number
+
+
+def _json_object(value: Any) -> dict[str, Any] | None:
+    if value is None or value == "":
+        return None
+    data = json.loads(value)
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+_STATUSES = {status.value: status for status in Status}
+_PRIORITIES: dict[int | str, Priority] = {key: p for p in Priority for key in (p.rank, str(p.rank))}
+
+# How each stored field is read; Redis keeps text (""/absent: none), SQL typed values.
+_READERS: tuple[tuple[str, Callable[[Any], Any]], ...] = (
+    ("id", _text), ("queue", _text), ("name", _text), ("payload", _text),
+    ("priority", _PRIORITIES.__getitem__), ("status", _STATUSES.__getitem__),
+    ("attempts", int), ("max_attempts", int), ("timeout", _optional_number), ("run_at", _number),
+    ("created_at", _number), ("started_at", _optional_number), ("finished_at", _optional_number),
+    ("lease_expires", _optional_number), ("worker_id", _optional_text), ("progress", _json_object),
+    ("result", _optional_text), ("error", _json_object), ("output", _optional_text), ("flow", _json_object),
+    ("unique_key", _optional_text), ("cancel_requested", lambda v: v in (1, "1", True)),
+)
+
+
+def read_record(stored: Any) -> JobRecord:
+    """A job's record from its stored fields (a mapping: a SQL row's, a Redis hash). A field
+    that can't be read (a bad JSON flow, text where a number goes, an unknown status, nesting
+    too deep, a missing field) keeps its default and the record says what is wrong in
+    ``broken``: a worker sends such a job to the failed store, listings show it, and nothing
+    else breaks."""
+    try:  # every field readable: the usual case, and the claim's hot path
+        return JobRecord(**{name: read(stored[name]) for name, read in _READERS if name in stored})
+    except Exception:  # RecursionError too: JSON nested too deep
+        return _read_broken(stored)
+
+
+def _read_broken(stored: Any) -> JobRecord:
+    values: dict[str, Any] = {}
+    problems = []
+    for name, read in _READERS:
+        if name not in stored:
+            if name in ("id", "queue", "name", "payload"):
+                values[name] = ""
+                problems.append(f"{name} missing")
+            continue
+        try:
+            values[name] = read(stored[name])
+        except Exception as exc:
+            shown = repr(stored[name])
+            problems.append(f"{name} {shown[:40]}{'...' if len(shown) > 40 else ''} ({type(exc).__name__})")
+    record = JobRecord(**values)
+    record.broken = "can't read " + ", ".join(problems)
+    return record
+
+
+@dataclass
+class QueueCounts:
+    """How many jobs of one queue are in each state; ``waiting`` is split by priority."""
+
+    waiting: dict[str, int] = field(default_factory=lambda: {"high": 0, "normal": 0, "low": 0})
+    delayed: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+
+    @property
+    def size(self) -> int:
+        """Jobs not yet started: waiting now plus delayed."""
+        return sum(self.waiting.values()) + self.delayed
+
+
+@dataclass
+class Recovered:
+    """What ``recover_expired`` found: the requeued ids, and the jobs that used up their
+    attempts (still RUNNING under their dead worker's id)."""
+
+    requeued: list[str] = field(default_factory=list)
+    exhausted: list[JobRecord] = field(default_factory=list)
