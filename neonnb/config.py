@@ -73,7 +73,7 @@ def _positive_int(value: Any, name: str, allow_zero: bool = False) -> int:
     return value
 
 
-_OTHER_DRIVERS = {"memory": "memory", "redis": "redis", "rediss": "redis"}  # URL scheme -> driver
+_OTHER_DRIVERS = {"memory": "memory", "redis": "redis", "rediss": "redis", "unix": "redis"}  # URL scheme -> driver
 
 
 def _scheme(url: str) -> str:

@@ -462,7 +462,7 @@ class Worker:
             await self._drain()
         finally:
             if waiter is not None:
-                waiter.close()
+                await waiter.close()
             watch.stop()
             heartbeat.cancel()
             if self._progress_writer is not None:

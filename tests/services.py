@@ -202,28 +202,51 @@ class RedisServer:
 
 
 class RedisClusterServer:
-    """Three `redis-server --cluster-enabled yes` masters on loopback, joined by
-    `redis-cli --cluster create` (no replicas: the tests need slots, not failover)."""
+    """Three `redis-server --cluster-enabled yes` masters on loopback, each with ``replicas``
+    replicas, joined by `redis-cli --cluster create`."""
 
-    def __init__(self) -> None:
+    def __init__(self, replicas: int = 0) -> None:
         cli = shutil.which("redis-cli")
         if cli is None:
             unavailable("redis-cli is not installed (apt-get install redis-tools)")
+        self.cli = str(cli)
         self.nodes = [
             RedisServer("--cluster-enabled", "yes", "--cluster-node-timeout", "2000", port=free_cluster_port())
-            for _ in range(3)
+            for _ in range(3 * (1 + replicas))
         ]
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
-        subprocess.run([str(cli), "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
-                       check=True, capture_output=True, timeout=60)
-        deadline = time.monotonic() + 30
-        for node in self.nodes:
+        subprocess.run([self.cli, "--cluster", "create", *addresses, "--cluster-replicas", str(replicas),
+                        "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        self.wait_until_ok(self.nodes)
+
+    def wait_until_ok(self, nodes: list[RedisServer], timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        for node in nodes:
             while b"cluster_state:ok" not in subprocess.run(
-                [str(cli), "-p", str(node.port), "cluster", "info"], capture_output=True, timeout=10
+                [self.cli, "-p", str(node.port), "cluster", "info"], capture_output=True, timeout=10
             ).stdout:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"Redis Cluster on {addresses} did not reach cluster_state:ok")
+                    raise RuntimeError(f"Redis Cluster on {[n.port for n in nodes]} did not reach cluster_state:ok")
                 time.sleep(0.1)
+
+    def master_of(self, key: str, asking: RedisServer | None = None) -> RedisServer:
+        import redis
+
+        slot = redis.crc.key_slot(key.encode())
+        with redis.Redis(port=(asking or self.nodes[0]).port) as client:
+            port = next(int(s[2][1]) for s in client.execute_command("CLUSTER", "SLOTS") if s[0] <= slot <= s[1])
+        return next(node for node in self.nodes if node.port == port)
+
+    def wait_for_failover(self, key: str, dead: RedisServer, timeout: float = 30) -> RedisServer:
+        """Once the survivors have seen ``dead`` gone and promoted a replica for ``key``'s slot."""
+        alive = [node for node in self.nodes if node is not dead]
+        deadline = time.monotonic() + timeout
+        while (master := self.master_of(key, asking=alive[0])) is dead:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no replica of {dead.port} took over within {timeout}s")
+            time.sleep(0.1)
+        self.wait_until_ok(alive)
+        return master
 
     def url(self) -> str:
         return self.nodes[0].url()
@@ -231,3 +254,33 @@ class RedisClusterServer:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+class RedisSentinelServer:
+    """A master, its replica and one `redis-server --sentinel` watching them as service
+    "jobs" (quorum 1), on loopback, failing over a second after the master stops answering."""
+
+    def __init__(self) -> None:
+        self.master = RedisServer()
+        self.replica = RedisServer("--replicaof", "127.0.0.1", str(self.master.port))
+        self.dir = Path(tempfile.mkdtemp(prefix="neonnb-sentinel-"))
+        self.port = free_port()
+        config = self.dir / "sentinel.conf"
+        config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
+            f"sentinel monitor jobs 127.0.0.1 {self.master.port} 1\n"
+            "sentinel down-after-milliseconds jobs 1000\nsentinel failover-timeout jobs 5000\n"
+        )
+        self.process = subprocess.Popen([self.master.binary, str(config), "--sentinel"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port)
+
+    def url(self, database: int = 0) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/jobs/{database}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+        for server in (self.master, self.replica):
+            server.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)

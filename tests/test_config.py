@@ -119,7 +119,7 @@ def test_no_password_in_any_repr_or_error(probe: Callable[[], object]) -> None:
 
 
 def _settings(url: str) -> object:
-    from neonnb.drivers.resp import Settings
+    from neonnb.drivers.redis_client import Settings
 
     return Settings.from_url(url)
 

@@ -11,17 +11,51 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import redis
 
 from neonnb import Config, ConfigError, QueueManager, Status, StoreUnavailable, WorkerOptions, _loop
-from neonnb.drivers import resp
+from neonnb.drivers.redis_client import Settings
+from neonnb.job import decode_job
 from tests import jobs
 from tests.conftest import FakeClock, wait_until
-from tests.services import RedisClusterServer, RedisServer, free_port
-from tests.test_resp import moves_large_values
+from tests.services import RedisClusterServer, RedisSentinelServer, RedisServer, free_port
+
+
+def test_settings_from_urls() -> None:
+    plain = Settings.from_url("redis://127.0.0.1")
+    assert (plain.kind, plain.host, plain.port, plain.db, plain.username, plain.password, plain.tls) == (
+        "tcp", "127.0.0.1", 6379, 0, None, None, {})
+    acl = Settings.from_url("redis://app:p%40ss@10.0.0.2:7000/4")
+    assert (acl.host, acl.port, acl.db, acl.username, acl.password) == ("10.0.0.2", 7000, 4, "app", "p@ss")
+    only_password = Settings.from_url("redis://:secret@h/2", database=5)
+    assert (only_password.username, only_password.password, only_password.db) == (None, "secret", 5)
+    assert Settings.from_url("rediss://h:6380/0?ssl_cert_reqs=none").tls["ssl_cert_reqs"] == "none"
+    assert (plain.reply_timeout, Settings.from_url("redis://h?socket_timeout=2.5").reply_timeout) == (10, 2.5)
+    unix = Settings.from_url("unix:///run/redis.sock?db=3")
+    assert (unix.kind, unix.path, unix.db) == ("unix", "/run/redis.sock", 3)
+    sentinel = Settings.from_url("redis+sentinel://:pw@10.0.0.1:26379,10.0.0.2/jobs/2")
+    assert (sentinel.kind, sentinel.sentinels, sentinel.service, sentinel.db, sentinel.password) == (
+        "sentinel", (("10.0.0.1", 26379), ("10.0.0.2", 26379)), "jobs", 2, "pw")
+    assert "pw" not in repr(sentinel) and "pw" not in sentinel.where()
+
+
+@pytest.mark.parametrize(("url", "complaint"), [
+    ("http://h:6379", "starts with redis://, rediss:// .TLS., unix:// or redis.sentinel://"),
+    ("redis://h/zero", "must be a number"),
+    ("redis://h/0?timeout=3", "unknown option"),
+    ("redis://h/0?socket_timeout=0", "above 0"),
+    ("redis://h/0?socket_timeout=soon", "above 0"),
+    ("rediss://h/0?ssl_cert_reqs=maybe", "none, optional or required"),
+    ("redis+sentinel://h:26379", "names no service"),
+    ("redis://h:99999/0", "from 1 to 65535"),
+])
+def test_bad_urls_are_refused_saying_what_is_wrong(url: str, complaint: str) -> None:
+    with pytest.raises(ConfigError, match=complaint):
+        Settings.from_url(url)
 
 
 def run_one(qm: QueueManager, queue: str = "q") -> None:
@@ -68,7 +102,7 @@ class SlotMove:
 
     def __init__(self, cluster: RedisClusterServer, queue: str) -> None:
         self.clients = {node.port: redis.Redis(port=node.port) for node in cluster.nodes}
-        self.slot = resp.key_slot("{" + queue + "}")
+        self.slot = redis.crc.key_slot(("{" + queue + "}").encode())
         any_node = next(iter(self.clients.values()))
         [(self.source, self.source_id)] = [(int(s[2][1]), s[2][2].decode()) for s in
                                            any_node.execute_command("CLUSTER", "SLOTS") if s[0] <= self.slot <= s[1]]
@@ -128,7 +162,8 @@ def test_a_dispatch_waits_for_a_slot_move_no_longer_than_the_reply_timeout(
     move = SlotMove(redis_cluster_server, "stuck")
     move.begin()
     try:
-        with pytest.raises(StoreUnavailable, match="moving the slot of these keys to another node for over 1s"):
+        moving = r"moving the slot of these keys to another node \(or electing its master\) for over 1s"
+        with pytest.raises(StoreUnavailable, match=moving):
             qm.dispatch("stuck", jobs.Note("never stored"))
     finally:
         move.cancel()
@@ -172,7 +207,8 @@ def test_rediss_url_runs_jobs_over_tls(certificates: Path) -> None:
     qm = QueueManager(Config.for_url(url))
     try:
         run_one(qm)
-        moves_large_values(resp.Settings.from_url(url))  # the sync dispatch's connection, over TLS
+        big = qm.dispatch("q", jobs.Note("x" * 300_000))  # the sync dispatch's own connection, over TLS
+        assert jobs.Note("x" * 300_000) == decode_job(big.fetch())
     finally:
         qm.close()
         server.stop()
@@ -315,8 +351,10 @@ def test_an_idle_worker_is_handed_a_job_claimed_for_it_in_the_dispatch_itself(re
     qm = fresh_manager(redis_server)
     worker = qm.worker(["other", "q"], 1, WorkerOptions(poll_interval=30)).start()
     try:
-        wait_until(lambda: idle_workers(redis_server, qm, "q"), 10, "the worker to wait on q")
-        assert idle_workers(redis_server, qm, "other"), "a worker waits on each of its queues"
+        # One script registers the wait on each of its queues (the wait may end and start
+        # again meanwhile: a wake-up when its subscription begins).
+        wait_until(lambda: idle_workers(redis_server, qm, "q") and idle_workers(redis_server, qm, "other"), 10,
+                   "the worker to wait on each of its queues")
         handle = qm.dispatch("q", jobs.Note("handed"))
         # Claimed by the dispatch's own script, not by a claim after a wake-up: the worker
         # holds it when dispatch returns.
@@ -390,5 +428,85 @@ def test_a_hung_redis_fails_dispatch_after_the_reply_timeout_and_workers_carry_o
         assert qm.dispatch("q", jobs.Note("after")).result(timeout=15) == "after"
     finally:
         worker.stop()
+        qm.close()
+        server.stop()
+
+
+# --- beyond one server: failover, Sentinel, unix sockets -----------------------------------
+def _replicated(server: RedisServer) -> None:
+    """Wait until the master's writes reached its replica (replication is asynchronous: a
+    master killed sooner may take its last writes with it, whatever the client)."""
+    with redis.Redis(port=server.port) as client:
+        assert client.execute_command("WAIT", 1, 5000) >= 1
+
+
+def _runs_every_job_across(qm: QueueManager, failover: Callable[[], None], n: int = 30) -> None:
+    """Jobs run before ``failover()``, jobs queued when it starts and jobs dispatched after it
+    all run, on the worker started before it (no restart)."""
+    worker = qm.worker("fo", 4, WorkerOptions(poll_interval=0.2)).start()
+    try:
+        before = [qm.dispatch("fo", jobs.Note(f"before-{i}")) for i in range(n)]
+        assert [h.result(timeout=30) for h in before] == [f"before-{i}" for i in range(n)]
+        queued = [qm.dispatch("fo", jobs.Note(f"queued-{i}")) for i in range(n)]
+        failover()
+        after = [qm.dispatch("fo", jobs.Note(f"after-{i}")) for i in range(n)]  # no error, no restart
+        assert [h.result(timeout=60) for h in queued + after] == [f"queued-{i}" for i in range(n)] + [
+            f"after-{i}" for i in range(n)]
+        assert worker.is_running
+    finally:
+        worker.stop()
+        qm.close()
+
+
+def test_a_cluster_that_loses_a_master_mid_run_runs_every_job_without_a_worker_restart() -> None:
+    cluster = RedisClusterServer(replicas=1)
+
+    def failover() -> None:
+        master = cluster.master_of("{fo}")
+        _replicated(master)
+        master.kill()  # its replica takes over once the others see it gone (cluster-node-timeout 2 s)
+        cluster.wait_for_failover("{fo}", master)
+
+    try:
+        _runs_every_job_across(QueueManager(Config.for_url(cluster.url(), key_prefix="failover:")), failover)
+    finally:
+        cluster.stop()
+
+
+def test_a_sentinel_managed_master_fails_over_and_jobs_go_on() -> None:
+    sentinel = RedisSentinelServer()
+    qm = QueueManager(Config.for_url(sentinel.url(), key_prefix="sentinel:"))
+
+    def failover() -> None:
+        _replicated(sentinel.master)
+        sentinel.master.kill()
+        with redis.Redis(port=sentinel.port) as watcher:
+            wait_until(lambda: int(watcher.sentinel_get_master_addr_by_name("jobs")[1]) == sentinel.replica.port,
+                       timeout=30, what="Sentinel to promote the replica")
+        wait_until(lambda: _dispatches(qm), timeout=30, what="a dispatch to reach the new master")
+
+    try:
+        _runs_every_job_across(qm, failover)
+    finally:
+        sentinel.stop()
+
+
+def _dispatches(qm: QueueManager) -> bool:
+    try:
+        qm.dispatch("probe", jobs.Note("probe"))
+    except StoreUnavailable:
+        return False
+    return True
+
+
+def test_a_redis_on_a_unix_socket(tmp_path: Path) -> None:
+    socket_path = tmp_path / "redis.sock"
+    server = RedisServer("--unixsocket", str(socket_path), "--unixsocketperm", "700")
+    qm = QueueManager(Config.for_url(f"unix://{socket_path}?db=2"))
+    try:
+        run_one(qm)
+        with redis.Redis(unix_socket_path=str(socket_path), db=2) as client:
+            assert client.keys("neonnb:{q}:job:*")
+    finally:
         qm.close()
         server.stop()

@@ -32,7 +32,7 @@ class Waiter(abc.ABC):
         as they arrive."""
 
     @abc.abstractmethod
-    def close(self) -> None:
+    async def close(self) -> None:
         """The worker stops: let go of what the waits held."""
 
 

@@ -1,18 +1,25 @@
-"""Redis driver. The key layout and every state change are in ``redis_scripts.lua`` (one Lua
-script per change, called by SHA); the connection is neonnb's own small client (resp.py).
+"""Redis driver, on redis-py. The key layout and every state change are in
+``redis_scripts.lua`` (one Lua script per change, called by SHA); what a URL means and which
+client it makes (one server, a cluster, Sentinel, a unix socket) is in ``redis_client``.
 
-Each event loop that calls the driver gets its own client (asyncio connections belong to the
-loop that made them), so the driver works from any loop like the others, without hopping threads.
+The speed comes from the design, not the client: one script per state change, pipelines for
+reads of many keys, batched acknowledgements, and the hand-off (an idle worker blocks on an
+inbox the dispatch itself pushes to). Each event loop that calls the driver gets its own
+client (asyncio connections belong to the loop that made them), so the driver works from any
+loop like the others, without hopping threads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from importlib import resources
@@ -21,8 +28,19 @@ from typing import Any, TypeVar
 from .. import _loop
 from ..errors import ConfigError, StoreUnavailable
 from ..records import JobRecord, Priority, QueueCounts, Recovered, Status, read_record
-from . import resp
 from .base import Driver, Waiter
+from .redis_client import (
+    ERRORS,
+    NO_REPLY,
+    NOT_RUN,
+    TRANSIENT,
+    AsyncClient,
+    Settings,
+    SyncClient,
+    aclose,
+    close_blocking,
+    redis,
+)
 from .wakeups import WAKE_ALL
 
 logger = logging.getLogger("neonnb.drivers.redis")
@@ -34,15 +52,18 @@ _STATUS_KEYS = {
 }
 
 
-def _scripts() -> dict[str, resp.Script]:
+def _scripts() -> dict[str, str]:
     """Each script of the file, with the file's ``_prelude`` (shared helpers) in front."""
     text = resources.files("neonnb.drivers").joinpath("redis_scripts.lua").read_text()
     bodies = dict(part.split("\n", 1) for part in text.split("--! ")[1:])
     prelude = bodies.pop("_prelude")
-    return {name.strip(): resp.Script(prelude + body) for name, body in bodies.items()}
+    return {name.strip(): prelude + body for name, body in bodies.items()}
 
 
 _SCRIPTS = _scripts()
+
+
+RESENDS = 3  # a command that may be sent again is, this many times, after a dropped connection
 
 
 def _num(value: float) -> str:
@@ -59,47 +80,94 @@ class RedisDriver(Driver):
                 f"key_prefix {prefix!r} must not contain braces: neonnb puts each queue's name in "
                 "a {hash tag} after the prefix so that a queue's keys share one Redis Cluster slot"
             )
-        self._where = url.split("@")[-1]  # the URL without its credentials, for messages
         self.prefix = prefix
         self.channel = f"{prefix}wake"
-        self.settings = resp.Settings.from_url(url, password=password, database=database)
+        self.settings = Settings.from_url(url, password=password, database=database)
+        self._where = self.settings.where()  # for messages: never a password
         # Connections belong to the loop that made them: one client per loop, so a call from
         # the caller's loop goes straight to Redis instead of hopping threads. Beside each
         # client, what closes it at the loop's end (held here: a loop holds it only weakly).
-        self._clients: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, tuple[resp.Client, AsyncIterator[None]]
-        ] = weakref.WeakKeyDictionary()
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Client] = weakref.WeakKeyDictionary()
+        self._connecting: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, asyncio.Task[_Client]] = weakref.WeakKeyDictionary()
         self._registered: set[str] = set()  # queues this process has added to P.."queues"
+        self._cluster = False  # known once the first loop has connected
         self._watcher: concurrent.futures.Future[None] | None = None
         # Each thread's own blocking client (enqueue_blocking); closed with the thread, or by close().
         self._thread = threading.local()
-        self._blocking: weakref.WeakSet[resp.BlockingClient] = weakref.WeakSet()
+        self._blocking: list[SyncClient] = []
 
     # --- plumbing ---------------------------------------------------------------------
 
-    async def _client(self) -> resp.Client:
+    async def _client(self) -> _Client:
         loop = asyncio.get_running_loop()
         known = self._clients.get(loop)
-        if known is not None and not known[0].closed:
-            return known[0]
-        client = resp.Client(self.settings)
+        if known is not None and not known.closed:
+            return known
+        # One connect per loop, however many callers arrive while it runs.
+        connecting = self._connecting.get(loop)
+        if connecting is None:
+            connecting = self._connecting[loop] = loop.create_task(self._connect(loop))
+        try:
+            return await asyncio.shield(connecting)
+        finally:
+            if connecting.done():
+                self._connecting.pop(loop, None)
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Client:
+        client = _Client(await self.settings.connect())
+        self._cluster = client.is_cluster
         # Closed with the loop: asyncio.run() (and pytest-asyncio) finalize a loop's async
         # generators before closing it, while it still runs. Without this every asyncio.run()
         # of a script left its connection open until the manager closed.
-        closer = _close_at_loop_end(client)
-        self._clients[loop] = (client, closer)
-        await anext(closer)
+        self._clients[loop] = client
+        await anext(client.closer)
         return client
 
-    async def _reach(self, work: Callable[[resp.Client], Awaitable[T]]) -> T:
-        """``work(client)``, with a lost connection reported as StoreUnavailable."""
-        try:
-            return await work(await self._client())
-        except (ConnectionError, OSError) as exc:
-            raise self._unreachable(exc) from exc
+    async def _reach(self, work: Callable[[_Client], Awaitable[T]], resend: bool = True) -> T:
+        """``work(client)``, and what to do when Redis does not answer it:
+
+        - a cluster moving or electing a master for the slot (the command did not run): sent
+          again until it runs, for at most the reply timeout;
+        - a dropped connection, a demoted replica (whether it ran is not known): sent again
+          up to RESENDS times, 50, 100, 200 ms apart, when ``resend``;
+        - no reply within the reply timeout: StoreUnavailable at once;
+        - anything Redis refuses: StoreUnavailable saying what it said."""
+        deadline, attempt = None, 0
+        while True:
+            client = None
+            try:
+                client = await self._client()
+                return await work(client)
+            except redis.exceptions.AuthenticationError as exc:
+                raise StoreUnavailable(f"Redis at {self._where} refused the credentials: {exc}") from exc
+            except NO_REPLY as exc:
+                raise self._no_reply() from exc
+            except NOT_RUN as exc:
+                deadline = deadline or time.monotonic() + self.settings.reply_timeout
+                if time.monotonic() >= deadline:
+                    raise StoreUnavailable(
+                        f"Redis Cluster at {self._where} has been moving the slot of these keys to another node "
+                        f"(or electing its master) for over {self.settings.reply_timeout:g}s: {exc}") from exc
+                if client is not None and not isinstance(exc, redis.exceptions.TryAgainError):
+                    await client.refresh()  # learn where the slot is now
+                await asyncio.sleep(0.05)
+            except TRANSIENT as exc:
+                if not resend or attempt == RESENDS:
+                    raise self._unreachable(exc) from exc
+                if client is not None:
+                    await client.refresh()  # on a cluster: a failover may have moved the master
+                await asyncio.sleep(0.05 * 2**attempt)
+                attempt += 1
+            except ERRORS as exc:
+                raise StoreUnavailable(f"Redis at {self._where} refused a command: {exc}") from exc
+
+    def _no_reply(self) -> StoreUnavailable:
+        return StoreUnavailable(f"Redis at {self._where} sent no reply within {self.settings.reply_timeout:g}s "
+                                "(a hung server, or a network that drops packets)")
 
     def _unreachable(self, exc: BaseException) -> StoreUnavailable:
-        return StoreUnavailable(f"Redis at {self._where} can't be reached: {exc}")
+        return StoreUnavailable(f"Redis at {self._where} can't be reached: {type(exc).__name__}: {exc}")
 
     def _base(self, queue: str) -> str:
         """Where queue's keys start; {queue} is their Redis Cluster hash tag."""
@@ -107,7 +175,7 @@ class RedisDriver(Driver):
 
     async def _script(self, name: str, queues: Sequence[str], args: Sequence[Any], resend: bool = True) -> Any:
         keys = [self._base(q) for q in queues]
-        return await self._reach(lambda client: client.script(_SCRIPTS[name], keys, args, resend))
+        return await self._reach(lambda client: client.scripts[name](keys, args), resend)
 
     async def _per_queue(self, name: str, groups: dict[str, list[Any]], args: Callable[[str], list[Any]]) -> list[Any]:
         """Run script ``name`` once per queue (a script touches one queue's slot), concurrently."""
@@ -123,7 +191,7 @@ class RedisDriver(Driver):
 
     async def waiter(self, worker_id: str, queues: Sequence[str]) -> Waiter | None:
         # A blocking pop takes keys of one slot only: on a cluster, one queue per worker.
-        if len(queues) > 1 and await self._reach(lambda client: client.is_cluster()):
+        if len(queues) > 1 and (await self._client()).is_cluster:
             return None
         return _Waiter(self, worker_id, queues)
 
@@ -148,25 +216,31 @@ class RedisDriver(Driver):
         [(queue, args)] = by_queue.items()
         client = None
         try:
-            client = self._blocking_client()
-            client.script(_SCRIPTS["enqueue"], [self._base(queue)], [self.channel, queue, "new", *args])
-        except (ConnectionError, OSError, resp.ReplyError) as exc:
+            client, enqueue = self._blocking_client()
+            # On a cluster, to the slot's owner only: an ASK or MOVED ends up on the loop's
+            # way, which waits out a slot's move instead of following it (see _NodeScript).
+            target = (client.get_node_from_key(self._base(queue)).redis_connection  # type: ignore[no-untyped-call]
+                      if isinstance(client, redis.RedisCluster) else client)
+            enqueue(keys=[self._base(queue)], args=[self.channel, queue, "new", *args], client=target)
+        except ERRORS as exc:
             if client is not None:
-                client.close()  # the next call starts afresh (after a MOVED, with the new slot map)
-            if isinstance(exc, resp.NoReply):  # a hung server: the loop's way would only wait as long again
-                raise self._unreachable(exc) from exc
+                close_blocking(client)  # the next call starts afresh
+                self._thread.client = None
+            if isinstance(exc, NO_REPLY):  # a hung server: the loop's way would only wait as long again
+                raise self._no_reply() from exc
             # Stored or not, the loop's way stores it (unless stored: the script skips an id
-            # it has) or reports the outage after its retries.
+            # it has) or reports the outage after its resends.
             logger.debug("blocking enqueue failed, going through the loop: %s", exc)
             return False
         return True
 
-    def _blocking_client(self) -> resp.BlockingClient:
-        client: resp.BlockingClient | None = getattr(self._thread, "client", None)
-        if client is None or client.closed or client.pid != os.getpid():
-            client = self._thread.client = resp.BlockingClient(self.settings)
-            self._blocking.add(client)
-        return client
+    def _blocking_client(self) -> tuple[SyncClient, Any]:
+        known = getattr(self._thread, "client", None)
+        if known is None or known[2] != os.getpid():
+            client = self.settings.connect_blocking()
+            known = self._thread.client = (client, client.register_script(_SCRIPTS["enqueue"]), os.getpid())
+            self._blocking.append(client)
+        return known[0], known[1]
 
     async def _store(self, records: Sequence[JobRecord], mode: str) -> list[Any]:
         """Run the enqueue script once per queue; returns what each run returned."""
@@ -175,20 +249,21 @@ class RedisDriver(Driver):
         if new:
             if not self._registered:
                 await self._reach(self._warn_if_evicting)
-            await self._reach(lambda client: client.execute("SADD", f"{self.prefix}queues", *new))
+            await self._reach(lambda client: client.redis.sadd(f"{self.prefix}queues", *new))
             self._registered |= new
         return await self._per_queue("enqueue", by_queue, lambda q: [self.channel, q, mode])
 
-    async def _warn_if_evicting(self, client: resp.Client) -> None:
+    async def _warn_if_evicting(self, client: _Client) -> None:
         """Once, before this process's first dispatch: a Redis that evicts any key when it
         runs out of memory (maxmemory-policy allkeys-*) may drop queued jobs without a trace."""
         try:
-            info = str(await client.execute("INFO", "memory"))
-        except resp.ReplyError:
+            info = await client.redis.info("memory")
+        except redis.exceptions.ResponseError:
             return  # INFO not allowed to this ACL user: nothing to say
-        policy = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                       if line.startswith("maxmemory_policy:")), "")
-        if policy.startswith("allkeys"):
+        policies = {str(info["maxmemory_policy"])} if "maxmemory_policy" in info else {
+            str(node.get("maxmemory_policy", "")) for node in info.values() if isinstance(node, dict)}  # per node
+        policy = next((p for p in sorted(policies) if p.startswith("allkeys")), "")
+        if policy:
             logger.warning(
                 "Redis at %s may evict queued jobs when it runs out of memory (maxmemory-policy %s); "
                 "set maxmemory-policy noeviction (or a volatile-* policy) for a queue",
@@ -201,7 +276,7 @@ class RedisDriver(Driver):
     ) -> list[JobRecord]:
         # On a cluster each queue lives in its own slot: claim queue by queue, in the order
         # given; on one server a single script keeps priority strict across all of them.
-        rounds = [[q] for q in queues] if await self._reach(lambda client: client.is_cluster()) else [list(queues)]
+        rounds = [[q] for q in queues] if (await self._reach(_same)).is_cluster else [list(queues)]
         claimed: list[JobRecord] = []
         for group in rounds:
             if len(claimed) >= limit:
@@ -254,7 +329,8 @@ class RedisDriver(Driver):
         return sum(released)
 
     async def server_time(self) -> float | None:
-        seconds, micros = await self._reach(lambda client: client.execute("TIME", key=self.prefix))
+        reply = await self._reach(lambda client: client.redis.time())
+        seconds, micros = next(iter(reply.values())) if isinstance(reply, dict) else reply  # a cluster: per node
         return int(seconds) + int(micros) / 1e6
 
     async def release_unheld(self, queues: Sequence[str], worker_id: str, held: Sequence[str], now: float) -> int:
@@ -278,21 +354,21 @@ class RedisDriver(Driver):
         return found[0] if found else None
 
     async def get_many(self, job_ids: Sequence[str], queue: str | None = None) -> list[JobRecord]:
-        async def fetch(client: resp.Client) -> list[JobRecord]:
+        async def fetch(client: _Client) -> list[JobRecord]:
             queues = [queue] if queue is not None else await self._queues(client)
             return await self._records(client, [(q, job_id) for q in queues for job_id in job_ids])
 
         return await self._reach(fetch) if job_ids else []
 
-    async def _records(self, client: resp.Client, jobs: Sequence[tuple[str, str]]) -> list[JobRecord]:
+    async def _records(self, client: _Client, jobs: Sequence[tuple[str, str]]) -> list[JobRecord]:
         """The records of these (queue, id) pairs that exist, in one pipelined round trip."""
         replies = await client.pipeline([("HGETALL", f"{self._base(q)}job:{job_id}") for q, job_id in jobs])
-        return [self._record(_fields(flat)) for flat in replies if flat]
+        return [self._record(fields) for fields in replies if fields]
 
     async def list_jobs(
         self, *, status: Status | None = None, queue: str | None = None, limit: int = 100, offset: int = 0
     ) -> list[JobRecord]:
-        async def collect(client: resp.Client) -> list[JobRecord]:
+        async def collect(client: _Client) -> list[JobRecord]:
             queues = [queue] if queue is not None else await self._queues(client)
             statuses = [status] if status is not None else list(Status)
             keys = []
@@ -313,9 +389,9 @@ class RedisDriver(Driver):
         return records[offset : offset + limit]
 
     async def counts(self, now: float) -> dict[str, QueueCounts]:
-        async def count(client: resp.Client) -> dict[str, QueueCounts]:
+        async def count(client: _Client) -> dict[str, QueueCounts]:
             queues = await self._queues(client)
-            commands: list[resp.Command] = []
+            commands: list[tuple[Any, ...]] = []
             for q in queues:
                 base = self._base(q)
                 for p in range(3):
@@ -336,8 +412,8 @@ class RedisDriver(Driver):
 
         return await self._reach(count)
 
-    async def _queues(self, client: resp.Client) -> list[str]:
-        return sorted(await client.execute("SMEMBERS", f"{self.prefix}queues"))
+    async def _queues(self, client: _Client) -> list[str]:
+        return sorted(map(str, await client.redis.smembers(f"{self.prefix}queues")))
 
 
     async def _by_queue(self, ids: Sequence[str] | None, queue: str | None) -> dict[str, list[Any]]:
@@ -368,55 +444,145 @@ class RedisDriver(Driver):
             self._watcher = _loop.submit(self._subscribe(callback))
 
     async def _subscribe(self, callback: Callable[[str], None]) -> None:
-        """Deliver wake-ups until cancelled, reconnecting with backoff when Redis goes away."""
-        backoff = 0.1
-
-        def subscribed() -> None:
-            nonlocal backoff
-            backoff = 0.1
-            callback(WAKE_ALL)  # what was sent while away is lost: workers look now
-
-        client = resp.Client(self.settings)
+        """Deliver wake-ups until cancelled, reconnecting with backoff when Redis goes away
+        (on a cluster, to the next node: PUBLISH reaches them all)."""
+        backoff, attempt = 0.1, 0
         while True:
+            subscriber = None
             try:
-                async for queue in client.subscribe(self.channel, subscribed):
-                    callback(queue)
-            except (ConnectionError, resp.ReplyError) as exc:
+                subscriber = await self._subscriber(attempt)
+                async with subscriber.pubsub() as pubsub:
+                    await pubsub.subscribe(self.channel)
+                    async for message in pubsub.listen():
+                        if message["type"] == "subscribe":
+                            backoff = 0.1
+                            callback(WAKE_ALL)  # what was sent while away is lost: workers look now
+                        elif message["type"] == "message":
+                            callback(message["data"])
+            except (redis.exceptions.RedisError, OSError, StoreUnavailable) as exc:
                 logger.warning("SUBSCRIBE %s: wake-ups lost (%r); reconnecting in %.1fs", self.channel, exc, backoff)
+            finally:
+                if subscriber is not None:
+                    await aclose(subscriber)
+            attempt += 1
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
+
+    async def _subscriber(self, attempt: int) -> AsyncClient:
+        if self.settings.kind == "tcp":
+            client = await self._reach(_same)
+            if client.is_cluster:
+                nodes = client.redis.get_nodes()  # type: ignore[union-attr]
+                node = nodes[attempt % len(nodes)]
+                return self.settings.node(str(node.host), int(node.port), reply_timeout=None)
+        return await self.settings.connect(reply_timeout=None)
 
     async def close(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
         here = asyncio.get_running_loop()
-        for loop, (client, _) in list(self._clients.items()):  # closed clients are replaced on use
+        for loop, client in list(self._clients.items()):  # closed clients are replaced on use
             if loop is here:
-                client.close()
+                await client.close()
             elif loop.is_running():  # another thread's loop: close there, without waiting on it
-                loop.call_soon_threadsafe(client.close)
+                asyncio.run_coroutine_threadsafe(client.close(), loop)
             # a loop that has ended closed them at its end (see _client), or left them to the collector
-        for blocking in list(self._blocking):
-            blocking.close()
+        for blocking in self._blocking:
+            close_blocking(blocking)
+        self._blocking.clear()
+        self._thread = threading.local()
+
+
+class _Client:
+    """One loop's redis-py client, its scripts, and what closes it at the loop's end."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self.redis = client
+        self.is_cluster = isinstance(client, redis.asyncio.RedisCluster)
+        self.scripts: dict[str, Callable[[Sequence[str], Sequence[Any]], Awaitable[Any]]]
+        if isinstance(client, redis.asyncio.RedisCluster):
+            self.scripts = {name: _NodeScript(client, body) for name, body in _SCRIPTS.items()}
+        else:
+            self.scripts = {name: _script(client, body) for name, body in _SCRIPTS.items()}
+        self.closed = False
+        self.closer = _close_at_loop_end(self)
+
+    async def pipeline(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Commands sent together, answered together (on a cluster: per node)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return await pipe.execute()
+
+    async def refresh(self) -> None:
+        """On a cluster, read which node holds which slot again."""
+        if isinstance(self.redis, redis.asyncio.RedisCluster):
+            with contextlib.suppress(*ERRORS):  # the next command says whether it helped
+                await self.redis.nodes_manager.initialize()
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            await aclose(self.redis)
+
+
+def _script(client: AsyncClient, body: str) -> Callable[[Sequence[str], Sequence[Any]], Awaitable[Any]]:
+    script = client.register_script(body)  # EVALSHA, loading the script where it is missing
+
+    def call(keys: Sequence[str], args: Sequence[Any]) -> Awaitable[Any]:
+        return script(keys=list(keys), args=list(args))
+
+    return call
+
+
+class _NodeScript:
+    """A script on a cluster, sent to the node that owns its keys' slot, and never to the
+    node an ASK points at: a script reads and writes keys it does not declare (a job's hash,
+    its queue's sets), and while a slot moves, those are split between the two nodes. So an
+    ASK (or TRYAGAIN) means: wait for the move to end (``_reach`` sends it again)."""
+
+    def __init__(self, client: redis.asyncio.RedisCluster, body: str) -> None:
+        self.client, self.body = client, body
+        self.sha = hashlib.sha1(body.encode()).hexdigest()
+
+    async def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        node = self.client.get_node_from_key(keys[0])
+        if node is None:
+            raise redis.exceptions.SlotNotCoveredError(f"no node holds the slot of {keys[0]!r}")
+        try:
+            return await node.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            await node.execute_command("SCRIPT", "LOAD", self.body)
+            return await node.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        except redis.exceptions.MovedError as exc:  # the move is over: its new owner, from now on
+            nodes = self.client.nodes_manager
+            move_slot = getattr(nodes, "move_slot", None)  # redis-py 6 and later; before, read the map anew
+            await (move_slot(exc) if move_slot is not None else nodes.initialize())
+            raise
+
+
+async def _same(client: _Client) -> _Client:
+    return client
 
 
 class _Waiter(Waiter):
     """Registers the worker in each queue's "idle" set, where the enqueue script finds it,
-    and blocks on its inboxes on a connection of its own (a blocking pop holds it)."""
+    and blocks on its inboxes on a client of its own, without a reply timeout (a blocking
+    pop holds its connection)."""
 
     def __init__(self, driver: RedisDriver, worker_id: str, queues: Sequence[str]) -> None:
         self.driver, self.worker_id, self.queues = driver, worker_id, list(queues)
         self.inboxes = [f"{driver._base(q)}inbox:{worker_id}" for q in queues]
-        self.connection: resp.Connection | None = None
+        self.client: AsyncClient | None = None
 
     async def wait(self, now: float, lease_timeout: float, timeout: float, wake: asyncio.Event,
                    start: Callable[[list[JobRecord]], None]) -> None:
         member = f"{_num(lease_timeout)} {self.worker_id}"
         await self.driver._script("idle", self.queues, [member, _num(now + timeout), self.worker_id])
-        if self.connection is None or self.connection.lost is not None:
-            self.connection = await self.driver._reach(lambda client: client.connect(self.inboxes[0]))
-        popping = self.connection.send([("BLPOP", *self.inboxes, _num(timeout))])[0]
+        if self.client is None:
+            self.client = await self.driver._reach(self._connect)
+        popping = asyncio.ensure_future(self.client.blpop(self.inboxes, timeout))
 
         def arrived(done: asyncio.Future[Any]) -> None:  # start it now, not a trip through the main task later
             if not done.cancelled() and done.exception() is None:
@@ -431,26 +597,36 @@ class _Waiter(Waiter):
             # No more hand-overs; what came meanwhile; the "" this leaves ends the pop.
             handed = await self.driver._script("unidle", self.queues, [member, self.worker_id])
             try:
-                await self.driver._reach(lambda _: popping)
-            except resp.ReplyError:
-                # ASK or MOVED: the inbox's slot is moving or has moved to another node. The
-                # next wait connects to its owner then (its idle script waits out a move).
-                self.connection.close()
+                await self.driver._reach(lambda _: popping, resend=False)
+            except StoreUnavailable:
+                # The connection went (or the inbox's slot moved): the next wait connects anew.
+                await self.close()
         start(self._records(handed))
+
+    async def _connect(self, client: _Client) -> AsyncClient:
+        """A connection of the waiter's own, without a reply timeout; on a cluster, to the
+        node of its one queue's slot (a cluster waiter waits on one queue)."""
+        if isinstance(client.redis, redis.asyncio.RedisCluster):
+            node = client.redis.get_node_from_key(self.inboxes[0])
+            if node is None:
+                raise redis.exceptions.SlotNotCoveredError(f"no node holds the slot of {self.inboxes[0]!r}")
+            return self.driver.settings.node(str(node.host), int(node.port), reply_timeout=None)
+        return await self.driver.settings.connect(reply_timeout=None)
 
     def _records(self, jobs: list[str]) -> list[JobRecord]:
         return [self.driver._record(json.loads(job)) for job in jobs if job]
 
-    def close(self) -> None:
-        if self.connection is not None:
-            self.connection.close()
+    async def close(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            await aclose(client)
 
 
-async def _close_at_loop_end(client: resp.Client) -> AsyncIterator[None]:
+async def _close_at_loop_end(client: _Client) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        client.close()
+        await client.close()
 
 
 def _popped(reply: list[str] | None) -> list[str]:
