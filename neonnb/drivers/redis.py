@@ -61,6 +61,7 @@ def _scripts() -> dict[str, str]:
 
 
 _SCRIPTS = _scripts()
+_SHAS = {name: hashlib.sha1(body.encode()).hexdigest() for name, body in _SCRIPTS.items()}
 
 
 RESENDS = 3  # a command that may be sent again is, this many times, after a dropped connection
@@ -216,12 +217,17 @@ class RedisDriver(Driver):
         [(queue, args)] = by_queue.items()
         client = None
         try:
-            client, enqueue = self._blocking_client()
+            client = self._blocking_client()
             # On a cluster, to the slot's owner only: an ASK or MOVED ends up on the loop's
-            # way, which waits out a slot's move instead of following it (see _NodeScript).
+            # way, which waits out a slot's move instead of following it (see _Script).
             target = (client.get_node_from_key(self._base(queue)).redis_connection  # type: ignore[no-untyped-call]
                       if isinstance(client, redis.RedisCluster) else client)
-            enqueue(keys=[self._base(queue)], args=[self.channel, queue, "new", *args], client=target)
+            command = ("EVALSHA", _SHAS["enqueue"], 1, self._base(queue), self.channel, queue, "new", *args)
+            try:
+                target.execute_command(*command)
+            except redis.exceptions.NoScriptError:
+                target.script_load(_SCRIPTS["enqueue"])
+                target.execute_command(*command)
         except ERRORS as exc:
             if client is not None:
                 close_blocking(client)  # the next call starts afresh
@@ -234,13 +240,13 @@ class RedisDriver(Driver):
             return False
         return True
 
-    def _blocking_client(self) -> tuple[SyncClient, Any]:
+    def _blocking_client(self) -> SyncClient:
         known = getattr(self._thread, "client", None)
-        if known is None or known[2] != os.getpid():
+        if known is None or known[1] != os.getpid():
             client = self.settings.connect_blocking()
-            known = self._thread.client = (client, client.register_script(_SCRIPTS["enqueue"]), os.getpid())
+            known = self._thread.client = (client, os.getpid())
             self._blocking.append(client)
-        return known[0], known[1]
+        return known[0]
 
     async def _store(self, records: Sequence[JobRecord], mode: str) -> list[Any]:
         """Run the enqueue script once per queue; returns what each run returned."""
@@ -500,11 +506,7 @@ class _Client:
     def __init__(self, client: AsyncClient) -> None:
         self.redis = client
         self.is_cluster = isinstance(client, redis.asyncio.RedisCluster)
-        self.scripts: dict[str, Callable[[Sequence[str], Sequence[Any]], Awaitable[Any]]]
-        if isinstance(client, redis.asyncio.RedisCluster):
-            self.scripts = {name: _NodeScript(client, body) for name, body in _SCRIPTS.items()}
-        else:
-            self.scripts = {name: _script(client, body) for name, body in _SCRIPTS.items()}
+        self.scripts = {name: _Script(client, name) for name in _SCRIPTS}
         self.closed = False
         self.closer = _close_at_loop_end(self)
 
@@ -527,36 +529,30 @@ class _Client:
             await aclose(self.redis)
 
 
-def _script(client: AsyncClient, body: str) -> Callable[[Sequence[str], Sequence[Any]], Awaitable[Any]]:
-    script = client.register_script(body)  # EVALSHA, loading the script where it is missing
+class _Script:
+    """One script, called by SHA (loaded where it is missing). On a cluster it goes to the
+    node that owns its keys' slot, and never to the node an ASK points at: a script reads
+    and writes keys it does not declare (a job's hash, its queue's sets), and while a slot
+    moves, those are split between the two nodes. So an ASK (or TRYAGAIN) means: wait for
+    the move to end (``_reach`` sends it again)."""
 
-    def call(keys: Sequence[str], args: Sequence[Any]) -> Awaitable[Any]:
-        return script(keys=list(keys), args=list(args))
-
-    return call
-
-
-class _NodeScript:
-    """A script on a cluster, sent to the node that owns its keys' slot, and never to the
-    node an ASK points at: a script reads and writes keys it does not declare (a job's hash,
-    its queue's sets), and while a slot moves, those are split between the two nodes. So an
-    ASK (or TRYAGAIN) means: wait for the move to end (``_reach`` sends it again)."""
-
-    def __init__(self, client: redis.asyncio.RedisCluster, body: str) -> None:
-        self.client, self.body = client, body
-        self.sha = hashlib.sha1(body.encode()).hexdigest()
+    def __init__(self, client: AsyncClient, name: str) -> None:
+        self.client, self.name = client, name
 
     async def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        node = self.client.get_node_from_key(keys[0])
-        if node is None:
-            raise redis.exceptions.SlotNotCoveredError(f"no node holds the slot of {keys[0]!r}")
+        target: Any = self.client
+        if isinstance(self.client, redis.asyncio.RedisCluster):
+            target = self.client.get_node_from_key(keys[0])
+            if target is None:
+                raise redis.exceptions.SlotNotCoveredError(f"no node holds the slot of {keys[0]!r}")
+        command = ("EVALSHA", _SHAS[self.name], len(keys), *keys, *args)
         try:
-            return await node.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+            return await target.execute_command(*command)
         except redis.exceptions.NoScriptError:
-            await node.execute_command("SCRIPT", "LOAD", self.body)
-            return await node.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+            await target.execute_command("SCRIPT", "LOAD", _SCRIPTS[self.name])
+            return await target.execute_command(*command)
         except redis.exceptions.MovedError as exc:  # the move is over: its new owner, from now on
-            nodes = self.client.nodes_manager
+            nodes = self.client.nodes_manager  # type: ignore[union-attr]
             move_slot = getattr(nodes, "move_slot", None)  # redis-py 6 and later; before, read the map anew
             await (move_slot(exc) if move_slot is not None else nodes.initialize())
             raise
@@ -645,14 +641,15 @@ ENQUEUE_FIELDS = ("id", "name", "payload", "priority", "status", "attempts", "ma
 
 
 def _enqueue_args(records: Sequence[JobRecord]) -> dict[str, list[str]]:
-    """The enqueue script's per-job arguments (ENQUEUE_FIELDS), grouped by queue."""
+    """The enqueue script's per-job arguments (each a JSON array of ENQUEUE_FIELDS), grouped by queue."""
     by_queue: dict[str, list[str]] = {}
+    dump = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
     for r in records:
-        by_queue.setdefault(r.queue, []).extend((
+        by_queue.setdefault(r.queue, []).append(dump((
             r.id, r.name, r.payload, str(r.priority.rank), r.status.value, str(r.attempts), str(r.max_attempts),
             "" if r.timeout is None else _num(r.timeout), _num(r.run_at), _num(r.created_at),
             "" if r.flow is None else json.dumps(r.flow), r.unique_key or "",
-        ))
+        )))
     return by_queue
 
 

@@ -160,6 +160,8 @@ class Settings:
                                                socket_timeout=self.connect_timeout,
                                                socket_connect_timeout=self.connect_timeout)
             return sentinel.master_for(str(self.service), db=self.db, **options)  # type: ignore[no-any-return,no-untyped-call]
+        # One thread, one command at a time: one connection, without a pool's get and release.
+        options["single_connection_client"] = True
         if self.kind == "unix":
             return redis.Redis(unix_socket_path=self.path, db=self.db, **options)
         client = redis.Redis(host=self.host, port=self.port, db=self.db, **self._ssl(), **options)
@@ -170,6 +172,7 @@ class Settings:
         if not clustered:
             return client
         client.close()
+        del options["single_connection_client"]
         return redis.RedisCluster(host=self.host, port=self.port, **self._ssl(), **options)
 
     def _ssl(self) -> dict[str, Any]:

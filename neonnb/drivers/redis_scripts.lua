@@ -39,8 +39,10 @@ local function band(p)
 end
 
 --! enqueue
--- KEYS: B.  ARGV: wake channel, queue, mode, then 12 per job: id name payload priority status
--- attempts max_attempts timeout run_at created_at flow unique_key ("" for none).
+-- KEYS: B.  ARGV: wake channel, queue, mode, then one per job: a JSON array of 12 strings,
+-- id name payload priority status attempts max_attempts timeout run_at created_at flow
+-- unique_key ("" for none). (One argument per job, not twelve: a client packs each argument
+-- separately, and for a batch that was most of the dispatch.)
 -- mode "new": store each job unless its id exists (so a call repeated after its reply was
 -- lost stores nothing twice), return how many were stored; "unique" (one job): unless
 -- B.."unique:"..key names a queued or running job, store this one and name it there; return
@@ -54,8 +56,8 @@ local fields = {'id', 'name', 'payload', 'priority', 'status', 'attempts', 'max_
 local stored, waiting = 0, 0
 local result = nil
 local looked, idle = false, nil  -- the first waiting worker, looked up once per hand-off
-for i = 4, #ARGV, 12 do
-  local job = {unpack(ARGV, i, i + 11)}
+for i = 4, #ARGV do
+  local job = cjson.decode(ARGV[i])
   local key = B .. 'job:' .. job[1]
   local store = true
   if mode == 'new' then
