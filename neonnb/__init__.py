@@ -13,6 +13,7 @@ from .errors import (
     PayloadError,
     Retry,
     SerializationError,
+    StoreError,
     StoreUnavailable,
     UnknownJobError,
 )
@@ -26,7 +27,8 @@ from .worker import JobEvent, Worker
 __all__ = [
     "ClockSkew", "Config", "ConfigError", "Context", "FailedJob", "Job", "JobCancelled", "JobEvent", "JobFailed",
     "JobHandle", "JobNotFound", "JobRecord", "JobTimeout", "MissingDependency", "NeonnbError", "PayloadError",
-    "Priority", "QueueCounts", "QueueManager", "Retry", "SerializationError", "Status", "StoreUnavailable",
-    "UnknownJobError", "Worker", "WorkerOptions", "connect", "load_ipython_extension", "unload_ipython_extension",
+    "Priority", "QueueCounts", "QueueManager", "Retry", "SerializationError", "Status", "StoreError",
+    "StoreUnavailable", "UnknownJobError", "Worker", "WorkerOptions", "connect", "load_ipython_extension",
+    "unload_ipython_extension",
 ]
 __version__ = "0.1.0"

@@ -9,7 +9,8 @@
     ├── JobFailed              waited on a job that ended in the failed store
     ├── JobCancelled           waited on a job that was cancelled
     ├── JobTimeout             a job ran past its timeout
-    ├── StoreUnavailable       the queue's store (Redis, the database) can't be reached
+    ├── StoreError             the queue's store refused or failed a command (says what it said)
+    │   └── StoreUnavailable   the queue's store (Redis, the database) can't be reached
     ├── ClockSkew              this machine's clock and the store's disagree by more than leases allow
     ├── MissingDependency      a job asked ctx.deps for something nobody provided
     └── Retry                  raised by a handler to ask for a retry after a delay
@@ -66,7 +67,13 @@ class JobTimeout(NeonnbError, TimeoutError):
     """The job ran longer than its timeout."""
 
 
-class StoreUnavailable(NeonnbError, ConnectionError):
+class StoreError(NeonnbError):
+    """The queue's store refused or failed a command (no permission, out of memory, a
+    read-only database): the message says what the store said. Drivers raise this tree, not
+    their libraries' errors."""
+
+
+class StoreUnavailable(StoreError, ConnectionError):
     """The queue's store can't be reached; nothing was enqueued."""
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from neonnb import Config, ConfigError, QueueManager, Status, StoreUnavailable, WorkerOptions, _loop
+from neonnb import Config, ConfigError, QueueManager, Status, StoreError, StoreUnavailable, WorkerOptions, _loop
 from neonnb.drivers.redis_client import Settings
 from neonnb.job import decode_job
 from tests import jobs
@@ -507,6 +507,20 @@ def test_a_redis_on_a_unix_socket(tmp_path: Path) -> None:
         run_one(qm)
         with redis.Redis(unix_socket_path=str(socket_path), db=2) as client:
             assert client.keys("neonnb:{q}:job:*")
+    finally:
+        qm.close()
+        server.stop()
+
+
+def test_a_command_redis_refuses_raises_neonnbs_store_error() -> None:
+    """An ACL user that may not run scripts: redis-py's NoPermissionError must not reach the
+    caller, neonnb's StoreError says what Redis said."""
+    server = RedisServer("--user", "default", "off", "--user", "app", "on", ">s3cret", "~*", "&*", "+@all",
+                         "-evalsha", "-eval", "-script")
+    qm = QueueManager(Config.for_url(f"redis://app:s3cret@127.0.0.1:{server.port}/0"))
+    try:
+        with pytest.raises(StoreError, match=r"refused a command: .*no permissions to run the 'evalsha' command"):
+            qm.dispatch("q", jobs.Note("refused"))
     finally:
         qm.close()
         server.stop()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, inspect
 
-from neonnb import Config, QueueManager, WorkerOptions
+from neonnb import Config, QueueManager, StoreError, WorkerOptions
 from tests import jobs
 from tests.conftest import connection_for
 from tests.services import PostgresServer
@@ -146,3 +146,24 @@ def test_a_marks_table_made_by_an_older_neonnb_gets_its_new_column(
         while worker.run_once():
             pass
         assert batch.then is not None and batch.then.result(timeout=5) == ["a", "b"]
+
+
+def test_a_statement_the_database_refuses_raises_neonnbs_store_error(postgres_server: PostgresServer) -> None:
+    """A read-only database (a replica, a full disk's emergency mode): neonnb's error, not
+    SQLAlchemy's, says what the database said."""
+    import psycopg
+
+    url = postgres_server.new_database()
+    qm = QueueManager(Config.for_url(url))
+    qm.dispatch("q", jobs.Note("before"))  # the schema exists
+    qm.close()
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(f"host=127.0.0.1 port={postgres_server.port} user=postgres dbname=postgres",
+                         autocommit=True) as conn:
+        conn.execute(f"ALTER DATABASE {name} SET default_transaction_read_only = on")
+    qm = QueueManager(Config.for_url(url))
+    try:
+        with pytest.raises(StoreError, match=r"refused a statement: cannot execute \w+ .*in a read-only transaction"):
+            qm.dispatch("q", jobs.Note("refused"))
+    finally:
+        qm.close()

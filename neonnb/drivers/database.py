@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 if sys.platform != "win32":
     import fcntl
 
+import sqlalchemy.exc
 from sqlalchemy import (
     Connection,
     Engine,
@@ -44,7 +45,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, NoSuchModuleError, OperationalError, ProgrammingError
 
 from ..config import redact
-from ..errors import ConfigError, StoreUnavailable
+from ..errors import ConfigError, StoreError, StoreUnavailable
 from ..records import JobRecord, Priority, QueueCounts, Recovered, Status, read_record
 from .base import Driver
 from .pg_notify import Listener, announce, install_trigger
@@ -261,15 +262,18 @@ class DatabaseDriver(Driver):
 
     @contextlib.contextmanager
     def _reachable(self) -> Iterator[None]:
-        """A database that can't be reached (or used at all) raises StoreUnavailable, as the
-        other drivers do, naming the database but never its password."""
+        """A database that can't be reached raises StoreUnavailable, one that refuses a
+        statement StoreError, as the other drivers do, naming the database but never its
+        password: SQLAlchemy's and the DB-API's errors don't reach the caller."""
+        where = self.engine.url.render_as_string(hide_password=True)
         try:
             yield
         except DBAPIError as exc:
-            if not (isinstance(exc, OperationalError) or exc.connection_invalidated):
-                raise
-            where = self.engine.url.render_as_string(hide_password=True)
-            raise StoreUnavailable(redact(f"the database {where} can't be reached: {exc.orig}")) from exc
+            if isinstance(exc, OperationalError) or exc.connection_invalidated:
+                raise StoreUnavailable(redact(f"the database {where} can't be reached: {exc.orig}")) from exc
+            raise StoreError(redact(f"the database {where} refused a statement: {exc.orig}")) from exc
+        except sqlalchemy.exc.TimeoutError as exc:  # every pooled connection busy for pool_timeout
+            raise StoreUnavailable(redact(f"the database {where} gave no connection in time: {exc}")) from exc
 
     async def _statement(self, fn: Callable[[Connection], T], durable: bool = True, repeatable: bool = True) -> T:
         """Run ``fn``, which issues exactly one statement, on the driver's threads."""

@@ -26,7 +26,7 @@ from importlib import resources
 from typing import Any, TypeVar
 
 from .. import _loop
-from ..errors import ConfigError, StoreUnavailable
+from ..errors import ConfigError, StoreError, StoreUnavailable
 from ..records import JobRecord, Priority, QueueCounts, Recovered, Status, read_record
 from .base import Driver, Waiter
 from .redis_client import (
@@ -161,7 +161,7 @@ class RedisDriver(Driver):
                 await asyncio.sleep(0.05 * 2**attempt)
                 attempt += 1
             except ERRORS as exc:
-                raise StoreUnavailable(f"Redis at {self._where} refused a command: {exc}") from exc
+                raise StoreError(f"Redis at {self._where} refused a command: {exc}") from exc
 
     def _no_reply(self) -> StoreUnavailable:
         return StoreUnavailable(f"Redis at {self._where} sent no reply within {self.settings.reply_timeout:g}s "
