@@ -9,6 +9,7 @@ from .errors import (
     JobNotFound,
     JobTimeout,
     MissingDependency,
+    MissingExtra,
     NeonnbError,
     PayloadError,
     Retry,
@@ -26,8 +27,8 @@ from .worker import JobEvent, Worker
 
 __all__ = [
     "ClockSkew", "Config", "ConfigError", "Context", "FailedJob", "Job", "JobCancelled", "JobEvent", "JobFailed",
-    "JobHandle", "JobNotFound", "JobRecord", "JobTimeout", "MissingDependency", "NeonnbError", "PayloadError",
-    "Priority", "QueueCounts", "QueueManager", "Retry", "SerializationError", "Status", "StoreError",
+    "JobHandle", "JobNotFound", "JobRecord", "JobTimeout", "MissingDependency", "MissingExtra", "NeonnbError",
+    "PayloadError", "Priority", "QueueCounts", "QueueManager", "Retry", "SerializationError", "Status", "StoreError",
     "StoreUnavailable", "UnknownJobError", "Worker", "WorkerOptions", "connect", "load_ipython_extension",
     "unload_ipython_extension",
 ]

@@ -169,9 +169,10 @@ class Config:
         if not isinstance(self.connection, str):
             return f"{self.driver} ({type(self.connection).__name__})"
         scheme, _, rest = redact(self.connection).partition("://")
-        kind = scheme.split("+")[0]
+        kind = "redis+sentinel" if scheme == "redis+sentinel" else scheme.split("+")[0]
         label = {"sqlite": "SQLite", "postgresql": "PostgreSQL", "postgres": "PostgreSQL", "mysql": "MySQL",
-                 "mariadb": "MariaDB", "redis": "Redis", "rediss": "Redis (TLS)"}.get(kind, kind)
+                 "mariadb": "MariaDB", "redis": "Redis", "rediss": "Redis (TLS)", "unix": "Redis",
+                 "redis+sentinel": "Redis via Sentinel"}.get(kind, kind)
         if kind == "sqlite":
             path = rest[1:] if rest.startswith("/") else rest  # sqlite:///jobs.db is jobs.db
             return f"{label} {path or 'in memory'}"

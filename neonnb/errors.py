@@ -13,6 +13,7 @@
     │   └── StoreUnavailable   the queue's store (Redis, the database) can't be reached
     ├── ClockSkew              this machine's clock and the store's disagree by more than leases allow
     ├── MissingDependency      a job asked ctx.deps for something nobody provided
+    ├── MissingExtra           a part of neonnb needs a package that isn't installed (names the extra)
     └── Retry                  raised by a handler to ask for a retry after a delay
 
 Each error's docstring is its default message.
@@ -79,6 +80,11 @@ class StoreUnavailable(StoreError, ConnectionError):
 
 class ClockSkew(NeonnbError):
     """This machine's clock and the store's disagree by more than a quarter of the lease."""
+
+
+class MissingExtra(NeonnbError, ImportError):
+    """A part of neonnb needs an optional package that isn't installed; the message says
+    which extra to install (``pip install 'neonnb[notebook]'``)."""
 
 
 class MissingDependency(NeonnbError, KeyError):

@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import MissingDependency
+from .errors import MissingExtra
 from .records import JobRecord, Priority, QueueCounts, Status
 
 if TYPE_CHECKING:
@@ -22,16 +22,16 @@ if TYPE_CHECKING:
 TIMES = ("created_at", "run_at", "started_at", "finished_at")
 
 
-def _pandas() -> Any:
+def pandas_module() -> Any:
     try:
         import pandas
     except ImportError as exc:
-        raise MissingDependency("DataFrame views need pandas: pip install 'neonnb[notebook]'") from exc
+        raise MissingExtra("DataFrame views need pandas: pip install 'neonnb[notebook]'") from exc
     return pandas
 
 
 def queues_frame(counts: dict[str, QueueCounts]) -> pd.DataFrame:
-    pd = _pandas()
+    pd = pandas_module()
     columns = ["high", "normal", "low", "delayed", "running", "succeeded", "failed"]
     rows = [[c.waiting["high"], c.waiting["normal"], c.waiting["low"], c.delayed, c.running, c.succeeded, c.failed]
             for c in counts.values()]
@@ -42,7 +42,7 @@ def queues_frame(counts: dict[str, QueueCounts]) -> pd.DataFrame:
 
 
 def jobs_frame(records: Sequence[JobRecord]) -> pd.DataFrame:
-    pd = _pandas()
+    pd = pandas_module()
     frame = pd.DataFrame({
         "id": pd.Series([r.id for r in records], dtype="object"),
         "queue": pd.Series([r.queue for r in records], dtype="object"),
@@ -62,7 +62,7 @@ def jobs_frame(records: Sequence[JobRecord]) -> pd.DataFrame:
 
 
 def failed_frame(records: Sequence[JobRecord]) -> pd.DataFrame:
-    pd = _pandas()
+    pd = pandas_module()
     return pd.DataFrame({
         "id": pd.Series([r.id for r in records], dtype="object"),
         "queue": pd.Series([r.queue for r in records], dtype="object"),
@@ -75,7 +75,7 @@ def failed_frame(records: Sequence[JobRecord]) -> pd.DataFrame:
 
 
 def workers_frame(workers: Sequence[Worker]) -> pd.DataFrame:
-    pd = _pandas()
+    pd = pandas_module()
     return pd.DataFrame({
         "id": pd.Series([w.id for w in workers], dtype="object"),
         "queues": pd.Series([", ".join(w.queues) for w in workers], dtype="object"),

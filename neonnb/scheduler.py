@@ -34,9 +34,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterBadDateError, croniter
 
+from . import frames
 from ._loop import run_sync, submit
 from .config import parse_duration
-from .errors import ConfigError, MissingDependency
+from .errors import ConfigError
 from .records import JobRecord
 
 if TYPE_CHECKING:
@@ -253,10 +254,7 @@ class Scheduler:
 
     def schedules_df(self, upcoming: int = 3) -> pd.DataFrame:
         """One row per schedule: its rule, queue, last tick and the next ``upcoming`` ticks."""
-        try:
-            import pandas as pd
-        except ImportError as exc:
-            raise MissingDependency("DataFrame views need pandas: pip install 'neonnb[notebook]'") from exc
+        pd = frames.pandas_module()
         now = self.manager.clock()
         rows = []
         for s in self.schedules.values():

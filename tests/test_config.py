@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -170,3 +171,28 @@ def test_table_names_within_the_databases_limits() -> None:
         Config(table_name="t" * 55)
     with pytest.raises(ConfigError, match="must not end in _marks"):
         Config(table_name="jobs_marks")
+
+
+def test_a_missing_optional_package_names_the_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not MissingDependency, which means a job's ctx.deps lacks a name."""
+    from neonnb import MissingDependency, MissingExtra
+
+    monkeypatch.setitem(sys.modules, "pandas", None)  # as if not installed
+    qm = neonnb.connect("memory://")
+    with pytest.raises(MissingExtra, match=r"pip install 'neonnb\[notebook\]'") as raised:
+        qm.jobs_df()
+    assert isinstance(raised.value, ImportError) and not isinstance(raised.value, MissingDependency)
+    qm.close()
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("memory://", "in memory"),
+    ("sqlite:///jobs.db", "SQLite jobs.db"),
+    ("sqlite:////tmp/q/jobs.db", "SQLite /tmp/q/jobs.db"),
+    ("postgresql://app:pw@127.0.0.1:5432/jobs", "PostgreSQL 127.0.0.1:5432/jobs"),
+    ("redis://:pw@127.0.0.1:6379/0", "Redis 127.0.0.1:6379/0"),
+    ("unix:///run/redis.sock?db=2", "Redis /run/redis.sock?db=2"),
+    ("redis+sentinel://:pw@10.0.0.1:26379,10.0.0.2/jobs/1", "Redis via Sentinel 10.0.0.1:26379,10.0.0.2/jobs/1"),
+])
+def test_the_store_is_described_for_people_without_its_password(url: str, shown: str) -> None:
+    assert Config.for_url(url).describe_store() == shown

@@ -45,7 +45,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, NoSuchModuleError, OperationalError, ProgrammingError
 
 from ..config import redact
-from ..errors import ConfigError, StoreError, StoreUnavailable
+from ..errors import ConfigError, MissingExtra, StoreError, StoreUnavailable
 from ..records import JobRecord, Priority, QueueCounts, Recovered, Status, read_record
 from .base import Driver
 from .pg_notify import Listener, announce, install_trigger
@@ -158,7 +158,7 @@ def _engine_for(connection: str) -> Engine:
         ) from None
     except ModuleNotFoundError as exc:
         hint = f"pip install 'neonnb[{extra}]'" if extra else f"install the DBAPI module {exc.name}"
-        raise ConfigError(f"Config.connection {url.drivername}:// needs {exc.name}: {hint}") from None
+        raise MissingExtra(f"Config.connection {url.drivername}:// needs {exc.name}: {hint}") from None
 
 
 class DatabaseDriver(Driver):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import redact
-from ..errors import ConfigError
+from ..errors import ConfigError, MissingExtra
 
 try:
     import redis
@@ -32,7 +32,7 @@ try:
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 except ImportError as exc:  # pragma: no cover - depends on the install
-    raise ConfigError("the redis driver needs redis-py: pip install 'neonnb[redis]'") from exc
+    raise MissingExtra("the redis driver needs redis-py: pip install 'neonnb[redis]'") from exc
 
 __all__ = ["ERRORS", "NOT_RUN", "NO_REPLY", "TRANSIENT", "AsyncClient", "Settings", "SyncClient", "aclose",
            "close_blocking", "redis"]

@@ -23,7 +23,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from .. import _loop, render
-from ..errors import MissingDependency
+from ..errors import MissingExtra
 from ..frames import fraction, progress_message
 from ..records import JobRecord, QueueCounts, Status
 
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 try:
     import ipywidgets as w
 except ImportError as exc:  # pragma: no cover - depends on the install
-    raise MissingDependency("the dashboard needs ipywidgets: pip install 'neonnb[notebook]'") from exc
+    raise MissingExtra("the dashboard needs ipywidgets: pip install 'neonnb[notebook]'") from exc
 
 logger = logging.getLogger("neonnb.notebook")
 
