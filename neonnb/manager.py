@@ -220,9 +220,7 @@ class QueueManager:
     def _enqueue_sync(self, record: JobRecord) -> JobHandle:
         """The sync dispatch family's way in: the driver stores the job on the calling
         thread, not on neonnb's loop thread, which would cost a thread wake-up each way (and
-        on SQL one more each way to the driver's threads). Measured here, one by one: SQLite
-        ~2,900 -> ~9,000 dispatches/s, Redis ~3,000 -> ~7,500 (~12,000 with resp's spinning
-        wait), memory ~6,300 -> ~76,000."""
+        on SQL one more each way to the driver's threads; benchmarks/DECISIONS.md)."""
         if record.unique_key is None and not on_loop_thread() and self.driver.enqueue_blocking([record]):
             return self._enqueued([record])[0]
         return run_sync(self._enqueue([record]))[0]

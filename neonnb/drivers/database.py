@@ -200,10 +200,8 @@ class DatabaseDriver(Driver):
         # SQLite serialises writers anyway; one thread avoids busy-waiting on its lock.
         self._executor = ThreadPoolExecutor(max_workers=1 if dialect == "sqlite" else 8, thread_name_prefix="neonnb-db")
         # Every SQLite transaction takes the write lock (BEGIN IMMEDIATE), and a sync dispatch
-        # writes from its own thread: writers take turns before they ask SQLite for the lock
-        # (a dispatch loop beside a draining worker in this process: longest dispatch 79 ->
-        # 14-21 ms; beside one in another process, benchmarks/sqlite_two_processes.py: p50
-        # 1.5 -> 0.6 ms, p99 9.2 -> 3.9 ms, over 5 ms 123-152 -> 9 of 2,000).
+        # writes from its own thread: writers take turns before they ask SQLite for the lock,
+        # instead of meeting in SQLite's sleeping busy handler (benchmarks/DECISIONS.md).
         self._turns: contextlib.AbstractContextManager[None] = (
             _turns_for(self.engine.url.database) if dialect == "sqlite" else contextlib.nullcontext()
         )
