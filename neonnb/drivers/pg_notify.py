@@ -20,9 +20,18 @@ from .wakeups import WAKE_ALL, WakeThread
 
 
 def install_trigger(conn: Connection, table: str) -> None:
-    """Create or refresh the notify trigger; safe when several processes do it at once."""
+    """Create the notify trigger unless it is there; safe when several processes do it at
+    once. Only when missing: creating it locks the jobs table against every job's traffic,
+    and a read-only database (a replica) must still serve reads."""
     function = f"{table}_notify"
+    trigger = f"{table}_notify_insert"
     conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": function})
+    installed = conn.execute(
+        text("SELECT 1 FROM pg_trigger WHERE tgname = :trigger AND tgrelid = CAST(:table AS regclass)"),
+        {"trigger": trigger, "table": f'"{table}"'},
+    ).first()
+    if installed is not None:
+        return
     conn.execute(text(f"""
         CREATE OR REPLACE FUNCTION "{function}"() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
@@ -30,7 +39,6 @@ def install_trigger(conn: Connection, table: str) -> None:
             RETURN NULL;
         END $$
     """))
-    trigger = f"{table}_notify_insert"
     conn.execute(text(f'DROP TRIGGER IF EXISTS "{trigger}" ON "{table}"'))
     conn.execute(text(
         f'CREATE TRIGGER "{trigger}" AFTER INSERT ON "{table}" FOR EACH STATEMENT EXECUTE FUNCTION "{function}"()'
