@@ -145,9 +145,6 @@ class _JobHandler(logging.Handler):
                 _passing_through.reset(token)
         return True
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.handle(record)
-
 
 _FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
 _PLAIN_FIELDS = {*logging.makeLogRecord({}).__dict__, "message", "asctime", "job_id", "taskName"}

@@ -282,11 +282,10 @@ class Worker:
         self._next_due = float("inf")  # earliest known run_at of a delayed job on our queues
 
     def __repr__(self) -> str:
-        state = "running" if self.is_running else "stopped"
-        return f"<neonnb.Worker {','.join(self.queues)} x{self.concurrency} {state}>"
+        return f"<neonnb.Worker {','.join(self.queues)} x{self.concurrency} {self.state}>"
 
     def _repr_html_(self) -> str:
-        state = render.status_badge("running" if self.is_running else "stopped")
+        state = render.status_badge(self.state)
         rows: list[list[Any]] = [["id", self.id], ["queues", ", ".join(self.queues)], ["state", state],
                 ["running now", f"{len(self._active)} of {self.concurrency}"], ["jobs started", self.jobs_started]]
         fields = render.table(["", ""], rows, "neonnb-worker-fields")

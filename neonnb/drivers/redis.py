@@ -542,9 +542,7 @@ class _Script:
     async def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
         target: Any = self.client
         if isinstance(self.client, redis.asyncio.RedisCluster):
-            target = self.client.get_node_from_key(keys[0])
-            if target is None:
-                raise redis.exceptions.SlotNotCoveredError(f"no node holds the slot of {keys[0]!r}")
+            target = _slot_owner(self.client, keys[0])
         command = ("EVALSHA", _SHAS[self.name], len(keys), *keys, *args)
         try:
             return await target.execute_command(*command)
@@ -556,6 +554,14 @@ class _Script:
             move_slot = getattr(nodes, "move_slot", None)  # redis-py 6 and later; before, read the map anew
             await (move_slot(exc) if move_slot is not None else nodes.initialize())
             raise
+
+
+def _slot_owner(cluster: redis.asyncio.RedisCluster, key: str) -> Any:
+    """The node that holds ``key``'s slot, as the client's slot map says."""
+    node = cluster.get_node_from_key(key)
+    if node is None:
+        raise redis.exceptions.SlotNotCoveredError(f"no node holds the slot of {key!r}")
+    return node
 
 
 async def _same(client: _Client) -> _Client:
@@ -603,9 +609,7 @@ class _Waiter(Waiter):
         """A connection of the waiter's own, without a reply timeout; on a cluster, to the
         node of its one queue's slot (a cluster waiter waits on one queue)."""
         if isinstance(client.redis, redis.asyncio.RedisCluster):
-            node = client.redis.get_node_from_key(self.inboxes[0])
-            if node is None:
-                raise redis.exceptions.SlotNotCoveredError(f"no node holds the slot of {self.inboxes[0]!r}")
+            node = _slot_owner(client.redis, self.inboxes[0])
             return self.driver.settings.node(str(node.host), int(node.port), reply_timeout=None)
         return await self.driver.settings.connect(reply_timeout=None)
 
@@ -635,6 +639,8 @@ def _fields(flat: list[str]) -> dict[str, str]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
+_compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
 # The fields a dispatch stores, in the order the enqueue script's `fields` list names them.
 ENQUEUE_FIELDS = ("id", "name", "payload", "priority", "status", "attempts", "max_attempts", "timeout", "run_at",
                   "created_at", "flow", "unique_key")
@@ -643,9 +649,8 @@ ENQUEUE_FIELDS = ("id", "name", "payload", "priority", "status", "attempts", "ma
 def _enqueue_args(records: Sequence[JobRecord]) -> dict[str, list[str]]:
     """The enqueue script's per-job arguments (each a JSON array of ENQUEUE_FIELDS), grouped by queue."""
     by_queue: dict[str, list[str]] = {}
-    dump = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
     for r in records:
-        by_queue.setdefault(r.queue, []).append(dump((
+        by_queue.setdefault(r.queue, []).append(_compact_json((
             r.id, r.name, r.payload, str(r.priority.rank), r.status.value, str(r.attempts), str(r.max_attempts),
             "" if r.timeout is None else _num(r.timeout), _num(r.run_at), _num(r.created_at),
             "" if r.flow is None else json.dumps(r.flow), r.unique_key or "",

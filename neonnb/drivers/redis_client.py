@@ -203,12 +203,11 @@ def close_blocking(client: SyncClient) -> None:
 
 def _address(text: str, url: str, default_port: int) -> tuple[str, int]:
     """(host, port) of "host", "host:port", "[::1]:port"."""
-    host, colon, port = text.rpartition(":")
-    if not colon or "]" in port:  # no port given
-        host, port = text, ""
-    if colon and not (port.isdigit() and 0 < int(port) < 65536) and "]" not in text.rpartition(":")[2]:
-        raise ConfigError(f"the port in the Redis URL {url!r} must be a number from 1 to 65535")
-    return host.strip("[]") or "127.0.0.1", int(port) if port else default_port
+    try:
+        parts = urllib.parse.urlsplit(f"//{text}")
+        return parts.hostname or "127.0.0.1", parts.port or default_port
+    except ValueError:
+        raise ConfigError(f"the port in the Redis URL {url!r} must be a number from 1 to 65535") from None
 
 
 def _db(database: int | None, text: str, url: str) -> int:
