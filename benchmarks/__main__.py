@@ -1,6 +1,12 @@
 """Run every workload on every system, side by side, and write the table.
 
-    .venv/bin/pip install -e '.[bench]' && .venv/bin/python -m benchmarks
+    ./scripts/bench            (or: .bench-venv/bin/python -m benchmarks [SYSTEM ...])
+
+The peers and neonnb need different redis-py versions (arq and others pin redis<6; neonnb's
+Redis driver is built on redis-py 8), so they run from two virtualenvs: the peers from this
+interpreter's (`pip install -e '.[bench]'`), neonnb's rows from the interpreter named by
+$NEONNB_BENCH_PYTHON, by default the test venv's `.venv/bin/python` (`./scripts/test`
+makes it), which has every neonnb extra.
 
 Every (system, workload) runs in a fresh process against a fresh store: memory, a new SQLite
 file, a new database on one throwaway PostgreSQL server (fsync on) that all PostgreSQL
@@ -48,9 +54,20 @@ ROWS = [
 REDIS_PEERS = [label for label, system, store in ROWS if store == "redis" and system not in ("neonnb", "redis-ceiling")]
 
 
+def python_for(system: str) -> str:
+    """The interpreter a system's rows run with (see the module docstring)."""
+    if system != "neonnb":
+        return sys.executable
+    chosen = os.environ.get("NEONNB_BENCH_PYTHON") or str(HERE.parent / ".venv" / "bin" / "python")
+    if not Path(chosen).exists():
+        raise SystemExit(f"neonnb's rows run with {chosen}, which does not exist: run ./scripts/test once (it "
+                         "makes .venv), or set NEONNB_BENCH_PYTHON to a Python that has neonnb[redis,postgres]")
+    return chosen
+
+
 def run_one(system: str, workload: str, url: str) -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.workloads", system, workload, url],
+        [python_for(system), "-m", "benchmarks.workloads", system, workload, url],
         capture_output=True, text=True, timeout=600, cwd=HERE.parent,
     )
     if proc.returncode != 0:

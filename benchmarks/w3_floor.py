@@ -29,7 +29,7 @@ from benchmarks.workloads import LATENCY_GAP, N_LATENCY, latency
 from neonnb import Config, QueueManager
 from neonnb.drivers import resp
 from neonnb.drivers.redis import _SCRIPTS, RedisDriver, _enqueue_args, _num
-from neonnb.manager import new_job_id
+from neonnb.records import new_job_id
 from tests.services import RedisServer
 
 QUEUE, WORKER = "b", "floor-worker"

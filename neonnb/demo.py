@@ -19,10 +19,10 @@ from typing import Any
 
 from .config import Config
 from .errors import Retry
+from .hooks import JobEvent
 from .job import Context, Job
 from .manager import QueueManager
 from .records import Priority
-from .worker import JobEvent
 
 QUEUE = "pipeline"
 

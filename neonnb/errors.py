@@ -21,6 +21,7 @@ Each error's docstring is its default message.
 
 from __future__ import annotations
 
+import traceback
 from types import TracebackType
 from typing import Any
 
@@ -104,6 +105,15 @@ class Retry(NeonnbError):
 
 # Where a job's traceback runs through neonnb's machinery before it reaches the job's code.
 _PLUMBING = ("neonnb.worker", "neonnb.capture", "neonnb.job", "neonnb.notebook", "asyncio", "concurrent", "threading")
+
+
+def error_info(exc: BaseException) -> dict[str, Any]:
+    """How a job's error is stored: its type, message and the traceback from the job's code."""
+    return {
+        "type": f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins."),
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, user_traceback(exc.__traceback__))),
+    }
 
 
 def user_traceback(tb: TracebackType | None) -> TracebackType | None:

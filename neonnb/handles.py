@@ -16,15 +16,15 @@ from .errors import JobCancelled, JobFailed, JobNotFound
 from .records import FINISHED, JobRecord, Status
 
 if TYPE_CHECKING:
-    from .manager import QueueManager
+    from .core import Core
 
 
 class JobHandle:
     """What dispatch returns: the job's id, its live status and progress, and its result."""
 
-    def __init__(self, manager: QueueManager, job_id: str, queue: str | None = None, *,
+    def __init__(self, core: Core, job_id: str, queue: str | None = None, *,
                  stored_later: bool = False) -> None:
-        self.manager = manager
+        self.core = core
         self.id = job_id
         self.queue = queue
         # A job stored once others end (a batch's callback, a chain's later step): waiting on
@@ -54,13 +54,13 @@ class JobHandle:
         return render.panel(f"job {self.id}", fields, "neonnb-panel neonnb-job")
 
     async def afetch(self) -> JobRecord:
-        record = await self.manager.driver.get(self.id, self.queue)
+        record = await self.core.driver.get(self.id, self.queue)
         if record is None and self.stored_later:
             raise JobNotFound(f"job {self.id} is not stored yet: it is stored once the jobs before it have ended")
         if record is None:
             raise JobNotFound(
                 f"job {self.id} not found: it never existed, was forgotten, or finished more "
-                f"than result_ttl ({self.manager.config.result_ttl:g}s) ago"
+                f"than result_ttl ({self.core.config.result_ttl:g}s) ago"
             )
         return record
 
@@ -85,7 +85,7 @@ class JobHandle:
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.005
         while True:
-            record = await (self.manager.driver.get(self.id, self.queue) if self.stored_later else self.afetch())
+            record = await (self.core.driver.get(self.id, self.queue) if self.stored_later else self.afetch())
             if record is not None and record.status in FINISHED:
                 return record
             if deadline is not None and time.monotonic() >= deadline:
@@ -96,7 +96,7 @@ class JobHandle:
 
     def cancel(self) -> Status | None:
         """See ``QueueManager.cancel``."""
-        return self.manager.cancel(self.id, self.queue)
+        return run_sync(self.core.cancel(self.id, self.queue))
 
     async def aresult(self, timeout: float | None = None) -> Any:
         record = await self.await_finished(timeout)
@@ -170,15 +170,15 @@ class FailedJob:
 class FailedStore:
     """``qm.failed``: list, inspect, retry and forget jobs that used up their attempts."""
 
-    def __init__(self, manager: QueueManager) -> None:
-        self.manager = manager
+    def __init__(self, core: Core) -> None:
+        self.core = core
 
     async def alist(self, limit: int = 50, offset: int = 0, queue: str | None = None) -> list[FailedJob]:
-        records = await self.manager.driver.list_jobs(status=Status.FAILED, queue=queue, limit=limit, offset=offset)
+        records = await self.core.driver.list_jobs(status=Status.FAILED, queue=queue, limit=limit, offset=offset)
         return [FailedJob.from_record(r) for r in records]
 
     async def aget(self, job_id: str) -> FailedJob:
-        record = await self.manager.driver.get(job_id)
+        record = await self.core.driver.get(job_id)
         if record is None or record.status is not Status.FAILED:
             raise JobNotFound(f"job {job_id} is not in the failed store")
         return FailedJob.from_record(record)
@@ -187,21 +187,19 @@ class FailedStore:
         """Queue the job again: same id and arguments, attempts reset."""
         if not await self._requeue([job_id], None):
             raise JobNotFound(f"job {job_id} is not in the failed store")
-        return JobHandle(self.manager, job_id)
+        return JobHandle(self.core, job_id)
 
     async def aretry_all(self, queue: str | None = None) -> int:
         return len(await self._requeue(None, queue))
 
     async def _requeue(self, ids: list[str] | None, queue: str | None) -> list[str]:
-        moved = await self.manager.driver.requeue_failed(ids, queue, self.manager.clock())
-        self.manager._wake_workers()
-        return moved
+        return await self.core.requeue_failed(ids, queue)
 
     async def aforget(self, job_id: str) -> bool:
-        return await self.manager.driver.delete_failed([job_id]) == 1
+        return await self.core.driver.delete_failed([job_id]) == 1
 
     async def aflush(self) -> int:
-        return await self.manager.driver.delete_failed(None)
+        return await self.core.driver.delete_failed(None)
 
     def list(self, limit: int = 50, offset: int = 0, queue: str | None = None) -> list[FailedJob]:
         """Failed jobs, newest first."""

@@ -12,6 +12,9 @@ import dataclasses
 import enum
 import functools
 import json
+import os
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +37,13 @@ class Priority(str, enum.Enum):
     @classmethod
     def from_rank(cls, rank: int) -> Priority:
         return _BY_RANK[rank]
+
+
+def parse_priority(value: Priority | str) -> Priority:
+    try:
+        return Priority(value)
+    except ValueError:
+        raise ConfigError(f"priority must be 'high', 'normal' or 'low', got {value!r}") from None
 
 
 _RANKS = {Priority.HIGH: 0, Priority.NORMAL: 1, Priority.LOW: 2}
@@ -93,6 +103,29 @@ class Status(str, enum.Enum):
 
 
 FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+
+
+def parse_status(value: Status | str) -> Status:
+    try:
+        return Status(value)
+    except ValueError:
+        raise ConfigError(f"unknown status {value!r}: use one of {', '.join(s.value for s in Status)}") from None
+
+
+def new_job_id() -> str:
+    """32 hex digits: nanoseconds since the epoch, then 64 random bits. Ids sort by creation
+    time, so the databases' id indexes grow at one end instead of splitting pages everywhere,
+    and Redis orders jobs due at the same moment by them (FIFO). Within a process they strictly
+    increase even if the clock stalls or steps back."""
+    global _last_id_time
+    with _id_lock:
+        _last_id_time = max(time.time_ns(), _last_id_time + 1)
+        stamp = _last_id_time
+    return f"{stamp:016x}{os.urandom(8).hex()}"
+
+
+_id_lock = threading.Lock()
+_last_id_time = 0
 
 
 @dataclass

@@ -45,8 +45,8 @@ if TYPE_CHECKING:
 
     import pandas as pd
 
+    from .core import Core
     from .handles import JobHandle
-    from .manager import QueueManager
 
 logger = logging.getLogger("neonnb.scheduler")
 
@@ -116,8 +116,8 @@ class Schedule:
 
 
 class Scheduler:
-    def __init__(self, manager: QueueManager, *, poll_interval: float = 1.0) -> None:
-        self.manager = manager
+    def __init__(self, core: Core, *, poll_interval: float = 1.0) -> None:
+        self.core = core
         self.poll_interval = poll_interval
         self.schedules: dict[str, Schedule] = {}
         self._checked: dict[str, float] = {}  # per schedule: ticks up to here are handled
@@ -142,10 +142,10 @@ class Scheduler:
         except (ZoneInfoNotFoundError, ValueError, TypeError):
             raise ConfigError(f"unknown time zone {tz!r} for schedule {name!r}: use an IANA name such as "
                               "'Europe/Berlin' or 'UTC'") from None
-        schedule = Schedule(name, job, queue or self.manager.config.default_queue, cron=expr, tz=zone,
+        schedule = Schedule(name, job, queue or self.core.config.default_queue, cron=expr, tz=zone,
                             catch_up=parse_duration(catch_up, f"schedule {name!r} catch_up"))
         try:
-            schedule.next_tick(self.manager.clock())  # refuses a bad or impossible expression now
+            schedule.next_tick(self.core.clock())  # refuses a bad or impossible expression now
         except CroniterBadDateError:
             raise ConfigError(f"cron expression {expr!r} of schedule {name!r} never fires (no such date)") from None
         return self._add(schedule)
@@ -155,16 +155,16 @@ class Scheduler:
         seconds = parse_duration(interval, f"schedule {name!r} interval")
         if seconds <= 0:
             raise ConfigError(f"schedule {name!r}: interval must be positive, got {interval!r}")
-        return self._add(Schedule(name, job, queue or self.manager.config.default_queue, interval=seconds,
+        return self._add(Schedule(name, job, queue or self.core.config.default_queue, interval=seconds,
                                   catch_up=parse_duration(catch_up, f"schedule {name!r} catch_up")))
 
     def _add(self, schedule: Schedule) -> Schedule:
-        if schedule.catch_up >= self.manager.config.result_ttl:
+        if schedule.catch_up >= self.core.config.result_ttl:
             raise ConfigError(
                 f"schedule {schedule.name!r}: catch_up ({schedule.catch_up:g}s) must be shorter than result_ttl "
-                f"({self.manager.config.result_ttl:g}s), which is how long a dispatched tick is remembered"
+                f"({self.core.config.result_ttl:g}s), which is how long a dispatched tick is remembered"
             )
-        self.manager._record(schedule.queue, schedule.job)  # refuses a job that can't be stored, now
+        self.core.record(schedule.queue, schedule.job)  # refuses a job that can't be stored, now
         self.schedules[schedule.name] = schedule  # declaring a name again replaces it
         self._checked.pop(schedule.name, None)
         return schedule
@@ -176,14 +176,14 @@ class Scheduler:
         jobs this scheduler stored (ticks another scheduler had stored are skipped)."""
         from .handles import JobHandle
 
-        now = self.manager.clock()
+        now = self.core.clock()
         stored = []
         for schedule in list(self.schedules.values()):
             try:
                 stored += await self._tick_one(schedule, now)
             except Exception as exc:  # a store outage, or a job that no longer encodes: the others go on
                 logger.error("schedule %s: dispatching failed (%r); the other schedules go on", schedule.name, exc)
-        return [JobHandle(self.manager, record.id, record.queue) for record in stored]
+        return [JobHandle(self.core, record.id, record.queue) for record in stored]
 
     async def _tick_one(self, schedule: Schedule, now: float) -> list[JobRecord]:
         since = self._checked.setdefault(schedule.name, now - schedule.catch_up)
@@ -193,11 +193,10 @@ class Scheduler:
             ticks = [latest]
         stored = []
         for tick in ticks:
-            record = self.manager._record(schedule.queue, schedule.job, run_at=tick)
+            record = self.core.record(schedule.queue, schedule.job, run_at=tick)
             record.id = schedule.job_id(tick)
-            if await self.manager.driver.enqueue_once(record):
+            if await self.core.enqueue_once(record):
                 stored.append(record)
-                self.manager._wake_workers(record.queue, tick)
                 logger.info("schedule %s: dispatched the tick of %s", schedule.name, _iso(tick))
             schedule.last_tick = tick
             self._checked[schedule.name] = tick
@@ -209,7 +208,7 @@ class Scheduler:
 
     def next_due(self) -> float | None:
         """When the earliest schedule ticks next (seconds since the epoch)."""
-        now = self.manager.clock()
+        now = self.core.clock()
         ticks = [s.next_tick(self._checked.get(s.name, now)) for s in self.schedules.values()]
         return min(ticks) if ticks else None
 
@@ -223,7 +222,7 @@ class Scheduler:
             except Exception as exc:  # the store may be away for a while: keep the schedule going
                 logger.warning("scheduler: dispatching failed (%r); retrying", exc)
             due = self.next_due()
-            pause = self.poll_interval if due is None else min(max(due - self.manager.clock(), 0.0),
+            pause = self.poll_interval if due is None else min(max(due - self.core.clock(), 0.0),
                                                                self.poll_interval)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), pause)
@@ -255,7 +254,7 @@ class Scheduler:
     def schedules_df(self, upcoming: int = 3) -> pd.DataFrame:
         """One row per schedule: its rule, queue, last tick and the next ``upcoming`` ticks."""
         pd = frames.pandas_module()
-        now = self.manager.clock()
+        now = self.core.clock()
         rows = []
         for s in self.schedules.values():
             nexts, tick = [], now

@@ -5,10 +5,10 @@ the one before it succeeded; ``ctx.previous`` holds the previous step's result.
 
 Every step's record carries the whole chain (``JobRecord.flow``): its id, the step's index,
 every step's encoded job, and the previous result. When a step succeeds, its worker stores
-the next step before acknowledging this one, with ``enqueue_once`` and an id made from the
-chain id and the index, so a step that runs twice (its worker died before the ack) never
-starts the next one twice. A step that finally fails stops the chain in the failed store;
-retrying it from there resumes the chain.
+the next step before acknowledging this one (``FlowHook.settle``), with ``enqueue_once`` and
+an id made from the chain id and the index, so a step that runs twice (its worker died
+before the ack) never starts the next one twice. A step that finally fails stops the chain
+in the failed store; retrying it from there resumes the chain.
 """
 
 from __future__ import annotations
@@ -17,14 +17,13 @@ import asyncio
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._loop import run_sync
+from .core import Core
+from .handles import JobHandle
+from .hooks import Hook, Outcome
 from .records import JobRecord, Priority, Status
-
-if TYPE_CHECKING:
-    from .handles import JobHandle
-    from .manager import QueueManager
 
 
 def step_id(flow_id: str, index: int | str) -> str:
@@ -79,7 +78,25 @@ def join_batch(batch_id: str, records: list[JobRecord], then: JobRecord) -> None
         record.flow = {"batch": batch}
 
 
-async def member_finished(manager: QueueManager, record: JobRecord, result: str | None) -> None:
+class FlowHook(Hook):
+    """Chains and batches, on the hooks: before a chain step's or batch job's final outcome
+    is stored, store what comes next (the chain's next step, the batch's callback), each
+    once, whoever tries."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    async def settle(self, job: JobRecord, outcome: Outcome) -> None:
+        if job.flow is None or outcome.status is Status.QUEUED:  # a retry ends nothing
+            return
+        succeeded = outcome.status is Status.SUCCEEDED
+        step = next_step(job, outcome.result, self.core.clock()) if succeeded else None
+        if step is not None:
+            await self.core.enqueue_once(step)
+        await member_finished(self.core, job, outcome.result if succeeded else None)
+
+
+async def member_finished(core: Core, record: JobRecord, result: str | None) -> None:
     """Count a batch job's final outcome (succeeded with ``result``, failed for good,
     cancelled). Whoever completes the count stores the batch's callback job, once (its id is
     fixed), with every member's result in order (None for those that did not succeed) as its
@@ -87,7 +104,7 @@ async def member_finished(manager: QueueManager, record: JobRecord, result: str 
     batch = (record.flow or {}).get("batch")
     if batch is None:
         return
-    driver, now = manager.driver, manager.clock()
+    driver, now = core.driver, core.clock()
     results = await driver.mark(record.queue, f"batch:{batch['id']}", record.id, result or "null", now,
                                 batch["size"])
     if results is None:
@@ -96,8 +113,7 @@ async def member_finished(manager: QueueManager, record: JobRecord, result: str 
     previous = "[" + ",".join(results.get(job_id) or "null" for job_id in ids) + "]"
     flow = {"after_batch": {"id": batch["id"], "previous": previous}}
     callback = _job_from(batch["then"], step_id(batch["id"], "then"), record.queue, now, flow)
-    if await driver.enqueue_once(callback):
-        manager._wake_workers(callback.queue)
+    await core.enqueue_once(callback)
 
 
 @dataclass
@@ -115,21 +131,19 @@ class ChainStatus:
 class ChainHandle:
     """What ``qm.chain`` returns: the chain's status, its steps' handles and its result."""
 
-    def __init__(self, manager: QueueManager, chain_id: str, queue: str, length: int) -> None:
-        self.manager, self.id, self.queue, self.length = manager, chain_id, queue, length
+    def __init__(self, core: Core, chain_id: str, queue: str, length: int) -> None:
+        self.core, self.id, self.queue, self.length = core, chain_id, queue, length
 
     def __repr__(self) -> str:
         return f"<ChainHandle {self.id} {self.length} steps>"
 
     def step(self, index: int) -> JobHandle:
-        from .handles import JobHandle
-
-        return JobHandle(self.manager, step_id(self.id, index), self.queue, stored_later=index > 0)
+        return JobHandle(self.core, step_id(self.id, index), self.queue, stored_later=index > 0)
 
     async def astatus(self) -> ChainStatus:
         steps = []
         for index in range(self.length):
-            record = await self.manager.driver.get(step_id(self.id, index), self.queue)
+            record = await self.core.driver.get(step_id(self.id, index), self.queue)
             steps.append("pending" if record is None else record.status.value)
         for ended in (Status.FAILED.value, Status.CANCELLED.value):
             if ended in steps:
@@ -162,9 +176,9 @@ class BatchHandle(list["JobHandle"]):
     """What ``dispatch_batch`` returns: still the list of its jobs' handles, plus the batch's
     counts and progress, read in one round trip, and the handle of its ``then`` job."""
 
-    def __init__(self, manager: QueueManager, handles: list[JobHandle], then: JobHandle | None = None) -> None:
+    def __init__(self, core: Core, handles: list[JobHandle], then: JobHandle | None = None) -> None:
         super().__init__(handles)
-        self.manager = manager
+        self.core = core
         self.then = then  # the callback job, stored once every job of the batch has finished
         self._done: set[str] = set()  # jobs seen succeeded or gone (past their result TTL)
 
@@ -178,7 +192,7 @@ class BatchHandle(list["JobHandle"]):
         less and less of it."""
         queue = self[0].queue if self else None
         unsettled = [h.id for h in self if h.id not in self._done]
-        records = await self.manager.driver.get_many(unsettled, queue) if unsettled else []
+        records = await self.core.driver.get_many(unsettled, queue) if unsettled else []
         found = {record.id for record in records}
         self._done.update(job_id for job_id in unsettled if job_id not in found)
         counts = {"pending": 0, "running": 0, "done": 0, "failed": 0, "cancelled": 0}

@@ -84,3 +84,34 @@ def test_every_store_keeps_the_fields_the_records_list() -> None:
     [listed] = re.findall(r"local fields = \{([^}]*)\}", lua)
     assert tuple(re.findall(r"'(\w+)'", listed)) == redis_driver.ENQUEUE_FIELDS, "the Lua enqueue field list"
     assert set(redis_driver.ENQUEUE_FIELDS) <= set(fields)
+
+
+# The runtime under the facade, bottom to top: each may import only what is listed before it
+# (and the plain modules the drivers may import). The manager, the CLI and the notebook layer
+# stand above all of them.
+RUNTIME = ["neonnb.capture", "neonnb.job", "neonnb.drivers", "neonnb.hooks", "neonnb.core", "neonnb.render",
+           "neonnb.frames", "neonnb.handles", "neonnb.workflows", "neonnb.scheduler", "neonnb.worker"]
+
+
+def _layer(module: str) -> int | None:
+    for index, prefix in enumerate(RUNTIME):
+        if module == prefix or module.startswith(prefix + "."):
+            return index
+    return None
+
+
+def test_the_runtime_imports_downward_and_never_the_facade() -> None:
+    for module, imported in IMPORTS.items():
+        layer = _layer(module)
+        if layer is None:
+            continue
+        for name in imported - BELOW_DRIVERS - {"neonnb.records"}:
+            other = _layer(name)
+            assert other is not None, f"{module} imports {name}, above the runtime"
+            assert other <= layer, f"{module} imports {name}, which sits above it"
+
+
+def test_workers_know_chains_and_batches_only_as_hooks() -> None:
+    for module, imported in IMPORTS.items():
+        if module.startswith("neonnb.worker"):
+            assert "neonnb.workflows" not in imported, f"{module} imports the workflows"

@@ -16,7 +16,7 @@ import pytest
 
 import neonnb._loop as loop
 from neonnb import Config, QueueManager, Status, WorkerOptions
-from neonnb.worker import backoff_delay
+from neonnb.worker.outcomes import backoff_delay
 from tests import jobs
 from tests.conftest import FakeClock, wait_until
 from tests.services import PostgresServer, RedisServer
@@ -202,7 +202,7 @@ def test_a_worker_whose_clock_disagrees_with_the_store_refuses_to_start(
         held = on_time.dispatch("elsewhere", jobs.Note("held elsewhere"))
         [_] = loop.run_sync(slightly.driver.reserve(["elsewhere"], 1, "other-worker", time.time(), time.time() + 30))
         offset[0] = 60.0
-        loop.run_sync(slightly.housekeeping(time.time() + 60))
+        loop.run_sync(slightly.core.housekeeping(time.time() + 60))
         assert held.status is Status.RUNNING, "a live job was recovered by a worker whose clock jumped ahead"
         worker.stop()
     finally:

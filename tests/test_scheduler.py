@@ -96,7 +96,7 @@ def test_enqueue_once_stores_an_id_only_once(make_manager: MakeManager) -> None:
     import neonnb._loop as loop
 
     qm = make_manager()
-    record = qm._record("q", jobs.Note("once"))
+    record = qm.core.record("q", jobs.Note("once"))
     assert loop.run_sync(qm.driver.enqueue_once(record)) is True
     assert loop.run_sync(qm.driver.enqueue_once(record)) is False
     assert qm.size("q") == 1

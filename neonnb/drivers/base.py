@@ -20,43 +20,14 @@ from typing import Any
 from ..records import JobRecord, QueueCounts, Recovered, Status
 
 
-class Waiter(abc.ABC):
-    """One idle worker's wait for a job handed over as it is dispatched: one trip from the
-    dispatcher to the worker, where a wake-up and then a claim would take two."""
-
-    @abc.abstractmethod
-    async def wait(self, now: float, lease_timeout: float, timeout: float, wake: asyncio.Event,
-                   start: Callable[[list[JobRecord]], None]) -> None:
-        """Wait until a job is handed over, ``wake`` is set or ``timeout`` passes. Jobs handed
-        over (already claimed for this worker, their lease running) go to ``start`` as soon
-        as they arrive."""
-
-    @abc.abstractmethod
-    async def close(self) -> None:
-        """The worker stops: let go of what the waits held."""
-
-
 class Driver(abc.ABC):
-    # A store that runs pipelined commands one after another (Redis) answers a big claim
-    # sooner as several small ones sent together: the worker starts the first jobs while the
-    # store still claims the rest. None: one reserve call per claim.
-    claim_piece: int | None = None
-
-    async def waiter(self, worker_id: str, queues: Sequence[str]) -> Waiter | None:
-        """How an idle worker waits when the store can hand it jobs as they are dispatched;
-        None (the default): it waits for a wake-up, then claims."""
-        return None
+    """The job-level contract: what every store does. What only some stores can do is a
+    capability below, which a driver class adds to its bases (``class RedisDriver(Driver,
+    BlockingEnqueue, HandOff, ...)``) and its callers check with ``isinstance``."""
 
     @abc.abstractmethod
     async def enqueue(self, records: Sequence[JobRecord]) -> None:
         """Store new jobs, all in one round trip; when this returns they are durable."""
-
-    @abc.abstractmethod
-    def enqueue_blocking(self, records: Sequence[JobRecord]) -> bool:
-        """``enqueue`` on the calling thread, for a sync dispatch: it then costs the store's
-        own round trip, without a hop to neonnb's loop thread and back (two thread
-        wake-ups). False: not this way now (Redis: a lost connection, which the loop's way
-        retries); the caller then goes through the loop."""
 
     @abc.abstractmethod
     async def enqueue_once(self, record: JobRecord) -> bool:
@@ -170,15 +141,72 @@ class Driver(abc.ABC):
     async def delete_failed(self, ids: Sequence[str] | None) -> int:
         """Forget failed jobs; ``ids=None`` flushes the whole failed store."""
 
-    async def server_time(self) -> float | None:
-        """The store's clock (seconds since the epoch), for a store on another machine whose
-        clock leases depend on; None (the default): the store shares this machine's clock."""
-        return None
-
-    def watch(self, callback: Callable[[str], None]) -> None:  # noqa: B027 - polling is the default
-        """Call ``callback(queue)``, from any thread, when another process makes a job of
-        ``queue`` due (``"*"``: any queue may have jobs). Drivers that can't tell leave
-        workers to poll. Called once per driver."""
-
     async def close(self) -> None:  # noqa: B027 - drivers without resources need nothing
         """Release connections."""
+
+
+# --- optional capabilities -------------------------------------------------------------
+
+
+class BlockingEnqueue(abc.ABC):
+    """A store that can take a sync dispatch on the calling thread: it then costs the
+    store's own round trip, without a hop to neonnb's loop thread and back (two thread
+    wake-ups)."""
+
+    @abc.abstractmethod
+    def enqueue_blocking(self, records: Sequence[JobRecord]) -> bool:
+        """``enqueue`` on the calling thread. False: not this way now (Redis: a lost
+        connection, which the loop's way retries); the caller then goes through the loop."""
+
+
+class Waiter(abc.ABC):
+    """One idle worker's wait for a job handed over as it is dispatched: one trip from the
+    dispatcher to the worker, where a wake-up and then a claim would take two."""
+
+    @abc.abstractmethod
+    async def wait(self, now: float, lease_timeout: float, timeout: float, wake: asyncio.Event,
+                   start: Callable[[list[JobRecord]], None]) -> None:
+        """Wait until a job is handed over, ``wake`` is set or ``timeout`` passes. Jobs handed
+        over (already claimed for this worker, their lease running) go to ``start`` as soon
+        as they arrive."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """The worker stops: let go of what the waits held."""
+
+
+class HandOff(abc.ABC):
+    """A store that can hand a job to an idle worker as it is dispatched, claimed for it."""
+
+    @abc.abstractmethod
+    async def waiter(self, worker_id: str, queues: Sequence[str]) -> Waiter | None:
+        """How the worker ``worker_id`` on ``queues`` waits for jobs handed to it; None: it
+        can't for these queues (it waits for a wake-up, then claims)."""
+
+
+class PipelinedClaims(abc.ABC):
+    """A store that runs pipelined commands one after another (Redis) answers a big claim
+    sooner as several small ones sent together: the worker starts the first jobs while the
+    store still claims the rest."""
+
+    claim_piece: int  # jobs per reserve call
+
+
+class WakeUps(abc.ABC):
+    """A store that tells when another process made jobs due (LISTEN/NOTIFY, pub/sub, a
+    file's change); without it workers poll."""
+
+    @abc.abstractmethod
+    def watch(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(queue)``, from any thread, when another process makes a job of
+        ``queue`` due (``"*"``: any queue may have jobs). Called once per driver; a store
+        that can't tell for its configuration (SQLite in memory) does nothing."""
+
+
+class StoreClock(abc.ABC):
+    """A store on another machine, whose clock the leases depend on."""
+
+    @abc.abstractmethod
+    async def server_time(self) -> float | None:
+        """The store's clock, seconds since the epoch; None where it is this machine's
+        (SQLite through the same driver as PostgreSQL)."""

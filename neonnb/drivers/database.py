@@ -47,7 +47,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, NoSuchModuleError, Operat
 from ..config import redact
 from ..errors import ConfigError, MissingExtra, StoreError, StoreUnavailable
 from ..records import JobRecord, Priority, QueueCounts, Recovered, Status, read_record
-from .base import Driver
+from .base import BlockingEnqueue, Driver, StoreClock, WakeUps
 from .pg_notify import Listener, announce, install_trigger
 from .sql_schema import (
     CANCELLED,
@@ -161,7 +161,7 @@ def _engine_for(connection: str) -> Engine:
         raise MissingExtra(f"Config.connection {url.drivername}:// needs {exc.name}: {hint}") from None
 
 
-class DatabaseDriver(Driver):
+class DatabaseDriver(Driver, BlockingEnqueue, StoreClock, WakeUps):
     def __init__(self, connection: str | Engine, table_name: str = "neonnb_jobs") -> None:
         if isinstance(connection, Engine):
             self.engine, self._owns_engine = connection, False

@@ -10,10 +10,10 @@ from dataclasses import replace
 from typing import Any
 
 from ..records import JobRecord, QueueCounts, Recovered, Status
-from .base import Driver
+from .base import BlockingEnqueue, Driver
 
 
-class MemoryDriver(Driver):
+class MemoryDriver(Driver, BlockingEnqueue):
     """Jobs in a dict; per queue a heap of not-yet-promoted jobs by due time, and per queue
     and priority a heap of due jobs by (due time, sequence). Heap entries are invalidated
     lazily: an entry counts only while its sequence number is the job's current one."""

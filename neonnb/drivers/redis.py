@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from .. import _loop
 from ..errors import ConfigError, StoreError, StoreUnavailable
 from ..records import JobRecord, Priority, QueueCounts, Recovered, Status, read_record
-from .base import Driver, Waiter
+from .base import BlockingEnqueue, Driver, HandOff, PipelinedClaims, StoreClock, Waiter, WakeUps
 from .redis_client import (
     ERRORS,
     NO_REPLY,
@@ -71,7 +71,7 @@ def _num(value: float) -> str:
     return repr(float(value))
 
 
-class RedisDriver(Driver):
+class RedisDriver(Driver, BlockingEnqueue, HandOff, PipelinedClaims, StoreClock, WakeUps):
     claim_piece = 10
 
     def __init__(self, url: str, *, password: str | None = None, database: int | None = None,
@@ -334,7 +334,7 @@ class RedisDriver(Driver):
                                          lambda q: [self.channel, q, worker_id, "these"])
         return sum(released)
 
-    async def server_time(self) -> float | None:
+    async def server_time(self) -> float:
         reply = await self._reach(lambda client: client.redis.time())
         seconds, micros = next(iter(reply.values())) if isinstance(reply, dict) else reply  # a cluster: per node
         return int(seconds) + int(micros) / 1e6

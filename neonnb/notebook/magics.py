@@ -140,7 +140,7 @@ class NeonnbMagics(Magics):
         manager = self._manager()
         record = manager.handle(args.job_id).fetch()
         job = decode_job(record)
-        ctx = Context(record, manager.dependencies, lambda _record, _progress: None)
+        ctx = Context(record, manager.core.dependencies, lambda _record, _progress: None)
         fn, call_args, kwargs = job.target(ctx) if isinstance(job, FunctionCall) else (job.handle, (ctx,), {})
         try:
             value = _run_async(fn, call_args, kwargs) if is_async_job(job) else fn(*call_args, **kwargs)

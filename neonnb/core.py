@@ -1,0 +1,237 @@
+"""The runtime under the facade: one per manager, shared by its workers, schedulers,
+handles and workflows, which take it instead of the manager's privates.
+
+It holds the store (driver), the clock, the config, the hooks (events among them) and the
+dependencies handlers receive; it knows this process's workers, to wake them when jobs
+become due; it turns user jobs into records and stores them; and it keeps the store tidy
+(housekeeping: the jobs of dead workers, expired results).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ._loop import on_loop_thread, run_sync
+from .config import Config, parse_duration
+from .drivers.base import BlockingEnqueue, Driver, StoreClock, WakeUps
+from .errors import ClockSkew, ConfigError, error_info
+from .hooks import Events, Hooks, Outcome
+from .job import encode_job, unreadable
+from .records import (
+    MAX_UNIQUE_KEY,
+    JobRecord,
+    Priority,
+    Status,
+    check_queue_name,
+    check_text,
+    new_job_id,
+    parse_priority,
+)
+
+logger = logging.getLogger("neonnb.core")
+
+LEASE_ERROR: dict[str, Any] = {
+    "type": "LeaseExpired",
+    "message": (
+        "the worker running this job stopped heartbeating for longer than the lease (it was "
+        "killed, crashed, hung, or lost the store) on the job's last allowed attempt; look for "
+        "what stops the worker, then retry the job"
+    ),
+    "traceback": "",
+}
+"""The failure recorded when a job's worker kept dying under it."""
+
+
+class Wakeable(Protocol):
+    """A worker, as far as the core is concerned: woken when jobs of its queues are due."""
+
+    queue_names: list[str]
+
+    def notify(self, due: float | None = None) -> None: ...
+
+
+def clock_skew_error(skew: float, lease: float) -> ClockSkew | None:
+    """The error for a clock ``skew`` seconds ahead of the store's (behind: negative) that
+    leases of ``lease`` seconds can't bear: more than a quarter of the lease."""
+    if abs(skew) <= lease / 4:
+        return None
+    return ClockSkew(
+        f"this machine's clock is {abs(skew):.1f}s {'ahead of' if skew > 0 else 'behind'} the store's: with a "
+        f"lease of {lease:g}s, jobs would be taken for dead and run twice; sync the clock (NTP), or set "
+        f"lease_timeout above {4 * abs(skew):.0f}s"
+    )
+
+
+class Core:
+    def __init__(self, config: Config, driver: Driver, clock: Callable[[], float]) -> None:
+        self.config, self.driver, self.clock = config, driver, clock
+        self._enqueue_blocking = driver.enqueue_blocking if isinstance(driver, BlockingEnqueue) else None
+        self.hooks = Hooks()
+        self.events = Events()
+        self.hooks.add(self.events)
+        self.dependencies: dict[str, Any] = {}
+        self._workers: dict[Wakeable, None] = {}  # in the order they started (a set that keeps it)
+        self._workers_lock = threading.Lock()  # the driver's notification thread reads them
+        self._watching = False
+        self._next_housekeeping = 0.0
+        self.clocks_checked = False  # a worker compared this process's clock with the store's (Worker.start)
+
+    # --- this process's workers --------------------------------------------------------
+
+    def add_worker(self, worker: Wakeable) -> None:
+        with self._workers_lock:
+            self._workers[worker] = None
+            if not self._watching:
+                self._watching = True
+                if isinstance(self.driver, WakeUps):
+                    self.driver.watch(self.wake)
+
+    def remove_worker(self, worker: Wakeable) -> None:
+        with self._workers_lock:
+            self._workers.pop(worker, None)
+
+    def workers(self) -> list[Any]:
+        """This process's running workers, in the order they started."""
+        with self._workers_lock:
+            return list(self._workers)
+
+    def wake(self, queue: str = "*", due: float | None = None) -> None:
+        """Jobs of ``queue`` ("*": any) are due at ``due`` (None: now). Called after our own
+        dispatches, and by the driver when another process made jobs due."""
+        for worker in self.workers():
+            if queue == "*" or queue in worker.queue_names:
+                worker.notify(due)
+
+    # --- new jobs --------------------------------------------------------------------------
+
+    def record(self, queue: str, job: Any, *, priority: Priority | str | None = None,
+               run_at: float | None = None) -> JobRecord:
+        """Encode a job and resolve its options (the job's own methods, then config)."""
+        check_queue_name(queue)
+        name, payload = encode_job(job)
+        now = self.clock()
+        if run_at is None:
+            delay = job.delay() if hasattr(job, "delay") else 0
+            run_at = now + parse_duration(delay, f"{name}.delay()")
+        if priority is None:
+            priority = job.priority() if hasattr(job, "priority") else Priority.NORMAL
+        max_attempts = job.max_attempts() if hasattr(job, "max_attempts") else None
+        timeout = job.timeout() if hasattr(job, "timeout") else None
+        return JobRecord(
+            id=new_job_id(),
+            queue=queue,
+            name=name,
+            payload=payload,
+            priority=parse_priority(priority),
+            max_attempts=max_attempts or self.config.max_attempts,
+            timeout=None if timeout is None else parse_duration(timeout, f"{name}.timeout()"),
+            run_at=run_at,
+            created_at=now,
+            unique_key=_unique_key(job),
+        )
+
+    async def enqueue(self, records: list[JobRecord]) -> list[JobRecord]:
+        """Store new jobs and wake this process's workers for them. A unique job whose key
+        a queued or running job holds takes that job's id."""
+        plain = [r for r in records if r.unique_key is None]
+        if plain:
+            await self.driver.enqueue(plain)
+        for r in records:
+            if r.unique_key is not None:
+                r.id = await self.driver.enqueue_unique(r)
+        self._wake_for(records)
+        return records
+
+    def enqueue_sync(self, record: JobRecord) -> JobRecord:
+        """The sync dispatch family's way in: a store that can (BlockingEnqueue) stores the
+        job on the calling thread, not on neonnb's loop thread, which would cost a thread
+        wake-up each way (and on SQL one more each way to the driver's threads;
+        benchmarks/DECISIONS.md)."""
+        blocking = self._enqueue_blocking
+        if record.unique_key is None and blocking is not None and not on_loop_thread() and blocking([record]):
+            self._wake_for([record])
+            return record
+        return run_sync(self.enqueue([record]))[0]
+
+    async def enqueue_once(self, record: JobRecord) -> bool:
+        """Store a job that must exist once, under its fixed id (a chain's next step, a
+        batch's callback, a schedule's tick), and wake workers for it; True if stored now."""
+        stored = await self.driver.enqueue_once(record)
+        if stored:
+            self.wake(record.queue, record.run_at)
+        return stored
+
+    def _wake_for(self, records: list[JobRecord]) -> None:
+        earliest: dict[str, float] = {}
+        for r in records:
+            earliest[r.queue] = min(r.run_at, earliest.get(r.queue, r.run_at))
+        for queue, due in earliest.items():
+            self.wake(queue, due)
+
+    # --- ending jobs outside a worker ------------------------------------------------------
+
+    async def cancel(self, job_id: str, queue: str | None = None) -> Status | None:
+        """See ``QueueManager.acancel``."""
+        was = await self.driver.cancel(job_id, queue, self.clock())
+        if was is Status.QUEUED:
+            record = await self.driver.get(job_id, queue)
+            if record is not None:
+                outcome = Outcome(Status.CANCELLED, error={"type": "neonnb.errors.JobCancelled",
+                                                           "message": "cancelled before it ran", "traceback": ""})
+                await self.hooks.settle(record, outcome)  # a batch counts it as finished
+                self.hooks.after_job(record, outcome)
+        return was
+
+    async def requeue_failed(self, ids: list[str] | None, queue: str | None) -> list[str]:
+        moved = await self.driver.requeue_failed(ids, queue, self.clock())
+        self.wake()
+        return moved
+
+    async def housekeeping(self, now: float) -> None:
+        """Requeue jobs whose worker died and drop results past their TTL. The workers of a
+        manager share one schedule: a quarter of the lease, so a dead worker's jobs wait at
+        most 1.25 leases, and no more often than the poll interval."""
+        if now < self._next_housekeeping:
+            return
+        config = self.config
+        self._next_housekeeping = now + max(config.poll_interval, config.lease_timeout / 4)
+        # Once a worker has checked the clocks at its start, every round checks them again: a
+        # clock that jumped since (a VM resumed, NTP stepped it) would make live jobs look dead.
+        skewed = clock_skew_error(await self.clock_skew(), config.lease_timeout) if self.clocks_checked else None
+        if skewed is not None:
+            logger.error("%s; leases are not recovered until the clocks agree", skewed)
+            return
+        recovered = await self.driver.recover_expired(now)
+        if recovered.requeued:
+            logger.warning("requeued %d job(s) whose worker stopped heartbeating", len(recovered.requeued))
+        for record in recovered.exhausted:
+            # Settled first (a batch counts the member's end), then ended: if this process dies
+            # between the two, the next housekeeping finds the job again and does both.
+            error = error_info(unreadable(record)) if record.broken else LEASE_ERROR
+            outcome = Outcome(Status.FAILED, error=error)
+            await self.hooks.settle(record, outcome)
+            if await self.driver.fail(record, record.worker_id or "", now, error):
+                logger.warning("job %s (%s) failed: its worker stopped heartbeating on its last allowed attempt",
+                               record.id, record.name)
+                self.hooks.after_job(record, outcome)
+        await self.driver.purge_finished(now - config.result_ttl)
+
+    async def clock_skew(self) -> float:
+        """Seconds this process's clock is ahead of the store's (behind: negative); 0 for a
+        store on this machine. Leases are times by the workers' clocks, so they must agree."""
+        if not isinstance(self.driver, StoreClock):
+            return 0.0
+        before = self.clock()
+        server = await self.driver.server_time()
+        return 0.0 if server is None else (before + self.clock()) / 2 - server
+
+
+def _unique_key(job: Any) -> str | None:
+    key = job.unique_key() if hasattr(job, "unique_key") else None
+    if key is not None and not isinstance(key, str):
+        raise ConfigError(f"{type(job).__qualname__}.unique_key() must return a string or None, got {key!r}")
+    return None if key is None else check_text(key, MAX_UNIQUE_KEY, "unique key")
+

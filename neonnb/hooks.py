@@ -1,0 +1,179 @@
+"""Hooks: the extension point around every job, in the spirit of dramatiq's middleware.
+
+A hook sees each job a worker of its manager runs: as it starts, as it reports progress,
+and its outcome (success, a retry, a failure for good, a cancellation), both before that
+outcome is stored (``settle``: what must be stored with it, such as a chain's next step)
+and after (``after_job``, which by default calls ``on_success``, ``on_retry`` or
+``on_failure``). Chains and batches (neonnb.workflows) and the lifecycle events
+(``qm.events``) are hooks; users add their own with ``qm.add_hook(hook)``: metrics,
+tracing, notifications::
+
+    class CountFailures(neonnb.Hook):
+        def __init__(self): self.failed = collections.Counter()
+        def on_failure(self, job, error): self.failed[job.name] += 1
+
+    qm.add_hook(CountFailures())
+
+Hooks run on the worker's event loop and must be quick. An exception in ``before_job``,
+``on_progress`` or ``after_job`` is logged and ignored: a hook never stops a job or a
+worker. One in ``settle`` keeps the outcome from being stored: the worker tries again, and
+if it keeps failing the job's lease runs out and it runs again (so ``settle`` must be
+idempotent, as a step stored under a fixed id is).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .records import JobRecord, Status
+
+logger = logging.getLogger("neonnb.hooks")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an attempt ended: ``status`` SUCCEEDED (with the JSON ``result``), QUEUED (a
+    retry in ``retry_in`` seconds), FAILED or CANCELLED (with the ``error``: its type,
+    message and traceback)."""
+
+    status: Status
+    result: str | None = None
+    error: dict[str, Any] | None = None
+    retry_in: float | None = None
+
+
+class Hook:
+    """Override what you need; every method does nothing by default."""
+
+    def before_job(self, job: JobRecord) -> None:
+        """The job's handler is about to run (``job.attempts`` is this attempt's number)."""
+
+    def on_progress(self, job: JobRecord, progress: dict[str, Any]) -> None:
+        """The job reported ``{"done": ..., "total": ..., "message": ...}``."""
+
+    async def settle(self, job: JobRecord, outcome: Outcome) -> None:
+        """Before ``outcome`` is stored: store what must exist once it is (see the module)."""
+
+    def after_job(self, job: JobRecord, outcome: Outcome) -> None:
+        """``outcome`` is stored. Calls ``on_success``, ``on_retry`` or ``on_failure``."""
+        if outcome.status is Status.SUCCEEDED:
+            self.on_success(job, outcome.result)
+        elif outcome.status is Status.QUEUED:
+            self.on_retry(job, outcome.error or {}, outcome.retry_in or 0.0)
+        else:
+            self.on_failure(job, outcome.error or {})
+
+    def on_success(self, job: JobRecord, result: str | None) -> None:
+        """The job succeeded; ``result`` is its stored JSON result (None: it returned None)."""
+
+    def on_retry(self, job: JobRecord, error: dict[str, Any], delay: float) -> None:
+        """The attempt failed with ``error``; the job runs again in ``delay`` seconds."""
+
+    def on_failure(self, job: JobRecord, error: dict[str, Any]) -> None:
+        """The job ended without success: failed for good (it is in the failed store) or
+        cancelled (``error["type"]`` says which)."""
+
+
+class Hooks:
+    """A manager's hooks, called in the order they were added."""
+
+    def __init__(self) -> None:
+        self._hooks: list[Hook] = []
+        self._settling: list[Hook] = []  # those with a settle of their own: awaited for every outcome
+
+    def add(self, hook: Hook) -> Callable[[], None]:
+        """Add ``hook``; returns a function that removes it."""
+        if not isinstance(hook, Hook):
+            raise TypeError(f"a hook must be an instance of a neonnb.Hook subclass, got {hook!r}")
+        self._hooks.append(hook)
+        if type(hook).settle is not Hook.settle:
+            self._settling.append(hook)
+        return functools.partial(self._remove, hook)
+
+    def _remove(self, hook: Hook) -> None:
+        self._hooks.remove(hook)
+        if hook in self._settling:
+            self._settling.remove(hook)
+
+    def __iter__(self) -> Any:
+        return iter(list(self._hooks))
+
+    def before_job(self, job: JobRecord) -> None:
+        for hook in self._hooks:
+            _quietly(hook.before_job, job)
+
+    def on_progress(self, job: JobRecord, progress: dict[str, Any]) -> None:
+        for hook in self._hooks:
+            _quietly(hook.on_progress, job, progress)
+
+    async def settle(self, job: JobRecord, outcome: Outcome) -> None:
+        for hook in list(self._settling):
+            await hook.settle(job, outcome)
+
+    def after_job(self, job: JobRecord, outcome: Outcome) -> None:
+        for hook in self._hooks:
+            _quietly(hook.after_job, job, outcome)
+
+
+def _quietly(method: Callable[..., None], job: JobRecord, *args: Any) -> None:
+    try:
+        method(job, *args)
+    except Exception:
+        logger.exception("hook %s failed on job %s (%s); the job goes on", method.__qualname__, job.id, job.name)
+
+
+@dataclass
+class JobEvent:
+    """A lifecycle event: ``started``, ``progress``, ``succeeded``, ``retrying``, ``failed`` or
+    ``cancelled``."""
+
+    kind: str
+    job_id: str
+    queue: str
+    name: str
+    attempt: int
+    progress: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    retry_in: float | None = None
+
+
+_KINDS = {Status.SUCCEEDED: "succeeded", Status.QUEUED: "retrying", Status.FAILED: "failed",
+          Status.CANCELLED: "cancelled"}
+
+
+class Events(Hook):
+    """``qm.events``: subscribers receive every JobEvent, on the worker's loop; they must be quick."""
+
+    def __init__(self) -> None:
+        self._subscribers: list[Callable[[JobEvent], None]] = []
+
+    def subscribe(self, callback: Callable[[JobEvent], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` for each event; returns a function that unsubscribes."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback)
+
+    def before_job(self, job: JobRecord) -> None:
+        self._emit("started", job)
+
+    def on_progress(self, job: JobRecord, progress: dict[str, Any]) -> None:
+        self._emit("progress", job, progress=progress)
+
+    def after_job(self, job: JobRecord, outcome: Outcome) -> None:
+        if outcome.status is Status.SUCCEEDED:
+            self._emit("succeeded", job)
+        else:
+            self._emit(_KINDS[outcome.status], job, error=outcome.error, retry_in=outcome.retry_in)
+
+    def _emit(self, kind: str, job: JobRecord, **details: Any) -> None:
+        if not self._subscribers:
+            return
+        event = JobEvent(kind, job.id, job.queue, job.name, job.attempts, **details)
+        for callback in list(self._subscribers):
+            try:
+                callback(event)
+            except Exception:
+                logger.exception("event subscriber %r failed on %s", callback, kind)

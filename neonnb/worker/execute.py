@@ -1,0 +1,182 @@
+"""Running one claimed job: decode it, tell the hooks, capture its output, call its handler
+(async ones on the loop, sync ones on the worker's threads) within its timeout, and hand
+whatever happened to the outcomes. Nothing a job does escapes: every failure becomes a
+retry or an entry in the failed store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
+
+from .. import capture
+from ..errors import JobCancelled, JobTimeout, PayloadError, UnknownJobError
+from ..hooks import Hooks
+from ..job import Context, decode_job, is_async_job
+from ..records import JobRecord, Status
+from .outcomes import Outcomes
+
+
+class Running(NamedTuple):
+    """A job a worker has claimed and is running."""
+
+    record: JobRecord
+    task: asyncio.Task[None]
+    ctx: Context
+
+
+class JobRunner:
+    """One worker's way of running jobs, and what it knows of the threads they run in.
+    ``slot_freed`` is called when a thread that outlived its job's task returns."""
+
+    def __init__(self, hooks: Hooks, outcomes: Outcomes, slot_freed: Callable[[], None]) -> None:
+        self.hooks, self.outcomes, self.slot_freed = hooks, outcomes, slot_freed
+        self._executor: ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._cancelling: set[str] = set()  # jobs being stopped because someone cancelled them
+        # Jobs whose sync handler is running in a thread, and of those the ones whose task has
+        # ended (a timeout the handler ignored): their threads go on and still hold their slots.
+        self._in_thread: set[str] = set()
+        self.stuck: set[str] = set()
+        self.releasing: set[str] = set()  # interrupted by stop(): whatever they end with, they go back
+
+    def open(self, threads: int, name: str) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(threads, thread_name_prefix=name)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+        self._loop = None
+
+    def in_thread(self, job_id: str) -> bool:
+        return job_id in self._in_thread
+
+    def cancel(self, running: Running) -> None:
+        """Someone cancelled the job: a sync handler sees ``ctx.cancelled``, an async one is
+        cancelled; either way it ends CANCELLED."""
+        if running.record.id not in self._cancelling:
+            self._cancelling.add(running.record.id)
+            running.ctx.cancel()
+            running.task.cancel()
+
+    async def run(self, record: JobRecord, ctx: Context, default_timeout: float | None) -> None:
+        self.hooks.before_job(record)
+        job: Any = None
+        output = capture.Output()
+        try:
+            job = decode_job(record)
+            try:
+                with capture.capturing(output):  # this task runs in a context of its own (Worker._start)
+                    value = await self._call(job, ctx, record.timeout or default_timeout, output)
+            finally:
+                if output:
+                    await self.outcomes.save_output(record, output.text())
+        except asyncio.CancelledError:
+            if record.id not in self._cancelling:
+                raise  # stop(): the worker releases the job
+            self._cancelling.discard(record.id)
+            _uncancel()
+            await self.outcomes.failed(record, JobCancelled("cancelled while running"), Status.CANCELLED)
+        except (UnknownJobError, PayloadError) as exc:
+            # Retrying can't help until someone imports or fixes something.
+            await self.outcomes.failed(record, exc)
+        except Exception as exc:
+            await self.outcomes.errored(record, job, exc)
+        except GeneratorExit:  # the task itself is being closed (its loop is going): nothing to record
+            raise
+        except BaseException as exc:
+            # sys.exit(), KeyboardInterrupt and the like, raised by the handler: they end the
+            # job, never retried, and never the worker (escaping the task they would stop the loop).
+            await self.outcomes.failed(record, exc)
+        else:
+            await self.outcomes.succeeded(record, value)
+
+    async def _call(self, job: Any, ctx: Context, timeout: float | None, output: capture.Output) -> Any:
+        """Run the handler in this task; past ``timeout`` the task is cancelled (a timer, not
+        ``wait_for``, which would cost a second task per job). The timeout counts from when
+        the handler starts."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        timed_out = False
+        in_thread = not is_async_job(job)
+        thread_started: list[float] = []  # when a sync handler's thread began to run it
+        timer: asyncio.TimerHandle | None = None
+
+        def expire() -> None:
+            nonlocal timed_out, timer
+            if in_thread:
+                left = thread_started[0] + limit - time.monotonic() if thread_started else limit
+                if left > 0:  # it waited for a thread: its time counts from the start
+                    timer = loop.call_later(left, expire)
+                    return
+            timed_out = True
+            ctx.cancel()  # a sync handler's thread can't be killed: ask it to stop
+            task.cancel()
+
+        limit = timeout or 0.0
+        if limit:
+            timer = loop.call_later(limit, expire)
+        try:
+            if not in_thread:
+                return await job.handle(ctx)
+            try:
+                return await self._in_a_thread(ctx, capture.calling(output, job.handle), thread_started)
+            finally:
+                if ctx.job_id in self.releasing:
+                    # stop() interrupted it and waited for its thread: however it ended, it goes
+                    # back to the queue like a cancelled async job.
+                    raise asyncio.CancelledError
+        except asyncio.CancelledError:
+            if not timed_out:
+                raise
+            _uncancel()
+            raise JobTimeout(f"job ran longer than its timeout of {timeout:g}s") from None
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    async def _in_a_thread(self, ctx: Context, handle: Callable[[Context], Any], started: list[float]) -> Any:
+        """Run a sync handler on the worker's threads; the job holds its slot until its thread
+        returns, even when its task ended first (a timeout the handler ignored)."""
+        assert self._executor is not None and self._loop is not None
+        loop, job_id = self._loop, ctx.job_id
+
+        def run() -> Any:
+            started.append(time.monotonic())
+            return contextvars.Context().run(handle, ctx)
+
+        def returned(_future: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nothing is left to wake
+                loop.call_soon_threadsafe(self._thread_returned, job_id)
+
+        self._in_thread.add(job_id)
+        future = self._executor.submit(run)
+        try:
+            return await asyncio.wrap_future(future)
+        finally:
+            if future.done():
+                self._in_thread.discard(job_id)
+            else:  # its task ends first (a timeout, a stop): the thread frees the slot when it returns
+                self.stuck.add(job_id)
+                future.add_done_callback(returned)
+
+    def _thread_returned(self, job_id: str) -> None:
+        self._in_thread.discard(job_id)
+        self.stuck.discard(job_id)
+        self.slot_freed()
+
+
+def _uncancel() -> None:
+    """After handling our own cancellation of the current task, so its later awaits run."""
+    task = asyncio.current_task()
+    if task is not None and hasattr(task, "uncancel"):  # Python 3.11+
+        task.uncancel()

@@ -1,0 +1,240 @@
+"""What a worker stores about the jobs it runs: leases (the heartbeat), progress, and each
+attempt's outcome (acknowledged in batches, retried with backoff, or failed), with the
+hooks settled before an outcome is stored and told after.
+
+Every write is retried while the store is unreachable (``persist``); if it never comes
+back, the job's lease runs out and another worker runs it again: at-least-once holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import logging
+import random
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, TypeVar
+
+from ..codec import dumps, encode
+from ..config import WorkerOptions, parse_duration
+from ..core import Core
+from ..errors import Retry, SerializationError, error_info
+from ..hooks import Outcome
+from ..job import takes_no_arguments
+from ..records import JobRecord, Status
+
+logger = logging.getLogger("neonnb.worker")
+ACK_DELAY = 0.001  # seconds a finished job's ack waits for others to travel with
+PROGRESS_EVERY = 0.25  # seconds from a job's progress report to the store
+T = TypeVar("T")
+
+
+def backoff_delay(attempt: int, base: float, cap: float, jitter: bool = False) -> float:
+    """Exponential backoff: ``base``, ``2*base``, ``4*base`` ... for attempts 1, 2, 3 ...,
+    capped at ``cap``; with ``jitter`` a random point in the upper half of that delay."""
+    # Past 2**64 the doubling no longer matters (any cap is smaller), and 2.0 ** 1024 overflows.
+    delay = min(cap, base * 2.0 ** min(max(attempt - 1, 0), 64))
+    return random.uniform(delay / 2, delay) if jitter else delay
+
+
+def retry_delay_for(
+    job: Any, record: JobRecord, exc: BaseException, base: float, cap: float, jitter: bool
+) -> float | None:
+    """Seconds until the next attempt, or None when the job must go to the failed store.
+
+    ``Retry(delay=...)`` asks for a retry; otherwise the job's ``should_retry(err)`` decides.
+    The job's ``retry_delay(attempt, err)`` (or the spec's argument-less ``retry_delay()``)
+    overrides the exponential backoff.
+    """
+    if record.attempts >= record.max_attempts:
+        return None
+    if isinstance(exc, Retry):
+        if exc.delay is not None:
+            return exc.delay
+    elif job is not None and hasattr(job, "should_retry") and not job.should_retry(exc):
+        return None
+    if job is not None and hasattr(job, "retry_delay"):
+        delay = job.retry_delay() if takes_no_arguments(job.retry_delay) else job.retry_delay(record.attempts, exc)
+        return parse_duration(delay, f"{record.name}.retry_delay()")
+    return backoff_delay(record.attempts, base, cap, jitter)
+
+
+def encode_result(value: Any, record: JobRecord) -> str | None:
+    """The stored result: JSON if the value can be, else nothing (and a log line saying so)."""
+    if value is None:
+        return None
+    try:
+        return dumps(encode(value, "result"))
+    except (SerializationError, ValueError) as exc:
+        logger.warning("job %s (%s) returned a value that can't be stored: %s", record.id, record.name, exc)
+        return None
+
+
+class Outcomes:
+    """One worker's writes about its jobs. ``guard`` runs a driver call the worker can live
+    without for now (progress, output, leases), logging a failure."""
+
+    def __init__(self, core: Core, worker_id: str, options: WorkerOptions,
+                 guard: Callable[[Coroutine[Any, Any, Any], str], Awaitable[Any]]) -> None:
+        self.core, self.driver, self.worker_id, self.options = core, core.driver, worker_id, options
+        self.guard = guard
+        self._dirty_progress: dict[str, tuple[JobRecord, dict[str, Any]]] = {}
+        self._progress_writer: asyncio.Task[None] | None = None
+        # Finished jobs waiting to be acknowledged together. Their slots are free already;
+        # their leases are kept until the ack is stored.
+        self._acks: list[tuple[JobRecord, str | None]] = []
+        self._ack_flusher: asyncio.Task[None] | None = None
+
+    # --- leases -------------------------------------------------------------------------
+
+    def unacknowledged(self) -> list[JobRecord]:
+        """Jobs that finished and wait for their ack: still this worker's, their leases kept."""
+        return [record for record, _ in self._acks]
+
+    async def heartbeat(self, running: Callable[[], Iterable[JobRecord]], stop_job: Callable[[str], None]) -> None:
+        """Keep the leases of the jobs ``running()`` and those waiting for their ack alive;
+        jobs someone cancelled go to ``stop_job``."""
+        interval = self.options.lease_timeout / 3
+        while True:
+            await asyncio.sleep(interval)
+            held = [*running(), *self.unacknowledged()]
+            if held:
+                lease = self.core.clock() + self.options.lease_timeout
+                stopping = await self.guard(self.driver.extend_leases(held, self.worker_id, lease), "extending leases")
+                for job_id in stopping or ():
+                    stop_job(job_id)
+
+    # --- progress -----------------------------------------------------------------------
+
+    def note_progress(self, record: JobRecord, progress: dict[str, Any]) -> None:
+        """A job's progress report, on the worker's loop: stored within PROGRESS_EVERY."""
+        self._dirty_progress[record.id] = (record, progress)
+        self.core.hooks.on_progress(record, progress)
+        if self._progress_writer is None or self._progress_writer.done():
+            # In a context of its own, not the reporting job's (whose output it would capture).
+            loop = asyncio.get_running_loop()
+            self._progress_writer = contextvars.Context().run(loop.create_task, self._write_progress())
+
+    async def _write_progress(self) -> None:
+        """Store the latest progress of each job that reported some, PROGRESS_EVERY after the
+        first report: seen everywhere within that, and however often a job reports, a few
+        writes a second (the last value is stored before the job's outcome)."""
+        while self._dirty_progress:
+            await asyncio.sleep(PROGRESS_EVERY)
+            await self._flush_progress()
+
+    async def _flush_progress(self, only: str | None = None) -> None:
+        ids = [only] if only is not None else list(self._dirty_progress)
+        for job_id in ids:
+            dirty = self._dirty_progress.pop(job_id, None)
+            if dirty is not None:
+                record, progress = dirty
+                await self.guard(self.driver.set_progress(record, self.worker_id, progress), "saving progress")
+
+    async def save_output(self, record: JobRecord, text: str) -> None:
+        await self.guard(self.driver.save_output(record, self.worker_id, text), "saving output")
+
+    def stop(self) -> None:
+        if self._progress_writer is not None:
+            self._progress_writer.cancel()
+
+    # --- an attempt's outcome --------------------------------------------------------------
+
+    async def succeeded(self, record: JobRecord, value: Any) -> None:
+        if record.id in self._dirty_progress:
+            await self._flush_progress(record.id)
+        result = encode_result(value, record)
+        outcome = Outcome(Status.SUCCEEDED, result=result)
+        if not await self._settle(record, outcome):
+            return  # no ack: the lease runs out and the job runs again, its flow intact
+        self._acks.append((record, result))
+        # Acks within ACK_DELAY of each other, or arriving while a write is in flight, go
+        # together in one write: a busy worker acknowledges in batches.
+        if self._ack_flusher is None or self._ack_flusher.done():
+            self._ack_flusher = asyncio.create_task(self._flush_acks())
+
+    async def acks_stored(self) -> None:
+        if self._ack_flusher is not None:
+            await self._ack_flusher
+
+    async def _flush_acks(self) -> None:
+        # A millisecond's wait: the claim for the slots these jobs freed goes to the store
+        # ahead of their acks (Redis runs commands in order, and the next jobs wait on the
+        # claim, nobody on the ack), and jobs ending meanwhile are acknowledged in this write.
+        await asyncio.sleep(ACK_DELAY)
+        while self._acks:
+            batch = self._acks[:]
+            write = functools.partial(self.driver.complete, batch, self.worker_id, self.core.clock())
+            done = set(await self.persist(write, "complete") or ())
+            del self._acks[: len(batch)]  # only now: the heartbeat keeps pending leases alive
+            for record, result in batch:
+                if record.id in done:
+                    self.core.hooks.after_job(record, Outcome(Status.SUCCEEDED, result=result))
+                else:
+                    logger.warning("job %s finished, but its lease had passed to another worker", record.id)
+
+    async def errored(self, record: JobRecord, job: Any, exc: Exception) -> None:
+        """The attempt raised ``exc``: retry the job (backoff, or its own rules) or fail it."""
+        config = self.core.config
+        info = error_info(exc)
+        try:
+            delay = retry_delay_for(job, record, exc, config.retry_delay, config.backoff_cap, config.backoff_jitter)
+        except Exception as hook_error:
+            # The job's own error stays the one recorded: it is what the user must fix first.
+            logger.exception("job %s: its should_retry/retry_delay raised; failing the job", record.id)
+            rule = error_info(hook_error)
+            info["message"] += f" (then deciding whether to retry raised {rule['type']}: {rule['message']})"
+            info["traceback"] += "\nWhile deciding whether to retry:\n\n" + rule["traceback"]
+            delay = None
+        if delay is None:
+            await self.failed(record, exc, info=info)
+            return
+        await self._flush_progress(record.id)
+        run_at = self.core.clock() + delay
+        outcome = Outcome(Status.QUEUED, error=info, retry_in=delay)
+        if not await self._settle(record, outcome):
+            return
+        if await self.persist(lambda: self.driver.retry(record, self.worker_id, run_at, info), "retry"):
+            self.core.wake(record.queue, run_at)
+            logger.info("job %s (%s) attempt %d failed (%s); retrying in %.1fs",
+                        record.id, record.name, record.attempts, info["type"], delay)
+            self.core.hooks.after_job(record, outcome)
+
+    async def failed(self, record: JobRecord, exc: BaseException, status: Status = Status.FAILED,
+                     info: dict[str, Any] | None = None) -> None:
+        """The job ends without success: FAILED (into the failed store) or CANCELLED."""
+        await self._flush_progress(record.id)
+        info = info or error_info(exc)
+        outcome = Outcome(status, error=info)
+        # The end is stored even when settling kept failing: the job ran for good, and the
+        # store that refused the hooks' writes most likely refuses this one too (then the
+        # lease runs out, and housekeeping settles and fails it).
+        await self._settle(record, outcome)
+        now = self.core.clock()
+        if await self.persist(lambda: self.driver.fail(record, self.worker_id, now, info, status), status.value):
+            logger.warning("job %s (%s) %s after %d attempt(s): %s: %s", record.id, record.name, status.value,
+                           record.attempts, info["type"], info["message"])
+            self.core.hooks.after_job(record, outcome)
+
+    async def _settle(self, record: JobRecord, outcome: Outcome) -> bool:
+        """The hooks' ``settle``, retried like a write; False when it kept failing."""
+        return await self.persist(lambda: self._settled(record, outcome), "settle the hooks of") is not None
+
+    async def _settled(self, record: JobRecord, outcome: Outcome) -> bool:
+        await self.core.hooks.settle(record, outcome)
+        return True
+
+    async def persist(self, write: Callable[[], Awaitable[T]], what: str) -> T | None:
+        """Record an outcome, retrying while storage is unreachable. If it never comes back
+        the job's lease runs out and another worker runs it again: at-least-once holds."""
+        delay = 0.1
+        for _ in range(8):
+            try:
+                return await write()
+            except Exception as exc:
+                logger.warning("worker %s: could not %s a job (%r); retrying in %.1fs", self.worker_id, what, exc,
+                               delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        return None
