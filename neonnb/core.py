@@ -70,8 +70,7 @@ class Core:
         self.config, self.driver, self.clock = config, driver, clock
         self._enqueue_blocking = driver.enqueue_blocking if isinstance(driver, BlockingEnqueue) else None
         self.hooks = Hooks()
-        self.events = Events()
-        self.hooks.add(self.events)
+        self.events = Events(self.hooks)
         self.dependencies: dict[str, Any] = {}
         self._workers: dict[Wakeable, None] = {}  # in the order they started (a set that keeps it)
         self._workers_lock = threading.Lock()  # the driver's notification thread reads them

@@ -78,52 +78,69 @@ class Hook:
         cancelled (``error["type"]`` says which)."""
 
 
+_AFTER = ("after_job", "on_success", "on_retry", "on_failure")
+
+
 class Hooks:
-    """A manager's hooks, called in the order they were added."""
+    """A manager's hooks, called in the order they were added. Each call goes only to the
+    hooks that define the method (a worker calls them for every job)."""
 
     def __init__(self) -> None:
         self._hooks: list[Hook] = []
-        self._settling: list[Hook] = []  # those with a settle of their own: awaited for every outcome
+        self._before: list[Hook] = []
+        self._progress: list[Hook] = []
+        self._settling: list[Hook] = []
+        self._after: list[Hook] = []
 
     def add(self, hook: Hook) -> Callable[[], None]:
         """Add ``hook``; returns a function that removes it."""
         if not isinstance(hook, Hook):
             raise TypeError(f"a hook must be an instance of a neonnb.Hook subclass, got {hook!r}")
         self._hooks.append(hook)
-        if type(hook).settle is not Hook.settle:
-            self._settling.append(hook)
+        self._sort()
         return functools.partial(self._remove, hook)
 
     def _remove(self, hook: Hook) -> None:
-        self._hooks.remove(hook)
-        if hook in self._settling:
-            self._settling.remove(hook)
+        if hook in self._hooks:
+            self._hooks.remove(hook)
+            self._sort()
 
-    def __iter__(self) -> Any:
-        return iter(list(self._hooks))
+    def _sort(self) -> None:
+        def defining(*names: str) -> list[Hook]:
+            return [h for h in self._hooks if any(getattr(type(h), n) is not getattr(Hook, n) for n in names)]
+
+        self._before, self._progress = defining("before_job"), defining("on_progress")
+        self._settling, self._after = defining("settle"), defining(*_AFTER)
 
     def before_job(self, job: JobRecord) -> None:
-        for hook in self._hooks:
-            _quietly(hook.before_job, job)
+        for hook in self._before:
+            try:
+                hook.before_job(job)
+            except Exception:
+                _failed(hook, "before_job", job)
 
     def on_progress(self, job: JobRecord, progress: dict[str, Any]) -> None:
-        for hook in self._hooks:
-            _quietly(hook.on_progress, job, progress)
+        for hook in self._progress:
+            try:
+                hook.on_progress(job, progress)
+            except Exception:
+                _failed(hook, "on_progress", job)
 
     async def settle(self, job: JobRecord, outcome: Outcome) -> None:
-        for hook in list(self._settling):
+        for hook in self._settling:
             await hook.settle(job, outcome)
 
     def after_job(self, job: JobRecord, outcome: Outcome) -> None:
-        for hook in self._hooks:
-            _quietly(hook.after_job, job, outcome)
+        for hook in self._after:
+            try:
+                hook.after_job(job, outcome)
+            except Exception:
+                _failed(hook, "after_job", job)
 
 
-def _quietly(method: Callable[..., None], job: JobRecord, *args: Any) -> None:
-    try:
-        method(job, *args)
-    except Exception:
-        logger.exception("hook %s failed on job %s (%s); the job goes on", method.__qualname__, job.id, job.name)
+def _failed(hook: Hook, method: str, job: JobRecord) -> None:
+    logger.exception("hook %s.%s failed on job %s (%s); the job goes on", type(hook).__qualname__, method, job.id,
+                     job.name)
 
 
 @dataclass
@@ -146,15 +163,26 @@ _KINDS = {Status.SUCCEEDED: "succeeded", Status.QUEUED: "retrying", Status.FAILE
 
 
 class Events(Hook):
-    """``qm.events``: subscribers receive every JobEvent, on the worker's loop; they must be quick."""
+    """``qm.events``: subscribers receive every JobEvent, on the worker's loop; they must be
+    quick. A hook among ``hooks`` while it has subscribers."""
 
-    def __init__(self) -> None:
+    def __init__(self, hooks: Hooks) -> None:
+        self._hooks = hooks
         self._subscribers: list[Callable[[JobEvent], None]] = []
+        self._remove_hook: Callable[[], None] | None = None
 
     def subscribe(self, callback: Callable[[JobEvent], None]) -> Callable[[], None]:
         """Call ``callback(event)`` for each event; returns a function that unsubscribes."""
         self._subscribers.append(callback)
-        return lambda: self._subscribers.remove(callback)
+        if self._remove_hook is None:
+            self._remove_hook = self._hooks.add(self)
+        return functools.partial(self._unsubscribe, callback)
+
+    def _unsubscribe(self, callback: Callable[[JobEvent], None]) -> None:
+        self._subscribers.remove(callback)
+        if not self._subscribers and self._remove_hook is not None:
+            self._remove_hook()
+            self._remove_hook = None
 
     def before_job(self, job: JobRecord) -> None:
         self._emit("started", job)
@@ -169,8 +197,6 @@ class Events(Hook):
             self._emit(_KINDS[outcome.status], job, error=outcome.error, retry_in=outcome.retry_in)
 
     def _emit(self, kind: str, job: JobRecord, **details: Any) -> None:
-        if not self._subscribers:
-            return
         event = JobEvent(kind, job.id, job.queue, job.name, job.attempts, **details)
         for callback in list(self._subscribers):
             try:

@@ -83,7 +83,7 @@ class Outcomes:
         self._progress_writer: asyncio.Task[None] | None = None
         # Finished jobs waiting to be acknowledged together. Their slots are free already;
         # their leases are kept until the ack is stored.
-        self._acks: list[tuple[JobRecord, str | None]] = []
+        self._acks: list[tuple[JobRecord, Outcome]] = []
         self._ack_flusher: asyncio.Task[None] | None = None
 
     # --- leases -------------------------------------------------------------------------
@@ -148,7 +148,7 @@ class Outcomes:
         outcome = Outcome(Status.SUCCEEDED, result=result)
         if not await self._settle(record, outcome):
             return  # no ack: the lease runs out and the job runs again, its flow intact
-        self._acks.append((record, result))
+        self._acks.append((record, outcome))
         # Acks within ACK_DELAY of each other, or arriving while a write is in flight, go
         # together in one write: a busy worker acknowledges in batches.
         if self._ack_flusher is None or self._ack_flusher.done():
@@ -165,12 +165,13 @@ class Outcomes:
         await asyncio.sleep(ACK_DELAY)
         while self._acks:
             batch = self._acks[:]
-            write = functools.partial(self.driver.complete, batch, self.worker_id, self.core.clock())
+            results = [(record, outcome.result) for record, outcome in batch]
+            write = functools.partial(self.driver.complete, results, self.worker_id, self.core.clock())
             done = set(await self.persist(write, "complete") or ())
             del self._acks[: len(batch)]  # only now: the heartbeat keeps pending leases alive
-            for record, result in batch:
+            for record, outcome in batch:
                 if record.id in done:
-                    self.core.hooks.after_job(record, Outcome(Status.SUCCEEDED, result=result))
+                    self.core.hooks.after_job(record, outcome)
                 else:
                     logger.warning("job %s finished, but its lease had passed to another worker", record.id)
 
@@ -219,6 +220,11 @@ class Outcomes:
 
     async def _settle(self, record: JobRecord, outcome: Outcome) -> bool:
         """The hooks' ``settle``, retried like a write; False when it kept failing."""
+        try:
+            await self.core.hooks.settle(record, outcome)
+            return True
+        except Exception as exc:
+            logger.warning("worker %s: settling job %s failed (%r); trying again", self.worker_id, record.id, exc)
         return await self.persist(lambda: self._settled(record, outcome), "settle the hooks of") is not None
 
     async def _settled(self, record: JobRecord, outcome: Outcome) -> bool:
