@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias, overload
 
 from .errors import ConfigError
 
@@ -66,6 +66,52 @@ def parse_duration(value: Any, name: str) -> float:
     return seconds
 
 
+DurationInput: TypeAlias = "float | str | timedelta"
+"""What a duration setting takes: seconds, a ``timedelta`` or a string such as ``"1m30s"``."""
+
+
+class Duration:
+    """A duration field of a config dataclass: set from any ``DurationInput`` (checked
+    then, naming the field), read as seconds, a float."""
+
+    def __init__(self, default: float) -> None:
+        self.default = default
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attribute, self.label = f"_{name}", f"{owner.__name__}.{name}"
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> float: ...
+    @overload
+    def __get__(self, obj: object, owner: type) -> float: ...
+
+    def __get__(self, obj: object | None, owner: type) -> float:
+        if obj is None:  # the dataclass asks the class for the field's default
+            return self.default
+        return float(getattr(obj, self.attribute))
+
+    def __set__(self, obj: object, value: DurationInput) -> None:
+        object.__setattr__(obj, self.attribute, parse_duration(value, self.label))
+
+
+class OptionalDuration:
+    """A duration field that may be None ("take it from the Config")."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attribute, self.label = f"_{name}", f"{owner.__name__}.{name}"
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> None: ...
+    @overload
+    def __get__(self, obj: object, owner: type) -> float | None: ...
+
+    def __get__(self, obj: object | None, owner: type) -> float | None:
+        return None if obj is None else getattr(obj, self.attribute)
+
+    def __set__(self, obj: object, value: DurationInput | None) -> None:
+        object.__setattr__(obj, self.attribute, None if value is None else parse_duration(value, self.label))
+
+
 def _positive_int(value: Any, name: str, allow_zero: bool = False) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
         least = "0 or more" if allow_zero else "at least 1"
@@ -96,16 +142,16 @@ class Config:
     database: int = 0
     default_queue: str = "default"
     max_retries: int = 3
-    retry_delay: Any = 5.0
-    timeout: Any = 60.0
+    retry_delay: Duration = Duration(5.0)
+    timeout: Duration = Duration(60.0)
     workers: int = 5
     max_jobs: int = 0
-    poll_interval: Any = 1.0
+    poll_interval: Duration = Duration(1.0)
     table_name: str = "neonnb_jobs"
-    lease_timeout: Any = 30.0
-    backoff_cap: Any = 3600.0
+    lease_timeout: Duration = Duration(30.0)
+    backoff_cap: Duration = Duration(3600.0)
     backoff_jitter: bool = False
-    result_ttl: Any = 86400.0
+    result_ttl: Duration = Duration(86400.0)
     key_prefix: str = "neonnb:"
 
     def __post_init__(self) -> None:
@@ -144,8 +190,6 @@ class Config:
         self.max_retries = _positive_int(self.max_retries, "Config.max_retries", allow_zero=True)
         self.workers = _positive_int(self.workers, "Config.workers")
         self.max_jobs = _positive_int(self.max_jobs, "Config.max_jobs", allow_zero=True)
-        for name in ("retry_delay", "timeout", "poll_interval", "lease_timeout", "backoff_cap", "result_ttl"):
-            setattr(self, name, parse_duration(getattr(self, name), f"Config.{name}"))
         if self.poll_interval <= 0 or self.lease_timeout <= 0:
             raise ConfigError("Config.poll_interval and Config.lease_timeout must be greater than 0")
 
@@ -264,24 +308,33 @@ class WorkerOptions:
     """
 
     max_jobs: int | None = None
-    timeout: Any = None
-    poll_interval: Any = None
-    lease_timeout: Any = None
+    timeout: OptionalDuration = OptionalDuration()
+    poll_interval: OptionalDuration = OptionalDuration()
+    lease_timeout: OptionalDuration = OptionalDuration()
     burst: bool = False
     worker_id: str = field(default="")
 
-    def resolve(self, config: Config) -> WorkerOptions:
-        """A copy with every ``None`` filled in from ``config``, all values validated."""
-        def duration(name: str) -> float:
-            value = getattr(self, name)
-            return parse_duration(getattr(config, name) if value is None else value, f"WorkerOptions.{name}")
-
+    def resolve(self, config: Config) -> WorkerSettings:
+        """Every ``None`` filled in from ``config``, all values validated."""
         max_jobs = config.max_jobs if self.max_jobs is None else self.max_jobs
-        return WorkerOptions(
+        return WorkerSettings(
             max_jobs=_positive_int(max_jobs, "WorkerOptions.max_jobs", allow_zero=True),
-            timeout=duration("timeout"),
-            poll_interval=duration("poll_interval"),
-            lease_timeout=duration("lease_timeout"),
+            timeout=config.timeout if self.timeout is None else self.timeout,
+            poll_interval=config.poll_interval if self.poll_interval is None else self.poll_interval,
+            lease_timeout=config.lease_timeout if self.lease_timeout is None else self.lease_timeout,
             burst=self.burst,
             worker_id=self.worker_id,
         )
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """A worker's ``WorkerOptions`` resolved against its ``Config``: every value set,
+    durations in seconds."""
+
+    max_jobs: int
+    timeout: float
+    poll_interval: float
+    lease_timeout: float
+    burst: bool
+    worker_id: str

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 from . import frames, render, workflows
 from ._loop import run_sync
-from .config import Config, WorkerOptions, parse_duration, redact
+from .config import Config, DurationInput, WorkerOptions, parse_duration, redact
 from .core import Core
 from .drivers import create_driver
 from .drivers.base import Driver
@@ -114,8 +114,8 @@ class QueueManager:
     def job(self, fn: Callable[..., Any], /) -> FunctionJob: ...
     @overload
     def job(
-        self, fn: None = None, /, *, queue: str | None = ..., max_attempts: int | None = ..., timeout: Any = ...,
-        priority: Priority | str = ..., name: str | None = ..., unique: bool = ...,
+        self, fn: None = None, /, *, queue: str | None = ..., max_attempts: int | None = ...,
+        timeout: DurationInput | None = ..., priority: Priority | str = ..., name: str | None = ..., unique: bool = ...,
     ) -> Callable[[Callable[..., Any]], FunctionJob]: ...
 
     def job(
@@ -125,7 +125,7 @@ class QueueManager:
         *,
         queue: str | None = None,
         max_attempts: int | None = None,
-        timeout: Any = None,
+        timeout: DurationInput | None = None,
         priority: Priority | str = Priority.NORMAL,
         name: str | None = None,
         unique: bool = False,
@@ -170,7 +170,7 @@ class QueueManager:
         """Enqueue ``job`` on ``queue`` now (or after the job's own ``delay()``)."""
         return (await self._enqueue([self.core.record(queue, job)]))[0]
 
-    async def adispatch_after(self, queue: str, job: Any, delay: Any) -> JobHandle:
+    async def adispatch_after(self, queue: str, job: Any, delay: DurationInput) -> JobHandle:
         """Enqueue ``job`` to run ``delay`` from now (seconds, timedelta or "5m")."""
         return (await self._enqueue([self.core.record(queue, job, run_at=self._after(delay))]))[0]
 
@@ -178,7 +178,7 @@ class QueueManager:
         """Enqueue ``job`` to run at ``when`` (an aware or local datetime, or an epoch time)."""
         return (await self._enqueue([self.core.record(queue, job, run_at=_epoch(when))]))[0]
 
-    def _after(self, delay: Any) -> float:
+    def _after(self, delay: DurationInput) -> float:
         return self.clock() + parse_duration(delay, "delay")
 
     async def adispatch_with_priority(self, queue: str, job: Any, priority: Priority | str) -> JobHandle:
@@ -223,7 +223,7 @@ class QueueManager:
     def dispatch(self, queue: str, job: Any) -> JobHandle:
         return self._enqueue_sync(self.core.record(queue, job))
 
-    def dispatch_after(self, queue: str, job: Any, delay: Any) -> JobHandle:
+    def dispatch_after(self, queue: str, job: Any, delay: DurationInput) -> JobHandle:
         return self._enqueue_sync(self.core.record(queue, job, run_at=self._after(delay)))
 
     def dispatch_at(self, queue: str, job: Any, when: dt.datetime | float) -> JobHandle:

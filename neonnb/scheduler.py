@@ -36,7 +36,7 @@ from croniter import CroniterBadDateError, croniter
 
 from . import frames
 from ._loop import run_sync, submit
-from .config import parse_duration
+from .config import DurationInput, parse_duration
 from .errors import ConfigError
 from .records import JobRecord
 
@@ -131,7 +131,7 @@ class Scheduler:
     # --- declaring schedules ---------------------------------------------------------------
 
     def cron(self, name: str, expr: str, job: Any, *, tz: str = "UTC", queue: str | None = None,
-             catch_up: Any = 0) -> Schedule:
+             catch_up: DurationInput = 0) -> Schedule:
         """Dispatch ``job`` on the cron expression ``expr``: five fields, or six with seconds
         first (``"*/10 * * * * *"``), in time zone ``tz``."""
         if not isinstance(expr, str):
@@ -150,7 +150,8 @@ class Scheduler:
             raise ConfigError(f"cron expression {expr!r} of schedule {name!r} never fires (no such date)") from None
         return self._add(schedule)
 
-    def every(self, name: str, interval: Any, job: Any, *, queue: str | None = None, catch_up: Any = 0) -> Schedule:
+    def every(self, name: str, interval: DurationInput, job: Any, *, queue: str | None = None,
+              catch_up: DurationInput = 0) -> Schedule:
         """Dispatch ``job`` every ``interval`` (seconds, timedelta or "5m")."""
         seconds = parse_duration(interval, f"schedule {name!r} interval")
         if seconds <= 0:

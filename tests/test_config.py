@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from datetime import timedelta
@@ -196,3 +197,22 @@ def test_a_missing_optional_package_names_the_extra_to_install(monkeypatch: pyte
 ])
 def test_the_store_is_described_for_people_without_its_password(url: str, shown: str) -> None:
     assert Config.for_url(url).describe_store() == shown
+
+
+def test_durations_are_seconds_once_set() -> None:
+    config = Config(driver="memory", retry_delay="5m", lease_timeout=timedelta(seconds=90), timeout=2)
+    assert (config.retry_delay, config.lease_timeout, config.timeout) == (300.0, 90.0, 2.0)
+    assert all(type(v) is float for v in (config.retry_delay, config.lease_timeout, config.timeout, config.result_ttl))
+    assert dataclasses.replace(config, poll_interval="250ms").poll_interval == 0.25
+    with pytest.raises(ConfigError, match=r"Config\.backoff_cap must be a duration"):
+        Config(driver="memory", backoff_cap="soon")
+    config.result_ttl = "1h"  # type: ignore[assignment]  # set later, parsed the same way
+    assert config.result_ttl == 3600.0
+    options = WorkerOptions(poll_interval="2s")
+    assert (options.poll_interval, options.timeout) == (2.0, None)
+    settings = options.resolve(config)
+    assert (settings.poll_interval, settings.timeout, settings.lease_timeout) == (2.0, 2.0, 90.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.timeout = 5  # type: ignore[misc]
+    with pytest.raises(ConfigError, match=r"WorkerOptions\.lease_timeout must not be negative"):
+        WorkerOptions(lease_timeout=-1)

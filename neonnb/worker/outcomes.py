@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 from ..codec import dumps, encode
-from ..config import WorkerOptions, parse_duration
+from ..config import WorkerSettings, parse_duration
 from ..core import Core
 from ..errors import Retry, SerializationError, error_info
 from ..hooks import Outcome
@@ -75,7 +75,7 @@ class Outcomes:
     """One worker's writes about its jobs. ``guard`` runs a driver call the worker can live
     without for now (progress, output, leases), logging a failure."""
 
-    def __init__(self, core: Core, worker_id: str, options: WorkerOptions,
+    def __init__(self, core: Core, worker_id: str, options: WorkerSettings,
                  guard: Callable[[Coroutine[Any, Any, Any], str], Awaitable[Any]]) -> None:
         self.core, self.driver, self.worker_id, self.options = core, core.driver, worker_id, options
         self.guard = guard
