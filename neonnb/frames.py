@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import MissingExtra
 from .records import JobRecord, Priority, QueueCounts, Status
 
 if TYPE_CHECKING:
     import pandas as pd
-
-    from .worker import Worker
 
 TIMES = ("created_at", "run_at", "started_at", "finished_at")
 
@@ -74,7 +72,21 @@ def failed_frame(records: Sequence[JobRecord]) -> pd.DataFrame:
     })
 
 
-def workers_frame(workers: Sequence[Worker]) -> pd.DataFrame:
+class WorkerView(Protocol):
+    """What the workers frame shows of a worker."""
+
+    id: str
+    queues: list[str]
+    concurrency: int
+    jobs_started: int
+
+    @property
+    def running_jobs(self) -> list[str]: ...
+    @property
+    def is_running(self) -> bool: ...
+
+
+def workers_frame(workers: Sequence[WorkerView]) -> pd.DataFrame:
     pd = pandas_module()
     return pd.DataFrame({
         "id": pd.Series([w.id for w in workers], dtype="object"),

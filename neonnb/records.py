@@ -244,6 +244,38 @@ def _read_broken(stored: Any) -> JobRecord:
     return record
 
 
+# --- the state changes: the fields each move of a job sets, written once for the drivers that
+# store fields (memory, SQL; the Redis Lua scripts make the same moves in the store).
+
+
+def given_back() -> dict[str, Any]:
+    """Back to the queue as it was, nobody's (a worker stopping gives back what it can't finish)."""
+    return {"status": Status.QUEUED, "worker_id": None, "lease_expires": None}
+
+
+def requeued(run_at: float) -> dict[str, Any]:
+    """Back to the queue, due at ``run_at``, nobody's (a dead worker's job recovered)."""
+    return {**given_back(), "run_at": run_at}
+
+
+def retried(run_at: float, error: dict[str, Any]) -> dict[str, Any]:
+    """An attempt failed with ``error``; the job runs again at ``run_at``, its attempt counted."""
+    return {**requeued(run_at), "error": error}
+
+
+def ended(status: Status, now: float, error: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The job ended (SUCCEEDED, FAILED or CANCELLED) at ``now``."""
+    changes: dict[str, Any] = {"status": status, "finished_at": now, "lease_expires": None}
+    if error is not None:
+        changes["error"] = error
+    return changes
+
+
+def revived(now: float) -> dict[str, Any]:
+    """A failed job retried from the failed store: queued now, its attempts and progress reset."""
+    return {**requeued(now), "attempts": 0, "finished_at": None, "progress": None}
+
+
 @dataclass
 class QueueCounts:
     """How many jobs of one queue are in each state; ``waiting`` is split by priority."""

@@ -46,7 +46,19 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, NoSuchModuleError, Operat
 
 from ..config import redact
 from ..errors import ConfigError, MissingExtra, StoreError, StoreUnavailable
-from ..records import JobRecord, Priority, QueueCounts, Recovered, Status, read_record
+from ..records import (
+    JobRecord,
+    Priority,
+    QueueCounts,
+    Recovered,
+    Status,
+    ended,
+    given_back,
+    read_record,
+    requeued,
+    retried,
+    revived,
+)
 from .base import BlockingEnqueue, Driver, StoreClock, WakeUps
 from .pg_notify import Listener, announce, install_trigger
 from .sql_schema import (
@@ -431,7 +443,7 @@ class DatabaseDriver(Driver, BlockingEnqueue, StoreClock, WakeUps):
         def cancel(conn: Connection) -> Status | None:
             status = conn.execute(select(c.status).where(c.id == job_id).with_for_update()).scalar()
             if status == QUEUED:
-                conn.execute(update(self.table).where(c.id == job_id).values(status=CANCELLED, finished_at=now))
+                conn.execute(update(self.table).where(c.id == job_id).values(_columns(ended(Status.CANCELLED, now))))
             elif status == RUNNING:
                 conn.execute(update(self.table).where(c.id == job_id).values(cancel_requested=1))
             return None if status is None else Status(status)
@@ -469,16 +481,12 @@ class DatabaseDriver(Driver, BlockingEnqueue, StoreClock, WakeUps):
         return await self._transaction(finish)
 
     async def retry(self, job: JobRecord, worker_id: str, run_at: float, error: dict[str, Any]) -> bool:
-        return await self._update_owned(job.id, worker_id, {
-            "status": QUEUED, "run_at": run_at, "worker_id": None, "lease_expires": None, "error": json.dumps(error),
-        }, durable=True)
+        return await self._update_owned(job.id, worker_id, _columns(retried(run_at, error)), durable=True)
 
     async def fail(
         self, job: JobRecord, worker_id: str, now: float, error: dict[str, Any], status: Status = Status.FAILED
     ) -> bool:
-        return await self._update_owned(job.id, worker_id, {
-            "status": status.value, "finished_at": now, "lease_expires": None, "error": json.dumps(error),
-        }, durable=True)
+        return await self._update_owned(job.id, worker_id, _columns(ended(status, now, error)), durable=True)
 
     async def release(self, jobs: Sequence[JobRecord], worker_id: str, now: float) -> int:
         c = self.table.c
@@ -501,7 +509,7 @@ class DatabaseDriver(Driver, BlockingEnqueue, StoreClock, WakeUps):
         stmt = (
             update(self.table)
             .where(which, c.status == RUNNING, c.worker_id == worker_id)
-            .values(status=QUEUED, attempts=c.attempts - 1, worker_id=None, lease_expires=None)
+            .values({**_columns(given_back()), "attempts": c.attempts - 1})
         )
 
         def give_back(conn: Connection) -> int:
@@ -526,7 +534,7 @@ class DatabaseDriver(Driver, BlockingEnqueue, StoreClock, WakeUps):
             if ids:
                 conn.execute(
                     update(self.table).where(c.id.in_(ids), expired)
-                    .values(status=QUEUED, run_at=now, worker_id=None, lease_expires=None)
+                    .values(_columns(requeued(now)))
                 )
                 self._announce(conn, {row.queue for row in rows})
             return Recovered(ids, exhausted)
@@ -622,10 +630,7 @@ class DatabaseDriver(Driver, BlockingEnqueue, StoreClock, WakeUps):
             moved = [row.id for row in rows]
             if moved:
                 conn.execute(
-                    update(self.table).where(c.id.in_(moved)).values(
-                        status=QUEUED, attempts=0, run_at=now, finished_at=None, worker_id=None,
-                        lease_expires=None, progress=None,
-                    )
+                    update(self.table).where(c.id.in_(moved)).values(_columns(revived(now)))
                 )
                 self._announce(conn, {row.queue for row in rows})
             return moved
@@ -654,3 +659,9 @@ class DatabaseDriver(Driver, BlockingEnqueue, StoreClock, WakeUps):
         if self._owns_engine:
             for engine in set(self._engines.values()):
                 engine.dispose()
+
+
+def _columns(changes: dict[str, Any]) -> dict[str, Any]:
+    """A state change (neonnb.records) as column values: statuses by name, JSON as text."""
+    return {name: value.value if isinstance(value, Status) else json.dumps(value) if isinstance(value, dict)
+            else value for name, value in changes.items()}

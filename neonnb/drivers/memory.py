@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from ..records import JobRecord, QueueCounts, Recovered, Status
+from ..records import JobRecord, QueueCounts, Recovered, Status, ended, given_back, requeued, retried, revived
 from .base import BlockingEnqueue, Driver
 
 
@@ -134,7 +134,7 @@ class MemoryDriver(Driver, BlockingEnqueue):
             was = record.status
             if was is Status.QUEUED:
                 self._entry_seq.pop(job_id, None)  # its heap entries are dead now
-                self._finish(record, Status.CANCELLED, now)
+                self._apply(record, ended(Status.CANCELLED, now))
             elif was is Status.RUNNING:
                 record.cancel_requested = True
             return was
@@ -151,47 +151,32 @@ class MemoryDriver(Driver, BlockingEnqueue):
             if record is not None:
                 record.output = output
 
-    def _finish(self, record: JobRecord, status: Status, now: float) -> None:
-        record.status = status
-        record.finished_at = now
-        record.lease_expires = None
+    def _apply(self, record: JobRecord, changes: dict[str, Any]) -> None:
+        for name, value in changes.items():
+            setattr(record, name, value)
+        if record.status is Status.QUEUED:
+            self._schedule(record)
 
-    async def complete(self, results: Sequence[tuple[JobRecord, str | None]], worker_id: str, now: float) -> list[str]:
-        return [
-            job.id for job, result in results
-            if self._finish_owned(job.id, worker_id, Status.SUCCEEDED, now, result=result)
-        ]
-
-    async def retry(self, job: JobRecord, worker_id: str, run_at: float, error: dict[str, Any]) -> bool:
-        with self._lock:
-            record = self._owned(job.id, worker_id)
-            if record is None:
-                return False
-            self._requeue(record, run_at)
-            record.error = error
-            return True
-
-    def _requeue(self, record: JobRecord, run_at: float) -> None:
-        record.status = Status.QUEUED
-        record.run_at = run_at
-        record.worker_id = None
-        record.lease_expires = None
-        self._schedule(record)
-
-    async def fail(
-        self, job: JobRecord, worker_id: str, now: float, error: dict[str, Any], status: Status = Status.FAILED
-    ) -> bool:
-        return self._finish_owned(job.id, worker_id, status, now, error=error)
-
-    def _finish_owned(self, job_id: str, worker_id: str, status: Status, now: float, **fields: Any) -> bool:
+    def _apply_owned(self, job_id: str, worker_id: str, changes: dict[str, Any]) -> bool:
         with self._lock:
             record = self._owned(job_id, worker_id)
             if record is None:
                 return False
-            self._finish(record, status, now)
-            for name, value in fields.items():
-                setattr(record, name, value)
+            self._apply(record, changes)
             return True
+
+    async def complete(self, results: Sequence[tuple[JobRecord, str | None]], worker_id: str, now: float) -> list[str]:
+        succeeded = ended(Status.SUCCEEDED, now)
+        return [job.id for job, result in results
+                if self._apply_owned(job.id, worker_id, {**succeeded, "result": result})]
+
+    async def retry(self, job: JobRecord, worker_id: str, run_at: float, error: dict[str, Any]) -> bool:
+        return self._apply_owned(job.id, worker_id, retried(run_at, error))
+
+    async def fail(
+        self, job: JobRecord, worker_id: str, now: float, error: dict[str, Any], status: Status = Status.FAILED
+    ) -> bool:
+        return self._apply_owned(job.id, worker_id, ended(status, now, error))
 
     async def release(self, jobs: Sequence[JobRecord], worker_id: str, now: float) -> int:
         released = 0
@@ -200,7 +185,7 @@ class MemoryDriver(Driver, BlockingEnqueue):
                 record = self._owned(job.id, worker_id)
                 if record is not None:
                     record.attempts -= 1
-                    self._requeue(record, record.run_at)
+                    self._apply(record, given_back())
                     released += 1
         return released
 
@@ -218,7 +203,7 @@ class MemoryDriver(Driver, BlockingEnqueue):
                     if record.attempts >= record.max_attempts:
                         recovered.exhausted.append(replace(record))
                     else:
-                        self._requeue(record, now)
+                        self._apply(record, requeued(now))
                         recovered.requeued.append(record.id)
         return recovered
 
@@ -282,10 +267,7 @@ class MemoryDriver(Driver, BlockingEnqueue):
                     continue
                 if queue is not None and record.queue != queue:
                     continue
-                record.attempts = 0
-                record.finished_at = None
-                record.progress = None
-                self._requeue(record, now)
+                self._apply(record, revived(now))
                 moved.append(job_id)
         return moved
 
