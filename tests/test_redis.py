@@ -230,6 +230,24 @@ def test_each_asyncio_run_closes_the_connections_it_opened(redis_server: RedisSe
         qm.close()
 
 
+def test_closing_while_a_connect_is_in_flight_leaves_no_connection_open(redis_server: RedisServer) -> None:
+    """The first worker's wake-up watcher connects as the manager may already be closing (a
+    short script, a test): the client that connect makes must be closed too, not left open."""
+    qm = QueueManager(Config(driver="redis", connection=redis_server.url(), key_prefix="inflight:"))
+
+    async def close_during_connect() -> bool:
+        connecting = asyncio.ensure_future(qm.driver._client())  # type: ignore[attr-defined]
+        await asyncio.sleep(0)  # the connect has started
+        await qm.driver.close()
+        return bool((await connecting).closed)
+
+    with redis.Redis(port=redis_server.port) as outside:
+        before = len(outside.client_list())
+        assert _loop.run_sync(close_during_connect()), "the connect in flight left its client open"
+        assert len(outside.client_list()) == before
+    qm.close()
+
+
 def test_acl_user_in_the_url_and_the_database_number() -> None:
     server = RedisServer("--user", "default", "off", "--user", "app", "on", ">s3cret", "~*", "&*", "+@all")
     try:

@@ -7,6 +7,7 @@ transaction starts with ``BEGIN IMMEDIATE`` so two processes can't claim the sam
 hot statements are built once (``HotStatements``); PostgreSQL runs single statements in
 autocommit, takes batches with COPY and wakes idle workers with LISTEN/NOTIFY
 (``pg_notify.py``); SQLite wakes them through ``PRAGMA data_version`` (``sqlite_watch.py``).
+Engines and SQLite's writer turns: ``sql_engine.py``; the table and its statements: ``sql_schema.py``.
 """
 
 from __future__ import annotations
@@ -15,16 +16,10 @@ import asyncio
 import contextlib
 import functools
 import json
-import os
-import sys
 import threading
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
-
-if sys.platform != "win32":
-    import fcntl
 
 import sqlalchemy.exc
 from sqlalchemy import (
@@ -35,17 +30,15 @@ from sqlalchemy import (
     case,
     create_engine,
     delete,
-    event,
     func,
     select,
     text,
     update,
 )
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError, NoSuchModuleError, OperationalError, ProgrammingError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 
 from ..config import redact
-from ..errors import ConfigError, MissingExtra, StoreError, StoreUnavailable
+from ..errors import ConfigError, StoreError, StoreUnavailable
 from ..records import (
     JobRecord,
     Priority,
@@ -61,6 +54,7 @@ from ..records import (
 )
 from .base import BlockingEnqueue, Driver, StoreClock, WakeUps
 from .pg_notify import Listener, announce, install_trigger
+from .sql_engine import engine_for, turns_for
 from .sql_schema import (
     CANCELLED,
     ENQUEUED_COLUMNS,
@@ -81,104 +75,12 @@ T = TypeVar("T")
 _BANDS = {p.rank: p.value for p in Priority}
 _COUNTED = {"delayed", RUNNING, SUCCEEDED, FAILED, CANCELLED}
 
-def _sqlite_engine(url: str) -> Engine:
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
-
-    @event.listens_for(engine, "connect")
-    def on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Take transaction control from pysqlite so BEGIN IMMEDIATE below is what runs.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        # A returned dispatch survives any process crash; a power cut may take the last
-        # commits (WAL with synchronous=NORMAL, huey's default too). FULL would fsync each.
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-    return engine
-
-
-class _WriterTurns:
-    """Writers to one SQLite file take turns: this process's threads on a lock, processes on
-    an flock of a file beside the database (not on Windows). Both wake the next writer the
-    moment the last one is done, and the Interrupt button can break the wait; SQLite's own
-    busy handler sleeps in steps of 1 to 100 ms."""
-
-    def __init__(self, database: str) -> None:
-        self._threads = threading.Lock()
-        self._path = f"{database}-neonnb-lock"
-        self._fd: int | None = None
-
-    def __enter__(self) -> None:
-        self._threads.acquire()
-        if sys.platform == "win32":
-            return
-        try:
-            if self._fd is None:
-                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
-                weakref.finalize(self, os.close, self._fd)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        except BaseException:
-            self._threads.release()
-            raise
-
-    def __exit__(self, *_exc: object) -> None:
-        if sys.platform != "win32" and self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-        self._threads.release()
-
-
-# Held by the drivers: once none is left on a file, its turns and lock file descriptor go.
-_writer_turns: weakref.WeakValueDictionary[str, _WriterTurns] = weakref.WeakValueDictionary()
-_writer_turns_guard = threading.Lock()
-
-
-def _turns_for(database: str | None) -> _WriterTurns:
-    """One set of turns per SQLite file in this process, shared by every driver on it."""
-    path = os.path.realpath(database or "")
-    with _writer_turns_guard:
-        return _writer_turns.setdefault(path, _WriterTurns(path))
-
-
-# The DBAPI each database gets when the URL names none, and the extra that installs it.
-_DEFAULT_DBAPI = {"postgresql": ("psycopg", "postgres"), "mysql": ("pymysql", "mysql"), "mariadb": ("pymysql", "mysql")}
-
-
-def _engine_for(connection: str) -> Engine:
-    url = make_url(connection)
-    backend = url.get_backend_name()
-    if backend == "sqlite":
-        if url.database in (None, "", ":memory:"):
-            raise ConfigError(
-                "Config.connection: an in-memory SQLite database can't be shared between "
-                "threads and processes; use driver='memory' or a file such as sqlite:///jobs.db"
-            )
-        return _sqlite_engine(connection)
-    dbapi, extra = _DEFAULT_DBAPI.get(backend, (None, None))
-    if dbapi is not None and "+" not in url.drivername:
-        url = url.set(drivername=f"{backend}+{dbapi}")
-    try:
-        return create_engine(url, pool_size=10, max_overflow=10)
-    except NoSuchModuleError:
-        raise ConfigError(
-            f"Config.connection {url.drivername}://: SQLAlchemy knows no database {backend!r}; the database "
-            "driver takes sqlite:///jobs.db, postgresql://host/db or mysql://host/db"
-        ) from None
-    except ModuleNotFoundError as exc:
-        hint = f"pip install 'neonnb[{extra}]'" if extra else f"install the DBAPI module {exc.name}"
-        raise MissingExtra(f"Config.connection {url.drivername}:// needs {exc.name}: {hint}") from None
-
-
 class DatabaseDriver(Driver, BlockingEnqueue, StoreClock, WakeUps):
     def __init__(self, connection: str | Engine, table_name: str = "neonnb_jobs") -> None:
         if isinstance(connection, Engine):
             self.engine, self._owns_engine = connection, False
         elif isinstance(connection, str):
-            self.engine, self._owns_engine = _engine_for(connection), True
+            self.engine, self._owns_engine = engine_for(connection), True
         else:
             raise ConfigError(
                 f"Config.connection must be a database URL or a SQLAlchemy Engine, got {type(connection).__name__}"
@@ -215,7 +117,7 @@ class DatabaseDriver(Driver, BlockingEnqueue, StoreClock, WakeUps):
         # writes from its own thread: writers take turns before they ask SQLite for the lock,
         # instead of meeting in SQLite's sleeping busy handler (benchmarks/DECISIONS.md).
         self._turns: contextlib.AbstractContextManager[None] = (
-            _turns_for(self.engine.url.database) if dialect == "sqlite" else contextlib.nullcontext()
+            turns_for(self.engine.url.database) if dialect == "sqlite" else contextlib.nullcontext()
         )
         self._schema_ready = False
         self._schema_lock = threading.Lock()

@@ -13,22 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
-import hashlib
 import json
 import logging
 import os
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from importlib import resources
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from .. import _loop
 from ..errors import ConfigError, StoreError, StoreUnavailable
 from ..records import JobRecord, Priority, QueueCounts, Recovered, Status, read_record
 from .base import BlockingEnqueue, Driver, HandOff, PipelinedClaims, StoreClock, Waiter, WakeUps
+from .redis_calls import SCRIPTS, SHAS, Client, slot_owner
 from .redis_client import (
     ERRORS,
     NO_REPLY,
@@ -50,18 +48,6 @@ _STATUS_KEYS = {
     Status.QUEUED: None, Status.RUNNING: "running", Status.SUCCEEDED: "done", Status.FAILED: "failed",
     Status.CANCELLED: "cancelled",
 }
-
-
-def _scripts() -> dict[str, str]:
-    """Each script of the file, with the file's ``_prelude`` (shared helpers) in front."""
-    text = resources.files("neonnb.drivers").joinpath("redis_scripts.lua").read_text()
-    bodies = dict(part.split("\n", 1) for part in text.split("--! ")[1:])
-    prelude = bodies.pop("_prelude")
-    return {name.strip(): prelude + body for name, body in bodies.items()}
-
-
-_SCRIPTS = _scripts()
-_SHAS = {name: hashlib.sha1(body.encode()).hexdigest() for name, body in _SCRIPTS.items()}
 
 
 RESENDS = 3  # a command that may be sent again is, this many times, after a dropped connection
@@ -88,9 +74,9 @@ class RedisDriver(Driver, BlockingEnqueue, HandOff, PipelinedClaims, StoreClock,
         # Connections belong to the loop that made them: one client per loop, so a call from
         # the caller's loop goes straight to Redis instead of hopping threads. Beside each
         # client, what closes it at the loop's end (held here: a loop holds it only weakly).
-        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Client] = weakref.WeakKeyDictionary()
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Client] = weakref.WeakKeyDictionary()
         self._connecting: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, asyncio.Task[_Client]] = weakref.WeakKeyDictionary()
+            asyncio.AbstractEventLoop, asyncio.Task[Client]] = weakref.WeakKeyDictionary()
         self._registered: set[str] = set()  # queues this process has added to P.."queues"
         self._cluster = False  # known once the first loop has connected
         self._watcher: concurrent.futures.Future[None] | None = None
@@ -100,7 +86,7 @@ class RedisDriver(Driver, BlockingEnqueue, HandOff, PipelinedClaims, StoreClock,
 
     # --- plumbing ---------------------------------------------------------------------
 
-    async def _client(self) -> _Client:
+    async def _client(self) -> Client:
         loop = asyncio.get_running_loop()
         known = self._clients.get(loop)
         if known is not None and not known.closed:
@@ -115,8 +101,8 @@ class RedisDriver(Driver, BlockingEnqueue, HandOff, PipelinedClaims, StoreClock,
             if connecting.done():
                 self._connecting.pop(loop, None)
 
-    async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Client:
-        client = _Client(await self.settings.connect())
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> Client:
+        client = Client(await self.settings.connect())
         self._cluster = client.is_cluster
         # Closed with the loop: asyncio.run() (and pytest-asyncio) finalize a loop's async
         # generators before closing it, while it still runs. Without this every asyncio.run()
@@ -125,7 +111,7 @@ class RedisDriver(Driver, BlockingEnqueue, HandOff, PipelinedClaims, StoreClock,
         await anext(client.closer)
         return client
 
-    async def _reach(self, work: Callable[[_Client], Awaitable[T]], resend: bool = True) -> T:
+    async def _reach(self, work: Callable[[Client], Awaitable[T]], resend: bool = True) -> T:
         """``work(client)``, and what to do when Redis does not answer it:
 
         - a cluster moving or electing a master for the slot (the command did not run): sent
@@ -219,14 +205,14 @@ class RedisDriver(Driver, BlockingEnqueue, HandOff, PipelinedClaims, StoreClock,
         try:
             client = self._blocking_client()
             # On a cluster, to the slot's owner only: an ASK or MOVED ends up on the loop's
-            # way, which waits out a slot's move instead of following it (see _Script).
+            # way, which waits out a slot's move instead of following it (see redis_calls.Script).
             target = (client.get_node_from_key(self._base(queue)).redis_connection  # type: ignore[no-untyped-call]
                       if isinstance(client, redis.RedisCluster) else client)
-            command = ("EVALSHA", _SHAS["enqueue"], 1, self._base(queue), self.channel, queue, "new", *args)
+            command = ("EVALSHA", SHAS["enqueue"], 1, self._base(queue), self.channel, queue, "new", *args)
             try:
                 target.execute_command(*command)
             except redis.exceptions.NoScriptError:
-                target.script_load(_SCRIPTS["enqueue"])
+                target.script_load(SCRIPTS["enqueue"])
                 target.execute_command(*command)
         except ERRORS as exc:
             if client is not None:
@@ -259,7 +245,7 @@ class RedisDriver(Driver, BlockingEnqueue, HandOff, PipelinedClaims, StoreClock,
             self._registered |= new
         return await self._per_queue("enqueue", by_queue, lambda q: [self.channel, q, mode])
 
-    async def _warn_if_evicting(self, client: _Client) -> None:
+    async def _warn_if_evicting(self, client: Client) -> None:
         """Once, before this process's first dispatch: a Redis that evicts any key when it
         runs out of memory (maxmemory-policy allkeys-*) may drop queued jobs without a trace."""
         try:
@@ -360,13 +346,13 @@ class RedisDriver(Driver, BlockingEnqueue, HandOff, PipelinedClaims, StoreClock,
         return found[0] if found else None
 
     async def get_many(self, job_ids: Sequence[str], queue: str | None = None) -> list[JobRecord]:
-        async def fetch(client: _Client) -> list[JobRecord]:
+        async def fetch(client: Client) -> list[JobRecord]:
             queues = [queue] if queue is not None else await self._queues(client)
             return await self._records(client, [(q, job_id) for q in queues for job_id in job_ids])
 
         return await self._reach(fetch) if job_ids else []
 
-    async def _records(self, client: _Client, jobs: Sequence[tuple[str, str]]) -> list[JobRecord]:
+    async def _records(self, client: Client, jobs: Sequence[tuple[str, str]]) -> list[JobRecord]:
         """The records of these (queue, id) pairs that exist, in one pipelined round trip."""
         replies = await client.pipeline([("HGETALL", f"{self._base(q)}job:{job_id}") for q, job_id in jobs])
         return [self._record(fields) for fields in replies if fields]
@@ -374,7 +360,7 @@ class RedisDriver(Driver, BlockingEnqueue, HandOff, PipelinedClaims, StoreClock,
     async def list_jobs(
         self, *, status: Status | None = None, queue: str | None = None, limit: int = 100, offset: int = 0
     ) -> list[JobRecord]:
-        async def collect(client: _Client) -> list[JobRecord]:
+        async def collect(client: Client) -> list[JobRecord]:
             queues = [queue] if queue is not None else await self._queues(client)
             statuses = [status] if status is not None else list(Status)
             keys = []
@@ -395,7 +381,7 @@ class RedisDriver(Driver, BlockingEnqueue, HandOff, PipelinedClaims, StoreClock,
         return records[offset : offset + limit]
 
     async def counts(self, now: float) -> dict[str, QueueCounts]:
-        async def count(client: _Client) -> dict[str, QueueCounts]:
+        async def count(client: Client) -> dict[str, QueueCounts]:
             queues = await self._queues(client)
             commands: list[tuple[Any, ...]] = []
             for q in queues:
@@ -418,7 +404,7 @@ class RedisDriver(Driver, BlockingEnqueue, HandOff, PipelinedClaims, StoreClock,
 
         return await self._reach(count)
 
-    async def _queues(self, client: _Client) -> list[str]:
+    async def _queues(self, client: Client) -> list[str]:
         return sorted(map(str, await client.redis.smembers(f"{self.prefix}queues")))
 
 
@@ -488,6 +474,13 @@ class RedisDriver(Driver, BlockingEnqueue, HandOff, PipelinedClaims, StoreClock,
             self._watcher.cancel()
             self._watcher = None
         here = asyncio.get_running_loop()
+        # A connect still in flight (the watcher's, a worker's) would store its client after
+        # this close, open for good: it is closed once it is made.
+        for loop, connecting in list(self._connecting.items()):
+            if loop is here:
+                await _close_when_made(connecting)
+            elif loop.is_running():
+                asyncio.run_coroutine_threadsafe(_close_when_made(connecting), loop)
         for loop, client in list(self._clients.items()):  # closed clients are replaced on use
             if loop is here:
                 await client.close()
@@ -498,74 +491,6 @@ class RedisDriver(Driver, BlockingEnqueue, HandOff, PipelinedClaims, StoreClock,
             close_blocking(blocking)
         self._blocking.clear()
         self._thread = threading.local()
-
-
-class _Client:
-    """One loop's redis-py client, its scripts, and what closes it at the loop's end."""
-
-    def __init__(self, client: AsyncClient) -> None:
-        self.redis = client
-        self.is_cluster = isinstance(client, redis.asyncio.RedisCluster)
-        self.scripts = {name: _Script(client, name) for name in _SCRIPTS}
-        self.closed = False
-        self.closer = _close_at_loop_end(self)
-
-    async def pipeline(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-        """Commands sent together, answered together (on a cluster: per node)."""
-        pipe = self.redis.pipeline(transaction=False)
-        for command in commands:
-            pipe.execute_command(*command)
-        return await pipe.execute()
-
-    async def refresh(self) -> None:
-        """On a cluster, read which node holds which slot again."""
-        if isinstance(self.redis, redis.asyncio.RedisCluster):
-            with contextlib.suppress(*ERRORS):  # the next command says whether it helped
-                await self.redis.nodes_manager.initialize()
-
-    async def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            await aclose(self.redis)
-
-
-class _Script:
-    """One script, called by SHA (loaded where it is missing). On a cluster it goes to the
-    node that owns its keys' slot, and never to the node an ASK points at: a script reads
-    and writes keys it does not declare (a job's hash, its queue's sets), and while a slot
-    moves, those are split between the two nodes. So an ASK (or TRYAGAIN) means: wait for
-    the move to end (``_reach`` sends it again)."""
-
-    def __init__(self, client: AsyncClient, name: str) -> None:
-        self.client, self.name = client, name
-
-    async def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        target: Any = self.client
-        if isinstance(self.client, redis.asyncio.RedisCluster):
-            target = _slot_owner(self.client, keys[0])
-        command = ("EVALSHA", _SHAS[self.name], len(keys), *keys, *args)
-        try:
-            return await target.execute_command(*command)
-        except redis.exceptions.NoScriptError:
-            await target.execute_command("SCRIPT", "LOAD", _SCRIPTS[self.name])
-            return await target.execute_command(*command)
-        except redis.exceptions.MovedError as exc:  # the move is over: its new owner, from now on
-            nodes = self.client.nodes_manager  # type: ignore[union-attr]
-            move_slot = getattr(nodes, "move_slot", None)  # redis-py 6 and later; before, read the map anew
-            await (move_slot(exc) if move_slot is not None else nodes.initialize())
-            raise
-
-
-def _slot_owner(cluster: redis.asyncio.RedisCluster, key: str) -> Any:
-    """The node that holds ``key``'s slot, as the client's slot map says."""
-    node = cluster.get_node_from_key(key)
-    if node is None:
-        raise redis.exceptions.SlotNotCoveredError(f"no node holds the slot of {key!r}")
-    return node
-
-
-async def _same(client: _Client) -> _Client:
-    return client
 
 
 class _Waiter(Waiter):
@@ -605,11 +530,11 @@ class _Waiter(Waiter):
                 await self.close()
         start(self._records(handed))
 
-    async def _connect(self, client: _Client) -> AsyncClient:
+    async def _connect(self, client: Client) -> AsyncClient:
         """A connection of the waiter's own, without a reply timeout; on a cluster, to the
         node of its one queue's slot (a cluster waiter waits on one queue)."""
         if isinstance(client.redis, redis.asyncio.RedisCluster):
-            node = _slot_owner(client.redis, self.inboxes[0])
+            node = slot_owner(client.redis, self.inboxes[0])
             return self.driver.settings.node(str(node.host), int(node.port), reply_timeout=None)
         return await self.driver.settings.connect(reply_timeout=None)
 
@@ -622,11 +547,16 @@ class _Waiter(Waiter):
             await aclose(client)
 
 
-async def _close_at_loop_end(client: _Client) -> AsyncIterator[None]:
+async def _close_when_made(connecting: asyncio.Task[Client]) -> None:
     try:
-        yield
-    finally:
-        await client.close()
+        client = await asyncio.shield(connecting)
+    except Exception:  # it failed: nothing was made
+        return
+    await client.close()
+
+
+async def _same(client: Client) -> Client:
+    return client
 
 
 def _popped(reply: list[str] | None) -> list[str]:
