@@ -23,14 +23,15 @@ from .hooks import Hook, JobEvent, Outcome
 from .job import Context, Job
 from .manager import QueueManager, connect
 from .notebook import load_ipython_extension, unload_ipython_extension
-from .records import JobRecord, Priority, QueueCounts, Status
+from .records import JobRecord, Priority, QueueCounts, Status, WorkerInfo
 from .worker import Worker
 
 __all__ = [
     "ClockSkew", "Config", "ConfigError", "Context", "FailedJob", "Hook", "Job", "JobCancelled", "JobEvent",
     "JobFailed", "JobHandle", "JobNotFound", "JobRecord", "JobTimeout", "MissingDependency", "MissingExtra",
     "NeonnbError", "Outcome", "PayloadError", "Priority", "QueueCounts", "QueueManager", "Retry",
-    "SerializationError", "Status", "StoreError", "StoreUnavailable", "UnknownJobError", "Worker", "WorkerOptions",
+    "SerializationError", "Status", "StoreError", "StoreUnavailable", "UnknownJobError", "Worker", "WorkerInfo",
+    "WorkerOptions",
     "connect", "load_ipython_extension", "unload_ipython_extension",
 ]
 __version__ = "0.1.0"

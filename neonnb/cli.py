@@ -1,10 +1,13 @@
-"""The ``neonnb`` command: ``neonnb worker`` runs a standalone worker, ``neonnb demo`` shows
-the queue at work on the embedded SQLite default."""
+"""The ``neonnb`` command: ``neonnb worker`` runs a standalone worker, ``neonnb workers``
+lists the workers on a store, ``neonnb demo`` shows the queue at work on the embedded SQLite
+default."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import json
 import logging
 import os
 import signal
@@ -72,6 +75,29 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workers(args: argparse.Namespace) -> int:
+    manager = load_manager(args.target)
+    try:
+        infos, now = manager.known_workers(), manager.clock()
+    finally:
+        manager.close()
+    if args.json:
+        print(json.dumps([{**dataclasses.asdict(info), "state": info.state(now)} for info in infos]))
+        return 0
+    rows = [[info.id, info.host, str(info.pid), ",".join(info.queues), info.state(now),
+             f"{len(info.running)}/{info.concurrency}", str(info.jobs_done), str(info.jobs_failed),
+             f"{max(now - info.last_seen, 0):.0f}s ago"] for info in infos]
+    print(_table(["ID", "HOST", "PID", "QUEUES", "STATE", "RUNNING", "DONE", "FAILED", "SEEN"], rows)
+          if rows else "no workers on this store")
+    return 0
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+                     for row in [headers, *rows])
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -96,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--grace", type=float, default=10.0,
                         help="seconds running jobs get to finish on SIGTERM before they are released (default 10)")
     worker.set_defaults(run=_worker)
+
+    workers = commands.add_parser("workers", help="the workers on a store, in every process and machine")
+    workers.add_argument("target", help="connection URL, config file or module:manager (as for worker)")
+    workers.add_argument("--json", action="store_true", help="a JSON list, for scripts")
+    workers.set_defaults(run=_workers)
 
     demo = commands.add_parser("demo", help="a small data pipeline on the embedded SQLite default")
     demo.add_argument("--url", default=None, help="database URL (default: a throwaway SQLite file)")

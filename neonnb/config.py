@@ -181,10 +181,11 @@ class Config:
                 "Config.table_name must be a SQL identifier (letters, digits and _, not starting "
                 f"with a digit, at most {MAX_TABLE_NAME} characters), got {self.table_name!r}"
             )
-        if self.table_name.lower().endswith("_marks"):
+        if self.table_name.lower().endswith(("_marks", "_workers")):
             raise ConfigError(
-                f"Config.table_name {self.table_name!r} must not end in _marks: beside each jobs table neonnb "
-                f"keeps one named <table_name>_marks, which another app's table could then collide with"
+                f"Config.table_name {self.table_name!r} must not end in _marks or _workers: beside each jobs "
+                "table neonnb keeps two named <table_name>_marks and <table_name>_workers, which another "
+                "app's table could then collide with"
             )
         self.database = _positive_int(self.database, "Config.database", allow_zero=True)
         self.max_retries = _positive_int(self.max_retries, "Config.max_retries", allow_zero=True)

@@ -43,6 +43,7 @@ LEASE_ERROR: dict[str, Any] = {
     "traceback": "",
 }
 """The failure recorded when a job's worker kept dying under it."""
+LOST_WORKERS_KEPT = 3600.0  # seconds a lost worker stays listed (as lost) before housekeeping drops it
 
 
 class Wakeable(Protocol):
@@ -217,6 +218,7 @@ class Core:
                                record.id, record.name)
                 self.hooks.after_job(record, outcome)
         await self.driver.purge_finished(now - config.result_ttl)
+        await self.driver.drop_workers(now - LOST_WORKERS_KEPT)
 
     async def clock_skew(self) -> float:
         """Seconds this process's clock is ahead of the store's (behind: negative); 0 for a

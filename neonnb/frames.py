@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from .errors import MissingExtra
-from .records import JobRecord, Priority, QueueCounts, Status
+from .records import JobRecord, Priority, QueueCounts, Status, WorkerInfo
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -72,30 +72,23 @@ def failed_frame(records: Sequence[JobRecord]) -> pd.DataFrame:
     })
 
 
-class WorkerView(Protocol):
-    """What the workers frame shows of a worker."""
-
-    id: str
-    queues: list[str]
-    concurrency: int
-    jobs_started: int
-
-    @property
-    def running_jobs(self) -> list[str]: ...
-    @property
-    def is_running(self) -> bool: ...
-
-
-def workers_frame(workers: Sequence[WorkerView]) -> pd.DataFrame:
+def workers_frame(workers: Sequence[WorkerInfo], now: float) -> pd.DataFrame:
     pd = pandas_module()
-    return pd.DataFrame({
+    frame = pd.DataFrame({
         "id": pd.Series([w.id for w in workers], dtype="object"),
+        "host": pd.Series([w.host for w in workers], dtype="object"),
+        "pid": pd.Series([w.pid for w in workers], dtype="int64"),
         "queues": pd.Series([", ".join(w.queues) for w in workers], dtype="object"),
         "concurrency": pd.Series([w.concurrency for w in workers], dtype="int64"),
-        "running": pd.Series([len(w.running_jobs) for w in workers], dtype="int64"),
-        "jobs_started": pd.Series([w.jobs_started for w in workers], dtype="int64"),
-        "is_running": pd.Series([w.is_running for w in workers], dtype="bool"),
+        "state": pd.Categorical([w.state(now) for w in workers], categories=["running", "stopping", "lost"]),
+        "running": pd.Series([len(w.running) for w in workers], dtype="int64"),
+        "running_jobs": pd.Series([list(w.running) for w in workers], dtype="object"),
+        "jobs_done": pd.Series([w.jobs_done for w in workers], dtype="int64"),
+        "jobs_failed": pd.Series([w.jobs_failed for w in workers], dtype="int64"),
     })
+    frame["started_at"] = _timestamps(pd, [w.started_at for w in workers])
+    frame["last_seen"] = _timestamps(pd, [w.last_seen for w in workers])
+    return frame
 
 
 def _timestamps(pd: Any, epochs: list[float | None]) -> Any:

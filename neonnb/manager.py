@@ -26,7 +26,7 @@ from .errors import ConfigError
 from .handles import FailedStore, JobHandle
 from .hooks import Events, Hook
 from .job import FunctionJob
-from .records import JobRecord, Priority, QueueCounts, Status, new_job_id, parse_priority, parse_status
+from .records import JobRecord, Priority, QueueCounts, Status, WorkerInfo, new_job_id, parse_priority, parse_status
 from .scheduler import Scheduler
 from .worker import Worker
 from .workflows import BatchHandle, ChainHandle
@@ -266,6 +266,15 @@ class QueueManager:
         """The workers this manager runs in this process."""
         return self.core.workers()
 
+    async def aknown_workers(self) -> list[WorkerInfo]:
+        """Every worker on this store, in any process on any machine (``neonnb worker``s
+        too), with its host, pid, queues, running jobs and counts; ``info.state(now)`` says
+        "running", "stopping" or "lost" (it stopped heartbeating)."""
+        return await self.driver.list_workers()
+
+    def known_workers(self) -> list[WorkerInfo]:
+        return run_sync(self.aknown_workers())
+
     # --- pandas views (neonnb.frames; pip install 'neonnb[notebook]') -----------------------
 
     def queues_df(self) -> pd.DataFrame:
@@ -279,7 +288,8 @@ class QueueManager:
         return frames.failed_frame(self.jobs(Status.FAILED, queue, limit))
 
     def workers_df(self) -> pd.DataFrame:
-        return frames.workers_frame(self.workers)
+        """One row per worker on this store, in any process (``known_workers()``)."""
+        return frames.workers_frame(self.known_workers(), self.clock())
 
     def scheduler(self, poll_interval: float = 1.0) -> Scheduler:
         """A scheduler for cron and recurring jobs (see neonnb.scheduler); several, in any

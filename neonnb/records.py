@@ -168,6 +168,15 @@ class JobRecord:
 RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(JobRecord) if f.name != "broken")
 
 
+def record_data(record: JobRecord) -> dict[str, Any]:
+    """A record as plain JSON data, statuses and priorities by name (the CLI's ``--json``)."""
+    data = {name: getattr(record, name) for name in RECORD_FIELDS}
+    data["status"], data["priority"] = record.status.value, record.priority.value
+    if record.broken is not None:
+        data["broken"] = record.broken
+    return data
+
+
 def _text(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected text, got {type(value).__name__}")
@@ -300,3 +309,42 @@ class Recovered:
 
     requeued: list[str] = field(default_factory=list)
     exhausted: list[JobRecord] = field(default_factory=list)
+
+
+@dataclass
+class WorkerInfo:
+    """A worker as the store knows it, from any process on any machine: registered as it
+    starts, refreshed every ``beat`` seconds, removed as it stops. One that missed three
+    beats (killed, its machine gone) is lost; housekeeping drops it later."""
+
+    id: str
+    host: str
+    pid: int
+    queues: list[str]
+    concurrency: int
+    started_at: float
+    last_seen: float
+    beat: float
+    running: list[str] = field(default_factory=list)  # the ids of the jobs it runs
+    jobs_done: int = 0
+    jobs_failed: int = 0
+    stopping: bool = False
+
+    def state(self, now: float) -> str:
+        """"running", "stopping" (finishing what it started) or "lost"."""
+        if now - self.last_seen > 3 * self.beat:
+            return "lost"
+        return "stopping" if self.stopping else "running"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerInfo | None:
+        """None for an entry this version can't read (written by hand, or by another one)."""
+        try:
+            data = json.loads(text)
+            names = {f.name for f in dataclasses.fields(cls)}
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except (TypeError, ValueError):
+            return None

@@ -170,8 +170,10 @@ def test_table_names_within_the_databases_limits() -> None:
     Config(table_name="t" * 54)
     with pytest.raises(ConfigError, match="at most 54 characters"):
         Config(table_name="t" * 55)
-    with pytest.raises(ConfigError, match="must not end in _marks"):
+    with pytest.raises(ConfigError, match="must not end in _marks or _workers"):
         Config(table_name="jobs_marks")
+    with pytest.raises(ConfigError, match="must not end in _marks or _workers"):
+        Config(table_name="jobs_workers")
 
 
 def test_a_missing_optional_package_names_the_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

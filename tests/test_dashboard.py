@@ -103,8 +103,9 @@ def test_dataframes_have_typed_columns(qm: QueueManager, clock: FakeClock) -> No
         qm.jobs_df(status="done")
 
     qm.worker("q", 2).start()
+    wait_until(lambda: len(qm.known_workers()) == 1, what="the worker to register")
     workers = qm.workers_df()
-    assert list(workers["concurrency"]) == [2] and workers["is_running"].all()
+    assert list(workers["concurrency"]) == [2] and list(workers["state"]) == ["running"]
 
 
 def test_reprs_are_short_text_and_themed_html(qm: QueueManager) -> None:

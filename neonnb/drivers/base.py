@@ -17,7 +17,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..records import JobRecord, QueueCounts, Recovered, Status
+from ..records import JobRecord, QueueCounts, Recovered, Status, WorkerInfo
 
 
 class Driver(abc.ABC):
@@ -140,6 +140,22 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     async def delete_failed(self, ids: Sequence[str] | None) -> int:
         """Forget failed jobs; ``ids=None`` flushes the whole failed store."""
+
+    @abc.abstractmethod
+    async def save_worker(self, info: WorkerInfo) -> None:
+        """Register a worker, or refresh what the store knows of it (its heartbeat)."""
+
+    @abc.abstractmethod
+    async def remove_worker(self, worker_id: str) -> None:
+        """The worker stopped."""
+
+    @abc.abstractmethod
+    async def list_workers(self) -> list[WorkerInfo]:
+        """Every registered worker, of every process (lost ones too, until dropped)."""
+
+    @abc.abstractmethod
+    async def drop_workers(self, seen_before: float) -> int:
+        """Forget workers last seen before ``seen_before``; returns how many."""
 
     async def close(self) -> None:  # noqa: B027 - drivers without resources need nothing
         """Release connections."""

@@ -45,6 +45,7 @@ from ..records import (
     QueueCounts,
     Recovered,
     Status,
+    WorkerInfo,
     ended,
     given_back,
     read_record,
@@ -88,6 +89,7 @@ class DatabaseDriver(Driver, BlockingEnqueue, StoreClock, WakeUps):
         dialect = self.engine.dialect.name
         self.table = jobs_table(table_name)
         self.marks = self.table.metadata.tables[f"{table_name}_marks"]
+        self.workers = self.table.metadata.tables[f"{table_name}_workers"]
         self._insert_mark = insert_ignoring(self.marks, dialect)
         self._insert_new = insert_ignoring(self.table, dialect)
         self._sql = HotStatements(
@@ -545,6 +547,29 @@ class DatabaseDriver(Driver, BlockingEnqueue, StoreClock, WakeUps):
         if ids is not None:
             stmt = stmt.where(c.id.in_(ids))
         return await self._statement(lambda conn: conn.execute(stmt).rowcount)
+
+    async def save_worker(self, info: WorkerInfo) -> None:
+        w = self.workers.c
+        values = {"last_seen": info.last_seen, "info": info.to_json()}
+
+        def save(conn: Connection) -> None:
+            if conn.execute(update(self.workers).where(w.id == info.id).values(values)).rowcount == 0:
+                conn.execute(self.workers.insert().values(id=info.id, **values))  # a worker's id is its own
+
+        await self._transaction(save, durable=False)
+
+    async def remove_worker(self, worker_id: str) -> None:
+        stmt = delete(self.workers).where(self.workers.c.id == worker_id)
+        await self._statement(lambda conn: conn.execute(stmt), durable=False)
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        stmt = select(self.workers.c.info).order_by(self.workers.c.id)
+        rows = await self._statement(lambda conn: list(conn.execute(stmt).scalars()))
+        return [info for text in rows if (info := WorkerInfo.from_json(text)) is not None]
+
+    async def drop_workers(self, seen_before: float) -> int:
+        stmt = delete(self.workers).where(self.workers.c.last_seen < seen_before)
+        return await self._statement(lambda conn: int(conn.execute(stmt).rowcount), durable=False)
 
     def watch(self, callback: Callable[[str], None]) -> None:
         if self._listener is not None:

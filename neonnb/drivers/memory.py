@@ -9,7 +9,18 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from ..records import JobRecord, QueueCounts, Recovered, Status, ended, given_back, requeued, retried, revived
+from ..records import (
+    JobRecord,
+    QueueCounts,
+    Recovered,
+    Status,
+    WorkerInfo,
+    ended,
+    given_back,
+    requeued,
+    retried,
+    revived,
+)
 from .base import BlockingEnqueue, Driver
 
 
@@ -26,6 +37,7 @@ class MemoryDriver(Driver, BlockingEnqueue):
         self._scheduled: dict[str, list[tuple[float, int, str]]] = {}
         self._ready: dict[tuple[str, int], list[tuple[float, int, str]]] = {}
         self._seq = 0
+        self._workers: dict[str, str] = {}  # worker id -> WorkerInfo as JSON
 
     def _schedule(self, record: JobRecord) -> None:
         self._seq += 1
@@ -279,3 +291,22 @@ class MemoryDriver(Driver, BlockingEnqueue):
                 del self._jobs[job_id]
         return len(doomed)
 
+    async def save_worker(self, info: WorkerInfo) -> None:
+        with self._lock:
+            self._workers[info.id] = info.to_json()  # a copy: later changes to info are not stored
+
+    async def remove_worker(self, worker_id: str) -> None:
+        with self._lock:
+            self._workers.pop(worker_id, None)
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        with self._lock:
+            stored = list(self._workers.values())
+        return [info for text in stored if (info := WorkerInfo.from_json(text)) is not None]
+
+    async def drop_workers(self, seen_before: float) -> int:
+        gone = [info.id for info in await self.list_workers() if info.last_seen < seen_before]
+        with self._lock:
+            for worker_id in gone:
+                self._workers.pop(worker_id, None)
+        return len(gone)

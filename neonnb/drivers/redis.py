@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from .. import _loop
 from ..errors import ConfigError, StoreError, StoreUnavailable
-from ..records import JobRecord, Priority, QueueCounts, Recovered, Status, read_record
+from ..records import JobRecord, Priority, QueueCounts, Recovered, Status, WorkerInfo, read_record
 from .base import BlockingEnqueue, Driver, HandOff, PipelinedClaims, StoreClock, Waiter, WakeUps
 from .redis_calls import SCRIPTS, SHAS, Client, slot_owner
 from .redis_client import (
@@ -427,6 +427,24 @@ class RedisDriver(Driver, BlockingEnqueue, HandOff, PipelinedClaims, StoreClock,
 
     async def delete_failed(self, ids: Sequence[str] | None) -> int:
         return sum(await self._per_queue("delete_failed", await self._by_queue(ids, None), lambda q: []))
+
+    # The registered workers: one hash (one slot on a cluster), worker id -> WorkerInfo as JSON.
+
+    async def save_worker(self, info: WorkerInfo) -> None:
+        await self._reach(lambda client: client.redis.hset(f"{self.prefix}workers", info.id, info.to_json()))
+
+    async def remove_worker(self, worker_id: str) -> None:
+        await self._reach(lambda client: client.redis.hdel(f"{self.prefix}workers", worker_id))
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        stored = await self._reach(lambda client: client.redis.hgetall(f"{self.prefix}workers"))
+        return [info for text in stored.values() if (info := WorkerInfo.from_json(str(text))) is not None]
+
+    async def drop_workers(self, seen_before: float) -> int:
+        gone = [info.id for info in await self.list_workers() if info.last_seen < seen_before]
+        if gone:
+            await self._reach(lambda client: client.redis.hdel(f"{self.prefix}workers", *gone))
+        return len(gone)
 
     def watch(self, callback: Callable[[str], None]) -> None:
         # On the background loop, where the workers the callback wakes live: a wake-up costs

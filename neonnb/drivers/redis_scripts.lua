@@ -5,6 +5,7 @@
 -- take several bases, which the driver only passes together on a single server).
 --
 --   P.."queues"          SET   every queue name that has held a job (its own slot)
+--   P.."workers"         HASH  registered workers: worker id -> its WorkerInfo as JSON (written by the driver)
 --   P.."wake"            channel: PUBLISH <queue> when jobs of <queue> become due
 --   B.."job:"..id        HASH  the job record: id queue name payload priority status
 --                              attempts max_attempts timeout run_at created_at started_at

@@ -38,8 +38,15 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (s.value for s in Status)
 
 def jobs_table(name: str) -> Table:
     """The jobs table (``name`` comes from ``Config.table_name``); beside it in the same
-    MetaData, ``{name}_marks`` holds the driver's ``mark`` sets."""
+    MetaData, ``{name}_marks`` holds the driver's ``mark`` sets and ``{name}_workers`` the
+    registered workers."""
     metadata = MetaData()
+    Table(
+        f"{name}_workers", metadata,
+        Column("id", String(100), primary_key=True),
+        Column("last_seen", Double, nullable=False),
+        Column("info", Text, nullable=False),  # the WorkerInfo as JSON
+    )
     Table(
         f"{name}_marks", metadata,
         Column("grp", String(100), primary_key=True),

@@ -25,7 +25,7 @@ from ..config import WorkerOptions
 from ..core import Core, clock_skew_error
 from ..drivers.base import HandOff, PipelinedClaims
 from ..job import Context
-from ..records import MAX_WORKER_ID, JobRecord, check_queue_name, check_text, split_selector
+from ..records import MAX_WORKER_ID, JobRecord, WorkerInfo, check_queue_name, check_text, split_selector
 from .execute import JobRunner, Running
 from .outcomes import Outcomes
 
@@ -145,6 +145,7 @@ class Worker:
         self._warned_stuck = False
         self._grace = 0.0
         self._next_due = float("inf")  # earliest known run_at of a delayed job on our queues
+        self._started_at = 0.0
 
     def __repr__(self) -> str:
         return f"<neonnb.Worker {','.join(self.queues)} x{self.concurrency} {self.state}>"
@@ -282,6 +283,8 @@ class Worker:
     async def _main(self) -> None:
         assert self._wake is not None
         self.core.add_worker(self)
+        self._started_at = self.core.clock()
+        announce = asyncio.create_task(self._announce())
         heartbeat = asyncio.create_task(self.outcomes.heartbeat(self._running_records, self._stop_job))
         watch = _LoopWatch(self, asyncio.get_running_loop(), min(1.0, self.options.lease_timeout / 6))
         # A store's hand-off gives an idle worker any job of its queues: not for priority bands.
@@ -327,6 +330,8 @@ class Worker:
                 await waiter.close()
             watch.stop()
             heartbeat.cancel()
+            announce.cancel()
+            await self._guard(self.driver.remove_worker(self.id), "unregistering")
             self.outcomes.stop()
             self.core.remove_worker(self)
             self._unbind_loop()
@@ -481,6 +486,23 @@ class Worker:
             self.outcomes.note_progress(record, progress)
         else:
             loop.call_soon_threadsafe(self.outcomes.note_progress, record, progress)
+
+    def info(self) -> WorkerInfo:
+        """What the store knows of this worker (``qm.known_workers()``), as of now."""
+        return WorkerInfo(
+            id=self.id, host=socket.gethostname(), pid=os.getpid(), queues=list(self.queues),
+            concurrency=self.concurrency, started_at=self._started_at, last_seen=self.core.clock(),
+            beat=self.options.lease_timeout / 3, running=list(self._active), jobs_done=self.outcomes.jobs_done,
+            jobs_failed=self.outcomes.jobs_failed, stopping=self._stopping,
+        )
+
+    async def _announce(self) -> None:
+        """Register in the store, then refresh the entry every beat (a third of the lease,
+        as the leases' heartbeat): other processes see this worker, and see it lost when the
+        beats stop."""
+        while True:
+            await self._guard(self.driver.save_worker(self.info()), "announcing itself")
+            await asyncio.sleep(self.options.lease_timeout / 3)
 
     def _running_records(self) -> list[JobRecord]:
         return [running.record for running in self._active.values()]

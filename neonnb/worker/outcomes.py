@@ -85,6 +85,8 @@ class Outcomes:
         # their leases are kept until the ack is stored.
         self._acks: list[tuple[JobRecord, Outcome]] = []
         self._ack_flusher: asyncio.Task[None] | None = None
+        self.jobs_done = 0  # acknowledged successes
+        self.jobs_failed = 0  # jobs this worker moved to the failed store
 
     # --- leases -------------------------------------------------------------------------
 
@@ -171,6 +173,7 @@ class Outcomes:
             del self._acks[: len(batch)]  # only now: the heartbeat keeps pending leases alive
             for record, outcome in batch:
                 if record.id in done:
+                    self.jobs_done += 1
                     self.core.hooks.after_job(record, outcome)
                 else:
                     logger.warning("job %s finished, but its lease had passed to another worker", record.id)
@@ -216,6 +219,7 @@ class Outcomes:
         if await self.persist(lambda: self.driver.fail(record, self.worker_id, now, info, status), status.value):
             logger.warning("job %s (%s) %s after %d attempt(s): %s: %s", record.id, record.name, status.value,
                            record.attempts, info["type"], info["message"])
+            self.jobs_failed += status is Status.FAILED
             self.core.hooks.after_job(record, outcome)
 
     async def _settle(self, record: JobRecord, outcome: Outcome) -> bool:

@@ -1,0 +1,121 @@
+"""Workers known across processes: every worker registers in the store and heartbeats; one
+that stops heartbeating shows as lost, and is dropped later. On every store, and with a
+`neonnb worker` in another process killed with SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from neonnb import QueueManager, Status, WorkerInfo, connect
+from neonnb import _loop as loop
+from neonnb.core import LOST_WORKERS_KEPT
+from tests import jobs
+from tests.conftest import FakeClock, wait_until
+from tests.services import RedisServer
+
+MakeManager = Callable[..., QueueManager]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mine(qm: QueueManager, worker_id: str) -> WorkerInfo | None:
+    return next((info for info in qm.known_workers() if info.id == worker_id), None)
+
+
+def test_a_worker_registers_refreshes_what_it_runs_and_unregisters(make_manager: MakeManager) -> None:
+    jobs.RELEASE.clear()
+    qm = make_manager(lease_timeout=0.6)  # a beat every 0.2 s
+    other = qm if qm.config.driver == "memory" else make_manager()  # another process's view of the store
+    worker = qm.worker("q", 2).start()
+    try:
+        handle = qm.dispatch("q", jobs.BlockingSync())
+        wait_until(lambda: (info := mine(other, worker.id)) is not None and info.running == [handle.id],
+                   what="the worker to show its running job")
+        info = mine(other, worker.id)
+        assert info is not None
+        assert (info.host, info.pid, info.queues, info.concurrency) == (socket.gethostname(), os.getpid(), ["q"], 2)
+        assert info.state(other.clock()) == "running"
+        jobs.RELEASE.set()
+        assert handle.result(timeout=10) == "released"
+        wait_until(lambda: (info := mine(other, worker.id)) is not None and info.jobs_done == 1 and not info.running,
+                   what="the worker's counts to reach the store")
+        frame = other.workers_df()
+        assert list(frame["id"]) == [worker.id] and list(frame["state"]) == ["running"]
+        assert str(frame.dtypes["last_seen"]) == "datetime64[ns, UTC]"
+    finally:
+        jobs.RELEASE.set()
+        worker.stop()
+    assert mine(other, worker.id) is None, "a stopped worker is no longer listed"
+
+
+def test_a_worker_that_stops_heartbeating_is_lost_then_dropped(make_manager: MakeManager, clock: FakeClock) -> None:
+    qm = make_manager(clock=clock, lease_timeout=30)
+    dead = WorkerInfo(id="other-host:4242:abc", host="other-host", pid=4242, queues=["q"], concurrency=4,
+                      started_at=clock() - 100, last_seen=clock(), beat=10.0, running=["j1"])
+    loop.run_sync(qm.driver.save_worker(dead))
+    [info] = qm.known_workers()
+    assert info == dead and info.state(clock()) == "running"
+    clock.advance(31)  # three beats missed
+    assert qm.known_workers()[0].state(clock()) == "lost"
+    assert list(qm.workers_df()["state"]) == ["lost"]
+    clock.advance(LOST_WORKERS_KEPT)
+    loop.run_sync(qm.core.housekeeping(clock()))
+    assert qm.known_workers() == []
+
+
+@pytest.fixture(params=["sqlite", "postgres", "redis"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    if request.param == "postgres":
+        return str(request.getfixturevalue("postgres_server").new_database())
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return f"{server.url()}"
+
+
+def neonnb(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "neonnb", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_a_worker_in_another_process_is_listed_with_its_job_and_lost_after_sigkill(
+    store_url: str, tmp_path: Path
+) -> None:
+    prefix = f"k{os.getpid()}{tmp_path.name[-6:]}:"
+    config = tmp_path / "queue.yaml"
+    driver = "redis" if store_url.startswith("redis") else "database"
+    config.write_text(f"driver: {driver}\nconnection: '{store_url}'\nkey_prefix: '{prefix}'\nlease_timeout: 1.5\n")
+    qm = connect(config)
+    log = (tmp_path / "worker.log").open("w")
+    process = subprocess.Popen([sys.executable, "-m", "neonnb", "worker", str(config), "-q", "far", "--import",
+                                "tests.jobs"], cwd=ROOT, stdout=log, stderr=log)
+    try:
+        handle = qm.dispatch("far", jobs.SlowAsync(60))
+        wait_until(lambda: any(info.pid == process.pid and info.running == [handle.id]
+                               for info in qm.known_workers()), what="the other process's worker and its job")
+        listed = neonnb("workers", str(config), "--json")
+        assert listed.returncode == 0, listed.stderr
+        [entry] = [w for w in json.loads(listed.stdout) if w["pid"] == process.pid]
+        assert (entry["state"], entry["running"], entry["queues"]) == ("running", [handle.id], ["far"])
+        table = neonnb("workers", str(config))
+        assert "running" in table.stdout and str(process.pid) in table.stdout and "1/5" in table.stdout
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+        wait_until(lambda: [info.state(qm.clock()) for info in qm.known_workers() if info.pid == process.pid]
+                   == ["lost"], timeout=15, what="the killed worker to show as lost")
+        assert "lost" in neonnb("workers", str(config)).stdout
+        assert handle.status is Status.RUNNING  # its lease runs out; housekeeping recovers it, as always
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+        log.close()
+        qm.close()
