@@ -1,6 +1,10 @@
-"""The ``neonnb`` command: ``neonnb worker`` runs a standalone worker, ``neonnb workers``
-lists the workers on a store, ``neonnb demo`` shows the queue at work on the embedded SQLite
-default."""
+"""The ``neonnb`` command: ``neonnb worker`` runs a standalone worker; ``stats``, ``jobs``,
+``show``, ``failed``, ``retry``, ``forget``, ``cancel`` and ``workers`` look at and steer a
+store from outside a kernel (tables for people, ``--json`` for scripts); ``neonnb demo``
+shows the queue at work on the embedded SQLite default.
+
+Exit codes: 0 done; 1 a job named is not there (not found, not failed, already finished);
+2 a bad argument, a target that can't be loaded or a store that can't be reached."""
 
 from __future__ import annotations
 
@@ -10,13 +14,16 @@ import importlib
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .config import WorkerOptions
-from .errors import NeonnbError
+from .errors import JobNotFound, MissingExtra, NeonnbError
 from .manager import QueueManager, connect
+from .records import JobRecord, Status, record_data
 
 
 def load_manager(target: str) -> QueueManager:
@@ -75,21 +82,156 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _workers(args: argparse.Namespace) -> int:
-    manager = load_manager(args.target)
+def _admin(command: Callable[[QueueManager, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``command`` on the manager that ``args.target`` names, closed afterwards."""
+    def run(args: argparse.Namespace) -> int:
+        manager = load_manager(args.target)
+        try:
+            return command(manager, args)
+        finally:
+            manager.close()
+
+    return run
+
+
+def _show_result(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, default=str) if args.json else text)
+
+
+def _stats(qm: QueueManager, args: argparse.Namespace) -> int:
+    counts = qm.stats()
+    data = {queue: {**dataclasses.asdict(c), "size": c.size} for queue, c in counts.items()}
+    headers = ["QUEUE", "HIGH", "NORMAL", "LOW", "DELAYED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]
+    rows = [[queue, *map(str, [c.waiting["high"], c.waiting["normal"], c.waiting["low"], c.delayed, c.running,
+                                c.succeeded, c.failed, c.cancelled])] for queue, c in counts.items()]
+    _show_result(args, data, _table(headers, rows) if rows else "no jobs on this store")
+    return 0
+
+
+def _jobs(qm: QueueManager, args: argparse.Namespace) -> int:
+    records = qm.jobs(args.status, args.queue, args.limit)
+    _show_result(args, [record_data(r) for r in records], _jobs_table(records, qm.clock()))
+    return 0
+
+
+def _jobs_table(records: Sequence[JobRecord], now: float) -> str:
+    rows = [[r.id, r.queue, r.name, r.status.value, f"{r.attempts}/{r.max_attempts}", _ago(now, r.created_at),
+             str((r.error or {}).get("type") or "")] for r in records]
+    headers = ["ID", "QUEUE", "NAME", "STATUS", "ATTEMPTS", "CREATED", "ERROR"]
+    return _table(headers, rows) if rows else "no such jobs"
+
+
+def _show(qm: QueueManager, args: argparse.Namespace) -> int:
     try:
-        infos, now = manager.known_workers(), manager.clock()
-    finally:
-        manager.close()
-    if args.json:
-        print(json.dumps([{**dataclasses.asdict(info), "state": info.state(now)} for info in infos]))
+        record = qm.handle(args.job_id).fetch()
+    except JobNotFound as exc:
+        return _not_there(exc)
+    data = record_data(record)
+    lines = [f"{name:13} {value}" for name, value in data.items()
+             if value not in (None, "", {}) and name not in ("error", "output")]
+    if record.error:
+        lines += [f"{'error':13} {record.error.get('type')}: {record.error.get('message')}",
+                  str(record.error.get("traceback") or "").rstrip()]
+    if record.output:
+        lines += ["output:", record.output.rstrip()]
+    _show_result(args, data, "\n".join(line for line in lines if line))
+    return 0
+
+
+def _failed(qm: QueueManager, args: argparse.Namespace) -> int:
+    """The seed's failed-jobs listing: ``{"jobs": [...], "total": N}``."""
+    failed = qm.failed.list(args.limit, args.offset, args.queue)
+    counts = qm.stats()
+    total = sum(c.failed for queue, c in counts.items() if args.queue in (None, queue))
+    rows = [[f.id, f.queue, f.name, str(f.attempts), f.failed_at.strftime("%Y-%m-%d %H:%M:%S"),
+             f"{f.error_type}: {f.error}"[:80]] for f in failed]
+    text = _table(["ID", "QUEUE", "NAME", "ATTEMPTS", "FAILED AT (UTC)", "ERROR"], rows) if rows else "no failed jobs"
+    _show_result(args, {"jobs": [dataclasses.asdict(f) for f in failed], "total": total},
+                 f"{text}\n{len(failed)} of {total} failed job(s)" if rows else text)
+    return 0
+
+
+def _retry(qm: QueueManager, args: argparse.Namespace) -> int:
+    if args.all == bool(args.job_ids):
+        raise NeonnbError("retry takes job ids or --all (with --queue to retry one queue's), not both or neither")
+    if args.all:
+        moved = qm.failed.retry_all(args.queue)
+        _show_result(args, {"retried": moved}, f"queued {moved} failed job(s) for retry")
         return 0
+    missing = []
+    for job_id in args.job_ids:
+        try:
+            qm.failed.retry(job_id)
+        except JobNotFound:
+            missing.append(job_id)
+    retried = len(args.job_ids) - len(missing)
+    _show_result(args, {"retried": retried, "not_failed": missing},
+                 f"queued {retried} job(s) for retry" + "".join(f"\nnot in the failed store: {m}" for m in missing))
+    return 1 if missing else 0
+
+
+def _forget(qm: QueueManager, args: argparse.Namespace) -> int:
+    missing = [job_id for job_id in args.job_ids if not qm.failed.forget(job_id)]
+    forgotten = len(args.job_ids) - len(missing)
+    _show_result(args, {"forgotten": forgotten, "not_failed": missing},
+                 f"forgot {forgotten} failed job(s)" + "".join(f"\nnot in the failed store: {m}" for m in missing))
+    return 1 if missing else 0
+
+
+def _cancel(qm: QueueManager, args: argparse.Namespace) -> int:
+    was = qm.cancel(args.job_id)
+    if was is None:
+        return _not_there(JobNotFound(f"job {args.job_id} not found"))
+    if was in (Status.QUEUED, Status.RUNNING):
+        said = "cancelled: it never runs" if was is Status.QUEUED else "asked to stop at its worker's next heartbeat"
+        _show_result(args, {"was": was.value}, f"job {args.job_id} {said}")
+        return 0
+    _show_result(args, {"was": was.value}, f"job {args.job_id} had already ended ({was.value}): nothing to cancel")
+    return 1
+
+
+def _not_there(exc: Exception) -> int:
+    print(f"neonnb: {exc}", file=sys.stderr)
+    return 1
+
+
+def _workers(qm: QueueManager, args: argparse.Namespace) -> int:
+    infos, now = qm.known_workers(), qm.clock()
     rows = [[info.id, info.host, str(info.pid), ",".join(info.queues), info.state(now),
              f"{len(info.running)}/{info.concurrency}", str(info.jobs_done), str(info.jobs_failed),
-             f"{max(now - info.last_seen, 0):.0f}s ago"] for info in infos]
-    print(_table(["ID", "HOST", "PID", "QUEUES", "STATE", "RUNNING", "DONE", "FAILED", "SEEN"], rows)
-          if rows else "no workers on this store")
+             _ago(now, info.last_seen)] for info in infos]
+    _show_result(args, [{**dataclasses.asdict(info), "state": info.state(now)} for info in infos],
+                 _table(["ID", "HOST", "PID", "QUEUES", "STATE", "RUNNING", "DONE", "FAILED", "SEEN"], rows)
+                 if rows else "no workers on this store")
     return 0
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    """Serve the dashboard's API with uvicorn until SIGTERM/SIGINT."""
+    from .web import create_app, is_loopback
+
+    try:
+        import uvicorn
+    except ImportError as exc:
+        raise MissingExtra("neonnb dashboard needs uvicorn: pip install 'neonnb[web]'") from exc
+    token = args.token or os.environ.get("NEONNB_DASHBOARD_TOKEN")
+    if not token:
+        token = secrets.token_urlsafe(24)
+        print(f"neonnb dashboard: writes (and reads from off this machine) need the header "
+              f"Authorization: Bearer {token}", flush=True)
+    if not args.read_only and not is_loopback(args.host):
+        print(f"neonnb dashboard: listening on {args.host}, off loopback: every request needs the token", flush=True)
+    manager = load_manager(args.target)
+    try:
+        uvicorn.run(create_app(manager, token=token, read_only=args.read_only), host=args.host, port=args.port,
+                    log_level="warning")
+    finally:
+        manager.close()
+    return 0
+
+
+def _ago(now: float, then: float) -> str:
+    return f"{max(now - then, 0):.0f}s ago"
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -123,10 +265,40 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds running jobs get to finish on SIGTERM before they are released (default 10)")
     worker.set_defaults(run=_worker)
 
-    workers = commands.add_parser("workers", help="the workers on a store, in every process and machine")
-    workers.add_argument("target", help="connection URL, config file or module:manager (as for worker)")
-    workers.add_argument("--json", action="store_true", help="a JSON list, for scripts")
-    workers.set_defaults(run=_workers)
+    def admin(name: str, help_text: str, run: Callable[[QueueManager, argparse.Namespace], int]) -> Any:
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("target", help="connection URL, config file or module:manager (as for worker)")
+        command.add_argument("--json", action="store_true", help="JSON, for scripts")
+        command.set_defaults(run=_admin(run))
+        return command
+
+    admin("stats", "jobs per queue and state", _stats)
+    jobs = admin("jobs", "jobs, newest first", _jobs)
+    jobs.add_argument("--status", choices=[s.value for s in Status], help="only jobs in this state")
+    jobs.add_argument("--queue", help="only this queue's jobs")
+    jobs.add_argument("--limit", type=_at_least_one, default=50, help="at most this many (default 50)")
+    admin("show", "one job: its fields, error, traceback and output", _show).add_argument("job_id")
+    failed = admin("failed", "the failed store, newest first", _failed)
+    failed.add_argument("--queue", help="only this queue's failed jobs")
+    failed.add_argument("--limit", type=_at_least_one, default=50, help="at most this many (default 50)")
+    failed.add_argument("--offset", type=int, default=0, help="skip this many first (default 0)")
+    retry = admin("retry", "queue failed jobs again (same id and arguments, attempts reset)", _retry)
+    retry.add_argument("job_ids", nargs="*", metavar="ID")
+    retry.add_argument("--all", action="store_true", help="every failed job (of --queue, if given)")
+    retry.add_argument("--queue", help="with --all: only this queue's")
+    admin("forget", "delete failed jobs from the failed store", _forget).add_argument("job_ids", nargs="+",
+                                                                                       metavar="ID")
+    admin("cancel", "cancel a queued job, or ask a running one to stop", _cancel).add_argument("job_id")
+    admin("workers", "the workers on a store, in every process and machine", _workers)
+
+    dashboard = commands.add_parser("dashboard", help="serve the dashboard's JSON API and /metrics (neonnb[web])")
+    dashboard.add_argument("target", help="connection URL, config file or module:manager (as for worker)")
+    dashboard.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
+    dashboard.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    dashboard.add_argument("--token", help="the token writes need (default: $NEONNB_DASHBOARD_TOKEN, "
+                                           "else a new one, printed)")
+    dashboard.add_argument("--read-only", action="store_true", help="refuse every write")
+    dashboard.set_defaults(run=_dashboard)
 
     demo = commands.add_parser("demo", help="a small data pipeline on the embedded SQLite default")
     demo.add_argument("--url", default=None, help="database URL (default: a throwaway SQLite file)")

@@ -331,7 +331,10 @@ class Worker:
             watch.stop()
             heartbeat.cancel()
             announce.cancel()
-            await self._guard(self.driver.remove_worker(self.id), "unregistering")
+            try:
+                await self.driver.remove_worker(self.id)
+            except Exception as exc:  # the store is away: the entry shows as lost, then goes
+                logger.warning("worker %s: could not unregister from the store (%r)", self.id, exc)
             self.outcomes.stop()
             self.core.remove_worker(self)
             self._unbind_loop()
@@ -499,9 +502,13 @@ class Worker:
     async def _announce(self) -> None:
         """Register in the store, then refresh the entry every beat (a third of the lease,
         as the leases' heartbeat): other processes see this worker, and see it lost when the
-        beats stop."""
+        beats stop. A failed beat is only logged: it says nothing about the claims (unlike
+        ``_guard``'s failures), and the next beat tries again."""
         while True:
-            await self._guard(self.driver.save_worker(self.info()), "announcing itself")
+            try:
+                await self.driver.save_worker(self.info())
+            except Exception as exc:
+                logger.warning("worker %s: could not announce itself to the store (%r)", self.id, exc)
             await asyncio.sleep(self.options.lease_timeout / 3)
 
     def _running_records(self) -> list[JobRecord]:

@@ -1,0 +1,204 @@
+"""The web dashboard's JSON API and Prometheus metrics, on Starlette (``pip install 'neonnb[web]'``).
+
+``create_app(qm)`` is an ASGI app to mount in a FastAPI or Starlette app; ``neonnb dashboard
+TARGET`` serves one with uvicorn. Routes, all JSON (errors as ``{"error": "..."}``):
+
+    GET    /api/queues                    per-queue counts
+    GET    /api/jobs?status=&queue=&limit= jobs, newest first
+    GET    /api/jobs/{id}                 one job
+    POST   /api/jobs/{id}/cancel          {"was": "queued"}
+    GET    /api/failed?limit=50&offset=0  {"jobs": [...], "total": N}  (the seed's shape)
+    POST   /api/failed/{id}/retry         {"message": "Job queued for retry"}
+    POST   /api/failed/retry-all?queue=   {"retried": N}
+    DELETE /api/failed/{id}               {"message": "Job forgotten"}
+    GET    /api/workers                   every worker on the store, with its state
+    GET    /metrics                       Prometheus' text format
+
+Safe by default: every write needs the token, sent as ``Authorization: Bearer <token>`` (a
+header, so a cross-site form can't trigger a retry); a request from off this machine needs it
+for reads too (401 without); ``read_only`` refuses every write (403).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import ipaddress
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .errors import ConfigError, JobNotFound, MissingExtra, StoreError
+from .manager import QueueManager
+from .records import Status, record_data
+
+try:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import GaugeMetricFamily
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+except ImportError as exc:  # pragma: no cover - the message is the point
+    raise MissingExtra("the web dashboard needs Starlette and prometheus_client: pip install 'neonnb[web]'") from exc
+
+Handler = Callable[[Request], Awaitable[Response]]
+READS = ("GET", "HEAD")
+
+
+def create_app(qm: QueueManager, *, token: str, read_only: bool = False) -> Starlette:
+    """The dashboard's API for ``qm``'s store. ``token``: what writes (and reads from off this
+    machine) must send as ``Authorization: Bearer <token>``."""
+    if not token:
+        raise ConfigError("the dashboard needs a token: every write must carry it")
+
+    def guarded(handler: Handler) -> Handler:
+        async def run(request: Request) -> Response:
+            sent = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            allowed = bool(sent) and hmac.compare_digest(sent, token)
+            if not allowed and not _loopback(request):
+                return _error(401, "send the dashboard's token: Authorization: Bearer <token>")
+            if request.method not in READS:
+                if read_only:
+                    return _error(403, "this dashboard is read-only")
+                if not allowed:
+                    return _error(403, "a write needs the dashboard's token: Authorization: Bearer <token>")
+            try:
+                return await handler(request)
+            except JobNotFound as exc:
+                return _error(404, str(exc))
+            except ConfigError as exc:
+                return _error(400, str(exc))
+            except StoreError as exc:
+                return _error(503, str(exc))
+
+        return run
+
+    async def queues(request: Request) -> Response:
+        counts = await qm.astats()
+        return JSONResponse({q: {**dataclasses.asdict(c), "size": c.size} for q, c in counts.items()})
+
+    async def jobs(request: Request) -> Response:
+        params = request.query_params
+        records = await qm.ajobs(params.get("status"), params.get("queue"), _number(params, "limit", 50, 1))
+        return _json({"jobs": [record_data(r) for r in records]})
+
+    async def job(request: Request) -> Response:
+        return _json(record_data(await qm.handle(request.path_params["job_id"]).afetch()))
+
+    async def cancel(request: Request) -> Response:
+        job_id = request.path_params["job_id"]
+        was = await qm.acancel(job_id)
+        if was is None:
+            raise JobNotFound(f"job {job_id} not found")
+        if was not in (Status.QUEUED, Status.RUNNING):
+            return _error(409, f"job {job_id} had already ended ({was.value})")
+        return _json({"was": was.value})
+
+    async def failed(request: Request) -> Response:
+        params = request.query_params
+        queue = params.get("queue")
+        listed = await qm.failed.alist(_number(params, "limit", 50, 1), _number(params, "offset", 0, 0), queue)
+        counts = await qm.astats()
+        total = sum(c.failed for name, c in counts.items() if queue in (None, name))
+        return _json({"jobs": [dataclasses.asdict(f) for f in listed], "total": total})
+
+    async def retry(request: Request) -> Response:
+        await qm.failed.aretry(request.path_params["job_id"])
+        return _json({"message": "Job queued for retry"})
+
+    async def retry_all(request: Request) -> Response:
+        return _json({"retried": await qm.failed.aretry_all(request.query_params.get("queue"))})
+
+    async def forget(request: Request) -> Response:
+        job_id = request.path_params["job_id"]
+        if not await qm.failed.aforget(job_id):
+            raise JobNotFound(f"job {job_id} is not in the failed store")
+        return _json({"message": "Job forgotten"})
+
+    async def workers(request: Request) -> Response:
+        infos, now = await qm.aknown_workers(), qm.clock()
+        return _json({"workers": [{**dataclasses.asdict(i), "state": i.state(now)} for i in infos]})
+
+    async def metrics(request: Request) -> Response:
+        registry = CollectorRegistry()
+        registry.register(_StoreCollector(await qm.astats(), await qm.aknown_workers(), qm.clock()))
+        return Response(generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    routes = [
+        Route("/api/queues", guarded(queues)),
+        Route("/api/jobs", guarded(jobs)),
+        Route("/api/jobs/{job_id}", guarded(job)),
+        Route("/api/jobs/{job_id}/cancel", guarded(cancel), methods=["POST"]),
+        Route("/api/failed", guarded(failed)),
+        Route("/api/failed/retry-all", guarded(retry_all), methods=["POST"]),
+        Route("/api/failed/{job_id}/retry", guarded(retry), methods=["POST"]),
+        Route("/api/failed/{job_id}", guarded(forget), methods=["DELETE"]),
+        Route("/api/workers", guarded(workers)),
+        Route("/metrics", guarded(metrics)),
+    ]
+    return Starlette(routes=routes)
+
+
+class _StoreCollector:
+    """What /metrics reports, read from the store at each scrape."""
+
+    def __init__(self, counts: dict[str, Any], workers: list[Any], now: float) -> None:
+        self.counts, self.workers, self.now = counts, workers, now
+
+    def collect(self) -> Any:
+        jobs = GaugeMetricFamily("neonnb_jobs", "Jobs in the store, by queue and state", labels=["queue", "state"])
+        for queue, c in self.counts.items():
+            for state, value in (("waiting", sum(c.waiting.values())), ("delayed", c.delayed),
+                                 ("running", c.running), ("succeeded", c.succeeded), ("failed", c.failed),
+                                 ("cancelled", c.cancelled)):
+                jobs.add_metric([queue, state], value)
+        yield jobs
+        workers = GaugeMetricFamily("neonnb_workers", "Registered workers, by state", labels=["state"])
+        states = [w.state(self.now) for w in self.workers]
+        for state in ("running", "stopping", "lost"):
+            workers.add_metric([state], states.count(state))
+        yield workers
+
+
+def _loopback(request: Request) -> bool:
+    return is_loopback(request.client.host if request.client else "")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or "localhost") is this machine."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _number(params: Any, name: str, default: int, least: int) -> int:
+    text = params.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = least - 1
+    if value < least:
+        raise ConfigError(f"{name} must be an integer of at least {least}, got {text!r}")
+    return value
+
+
+def _json(data: Any) -> Response:
+    return JSONResponse(_plain(data))
+
+
+def _plain(value: Any) -> Any:
+    """Datetimes as ISO text, for JSON."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value
+
+
+def _error(status: int, message: str) -> Response:
+    return JSONResponse({"error": message}, status_code=status)

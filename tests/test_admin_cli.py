@@ -1,0 +1,120 @@
+"""The admin commands (`neonnb stats`, `jobs`, `show`, `failed`, `retry`, `forget`, `cancel`,
+`workers`) on every store another process can reach, through the real parser, on a YAML
+config as users give it; their errors too (unknown ids, bad arguments, a store that is down)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from neonnb import QueueManager, Status
+from neonnb.cli import build_parser
+from tests import jobs
+from tests.conftest import DRIVERS
+
+# Every store another process can reach (an in-memory one lives in its process alone).
+REACHABLE = pytest.mark.parametrize("make_manager", [d for d in DRIVERS if d != "memory"], indirect=True)
+
+MakeManager = Callable[..., QueueManager]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def target(make_manager: MakeManager, tmp_path: Path) -> tuple[QueueManager, str]:
+    """A manager, and a config file naming its store, as a user outside the kernel has."""
+    qm = make_manager(max_retries=0)
+    config = qm.config
+    path = tmp_path / "queue.yaml"
+    path.write_text(f"driver: {config.driver}\nconnection: '{config.connection}'\n"
+                    f"key_prefix: '{config.key_prefix}'\ntable_name: {config.table_name}\n")
+    return qm, str(path)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """One command through the CLI's own parser, in this process (as `neonnb` runs it)."""
+    args = build_parser().parse_args(list(argv))
+    code = int(args.run(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@REACHABLE
+def test_stats_jobs_show_and_the_failed_store(target: tuple[QueueManager, str],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    qm, config = target
+    ok = qm.dispatch("adm", jobs.Chatty("hello"))
+    bad = qm.dispatch("adm", jobs.Permanent())
+    waiting = qm.dispatch("adm", jobs.Note("later"))
+    qm.worker("adm", 1).run_once()
+    qm.worker("adm", 1).run_once()
+
+    code, out, _ = run(capsys, "stats", config, "--json")
+    assert code == 0 and json.loads(out)["adm"]["succeeded"] == 1 and json.loads(out)["adm"]["failed"] == 1
+    code, out, _ = run(capsys, "stats", config)
+    assert code == 0 and out.splitlines()[0].split()[:3] == ["QUEUE", "HIGH", "NORMAL"] and "adm" in out
+
+    code, out, _ = run(capsys, "jobs", config, "--status", "failed", "--json")
+    assert code == 0 and [j["id"] for j in json.loads(out)] == [bad.id]
+    code, out, _ = run(capsys, "jobs", config, "--queue", "adm", "--limit", "2")
+    assert code == 0 and len(out.splitlines()) == 3  # a header and two rows, newest first
+    assert waiting.id in out.splitlines()[1]
+
+    code, out, _ = run(capsys, "show", config, ok.id)
+    assert code == 0 and "succeeded" in out and "hello" in out  # what the job printed
+    code, out, _ = run(capsys, "show", config, bad.id, "--json")
+    assert code == 0 and json.loads(out)["error"]["type"] == "ValueError"
+
+    code, out, _ = run(capsys, "failed", config, "--json", "--limit", "50", "--offset", "0")
+    listed = json.loads(out)
+    assert code == 0 and listed["total"] == 1 and [j["id"] for j in listed["jobs"]] == [bad.id]
+    assert listed["jobs"][0]["error"] == "bad input, don't retry"
+    code, out, _ = run(capsys, "failed", config)
+    assert code == 0 and bad.id in out and "1 of 1 failed job(s)" in out
+
+
+@REACHABLE
+def test_retry_forget_and_cancel(target: tuple[QueueManager, str], capsys: pytest.CaptureFixture[str]) -> None:
+    qm, config = target
+    failed = [qm.dispatch("adm", jobs.Permanent()) for _ in range(3)]
+    other = qm.dispatch("other", jobs.Permanent())
+    qm.worker(["adm", "other"], 4).run_once()
+    assert all(h.status is Status.FAILED for h in [*failed, other])
+
+    code, out, _ = run(capsys, "retry", config, failed[0].id, "no-such-id")
+    assert code == 1 and "queued 1 job(s) for retry" in out and "not in the failed store: no-such-id" in out
+    assert failed[0].status is Status.QUEUED
+    code, out, _ = run(capsys, "retry", config, "--all", "--queue", "adm", "--json")
+    assert code == 0 and json.loads(out) == {"retried": 2}
+    assert other.status is Status.FAILED, "--queue retried only that queue's"
+
+    code, out, _ = run(capsys, "forget", config, other.id)
+    assert code == 0 and "forgot 1 failed job(s)" in out
+    code, _, _ = run(capsys, "forget", config, other.id)
+    assert code == 1, "a job no longer in the failed store"
+
+    code, out, _ = run(capsys, "cancel", config, failed[1].id)
+    assert code == 0 and "cancelled: it never runs" in out and failed[1].status is Status.CANCELLED
+    code, out, _ = run(capsys, "cancel", config, failed[1].id, "--json")
+    assert code == 1 and json.loads(out) == {"was": "cancelled"}
+    code, _, err = run(capsys, "cancel", config, "no-such-id")
+    assert code == 1 and "job no-such-id not found" in err
+    code, _, err = run(capsys, "show", config, "no-such-id")
+    assert code == 1 and "job no-such-id not found" in err
+
+
+def test_admin_errors_say_what_is_wrong_with_exit_code_2(tmp_path: Path) -> None:
+    def neonnb(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "neonnb", *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60)
+
+    down = neonnb("stats", "redis://127.0.0.1:1/0")
+    assert down.returncode == 2 and "neonnb: " in down.stderr and "Traceback" not in down.stderr
+    both = neonnb("retry", f"sqlite:///{tmp_path / 'x.db'}", "some-id", "--all")
+    assert both.returncode == 2 and "retry takes job ids or --all" in both.stderr
+    bad_status = neonnb("jobs", f"sqlite:///{tmp_path / 'x.db'}", "--status", "done")
+    assert bad_status.returncode == 2 and "invalid choice: 'done'" in bad_status.stderr

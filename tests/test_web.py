@@ -1,0 +1,137 @@
+"""The web dashboard's JSON API and /metrics (neonnb.web), on every store another process can
+reach, through Starlette's test client; its auth rules; and `neonnb dashboard` served by uvicorn."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import TestClient
+
+from neonnb import Config, QueueManager, Status
+from neonnb.web import create_app
+from tests import jobs
+from tests.conftest import DRIVERS
+from tests.services import free_port
+
+MakeManager = Callable[..., QueueManager]
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "t0ken-for-tests"
+WRITE = {"Authorization": f"Bearer {TOKEN}"}
+LOCAL = ("127.0.0.1", 50000)
+
+
+# Every store another process can reach (an in-memory one lives in its process alone).
+REACHABLE = pytest.mark.parametrize("make_manager", [d for d in DRIVERS if d != "memory"], indirect=True)
+
+
+@pytest.fixture
+def qm(make_manager: MakeManager) -> QueueManager:
+    return make_manager(max_retries=0)
+
+
+@REACHABLE
+def test_the_api_lists_shows_retries_forgets_and_cancels(qm: QueueManager) -> None:
+    ok = qm.dispatch("web", jobs.Note("fine"))
+    bad = [qm.dispatch("web", jobs.Permanent()) for _ in range(3)]
+    qm.worker("web", 4).run_once()
+    waiting = qm.dispatch("web", jobs.Note("later"))
+    with TestClient(create_app(qm, token=TOKEN), client=LOCAL) as client:
+        queues = client.get("/api/queues").json()
+        assert (queues["web"]["succeeded"], queues["web"]["failed"], queues["web"]["size"]) == (1, 3, 1)
+        assert [j["id"] for j in client.get("/api/jobs", params={"status": "queued"}).json()["jobs"]] == [waiting.id]
+        assert client.get(f"/api/jobs/{ok.id}").json()["result"] == '"fine"'
+        assert client.get("/api/jobs/nope").status_code == 404
+
+        page = client.get("/api/failed", params={"limit": 2, "offset": 0}).json()
+        assert page["total"] == 3 and len(page["jobs"]) == 2
+        assert page["jobs"][0]["error_type"] == "ValueError" and "failed_at" in page["jobs"][0]
+        assert client.get("/api/failed", params={"limit": 0}).status_code == 400
+
+        retried = client.post(f"/api/failed/{bad[0].id}/retry", headers=WRITE)
+        assert retried.json() == {"message": "Job queued for retry"} and bad[0].status is Status.QUEUED
+        assert client.post("/api/failed/nope/retry", headers=WRITE).status_code == 404
+        assert client.delete(f"/api/failed/{bad[1].id}", headers=WRITE).json() == {"message": "Job forgotten"}
+        assert client.delete(f"/api/failed/{bad[1].id}", headers=WRITE).status_code == 404
+        assert client.post("/api/failed/retry-all", headers=WRITE).json() == {"retried": 1}
+
+        assert client.post(f"/api/jobs/{waiting.id}/cancel", headers=WRITE).json() == {"was": "queued"}
+        assert client.post(f"/api/jobs/{waiting.id}/cancel", headers=WRITE).status_code == 409
+        assert client.get("/api/jobs", params={"status": "done"}).status_code == 400
+
+
+@REACHABLE
+def test_metrics_parse_with_prometheus_clients_own_parser(qm: QueueManager) -> None:
+    qm.dispatch("web", jobs.Permanent())
+    qm.dispatch("web", jobs.Note("queued"))
+    qm.worker("web", 1).run_once()
+    worker = qm.worker("web", 1).start()
+    try:
+        with TestClient(create_app(qm, token=TOKEN), client=LOCAL) as client:
+            deadline = time.monotonic() + 30
+            while client.get("/api/workers").json()["workers"] == [] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            text = client.get("/metrics").text
+    finally:
+        worker.stop()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    jobs_by_state = {(s.labels["queue"], s.labels["state"]): s.value for s in families["neonnb_jobs"].samples}
+    assert jobs_by_state[("web", "failed")] == 1
+    workers = {s.labels["state"]: s.value for s in families["neonnb_workers"].samples}
+    assert workers["running"] == 1 and workers["lost"] == 0
+
+
+def test_auth_off_loopback_writes_and_read_only() -> None:
+    with QueueManager(Config(driver="memory")) as qm:
+        handle = qm.dispatch("web", jobs.Permanent())
+        qm.worker("web", 1).run_once()
+        away = TestClient(create_app(qm, token=TOKEN), client=("203.0.113.9", 40000))
+        assert away.get("/api/queues").status_code == 401
+        assert away.get("/api/queues", headers=WRITE).status_code == 200
+        assert away.get("/api/queues", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        local = TestClient(create_app(qm, token=TOKEN), client=LOCAL)
+        assert local.get("/api/queues").status_code == 200
+        assert local.post(f"/api/failed/{handle.id}/retry").status_code == 403, "a write without the token"
+        read_only = TestClient(create_app(qm, token=TOKEN, read_only=True), client=LOCAL)
+        assert read_only.post(f"/api/failed/{handle.id}/retry", headers=WRITE).status_code == 403
+        assert read_only.delete(f"/api/failed/{handle.id}", headers=WRITE).status_code == 403
+        assert qm.handle(handle.id).status is Status.FAILED
+        assert TOKEN not in local.get("/api/queues").text
+
+
+def test_neonnb_dashboard_serves_the_api_on_loopback(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    with QueueManager(Config.for_url(url, max_retries=0)) as qm:
+        handle = qm.dispatch("web", jobs.Permanent())
+        qm.worker("web", 1).run_once()
+        port = free_port()
+        log = (tmp_path / "dashboard.log").open("w")
+        env = {**os.environ, "NEONNB_DASHBOARD_TOKEN": TOKEN}
+        server = subprocess.Popen([sys.executable, "-m", "neonnb", "dashboard", url, "--port", str(port)], cwd=ROOT,
+                                  stdout=log, stderr=log, env=env)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    answer = httpx.get(f"{base}/api/failed")
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, (tmp_path / "dashboard.log").read_text()
+                    time.sleep(0.1)
+            assert answer.json()["total"] == 1
+            assert httpx.post(f"{base}/api/failed/{handle.id}/retry").status_code == 403
+            assert httpx.post(f"{base}/api/failed/{handle.id}/retry", headers=WRITE).status_code == 200
+            assert handle.status is Status.QUEUED
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+            log.close()
+        assert TOKEN not in (tmp_path / "dashboard.log").read_text(), "a token from the environment is not printed"
