@@ -1,7 +1,10 @@
 """The web dashboard's JSON API and Prometheus metrics, on Starlette (``pip install 'neonnb[web]'``).
 
 ``create_app(qm)`` is an ASGI app to mount in a FastAPI or Starlette app; ``neonnb dashboard
-TARGET`` serves one with uvicorn. Routes, all JSON (errors as ``{"error": "..."}``):
+TARGET`` serves one with uvicorn. ``GET /`` is the page (queues with their depth over the
+last minute, running jobs with progress, failed jobs with retry / forget / retry all,
+workers), refreshed every second from the API; the other routes are JSON (errors as
+``{"error": "..."}``):
 
     GET    /api/queues                    per-queue counts
     GET    /api/jobs?status=&queue=&limit= jobs, newest first
@@ -23,8 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import html
 import ipaddress
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from typing import Any
 
 from .errors import ConfigError, JobNotFound, MissingExtra, StoreError
@@ -36,12 +41,13 @@ try:
     from prometheus_client.core import GaugeMetricFamily
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response
+    from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
 except ImportError as exc:  # pragma: no cover - the message is the point
     raise MissingExtra("the web dashboard needs Starlette and prometheus_client: pip install 'neonnb[web]'") from exc
 
 Handler = Callable[[Request], Awaitable[Response]]
+_PAGE = resources.files("neonnb").joinpath("web_page.html").read_text()
 READS = ("GET", "HEAD")
 
 
@@ -124,7 +130,12 @@ def create_app(qm: QueueManager, *, token: str, read_only: bool = False) -> Star
         registry.register(_StoreCollector(await qm.astats(), await qm.aknown_workers(), qm.clock()))
         return Response(generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    async def page(request: Request) -> Response:
+        # Static: everything it shows comes through the API, with the token the user gives it.
+        return HTMLResponse(_PAGE.replace("{{store}}", html.escape(qm.config.describe_store())))
+
     routes = [
+        Route("/", page),
         Route("/api/queues", guarded(queues)),
         Route("/api/jobs", guarded(jobs)),
         Route("/api/jobs/{job_id}", guarded(job)),

@@ -397,3 +397,15 @@ class Stepwise(Job):
             ctx.progress(i, len(STEPS), f"step {i}")
             step.wait(30)
         return "stepped"
+
+
+class FailsWhereTold(Job):
+    """Fails in a process whose environment has NEONNB_TEST_FAIL set; succeeds elsewhere."""
+
+    def handle(self, ctx: Context) -> str:
+        if os.environ.get("NEONNB_TEST_FAIL"):
+            raise RuntimeError("told to fail in this process")
+        return "ran"
+
+    def max_attempts(self) -> int:
+        return 1

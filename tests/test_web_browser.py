@@ -1,0 +1,75 @@
+"""The web dashboard's page in a real browser (Playwright, headless Chromium): `neonnb
+dashboard` on a SQLite store, a job failing in a `neonnb worker` of another process appears
+within about a second, and retry from the page queues it again, where it runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from neonnb import Config, QueueManager, Status
+from tests import jobs
+from tests.services import free_port, unavailable
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "build" / "artifacts"
+TOKEN = "page-test-token"
+
+
+def test_a_job_failing_elsewhere_shows_within_a_second_and_retry_from_the_page_runs_it(tmp_path: Path) -> None:
+    if not Path(CHROMIUM).exists():
+        unavailable(f"{CHROMIUM} is missing (apt-get install chromium)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    port = free_port()
+    log = (tmp_path / "processes.log").open("w")
+    env = {**os.environ, "NEONNB_DASHBOARD_TOKEN": TOKEN}
+    dashboard = subprocess.Popen([sys.executable, "-m", "neonnb", "dashboard", url, "--port", str(port)], cwd=ROOT,
+                                 stdout=log, stderr=log, env=env)
+    with QueueManager(Config.for_url(url)) as qm:
+        try:
+            page_url = f"http://127.0.0.1:{port}/?token={TOKEN}"
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/api/queues", timeout=2).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, (tmp_path / "processes.log").read_text()
+                    time.sleep(0.1)
+            with playwright.sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+                page = browser.new_page(viewport={"width": 1100, "height": 700})
+                page.goto(page_url)
+                page.wait_for_selector("text=no failed jobs")
+                assert "SQLite" in page.inner_text("h1")
+                handle = qm.dispatch("far", jobs.FailsWhereTold())
+                worker = subprocess.run(
+                    [sys.executable, "-m", "neonnb", "worker", url, "-q", "far", "--import", "tests.jobs", "--burst"],
+                    cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "NEONNB_TEST_FAIL": "1"})
+                assert worker.returncode == 0, worker.stderr
+                failed_at = time.monotonic()
+                row = page.locator(f"#failed td[data-job-id='{handle.id}']")
+                row.wait_for(timeout=5000)
+                seen_after = time.monotonic() - failed_at
+                assert seen_after < 2.5, f"the failed job showed {seen_after:.1f}s after it failed"
+                assert "told to fail in this process" in page.inner_text("#failed")
+                ARTIFACTS.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(ARTIFACTS / "web-dashboard.png"), full_page=True)
+                page.locator("#failed button[data-action='retry']").first.click()
+                page.wait_for_selector("text=no failed jobs", timeout=5000)
+                assert handle.status is Status.QUEUED
+                browser.close()
+            assert qm.worker("far", 1).run_once() == 1  # here NEONNB_TEST_FAIL is not set: it succeeds
+            assert handle.result(timeout=10) == "ran"
+        finally:
+            dashboard.terminate()
+            dashboard.wait(timeout=10)
+            log.close()
