@@ -100,7 +100,7 @@ def _show_result(args: argparse.Namespace, data: Any, text: str) -> None:
 
 def _stats(qm: QueueManager, args: argparse.Namespace) -> int:
     counts = qm.stats()
-    data = {queue: {**dataclasses.asdict(c), "size": c.size} for queue, c in counts.items()}
+    data = {queue: c.as_data() for queue, c in counts.items()}
     headers = ["QUEUE", "HIGH", "NORMAL", "LOW", "DELAYED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]
     rows = [[queue, *map(str, [c.waiting["high"], c.waiting["normal"], c.waiting["low"], c.delayed, c.running,
                                 c.succeeded, c.failed, c.cancelled])] for queue, c in counts.items()]
@@ -141,8 +141,7 @@ def _show(qm: QueueManager, args: argparse.Namespace) -> int:
 def _failed(qm: QueueManager, args: argparse.Namespace) -> int:
     """The seed's failed-jobs listing: ``{"jobs": [...], "total": N}``."""
     failed = qm.failed.list(args.limit, args.offset, args.queue)
-    counts = qm.stats()
-    total = sum(c.failed for queue, c in counts.items() if args.queue in (None, queue))
+    total = qm.failed.total(args.queue)
     rows = [[f.id, f.queue, f.name, str(f.attempts), f.failed_at.strftime("%Y-%m-%d %H:%M:%S"),
              f"{f.error_type}: {f.error}"[:80]] for f in failed]
     text = _table(["ID", "QUEUE", "NAME", "ATTEMPTS", "FAILED AT (UTC)", "ERROR"], rows) if rows else "no failed jobs"
@@ -200,7 +199,7 @@ def _workers(qm: QueueManager, args: argparse.Namespace) -> int:
     rows = [[info.id, info.host, str(info.pid), ",".join(info.queues), info.state(now),
              f"{len(info.running)}/{info.concurrency}", str(info.jobs_done), str(info.jobs_failed),
              _ago(now, info.last_seen)] for info in infos]
-    _show_result(args, [{**dataclasses.asdict(info), "state": info.state(now)} for info in infos],
+    _show_result(args, [info.as_data(now) for info in infos],
                  _table(["ID", "HOST", "PID", "QUEUES", "STATE", "RUNNING", "DONE", "FAILED", "SEEN"], rows)
                  if rows else "no workers on this store")
     return 0

@@ -183,6 +183,11 @@ class FailedStore:
             raise JobNotFound(f"job {job_id} is not in the failed store")
         return FailedJob.from_record(record)
 
+    async def atotal(self, queue: str | None = None) -> int:
+        """How many jobs the failed store holds (of ``queue``, if given)."""
+        counts = await self.core.driver.counts(self.core.clock())
+        return sum(c.failed for name, c in counts.items() if queue in (None, name))
+
     async def aretry(self, job_id: str) -> JobHandle:
         """Queue the job again: same id and arguments, attempts reset."""
         if not await self._requeue([job_id], None):
@@ -204,6 +209,9 @@ class FailedStore:
     def list(self, limit: int = 50, offset: int = 0, queue: str | None = None) -> list[FailedJob]:
         """Failed jobs, newest first."""
         return run_sync(self.alist(limit, offset, queue))
+
+    def total(self, queue: str | None = None) -> int:
+        return run_sync(self.atotal(queue))
 
     def get(self, job_id: str) -> FailedJob:
         return run_sync(self.aget(job_id))

@@ -301,6 +301,10 @@ class QueueCounts:
         """Jobs not yet started: waiting now plus delayed."""
         return sum(self.waiting.values()) + self.delayed
 
+    def as_data(self) -> dict[str, Any]:
+        """Plain JSON data, with the size."""
+        return {**dataclasses.asdict(self), "size": self.size}
+
 
 @dataclass
 class Recovered:
@@ -338,6 +342,10 @@ class WorkerInfo:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+    def as_data(self, now: float) -> dict[str, Any]:
+        """Plain JSON data, with the state as of ``now``."""
+        return {**dataclasses.asdict(self), "state": self.state(now)}
 
     @classmethod
     def from_json(cls, text: str) -> WorkerInfo | None:

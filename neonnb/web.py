@@ -81,7 +81,7 @@ def create_app(qm: QueueManager, *, token: str, read_only: bool = False) -> Star
 
     async def queues(request: Request) -> Response:
         counts = await qm.astats()
-        return JSONResponse({q: {**dataclasses.asdict(c), "size": c.size} for q, c in counts.items()})
+        return JSONResponse({q: c.as_data() for q, c in counts.items()})
 
     async def jobs(request: Request) -> Response:
         params = request.query_params
@@ -104,9 +104,7 @@ def create_app(qm: QueueManager, *, token: str, read_only: bool = False) -> Star
         params = request.query_params
         queue = params.get("queue")
         listed = await qm.failed.alist(_number(params, "limit", 50, 1), _number(params, "offset", 0, 0), queue)
-        counts = await qm.astats()
-        total = sum(c.failed for name, c in counts.items() if queue in (None, name))
-        return _json({"jobs": [dataclasses.asdict(f) for f in listed], "total": total})
+        return _json({"jobs": [dataclasses.asdict(f) for f in listed], "total": await qm.failed.atotal(queue)})
 
     async def retry(request: Request) -> Response:
         await qm.failed.aretry(request.path_params["job_id"])
@@ -123,7 +121,7 @@ def create_app(qm: QueueManager, *, token: str, read_only: bool = False) -> Star
 
     async def workers(request: Request) -> Response:
         infos, now = await qm.aknown_workers(), qm.clock()
-        return _json({"workers": [{**dataclasses.asdict(i), "state": i.state(now)} for i in infos]})
+        return _json({"workers": [info.as_data(now) for info in infos]})
 
     async def metrics(request: Request) -> Response:
         registry = CollectorRegistry()
