@@ -11,6 +11,8 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,17 @@ def unavailable(reason: str) -> None:
     if REQUIRED:
         pytest.fail(f"NEONNB_REQUIRE_SERVICES=1 but {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+def answers(url: str) -> bool:
+    """Whether an HTTP server answers ``url`` now (any status: it is up)."""
+    try:
+        urllib.request.urlopen(url, timeout=2).close()
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def free_port() -> int:

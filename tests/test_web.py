@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,8 +17,8 @@ from starlette.testclient import TestClient
 from neonnb import Config, QueueManager, Status
 from neonnb.web import create_app
 from tests import jobs
-from tests.conftest import DRIVERS
-from tests.services import free_port
+from tests.conftest import DRIVERS, wait_until
+from tests.services import answers, free_port
 
 MakeManager = Callable[..., QueueManager]
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,9 +74,7 @@ def test_metrics_parse_with_prometheus_clients_own_parser(qm: QueueManager) -> N
     worker = qm.worker("web", 1).start()
     try:
         with TestClient(create_app(qm, token=TOKEN), client=LOCAL) as client:
-            deadline = time.monotonic() + 30
-            while client.get("/api/workers").json()["workers"] == [] and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_until(lambda: client.get("/api/workers").json()["workers"] != [], what="the worker to register")
             text = client.get("/metrics").text
     finally:
         worker.stop()
@@ -118,15 +115,8 @@ def test_neonnb_dashboard_serves_the_api_on_loopback(tmp_path: Path) -> None:
                                   stdout=log, stderr=log, env=env)
         try:
             base = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    answer = httpx.get(f"{base}/api/failed")
-                    break
-                except httpx.TransportError:
-                    assert time.monotonic() < deadline, (tmp_path / "dashboard.log").read_text()
-                    time.sleep(0.1)
-            assert answer.json()["total"] == 1
+            wait_until(lambda: answers(f"{base}/api/failed"), what="neonnb dashboard to listen")
+            assert httpx.get(f"{base}/api/failed").json()["total"] == 1
             assert httpx.post(f"{base}/api/failed/{handle.id}/retry").status_code == 403
             assert httpx.post(f"{base}/api/failed/{handle.id}/retry", headers=WRITE).status_code == 200
             assert handle.status is Status.QUEUED

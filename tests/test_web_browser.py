@@ -8,14 +8,14 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from neonnb import Config, QueueManager, Status
 from tests import jobs
-from tests.services import free_port, unavailable
+from tests.conftest import wait_until
+from tests.services import answers, free_port, unavailable
 
 CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,14 +36,7 @@ def test_a_job_failing_elsewhere_shows_within_a_second_and_retry_from_the_page_r
     with QueueManager(Config.for_url(url)) as qm:
         try:
             page_url = f"http://127.0.0.1:{port}/?token={TOKEN}"
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/api/queues", timeout=2).close()
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline, (tmp_path / "processes.log").read_text()
-                    time.sleep(0.1)
+            wait_until(lambda: answers(f"http://127.0.0.1:{port}/api/queues"), what="neonnb dashboard to listen")
             with playwright.sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
                 page = browser.new_page(viewport={"width": 1100, "height": 700})

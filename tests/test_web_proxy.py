@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,7 +16,8 @@ import pytest
 
 from neonnb import Config, QueueManager, Status
 from tests import jobs
-from tests.services import free_port
+from tests.conftest import wait_until
+from tests.services import answers, free_port
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -52,10 +52,7 @@ def test_jupyter_serves_the_dashboard_at_neonnb(tmp_path: Path) -> None:
             stdout=log, stderr=log, env={**os.environ, "NEONNB_URL": url}, cwd=tmp_path)
         try:
             base = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 60
-            while request(f"{base}/api/status?token={token}")[0] != 200:
-                assert time.monotonic() < deadline, (tmp_path / "jupyter.log").read_text()
-                time.sleep(0.2)
+            wait_until(lambda: answers(f"{base}/api/status?token={token}"), timeout=60, what="Jupyter to listen")
             status, body = request(f"{base}/neonnb/api/failed?token={token}")
             assert status == 200, body
             assert json.loads(body)["total"] == 1

@@ -135,6 +135,8 @@ class Worker:
         self._started_before_run = 0  # max_jobs counts the jobs of this run: a stopped worker starts again
         self._active: dict[str, Running] = {}
         self.outcomes = Outcomes(core, self.id, self.options, self._guard)
+        self._piece_size = self.driver.claim_piece if isinstance(self.driver, PipelinedClaims) else None
+        self._host = socket.gethostname()
         self.runner = JobRunner(core.hooks, self.outcomes, self._slot_freed)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -376,7 +378,7 @@ class Worker:
         if self._store_failed and not await self._give_back_unheld(now):
             return 0
         self._store_failed = False
-        piece = self.driver.claim_piece if isinstance(self.driver, PipelinedClaims) else limit
+        piece = self._piece_size or limit
         if limit <= piece:
             return await self._claim_piece(limit, now)
         pieces = [min(piece, limit - taken) for taken in range(0, limit, piece)]
@@ -493,7 +495,7 @@ class Worker:
     def info(self) -> WorkerInfo:
         """What the store knows of this worker (``qm.known_workers()``), as of now."""
         return WorkerInfo(
-            id=self.id, host=socket.gethostname(), pid=os.getpid(), queues=list(self.queues),
+            id=self.id, host=self._host, pid=os.getpid(), queues=list(self.queues),
             concurrency=self.concurrency, started_at=self._started_at, last_seen=self.core.clock(),
             beat=self.options.lease_timeout / 3, running=list(self._active), jobs_done=self.outcomes.jobs_done,
             jobs_failed=self.outcomes.jobs_failed, stopping=self._stopping,
