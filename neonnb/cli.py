@@ -109,8 +109,11 @@ def _stats(qm: QueueManager, args: argparse.Namespace) -> int:
 
 
 def _jobs(qm: QueueManager, args: argparse.Namespace) -> int:
-    records = qm.jobs(args.status, args.queue, args.limit)
-    _show_result(args, [record_data(r) for r in records], _jobs_table(records, qm.clock()))
+    page = qm.jobs(args.status, args.queue, args.limit, args.cursor)
+    text = _jobs_table(page, qm.clock())
+    if page.cursor is not None:
+        text += f"\nmore: add --cursor {page.cursor}"
+    _show_result(args, {"jobs": [record_data(r) for r in page], "cursor": page.cursor}, text)
     return 0
 
 
@@ -276,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--status", choices=[s.value for s in Status], help="only jobs in this state")
     jobs.add_argument("--queue", help="only this queue's jobs")
     jobs.add_argument("--limit", type=_at_least_one, default=50, help="at most this many (default 50)")
+    jobs.add_argument("--cursor", help="the next page: the cursor the page before gave")
     admin("show", "one job: its fields, error, traceback and output", _show).add_argument("job_id")
     failed = admin("failed", "the failed store, newest first", _failed)
     failed.add_argument("--queue", help="only this queue's failed jobs")

@@ -26,7 +26,17 @@ from .errors import ConfigError
 from .handles import FailedStore, JobHandle
 from .hooks import Events, Hook
 from .job import FunctionJob
-from .records import JobRecord, Priority, QueueCounts, Status, WorkerInfo, new_job_id, parse_priority, parse_status
+from .records import (
+    JobPage,
+    JobRecord,
+    Priority,
+    QueueCounts,
+    Status,
+    WorkerInfo,
+    new_job_id,
+    parse_priority,
+    parse_status,
+)
 from .scheduler import Scheduler
 from .worker import Worker
 from .workflows import BatchHandle, ChainHandle
@@ -252,14 +262,21 @@ class QueueManager:
         return run_sync(self.asize(queue))
 
     async def ajobs(
-        self, status: Status | str | None = None, queue: str | None = None, limit: int = 100
-    ) -> list[JobRecord]:
-        """Jobs newest first, of one status and queue if given (failed ones by when they failed)."""
+        self, status: Status | str | None = None, queue: str | None = None, limit: int = 100,
+        cursor: str | None = None,
+    ) -> JobPage:
+        """Jobs newest first, of one status and queue if given: finished ones by when they
+        finished, the others by when they were created. A list, whose ``cursor`` gives the
+        next page (``qm.jobs(cursor=page.cursor)``; None after the last). Each page costs what
+        it holds, however many jobs the store keeps."""
         wanted = None if status is None else parse_status(status)
-        return await self.driver.list_jobs(status=wanted, queue=queue, limit=limit)
+        return await self.driver.list_jobs(status=wanted, queue=queue, limit=limit, cursor=cursor)
 
-    def jobs(self, status: Status | str | None = None, queue: str | None = None, limit: int = 100) -> list[JobRecord]:
-        return run_sync(self.ajobs(status, queue, limit))
+    def jobs(
+        self, status: Status | str | None = None, queue: str | None = None, limit: int = 100,
+        cursor: str | None = None,
+    ) -> JobPage:
+        return run_sync(self.ajobs(status, queue, limit, cursor))
 
     @property
     def workers(self) -> list[Worker]:

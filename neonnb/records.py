@@ -168,6 +168,39 @@ class JobRecord:
 RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(JobRecord) if f.name != "broken")
 
 
+class JobPage(list[JobRecord]):
+    """A page of jobs, newest first (``Driver.list_jobs``); ``cursor`` continues after its
+    last job (None: this is the last page)."""
+
+    def __init__(self, records: list[JobRecord], cursor: str | None = None) -> None:
+        super().__init__(records)
+        self.cursor = cursor
+
+
+def listed_by_finish(status: Status | None) -> bool:
+    """Whether a listing of ``status`` orders by when jobs finished (finished states), not
+    by when they were created (any status, queued, running)."""
+    return status in FINISHED
+
+
+def page_cursor(position: float, tiebreak: str | int) -> str:
+    """The cursor after a job listed at ``position`` (its time in the listing's order), with
+    ``tiebreak`` (its id, or the store's own row number) ordering jobs of equal position."""
+    return f"{position!r}/{tiebreak}"
+
+
+def read_cursor(cursor: str) -> tuple[float, str]:
+    position, _, tiebreak = cursor.partition("/")
+    try:
+        return float(position), tiebreak
+    except ValueError:
+        raise bad_cursor(cursor) from None
+
+
+def bad_cursor(cursor: str) -> ConfigError:
+    return ConfigError(f"cursor {cursor!r} is not one a page of jobs gave: pass a page's .cursor as it was")
+
+
 def record_data(record: JobRecord) -> dict[str, Any]:
     """A record as plain JSON data, statuses and priorities by name (the CLI's ``--json``)."""
     data = {name: getattr(record, name) for name in RECORD_FIELDS}

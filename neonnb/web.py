@@ -85,8 +85,9 @@ def create_app(qm: QueueManager, *, token: str, read_only: bool = False) -> Star
 
     async def jobs(request: Request) -> Response:
         params = request.query_params
-        records = await qm.ajobs(params.get("status"), params.get("queue"), _number(params, "limit", 50, 1))
-        return _json({"jobs": [record_data(r) for r in records]})
+        page = await qm.ajobs(params.get("status"), params.get("queue"), _number(params, "limit", 50, 1),
+                              params.get("cursor"))
+        return _json({"jobs": [record_data(r) for r in page], "cursor": page.cursor})
 
     async def job(request: Request) -> Response:
         return _json(record_data(await qm.handle(request.path_params["job_id"]).afetch()))

@@ -59,10 +59,15 @@ def test_stats_jobs_show_and_the_failed_store(target: tuple[QueueManager, str],
     assert code == 0 and out.splitlines()[0].split()[:3] == ["QUEUE", "HIGH", "NORMAL"] and "adm" in out
 
     code, out, _ = run(capsys, "jobs", config, "--status", "failed", "--json")
-    assert code == 0 and [j["id"] for j in json.loads(out)] == [bad.id]
+    assert code == 0 and [j["id"] for j in json.loads(out)["jobs"]] == [bad.id]
     code, out, _ = run(capsys, "jobs", config, "--queue", "adm", "--limit", "2")
-    assert code == 0 and len(out.splitlines()) == 3  # a header and two rows, newest first
-    assert waiting.id in out.splitlines()[1]
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 4  # a header, two rows newest first, where the next page starts
+    assert waiting.id in lines[1] and bad.id in lines[2] and lines[3].startswith("more: add --cursor ")
+    code, out, _ = run(capsys, "jobs", config, "--queue", "adm", "--limit", "2", "--cursor", lines[3].split()[-1],
+                       "--json")
+    assert code == 0 and json.loads(out) == {"jobs": [json.loads(out)["jobs"][0]], "cursor": None}
+    assert json.loads(out)["jobs"][0]["id"] == ok.id
 
     code, out, _ = run(capsys, "show", config, ok.id)
     assert code == 0 and "succeeded" in out and "hello" in out  # what the job printed
@@ -118,3 +123,5 @@ def test_admin_errors_say_what_is_wrong_with_exit_code_2(tmp_path: Path) -> None
     assert both.returncode == 2 and "retry takes job ids or --all" in both.stderr
     bad_status = neonnb("jobs", f"sqlite:///{tmp_path / 'x.db'}", "--status", "done")
     assert bad_status.returncode == 2 and "invalid choice: 'done'" in bad_status.stderr
+    bad_cursor = neonnb("jobs", f"sqlite:///{tmp_path / 'x.db'}", "--cursor", "nonsense")
+    assert bad_cursor.returncode == 2 and "cursor 'nonsense' is not one a page of jobs gave" in bad_cursor.stderr

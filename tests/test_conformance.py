@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import neonnb._loop as loop
-from neonnb import JobCancelled, JobFailed, JobHandle, Priority, QueueManager, SerializationError, Status
+from neonnb import ConfigError, JobCancelled, JobFailed, JobHandle, Priority, QueueManager, SerializationError, Status
 from neonnb.job import decode_job
 from tests import jobs
 from tests.conftest import FakeClock, wait_until
@@ -629,3 +629,48 @@ def test_progress_is_seen_from_another_connection_as_the_job_reports_it(make_man
         for step in jobs.STEPS:
             step.set()
         worker.stop()
+
+
+def test_pages_of_jobs_walk_every_job_once_newest_first_by_cursor(make_manager: MakeManager, clock: FakeClock) -> None:
+    qm = make_manager(clock=clock)
+    dispatched = []
+    for i in range(12):
+        dispatched.append(qm.dispatch("pa" if i % 3 else "pb", jobs.Note(f"n{i}")))
+        clock.advance(0.5)
+    dispatched += qm.dispatch_batch("pa", [jobs.Note(f"b{i}") for i in range(5)])  # one timestamp
+    clock.advance(1)
+    failing = [qm.dispatch("pf", jobs.Permanent()) for _ in range(4)]
+    worker, failer = qm.worker("pa", 1), qm.worker("pf", 1)
+    for _ in range(6):  # the oldest six jobs of pa succeed and four of pf fail, one a second
+        worker.run_once()
+        failer.run_once()
+        clock.advance(1)
+    claimed = loop.run_sync(qm.driver.reserve(["pb"], 2, "w", clock(), clock() + 30))  # two of pb run
+    newest_first = [h.id for h in reversed(dispatched + failing)]
+
+    def walk(size: int, **where: Any) -> list[str]:
+        ids: list[str] = []
+        page = qm.jobs(limit=size, **where)
+        while True:
+            ids += [r.id for r in page]
+            if page.cursor is None:
+                return ids
+            assert len(page) == size
+            page = qm.jobs(limit=size, cursor=page.cursor, **where)
+
+    everything = [r.id for r in qm.jobs(limit=100)]
+    assert everything == newest_first
+    assert walk(4) == everything and walk(1) == everything and walk(100) == everything
+    assert walk(3, queue="pb") == [i for i in newest_first if qm.handle(i).fetch().queue == "pb"]
+    states = {r.id: r for r in qm.jobs(limit=100)}
+    for status in (Status.QUEUED, Status.RUNNING):
+        assert walk(2, status=status) == [i for i in newest_first if states[i].status is status]
+    assert set(walk(2, status=Status.RUNNING)) == {r.id for r in claimed}
+    succeeded = walk(2, status=Status.SUCCEEDED)  # finished jobs: by when they finished
+    assert len(succeeded) == 6 and [states[i].finished_at for i in succeeded] == sorted(
+        (states[i].finished_at for i in succeeded), reverse=True)
+    assert succeeded == [h.id for h in dispatched if h.id in set(succeeded)][::-1]
+    assert walk(3, status=Status.FAILED) == [h.id for h in reversed(failing)]
+    assert walk(3, status=Status.FAILED, queue="pa") == []
+    with pytest.raises(ConfigError, match="cursor 'x/y' is not one a page of jobs gave"):
+        qm.jobs(cursor="x/y")

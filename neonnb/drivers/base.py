@@ -17,7 +17,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..records import JobRecord, QueueCounts, Recovered, Status, WorkerInfo
+from ..records import JobPage, JobRecord, QueueCounts, Recovered, Status, WorkerInfo
 
 
 class Driver(abc.ABC):
@@ -124,9 +124,13 @@ class Driver(abc.ABC):
 
     @abc.abstractmethod
     async def list_jobs(
-        self, *, status: Status | None = None, queue: str | None = None, limit: int = 100, offset: int = 0
-    ) -> list[JobRecord]:
-        """Jobs newest first (FAILED ones by when they failed)."""
+        self, *, status: Status | None = None, queue: str | None = None, limit: int = 100, offset: int = 0,
+        cursor: str | None = None,
+    ) -> JobPage:
+        """Jobs newest first: finished ones (``listed_by_finish``) by when they finished, the
+        others by when they were created. ``cursor``, a page's ``cursor``, continues after
+        that page. Costs what the page holds, not what the store holds (past ``offset``
+        rows, which it skips)."""
 
     @abc.abstractmethod
     async def counts(self, now: float) -> dict[str, QueueCounts]:

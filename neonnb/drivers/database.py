@@ -33,6 +33,7 @@ from sqlalchemy import (
     func,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
@@ -40,14 +41,19 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, Program
 from ..config import redact
 from ..errors import ConfigError, StoreError, StoreUnavailable
 from ..records import (
+    JobPage,
     JobRecord,
     Priority,
     QueueCounts,
     Recovered,
     Status,
     WorkerInfo,
+    bad_cursor,
     ended,
     given_back,
+    listed_by_finish,
+    page_cursor,
+    read_cursor,
     read_record,
     requeued,
     retried,
@@ -60,6 +66,7 @@ from .sql_schema import (
     CANCELLED,
     ENQUEUED_COLUMNS,
     FAILED,
+    FINISHED_STATES,
     QUEUED,
     RUNNING,
     SUCCEEDED,
@@ -489,17 +496,35 @@ class DatabaseDriver(Driver, BlockingEnqueue, StoreClock, WakeUps):
         return await self._transaction(fetch) if job_ids else []
 
     async def list_jobs(
-        self, *, status: Status | None = None, queue: str | None = None, limit: int = 100, offset: int = 0
-    ) -> list[JobRecord]:
+        self, *, status: Status | None = None, queue: str | None = None, limit: int = 100, offset: int = 0,
+        cursor: str | None = None,
+    ) -> JobPage:
+        # Newest first by seq (the order rows were stored in) walks the primary key backwards;
+        # finished jobs by when they finished walk the finished index: either way a page reads
+        # what it shows.
         c = self.table.c
         stmt = select(self.table)
         if status is not None:
             stmt = stmt.where(c.status == status.value)
         if queue is not None:
             stmt = stmt.where(c.queue == queue)
-        newest_first = c.finished_at.desc() if status is Status.FAILED else c.created_at.desc()
-        stmt = stmt.order_by(newest_first, c.seq.desc()).limit(limit).offset(offset)
-        return await self._statement(lambda conn: [self._record(row) for row in conn.execute(stmt)])
+        by_finish = listed_by_finish(status)
+        if by_finish:
+            stmt = stmt.where(c.status.in_(FINISHED_STATES))
+        if cursor is not None:
+            position, tiebreak = read_cursor(cursor)
+            if not tiebreak.isdigit():
+                raise bad_cursor(cursor)
+            seq = int(tiebreak)
+            stmt = stmt.where(tuple_(c.finished_at, c.seq) < (position, seq) if by_finish else c.seq < seq)
+        order = [c.finished_at.desc(), c.seq.desc()] if by_finish else [c.seq.desc()]
+        stmt = stmt.order_by(*order).limit(limit + 1).offset(offset)
+        rows = await self._statement(lambda conn: list(conn.execute(stmt)))
+        if len(rows) <= limit:
+            return JobPage([self._record(row) for row in rows])
+        last = rows[limit - 1]
+        return JobPage([self._record(row) for row in rows[:limit]],
+                       page_cursor(last.finished_at if by_finish else float(last.seq), last.seq))
 
     async def counts(self, now: float) -> dict[str, QueueCounts]:
         c = self.table.c

@@ -10,6 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..records import (
+    JobPage,
     JobRecord,
     QueueCounts,
     Recovered,
@@ -17,6 +18,9 @@ from ..records import (
     WorkerInfo,
     ended,
     given_back,
+    listed_by_finish,
+    page_cursor,
+    read_cursor,
     requeued,
     retried,
     revived,
@@ -242,18 +246,25 @@ class MemoryDriver(Driver, BlockingEnqueue):
             return [replace(self._jobs[i]) for i in job_ids if i in self._jobs]
 
     async def list_jobs(
-        self, *, status: Status | None = None, queue: str | None = None, limit: int = 100, offset: int = 0
-    ) -> list[JobRecord]:
+        self, *, status: Status | None = None, queue: str | None = None, limit: int = 100, offset: int = 0,
+        cursor: str | None = None,
+    ) -> JobPage:
+        by_finish = listed_by_finish(status)
+
+        def key(r: JobRecord) -> tuple[float, str]:
+            return ((r.finished_at or 0.0) if by_finish else r.created_at), r.id
+
+        after = None if cursor is None else read_cursor(cursor)
         with self._lock:
             matching = [
                 r for r in self._jobs.values()
                 if (status is None or r.status is status) and (queue is None or r.queue == queue)
+                and (after is None or key(r) < after)
             ]
-        if status is Status.FAILED:
-            matching.sort(key=lambda r: r.finished_at or 0.0, reverse=True)
-        else:
-            matching.sort(key=lambda r: r.created_at, reverse=True)
-        return [replace(r) for r in matching[offset : offset + limit]]
+        matching.sort(key=key, reverse=True)
+        page = [replace(r) for r in matching[offset : offset + limit + 1]]
+        more = len(page) > limit
+        return JobPage(page[:limit], page_cursor(*key(page[limit - 1])) if more else None)
 
     async def counts(self, now: float) -> dict[str, QueueCounts]:
         result: dict[str, QueueCounts] = {}
@@ -310,3 +321,4 @@ class MemoryDriver(Driver, BlockingEnqueue):
             for worker_id in gone:
                 self._workers.pop(worker_id, None)
         return len(gone)
+

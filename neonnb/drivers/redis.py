@@ -24,7 +24,19 @@ from typing import Any, TypeVar
 
 from .. import _loop
 from ..errors import ConfigError, StoreError, StoreUnavailable
-from ..records import JobRecord, Priority, QueueCounts, Recovered, Status, WorkerInfo, read_record
+from ..records import (
+    JobPage,
+    JobRecord,
+    Priority,
+    QueueCounts,
+    Recovered,
+    Status,
+    WorkerInfo,
+    listed_by_finish,
+    page_cursor,
+    read_cursor,
+    read_record,
+)
 from .base import BlockingEnqueue, Driver, HandOff, PipelinedClaims, StoreClock, Waiter, WakeUps
 from .redis_calls import SCRIPTS, SHAS, Client, slot_owner
 from .redis_client import (
@@ -358,27 +370,66 @@ class RedisDriver(Driver, BlockingEnqueue, HandOff, PipelinedClaims, StoreClock,
         return [self._record(fields) for fields in replies if fields]
 
     async def list_jobs(
-        self, *, status: Status | None = None, queue: str | None = None, limit: int = 100, offset: int = 0
-    ) -> list[JobRecord]:
-        async def collect(client: Client) -> list[JobRecord]:
-            queues = [queue] if queue is not None else await self._queues(client)
-            statuses = [status] if status is not None else list(Status)
-            keys = []
-            for q in queues:
-                for st in statuses:
-                    suffix = _STATUS_KEYS[st]
-                    names = [f"ready:{p}" for p in range(3)] if suffix is None else [suffix]
-                    keys += [(q, f"{self._base(q)}{name}") for name in names]
-            found = await client.pipeline([("ZRANGE", key, 0, -1) for _, key in keys])
-            return await self._records(client, [(q, job_id) for (q, _), ids in zip(keys, found, strict=True)
-                                                for job_id in ids])
+        self, *, status: Status | None = None, queue: str | None = None, limit: int = 100, offset: int = 0,
+        cursor: str | None = None,
+    ) -> JobPage:
+        # A page reads the newest members of one sorted set per queue (the queue's "created"
+        # set, or a finished state's own), merged: what it shows, not what the store holds.
+        # Queued jobs walk "created" past those that are not queued; running ones, few, are
+        # read whole from the running set.
+        after = None if cursor is None else read_cursor(cursor)
+        wanted = offset + limit + 1
+        by_finish = listed_by_finish(status)
 
-        records = await self._reach(collect)
-        if status is Status.FAILED:
-            records.sort(key=lambda r: (r.finished_at or 0.0, r.id), reverse=True)
-        else:
-            records.sort(key=lambda r: (r.created_at, r.id), reverse=True)
-        return records[offset : offset + limit]
+        async def collect(client: Client) -> list[tuple[float, str, JobRecord]]:
+            queues = [queue] if queue is not None else await self._queues(client)
+            if status is Status.RUNNING:
+                return await self._running_listed(client, queues, after)
+            name = _STATUS_KEYS[status] if by_finish and status is not None else "created"
+            keys = [(q, f"{self._base(q)}{name}") for q in queues]
+            walk = 100 if status is Status.QUEUED else 0  # queued: read ahead past the jobs that are not
+            found: list[tuple[float, str, JobRecord]] = []
+            position = after
+            while len(found) < wanted:
+                chunk = await self._newest(client, keys, max(wanted - len(found), walk), position)
+                if not chunk:
+                    break
+                records = {r.id: r for r in await self._records(client, [(q, job_id) for _, job_id, q in chunk])}
+                found += [(score, job_id, r) for score, job_id, _ in chunk
+                          if (r := records.get(job_id)) is not None and (status is None or r.status is status)]
+                position = chunk[-1][:2]
+            return found
+
+        found = (await self._reach(collect))[offset:]
+        page = [record for _, _, record in found[:limit]]
+        return JobPage(page, page_cursor(*found[limit - 1][:2]) if len(found) > limit else None)
+
+    async def _newest(self, client: Client, keys: Sequence[tuple[str, str]], count: int,
+                      after: tuple[float, str] | None) -> list[tuple[float, str, str]]:
+        """The ``count`` newest (score, id, queue) of these sorted sets together, after the
+        position ``after`` (a score and the id at it: equal scores order by id)."""
+        commands: list[tuple[Any, ...]] = []
+        for _, key in keys:
+            top = "+inf" if after is None else f"({_num(after[0])}"
+            commands.append(("ZREVRANGEBYSCORE", key, top, "-inf", "WITHSCORES", "LIMIT", 0, count))
+            if after is not None:  # the ids that share the position's score
+                commands.append(("ZRANGEBYSCORE", key, _num(after[0]), _num(after[0]), "WITHSCORES"))
+        replies = iter(await client.pipeline(commands))
+        merged = []
+        for q, _ in keys:
+            merged += [(score, job_id, q) for job_id, score in _pairs(next(replies))]
+            if after is not None:
+                merged += [(score, job_id, q) for job_id, score in _pairs(next(replies)) if job_id < after[1]]
+        merged.sort(reverse=True)
+        return merged[:count]
+
+    async def _running_listed(self, client: Client, queues: Sequence[str],
+                              after: tuple[float, str] | None) -> list[tuple[float, str, JobRecord]]:
+        ids = await client.pipeline([("ZRANGE", f"{self._base(q)}running", 0, -1) for q in queues])
+        records = await self._records(client, [(q, job_id) for q, group in zip(queues, ids, strict=True)
+                                               for job_id in group])
+        listed = [(r.created_at, r.id, r) for r in records if r.status is Status.RUNNING]
+        return sorted((item for item in listed if after is None or item[:2] < after), reverse=True)
 
     async def counts(self, now: float) -> dict[str, QueueCounts]:
         async def count(client: Client) -> dict[str, QueueCounts]:
@@ -611,3 +662,10 @@ def _ids_by_queue(jobs: Sequence[JobRecord]) -> dict[str, list[Any]]:
     for job in jobs:
         groups.setdefault(job.queue, []).append(job.id)
     return groups
+
+
+def _pairs(reply: Any) -> list[tuple[str, float]]:
+    """(member, score) pairs of a WITHSCORES reply, flat or already paired."""
+    if reply and isinstance(reply[0], (list, tuple)):
+        return [(str(member), float(score)) for member, score in reply]
+    return [(str(reply[i]), float(reply[i + 1])) for i in range(0, len(reply), 2)]

@@ -17,6 +17,8 @@
 --                              by run_at: due and delayed jobs alike, so a delayed job needs
 --                              no promotion step and keeps its priority; equal scores order
 --                              by id (time-ordered), which keeps FIFO
+--   B.."created"         ZSET  every job of the queue (any state) scored by when it was created:
+--                              the listings' newest-first order
 --   B.."running"         ZSET  reserved jobs scored by lease expiry
 --   B.."failed"          ZSET  the failed store, scored by when they failed
 --   B.."done"            ZSET  succeeded jobs scored by when, pruned after result_ttl
@@ -117,6 +119,7 @@ for i = 4, #ARGV do
       redis.call('ZADD', B .. 'ready:' .. job[4], job[9], job[1])
       waiting = waiting + 1
     end
+    redis.call('ZADD', B .. 'created', job[10], job[1])
     stored = stored + 1
   end
 end
@@ -355,6 +358,7 @@ for _, finished in ipairs({B .. 'done', B .. 'cancelled'}) do
     local unique = redis.call('HGET', B .. 'job:' .. id, 'unique_key')
     if unique and redis.call('GET', B .. 'unique:' .. unique) == id then redis.call('DEL', B .. 'unique:' .. unique) end
     redis.call('DEL', B .. 'job:' .. id)
+    redis.call('ZREM', B .. 'created', id)
   end
   redis.call('ZREMRANGEBYSCORE', finished, '-inf', '(' .. ARGV[1])
   purged = purged + #old
@@ -398,6 +402,7 @@ for _, id in ipairs(ids) do
   if redis.call('HGET', key, 'status') == 'failed' then
     redis.call('DEL', key)
     redis.call('ZREM', B .. 'failed', id)
+    redis.call('ZREM', B .. 'created', id)
     deleted = deleted + 1
   end
 end

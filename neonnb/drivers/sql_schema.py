@@ -34,6 +34,9 @@ from ..errors import ConfigError
 from ..records import JobRecord, Status
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (s.value for s in Status)
+# The finished index covers these rows only; a query that names this same condition lets
+# SQLite see that the index serves it (it does not infer it from ``status = 'failed'``).
+FINISHED_STATES = [SUCCEEDED, FAILED, CANCELLED]
 
 
 def jobs_table(name: str) -> Table:
@@ -88,7 +91,7 @@ def jobs_table(name: str) -> Table:
     Index(f"{name}_claim", t.c.queue, t.c.status, t.c.priority, t.c.run_at, t.c.seq,
           postgresql_where=queued, sqlite_where=queued)
     running = t.c.status == "running"
-    finished = t.c.status.in_(["succeeded", "failed", "cancelled"])
+    finished = t.c.status.in_(FINISHED_STATES)
     Index(f"{name}_lease", t.c.status, t.c.lease_expires, postgresql_where=running, sqlite_where=running)
     Index(f"{name}_finished", t.c.status, t.c.finished_at, postgresql_where=finished, sqlite_where=finished)
     keyed = t.c.unique_key.is_not(None)
