@@ -23,13 +23,13 @@ from .hooks import Hook, JobEvent, Outcome
 from .job import Context, Job
 from .manager import QueueManager, connect
 from .notebook import load_ipython_extension, unload_ipython_extension
-from .records import JobRecord, Priority, QueueCounts, Status, WorkerInfo
+from .records import JobRecord, Priority, QueueCounts, SchedulerInfo, Status, WorkerInfo
 from .worker import Worker
 
 __all__ = [
     "ClockSkew", "Config", "ConfigError", "Context", "FailedJob", "Hook", "Job", "JobCancelled", "JobEvent",
     "JobFailed", "JobHandle", "JobNotFound", "JobRecord", "JobTimeout", "MissingDependency", "MissingExtra",
-    "NeonnbError", "Outcome", "PayloadError", "Priority", "QueueCounts", "QueueManager", "Retry",
+    "NeonnbError", "Outcome", "PayloadError", "Priority", "QueueCounts", "QueueManager", "Retry", "SchedulerInfo",
     "SerializationError", "Status", "StoreError", "StoreUnavailable", "UnknownJobError", "Worker", "WorkerInfo",
     "WorkerOptions",
     "connect", "load_ipython_extension", "unload_ipython_extension",

@@ -1,15 +1,17 @@
 """The ``neonnb`` command: ``neonnb worker`` runs a standalone worker; ``stats``, ``jobs``,
-``show``, ``failed``, ``retry``, ``forget``, ``cancel`` and ``workers`` look at and steer a
-store from outside a kernel (tables for people, ``--json`` for scripts); ``neonnb demo``
-shows the queue at work on the embedded SQLite default.
+``show``, ``failed``, ``retry``, ``forget``, ``cancel``, ``purge``, ``workers`` and
+``schedules`` look at
+and steer a store from outside a kernel (tables for people, ``--json`` for scripts);
+``neonnb demo`` shows the queue at work on the embedded SQLite default.
 
-Exit codes: 0 done; 1 a job named is not there (not found, not failed, already finished);
-2 a bad argument, a target that can't be loaded or a store that can't be reached."""
+Exit codes: 0 done; 1 a job named is not there (not found, not failed, already finished),
+or a purge was declined; 2 a bad argument, a target that can't be loaded or a store that can't be reached."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime as dt
 import importlib
 import json
 import logging
@@ -23,7 +25,7 @@ from typing import Any
 from .config import WorkerOptions
 from .errors import JobNotFound, MissingExtra, NeonnbError
 from .manager import QueueManager, connect
-from .records import JobRecord, Status, record_data
+from .records import JobRecord, Status, record_data, schedules_data
 
 
 def load_manager(target: str) -> QueueManager:
@@ -192,6 +194,20 @@ def _cancel(qm: QueueManager, args: argparse.Namespace) -> int:
     return 1
 
 
+def _purge(qm: QueueManager, args: argparse.Namespace) -> int:
+    waiting = qm.size(args.queue)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise NeonnbError(f"purge deletes the {waiting} queued job(s) of {args.queue!r} for good: add --yes "
+                              "to do it without being asked")
+        if input(f"delete the {waiting} queued job(s) of {args.queue!r}? [y/N] ").strip().lower() not in ("y", "yes"):
+            _show_result(args, {"purged": 0}, "nothing deleted")
+            return 1
+    purged = qm.purge(args.queue)
+    _show_result(args, {"purged": purged}, f"deleted {purged} queued job(s) of {args.queue!r}")
+    return 0
+
+
 def _not_there(exc: Exception) -> int:
     print(f"neonnb: {exc}", file=sys.stderr)
     return 1
@@ -206,6 +222,20 @@ def _workers(qm: QueueManager, args: argparse.Namespace) -> int:
                  _table(["ID", "HOST", "PID", "QUEUES", "STATE", "RUNNING", "DONE", "FAILED", "SEEN"], rows)
                  if rows else "no workers on this store")
     return 0
+
+
+def _schedules(qm: QueueManager, args: argparse.Namespace) -> int:
+    now = qm.clock()
+    listed = schedules_data(qm.known_schedulers(), now)
+    rows = [[s["name"], s["rule"], s["tz"], s["queue"], s["job"], _when(s["last_tick"]), _when(s["next_tick"]),
+             f"{s['scheduler']} ({s['state']})"] for s in listed]
+    _show_result(args, listed, _table(["NAME", "RULE", "TZ", "QUEUE", "JOB", "LAST TICK (UTC)", "NEXT TICK (UTC)",
+                                       "SCHEDULER"], rows) if rows else "no scheduler runs on this store")
+    return 0
+
+
+def _when(epoch: float | None) -> str:
+    return "-" if epoch is None else dt.datetime.fromtimestamp(epoch, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _dashboard(args: argparse.Namespace) -> int:
@@ -292,7 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     admin("forget", "delete failed jobs from the failed store", _forget).add_argument("job_ids", nargs="+",
                                                                                        metavar="ID")
     admin("cancel", "cancel a queued job, or ask a running one to stop", _cancel).add_argument("job_id")
+    purge = admin("purge", "delete a queue's jobs that have not started (asks first)", _purge)
+    purge.add_argument("--queue", required=True, help="the queue to empty")
+    purge.add_argument("--yes", action="store_true", help="don't ask")
     admin("workers", "the workers on a store, in every process and machine", _workers)
+    admin("schedules", "the schedules of every scheduler running on a store", _schedules)
 
     dashboard = commands.add_parser("dashboard", help="serve the dashboard's JSON API and /metrics (neonnb[web])")
     dashboard.add_argument("target", help="connection URL, config file or module:manager (as for worker)")

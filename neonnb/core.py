@@ -9,8 +9,11 @@ become due; it turns user jobs into records and stores them; and it keeps the st
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -23,7 +26,9 @@ from .job import encode_job, unreadable
 from .records import (
     MAX_UNIQUE_KEY,
     JobRecord,
+    Member,
     Priority,
+    QueueCounts,
     Status,
     check_queue_name,
     check_text,
@@ -44,6 +49,52 @@ LEASE_ERROR: dict[str, Any] = {
 }
 """The failure recorded when a job's worker kept dying under it."""
 LOST_WORKERS_KEPT = 3600.0  # seconds a lost worker stays listed (as lost) before housekeeping drops it
+
+
+class Counting:
+    """The per-queue counts (``qm.stats()``), at any size of store.
+
+    A SQL or memory store counts its rows (Redis keeps its counts), so at a million jobs one
+    count takes a noticeable share of a second. Counters kept in step with every state change
+    would make that O(1), but cost every dispatch, claim and acknowledgement an extra write
+    (benchmarks/count_triggers.py; the figures are in benchmarks/DECISIONS.md): a dashboard is
+    not worth slowing every job for. So a count that is cheap (under
+    ``CHEAP`` seconds, or of fewer than ``SMALL`` jobs) is made afresh on every call: exact.
+    One that is not is served from the last count, and made again in the background once that
+    count is older than its own duration over ``SHARE``: however many views refresh, counting
+    takes at most that share of the store's time, and no call waits for it."""
+
+    CHEAP = 0.02
+    SMALL = 10_000
+    SHARE = 0.1
+
+    def __init__(self, driver: Driver, clock: Callable[[], float]) -> None:
+        self.driver, self.clock = driver, clock
+        self._last: dict[str, QueueCounts] | None = None
+        self._counted_at = 0.0  # time.monotonic() when the last count started
+        self._took = 0.0
+        self._refresh: asyncio.Task[dict[str, QueueCounts]] | None = None
+
+    async def counts(self) -> dict[str, QueueCounts]:
+        last = self._last
+        if last is None or self._took < self.CHEAP or sum(c.total for c in last.values()) < self.SMALL:
+            return copy.deepcopy(await self._count())
+        stale = time.monotonic() - self._counted_at > self._took / self.SHARE
+        if stale and (self._refresh is None or self._refresh.done()):
+            self._refresh = asyncio.get_running_loop().create_task(self._count())
+            self._refresh.add_done_callback(_log_failed_count)
+        return copy.deepcopy(last)
+
+    async def _count(self) -> dict[str, QueueCounts]:
+        started = time.monotonic()
+        counts = await self.driver.counts(self.clock())
+        self._last, self._counted_at, self._took = counts, started, time.monotonic() - started
+        return counts
+
+
+def _log_failed_count(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:  # the next call counts again
+        logger.warning("counting the queues' jobs failed: %r", task.exception())
 
 
 class Wakeable(Protocol):
@@ -73,11 +124,32 @@ class Core:
         self.hooks = Hooks()
         self.events = Events(self.hooks)
         self.dependencies: dict[str, Any] = {}
+        self.counting = Counting(driver, clock)
         self._workers: dict[Wakeable, None] = {}  # in the order they started (a set that keeps it)
         self._workers_lock = threading.Lock()  # the driver's notification thread reads them
         self._watching = False
         self._next_housekeeping = 0.0
         self.clocks_checked = False  # a worker compared this process's clock with the store's (Worker.start)
+
+    # --- the store's registry of workers and schedulers --------------------------------
+
+    async def announce(self, info: Callable[[], Member], beat: float) -> None:
+        """Register ``info()`` in the store, then refresh it every ``beat`` seconds until
+        cancelled: other processes see this worker or scheduler, and see it lost when the
+        beats stop. A failed beat is logged, and the next one tries again."""
+        while True:
+            member = info()
+            try:
+                await self.driver.save_member(member)
+            except Exception as exc:
+                logger.warning("%s %s: could not announce itself to the store (%r)", member.kind, member.id, exc)
+            await asyncio.sleep(beat)
+
+    async def withdraw(self, member_id: str) -> None:
+        try:
+            await self.driver.remove_member(member_id)
+        except Exception as exc:  # the store is away: the entry shows as lost, then goes
+            logger.warning("%s: could not unregister from the store (%r)", member_id, exc)
 
     # --- this process's workers --------------------------------------------------------
 
@@ -218,7 +290,7 @@ class Core:
                                record.id, record.name)
                 self.hooks.after_job(record, outcome)
         await self.driver.purge_finished(now - config.result_ttl)
-        await self.driver.drop_workers(now - LOST_WORKERS_KEPT)
+        await self.driver.drop_members(now - LOST_WORKERS_KEPT)
 
     async def clock_skew(self) -> float:
         """Seconds this process's clock is ahead of the store's (behind: negative); 0 for a

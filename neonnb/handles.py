@@ -185,7 +185,7 @@ class FailedStore:
 
     async def atotal(self, queue: str | None = None) -> int:
         """How many jobs the failed store holds (of ``queue``, if given)."""
-        counts = await self.core.driver.counts(self.core.clock())
+        counts = await self.core.counting.counts()
         return sum(c.failed for name, c in counts.items() if queue in (None, name))
 
     async def aretry(self, job_id: str) -> JobHandle:

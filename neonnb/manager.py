@@ -31,8 +31,10 @@ from .records import (
     JobRecord,
     Priority,
     QueueCounts,
+    SchedulerInfo,
     Status,
     WorkerInfo,
+    check_queue_name,
     new_job_id,
     parse_priority,
     parse_status,
@@ -248,7 +250,7 @@ class QueueManager:
     # --- looking at queues ----------------------------------------------------------------
 
     async def astats(self) -> dict[str, QueueCounts]:
-        return await self.driver.counts(self.clock())
+        return await self.core.counting.counts()
 
     async def asize(self, queue: str | None = None) -> int:
         """Jobs of ``queue`` not yet started (waiting and delayed)."""
@@ -287,10 +289,18 @@ class QueueManager:
         """Every worker on this store, in any process on any machine (``neonnb worker``s
         too), with its host, pid, queues, running jobs and counts; ``info.state(now)`` says
         "running", "stopping" or "lost" (it stopped heartbeating)."""
-        return await self.driver.list_workers()
+        return [m for m in await self.driver.list_members() if isinstance(m, WorkerInfo)]
 
     def known_workers(self) -> list[WorkerInfo]:
         return run_sync(self.aknown_workers())
+
+    async def aknown_schedulers(self) -> list[SchedulerInfo]:
+        """Every running scheduler on this store, in any process on any machine, with its
+        schedules (name, rule, tz, queue, job, last and next tick)."""
+        return [m for m in await self.driver.list_members() if isinstance(m, SchedulerInfo)]
+
+    def known_schedulers(self) -> list[SchedulerInfo]:
+        return run_sync(self.aknown_schedulers())
 
     # --- pandas views (neonnb.frames; pip install 'neonnb[notebook]') -----------------------
 
@@ -333,6 +343,14 @@ class QueueManager:
 
     def cancel(self, job_id: str, queue: str | None = None) -> Status | None:
         return run_sync(self.acancel(job_id, queue))
+
+    async def apurge(self, queue: str) -> int:
+        """Delete every job of ``queue`` that has not started (waiting and delayed); returns
+        how many. Running jobs finish; a batch or chain with a deleted job never ends."""
+        return await self.driver.purge_queued(check_queue_name(queue))
+
+    def purge(self, queue: str) -> int:
+        return run_sync(self.apurge(queue))
 
     def handle(self, job_id: str) -> JobHandle:
         """A handle for a job id seen elsewhere (a log line, a DataFrame)."""

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import ConfigError
 
@@ -334,6 +334,11 @@ class QueueCounts:
         """Jobs not yet started: waiting now plus delayed."""
         return sum(self.waiting.values()) + self.delayed
 
+    @property
+    def total(self) -> int:
+        """Jobs in every state."""
+        return self.size + self.running + self.succeeded + self.failed + self.cancelled
+
     def as_data(self) -> dict[str, Any]:
         """Plain JSON data, with the size."""
         return {**dataclasses.asdict(self), "size": self.size}
@@ -348,23 +353,20 @@ class Recovered:
     exhausted: list[JobRecord] = field(default_factory=list)
 
 
-@dataclass
-class WorkerInfo:
-    """A worker as the store knows it, from any process on any machine: registered as it
-    starts, refreshed every ``beat`` seconds, removed as it stops. One that missed three
-    beats (killed, its machine gone) is lost; housekeeping drops it later."""
+@dataclass(kw_only=True)
+class Member:
+    """A process's entry in the store's registry, from any process on any machine (workers
+    and schedulers): registered as it starts, refreshed every ``beat`` seconds, removed as it
+    stops. One that missed three beats (killed, its machine gone) is lost; housekeeping drops
+    it later."""
 
+    kind: ClassVar[str]
     id: str
     host: str
     pid: int
-    queues: list[str]
-    concurrency: int
     started_at: float
     last_seen: float
     beat: float
-    running: list[str] = field(default_factory=list)  # the ids of the jobs it runs
-    jobs_done: int = 0
-    jobs_failed: int = 0
     stopping: bool = False
 
     def state(self, now: float) -> str:
@@ -374,18 +376,52 @@ class WorkerInfo:
         return "stopping" if self.stopping else "running"
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+        return json.dumps({"kind": self.kind, **dataclasses.asdict(self)}, separators=(",", ":"))
 
     def as_data(self, now: float) -> dict[str, Any]:
         """Plain JSON data, with the state as of ``now``."""
         return {**dataclasses.asdict(self), "state": self.state(now)}
 
-    @classmethod
-    def from_json(cls, text: str) -> WorkerInfo | None:
-        """None for an entry this version can't read (written by hand, or by another one)."""
-        try:
-            data = json.loads(text)
-            names = {f.name for f in dataclasses.fields(cls)}
-            return cls(**{k: v for k, v in data.items() if k in names})
-        except (TypeError, ValueError):
-            return None
+
+@dataclass(kw_only=True)
+class WorkerInfo(Member):
+    """A worker as the store knows it (``qm.known_workers()``)."""
+
+    kind: ClassVar[str] = "worker"
+    queues: list[str]
+    concurrency: int
+    running: list[str] = field(default_factory=list)  # the ids of the jobs it runs
+    jobs_done: int = 0
+    jobs_failed: int = 0
+
+
+@dataclass(kw_only=True)
+class SchedulerInfo(Member):
+    """A running scheduler as the store knows it, with its schedules (``qm.known_schedules()``):
+    each a dict of name, rule, tz, queue, job, last_tick and next_tick."""
+
+    kind: ClassVar[str] = "scheduler"
+    schedules: list[dict[str, Any]] = field(default_factory=list)
+
+
+def schedules_data(schedulers: list[SchedulerInfo], now: float) -> list[dict[str, Any]]:
+    """Every schedule of these schedulers, each with the scheduler that runs it and that
+    one's state, by name (a schedule several schedulers run is listed once per scheduler)."""
+    rows = [{**schedule, "scheduler": info.id, "state": info.state(now)}
+            for info in schedulers for schedule in info.schedules]
+    return sorted(rows, key=lambda row: (str(row.get("name")), row["scheduler"]))
+
+
+MEMBER_KINDS: dict[str, type[Member]] = {"worker": WorkerInfo, "scheduler": SchedulerInfo}
+
+
+def read_member(text: str) -> Member | None:
+    """A registry entry; None for one this version can't read (written by hand, or by
+    another version). Entries without a kind are workers (written before schedulers were)."""
+    try:
+        data = json.loads(text)
+        cls = MEMBER_KINDS[data.pop("kind", "worker")]
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return None

@@ -28,6 +28,9 @@ import contextlib
 import datetime as dt
 import hashlib
 import logging
+import os
+import socket
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -38,7 +41,7 @@ from . import frames
 from ._loop import run_sync, submit
 from .config import DurationInput, parse_duration
 from .errors import ConfigError
-from .records import JobRecord
+from .records import JobRecord, SchedulerInfo
 
 if TYPE_CHECKING:
     import concurrent.futures
@@ -54,6 +57,7 @@ MAX_CATCH_UP_TICKS = 1000  # a catch-up window never dispatches more than this p
 # A tick seen later than this after its time was missed. The running scheduler wakes at each
 # tick's time, so an on-time tick is seen within milliseconds.
 LATE_AFTER = 1.0
+BEAT = 5.0  # seconds between a running scheduler's refreshes of its entry in the store
 
 
 @dataclass
@@ -68,6 +72,16 @@ class Schedule:
     interval: float | None = None
     catch_up: float = 0.0
     last_tick: float | None = None  # the latest tick this scheduler dispatched or saw dispatched
+
+    def describe(self, after: float) -> dict[str, Any]:
+        """The schedule as plain data, with its next tick after ``after``."""
+        return {"name": self.name, "rule": self.rule, "tz": str(self.tz), "queue": self.queue,
+                "job": getattr(self.job, "job_name", None) or type(self.job).__name__,
+                "last_tick": self.last_tick, "next_tick": self.next_tick(after)}
+
+    @property
+    def rule(self) -> str:
+        return self.cron or f"every {self.interval:g}s"
 
     def ticks(self, after: float, until: float) -> list[float]:
         """The tick times in (after, until], oldest first, at most MAX_CATCH_UP_TICKS."""
@@ -124,6 +138,8 @@ class Scheduler:
         self._task: concurrent.futures.Future[None] | None = None
         self._stopping: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.id = f"scheduler:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._started_at = 0.0
 
     def __repr__(self) -> str:
         return f"<neonnb.Scheduler {len(self.schedules)} schedule(s) {'running' if self.is_running else 'stopped'}>"
@@ -214,19 +230,34 @@ class Scheduler:
         return min(ticks) if ticks else None
 
     async def arun(self) -> None:
-        """Tick on the current loop until ``stop()``."""
+        """Tick on the current loop until ``stop()``, registered in the store meanwhile (so
+        ``neonnb schedules`` and the dashboards list this scheduler's schedules)."""
         self._stopping = asyncio.Event()
         self._loop = asyncio.get_running_loop()
-        while not self._stopping.is_set():
-            try:
-                await self.atick()
-            except Exception as exc:  # the store may be away for a while: keep the schedule going
-                logger.warning("scheduler: dispatching failed (%r); retrying", exc)
-            due = self.next_due()
-            pause = self.poll_interval if due is None else min(max(due - self.core.clock(), 0.0),
-                                                               self.poll_interval)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), pause)
+        self._started_at = self.core.clock()
+        announce = asyncio.create_task(self.core.announce(self.info, BEAT))
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await self.atick()
+                except Exception as exc:  # the store may be away for a while: keep the schedule going
+                    logger.warning("scheduler: dispatching failed (%r); retrying", exc)
+                due = self.next_due()
+                pause = self.poll_interval if due is None else min(max(due - self.core.clock(), 0.0),
+                                                                   self.poll_interval)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), pause)
+        finally:
+            announce.cancel()
+            await self.core.withdraw(self.id)
+
+    def info(self) -> SchedulerInfo:
+        """What the store knows of this scheduler (``qm.known_schedulers()``), as of now."""
+        now = self.core.clock()
+        return SchedulerInfo(
+            id=self.id, host=socket.gethostname(), pid=os.getpid(), started_at=self._started_at, last_seen=now,
+            beat=BEAT, schedules=[s.describe(self._checked.get(s.name, now)) for s in self.schedules.values()],
+        )
 
     def start(self) -> Scheduler:
         """Run on neonnb's background loop; returns at once."""
@@ -263,7 +294,7 @@ class Scheduler:
                 tick = s.next_tick(tick)
                 nexts.append(pd.Timestamp(tick, unit="s", tz="UTC"))
             rows.append({
-                "name": s.name, "rule": s.cron or f"every {s.interval:g}s", "tz": str(s.tz), "queue": s.queue,
+                "name": s.name, "rule": s.rule, "tz": str(s.tz), "queue": s.queue,
                 "job": getattr(s.job, "job_name", None) or repr(s.job),
                 "last_run": pd.Timestamp(s.last_tick, unit="s", tz="UTC") if s.last_tick else pd.NaT,
                 "next_runs": nexts,

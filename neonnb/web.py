@@ -7,7 +7,8 @@ workers), refreshed every second from the API; the other routes are JSON (errors
 ``{"error": "..."}``):
 
     GET    /api/queues                    per-queue counts
-    GET    /api/jobs?status=&queue=&limit= jobs, newest first
+    POST   /api/queues/{queue}/purge      {"purged": N}: the queue's jobs not yet started, deleted
+    GET    /api/jobs?status=&queue=&limit=&cursor=  {"jobs": [...], "cursor": next page or null}
     GET    /api/jobs/{id}                 one job
     POST   /api/jobs/{id}/cancel          {"was": "queued"}
     GET    /api/failed?limit=50&offset=0  {"jobs": [...], "total": N}  (the seed's shape)
@@ -15,6 +16,7 @@ workers), refreshed every second from the API; the other routes are JSON (errors
     POST   /api/failed/retry-all?queue=   {"retried": N}
     DELETE /api/failed/{id}               {"message": "Job forgotten"}
     GET    /api/workers                   every worker on the store, with its state
+    GET    /api/schedules                 every running scheduler's schedules, with next tick
     GET    /metrics                       Prometheus' text format
 
 Safe by default: every write needs the token, sent as ``Authorization: Bearer <token>`` (a
@@ -34,7 +36,7 @@ from typing import Any
 
 from .errors import ConfigError, JobNotFound, MissingExtra, StoreError
 from .manager import QueueManager
-from .records import Status, record_data
+from .records import Status, record_data, schedules_data
 
 try:
     from prometheus_client import CollectorRegistry, generate_latest
@@ -120,6 +122,12 @@ def create_app(qm: QueueManager, *, token: str, read_only: bool = False) -> Star
             raise JobNotFound(f"job {job_id} is not in the failed store")
         return _json({"message": "Job forgotten"})
 
+    async def schedules(request: Request) -> Response:
+        return _json({"schedules": schedules_data(await qm.aknown_schedulers(), qm.clock())})
+
+    async def purge(request: Request) -> Response:
+        return _json({"purged": await qm.apurge(request.path_params["queue"])})
+
     async def workers(request: Request) -> Response:
         infos, now = await qm.aknown_workers(), qm.clock()
         return _json({"workers": [info.as_data(now) for info in infos]})
@@ -136,6 +144,7 @@ def create_app(qm: QueueManager, *, token: str, read_only: bool = False) -> Star
     routes = [
         Route("/", page),
         Route("/api/queues", guarded(queues)),
+        Route("/api/queues/{queue}/purge", guarded(purge), methods=["POST"]),
         Route("/api/jobs", guarded(jobs)),
         Route("/api/jobs/{job_id}", guarded(job)),
         Route("/api/jobs/{job_id}/cancel", guarded(cancel), methods=["POST"]),
@@ -144,6 +153,7 @@ def create_app(qm: QueueManager, *, token: str, read_only: bool = False) -> Star
         Route("/api/failed/{job_id}/retry", guarded(retry), methods=["POST"]),
         Route("/api/failed/{job_id}", guarded(forget), methods=["DELETE"]),
         Route("/api/workers", guarded(workers)),
+        Route("/api/schedules", guarded(schedules)),
         Route("/metrics", guarded(metrics)),
     ]
     return Starlette(routes=routes)

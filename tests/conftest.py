@@ -134,3 +134,12 @@ def wait_until(condition: Callable[[], bool], timeout: float = 30.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.01)
+
+
+def write_config(qm: QueueManager, folder: Path) -> str:
+    """A YAML config file naming ``qm``'s store, as a user outside the kernel has it."""
+    config = qm.config
+    path = folder / "queue.yaml"
+    path.write_text(f"driver: {config.driver}\nconnection: '{config.connection}'\n"
+                    f"key_prefix: '{config.key_prefix}'\ntable_name: {config.table_name}\n")
+    return str(path)

@@ -1,5 +1,5 @@
 """The admin commands (`neonnb stats`, `jobs`, `show`, `failed`, `retry`, `forget`, `cancel`,
-`workers`) on every store another process can reach, through the real parser, on a YAML
+`purge`, `workers`) on every store another process can reach, through the real parser, on a YAML
 config as users give it; their errors too (unknown ids, bad arguments, a store that is down)."""
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from neonnb import QueueManager, Status
+import neonnb._loop as loop
+from neonnb import NeonnbError, QueueManager, Status
 from neonnb.cli import build_parser
 from tests import jobs
-from tests.conftest import DRIVERS
+from tests.conftest import DRIVERS, write_config
 
 # Every store another process can reach (an in-memory one lives in its process alone).
 REACHABLE = pytest.mark.parametrize("make_manager", [d for d in DRIVERS if d != "memory"], indirect=True)
@@ -28,11 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def target(make_manager: MakeManager, tmp_path: Path) -> tuple[QueueManager, str]:
     """A manager, and a config file naming its store, as a user outside the kernel has."""
     qm = make_manager(max_retries=0)
-    config = qm.config
-    path = tmp_path / "queue.yaml"
-    path.write_text(f"driver: {config.driver}\nconnection: '{config.connection}'\n"
-                    f"key_prefix: '{config.key_prefix}'\ntable_name: {config.table_name}\n")
-    return qm, str(path)
+    return qm, write_config(qm, tmp_path)
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -110,6 +107,32 @@ def test_retry_forget_and_cancel(target: tuple[QueueManager, str], capsys: pytes
     assert code == 1 and "job no-such-id not found" in err
     code, _, err = run(capsys, "show", config, "no-such-id")
     assert code == 1 and "job no-such-id not found" in err
+
+
+@REACHABLE
+def test_purge_deletes_a_queues_jobs_not_yet_started_after_asking(
+    target: tuple[QueueManager, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    qm, config = target
+    qm.dispatch_batch("full", [jobs.Note(str(i)) for i in range(5)])
+    qm.dispatch_after("full", jobs.Note("later"), 3600)
+    [claimed] = loop.run_sync(qm.driver.reserve(["full"], 1, "w", qm.clock(), qm.clock() + 60))
+    kept = qm.dispatch("other", jobs.Note("elsewhere"))
+    with pytest.raises(NeonnbError, match="add --yes"):  # no terminal to ask on: it won't guess
+        run(capsys, "purge", config, "--queue", "full")
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    monkeypatch.setattr("builtins.input", lambda prompt: "n")
+    code, out, _ = run(capsys, "purge", config, "--queue", "full")
+    assert code == 1 and "nothing deleted" in out and qm.size("full") == 5
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda prompt: asked.append(prompt) or "y")
+    code, out, _ = run(capsys, "purge", config, "--queue", "full")
+    assert code == 0 and "deleted 5 queued job(s) of 'full'" in out and asked == [
+        "delete the 5 queued job(s) of 'full'? [y/N] "]
+    assert qm.size("full") == 0 and qm.stats()["full"].running == 1, "the running job stays"
+    assert qm.handle(claimed.id).status is Status.RUNNING and kept.status is Status.QUEUED
+    code, out, _ = run(capsys, "purge", config, "--queue", "full", "--yes", "--json")
+    assert code == 0 and json.loads(out) == {"purged": 0}
 
 
 def test_admin_errors_say_what_is_wrong_with_exit_code_2(tmp_path: Path) -> None:

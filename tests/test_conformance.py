@@ -15,6 +15,7 @@ import pytest
 
 import neonnb._loop as loop
 from neonnb import ConfigError, JobCancelled, JobFailed, JobHandle, Priority, QueueManager, SerializationError, Status
+from neonnb.core import Counting
 from neonnb.job import decode_job
 from tests import jobs
 from tests.conftest import FakeClock, wait_until
@@ -674,3 +675,27 @@ def test_pages_of_jobs_walk_every_job_once_newest_first_by_cursor(make_manager: 
     assert walk(3, status=Status.FAILED, queue="pa") == []
     with pytest.raises(ConfigError, match="cursor 'x/y' is not one a page of jobs gave"):
         qm.jobs(cursor="x/y")
+
+
+def test_stats_of_a_store_too_big_to_count_often_are_served_from_the_last_count(
+    make_manager: MakeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    qm = make_manager()
+    qm.dispatch_batch("big", [jobs.Note(str(i)) for i in range(12)])
+    assert qm.stats()["big"].size == 12, "a cheap count is made on every call"
+    # Say any count is costly, for a store of ten jobs or more, and may be made rarely.
+    monkeypatch.setattr(Counting, "CHEAP", 0.0)
+    monkeypatch.setattr(Counting, "SMALL", 10)
+    monkeypatch.setattr(Counting, "SHARE", 1e-9)
+    assert qm.stats()["big"].size == 12
+    qm.dispatch_batch("big", [jobs.Note("more") for _ in range(3)])
+    served = qm.stats()
+    assert served["big"].size == 12, "served from the last count"
+    served["big"].delayed = 99  # a copy: changing it changes nothing served later
+    assert qm.stats()["big"].delayed == 0
+    monkeypatch.setattr(Counting, "SHARE", 1e9)  # the last count is stale at once
+    assert qm.stats()["big"].size == 12, "the call that finds it stale does not wait for the new count"
+    wait_until(lambda: qm.stats()["big"].size == 15, what="the count made again in the background")
+    monkeypatch.setattr(Counting, "SMALL", 10_000)
+    qm.dispatch("big", jobs.Note("one more"))
+    assert qm.stats()["big"].size == 16, "a small store is counted on every call again"

@@ -65,6 +65,18 @@ def test_the_api_lists_shows_retries_forgets_and_cancels(qm: QueueManager) -> No
         assert client.post(f"/api/jobs/{waiting.id}/cancel", headers=WRITE).status_code == 409
         assert client.get("/api/jobs", params={"status": "done"}).status_code == 400
 
+        first = client.get("/api/jobs", params={"queue": "web", "limit": 2}).json()
+        rest = client.get("/api/jobs", params={"queue": "web", "limit": 10, "cursor": first["cursor"]}).json()
+        assert [j["id"] for j in first["jobs"] + rest["jobs"]] == [waiting.id, bad[2].id, bad[0].id, ok.id]  # bad[1] forgotten
+        assert rest["cursor"] is None
+        assert client.get("/api/jobs", params={"cursor": "nonsense"}).status_code == 400
+
+        qm.dispatch_batch("doomed", [jobs.Note("x") for _ in range(3)])
+        qm.dispatch_after("doomed", jobs.Note("later"), 3600)
+        assert client.post("/api/queues/doomed/purge").status_code == 403, "a write without the token"
+        assert client.post("/api/queues/doomed/purge", headers=WRITE).json() == {"purged": 4}
+        assert qm.size("doomed") == 0 and qm.size("web") == 2, "the other queues keep theirs"
+
 
 @REACHABLE
 def test_metrics_parse_with_prometheus_clients_own_parser(qm: QueueManager) -> None:
@@ -99,6 +111,7 @@ def test_auth_off_loopback_writes_and_read_only() -> None:
         read_only = TestClient(create_app(qm, token=TOKEN, read_only=True), client=LOCAL)
         assert read_only.post(f"/api/failed/{handle.id}/retry", headers=WRITE).status_code == 403
         assert read_only.delete(f"/api/failed/{handle.id}", headers=WRITE).status_code == 403
+        assert read_only.post("/api/queues/web/purge", headers=WRITE).status_code == 403
         assert qm.handle(handle.id).status is Status.FAILED
         assert TOKEN not in local.get("/api/queues").text
 

@@ -19,7 +19,7 @@ from neonnb import QueueManager, Status, WorkerInfo, connect
 from neonnb import _loop as loop
 from neonnb.core import LOST_WORKERS_KEPT
 from tests import jobs
-from tests.conftest import FakeClock, wait_until
+from tests.conftest import FakeClock, wait_until, write_config
 from tests.services import RedisServer
 
 MakeManager = Callable[..., QueueManager]
@@ -60,7 +60,7 @@ def test_a_worker_that_stops_heartbeating_is_lost_then_dropped(make_manager: Mak
     qm = make_manager(clock=clock, lease_timeout=30)
     dead = WorkerInfo(id="other-host:4242:abc", host="other-host", pid=4242, queues=["q"], concurrency=4,
                       started_at=clock() - 100, last_seen=clock(), beat=10.0, running=["j1"])
-    loop.run_sync(qm.driver.save_worker(dead))
+    loop.run_sync(qm.driver.save_member(dead))
     [info] = qm.known_workers()
     assert info == dead and info.state(clock()) == "running"
     clock.advance(31)  # three beats missed
@@ -119,3 +119,46 @@ def test_a_worker_in_another_process_is_listed_with_its_job_and_lost_after_sigki
             process.wait(timeout=10)
         log.close()
         qm.close()
+
+
+def test_a_running_scheduler_lists_its_schedules_on_the_store(
+    make_manager: MakeManager, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from neonnb.cli import build_parser
+
+    qm = make_manager()
+    other = qm if qm.config.driver == "memory" else make_manager()  # another process's view of the store
+    scheduler = qm.scheduler()
+    scheduler.cron("nightly", "0 2 * * *", jobs.Note("report"), tz="Europe/Berlin", queue="reports")
+    scheduler.every("often", "90s", jobs.Note("ping"))
+    assert other.known_schedulers() == [], "a scheduler that doesn't run is not on the store"
+    scheduler.start()
+    try:
+        wait_until(lambda: len(other.known_schedulers()) == 1, what="the scheduler to register")
+        [info] = other.known_schedulers()
+        assert (info.id, info.pid, info.state(other.clock())) == (scheduler.id, os.getpid(), "running")
+        by_name = {s["name"]: s for s in info.schedules}
+        assert by_name["nightly"]["rule"] == "0 2 * * *" and by_name["nightly"]["tz"] == "Europe/Berlin"
+        assert by_name["nightly"]["queue"] == "reports" and by_name["nightly"]["job"] == "tests.jobs.Note"
+        assert 0 < by_name["nightly"]["next_tick"] - other.clock() <= 86400
+        assert by_name["often"]["rule"] == "every 90s" and by_name["often"]["next_tick"] <= other.clock() + 90
+        if qm.config.driver != "memory":
+            config = write_config(qm, tmp_path)
+            args = build_parser().parse_args(["schedules", config, "--json"])
+            assert args.run(args) == 0
+            listed = json.loads(capsys.readouterr().out)
+            assert [(s["name"], s["scheduler"], s["state"]) for s in listed] == [
+                ("nightly", scheduler.id, "running"), ("often", scheduler.id, "running")]
+            args = build_parser().parse_args(["schedules", config])
+            assert args.run(args) == 0
+            table = capsys.readouterr().out.splitlines()
+            assert table[0].split()[:3] == ["NAME", "RULE", "TZ"] and table[1].startswith("nightly  0 2 * * *")
+
+            from starlette.testclient import TestClient
+
+            from neonnb.web import create_app
+            with TestClient(create_app(other, token="t"), client=("127.0.0.1", 5000)) as client:
+                assert [s["name"] for s in client.get("/api/schedules").json()["schedules"]] == ["nightly", "often"]
+    finally:
+        scheduler.stop()
+    assert other.known_schedulers() == [], "a stopped scheduler leaves the store"

@@ -17,7 +17,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..records import JobPage, JobRecord, QueueCounts, Recovered, Status, WorkerInfo
+from ..records import JobPage, JobRecord, Member, QueueCounts, Recovered, Status
 
 
 class Driver(abc.ABC):
@@ -115,6 +115,11 @@ class Driver(abc.ABC):
         """Delete SUCCEEDED and CANCELLED jobs that finished before ``before`` (their TTL ended)."""
 
     @abc.abstractmethod
+    async def purge_queued(self, queue: str) -> int:
+        """Delete the jobs of ``queue`` that have not started (waiting and delayed); returns
+        how many. Running jobs finish; a batch or chain a deleted job belonged to never ends."""
+
+    @abc.abstractmethod
     async def get(self, job_id: str, queue: str | None = None) -> JobRecord | None:
         """The job's record; ``queue``, when the caller knows it, spares Redis a search."""
 
@@ -146,20 +151,21 @@ class Driver(abc.ABC):
         """Forget failed jobs; ``ids=None`` flushes the whole failed store."""
 
     @abc.abstractmethod
-    async def save_worker(self, info: WorkerInfo) -> None:
-        """Register a worker, or refresh what the store knows of it (its heartbeat)."""
+    async def save_member(self, info: Member) -> None:
+        """Register a worker or scheduler, or refresh what the store knows of it (its beat)."""
 
     @abc.abstractmethod
-    async def remove_worker(self, worker_id: str) -> None:
-        """The worker stopped."""
+    async def remove_member(self, member_id: str) -> None:
+        """The worker or scheduler stopped."""
 
     @abc.abstractmethod
-    async def list_workers(self) -> list[WorkerInfo]:
-        """Every registered worker, of every process (lost ones too, until dropped)."""
+    async def list_members(self) -> list[Member]:
+        """Every registered worker and scheduler, of every process (lost ones too, until
+        dropped), as ``records.read_member`` reads them."""
 
     @abc.abstractmethod
-    async def drop_workers(self, seen_before: float) -> int:
-        """Forget workers last seen before ``seen_before``; returns how many."""
+    async def drop_members(self, seen_before: float) -> int:
+        """Forget members last seen before ``seen_before``; returns how many."""
 
     async def close(self) -> None:  # noqa: B027 - drivers without resources need nothing
         """Release connections."""

@@ -27,6 +27,7 @@ from sqlalchemy import (
     Engine,
     Row,
     and_,
+    bindparam,
     case,
     create_engine,
     delete,
@@ -43,17 +44,18 @@ from ..errors import ConfigError, StoreError, StoreUnavailable
 from ..records import (
     JobPage,
     JobRecord,
+    Member,
     Priority,
     QueueCounts,
     Recovered,
     Status,
-    WorkerInfo,
     bad_cursor,
     ended,
     given_back,
     listed_by_finish,
     page_cursor,
     read_cursor,
+    read_member,
     read_record,
     requeued,
     retried,
@@ -463,6 +465,11 @@ class DatabaseDriver(Driver, BlockingEnqueue, StoreClock, WakeUps):
 
         return await self._transaction(purge)
 
+    async def purge_queued(self, queue: str) -> int:
+        c = self.table.c
+        stmt = delete(self.table).where(c.queue == queue, c.status == QUEUED)
+        return await self._statement(lambda conn: int(conn.execute(stmt).rowcount))
+
     async def mark(self, queue: str, group: str, member: str, value: str, now: float,
                    complete_at: int) -> dict[str, str] | None:
         m = self.marks.c
@@ -509,8 +516,9 @@ class DatabaseDriver(Driver, BlockingEnqueue, StoreClock, WakeUps):
         if queue is not None:
             stmt = stmt.where(c.queue == queue)
         by_finish = listed_by_finish(status)
-        if by_finish:
-            stmt = stmt.where(c.status.in_(FINISHED_STATES))
+        if by_finish:  # in the SQL text: a bound value would not show SQLite that the index serves it
+            stmt = stmt.where(c.status.in_(bindparam("finished", FINISHED_STATES, expanding=True,
+                                                     literal_execute=True)))
         if cursor is not None:
             position, tiebreak = read_cursor(cursor)
             if not tiebreak.isdigit():
@@ -573,7 +581,7 @@ class DatabaseDriver(Driver, BlockingEnqueue, StoreClock, WakeUps):
             stmt = stmt.where(c.id.in_(ids))
         return await self._statement(lambda conn: conn.execute(stmt).rowcount)
 
-    async def save_worker(self, info: WorkerInfo) -> None:
+    async def save_member(self, info: Member) -> None:
         w = self.workers.c
         values = {"last_seen": info.last_seen, "info": info.to_json()}
 
@@ -583,16 +591,16 @@ class DatabaseDriver(Driver, BlockingEnqueue, StoreClock, WakeUps):
 
         await self._transaction(save, durable=False)
 
-    async def remove_worker(self, worker_id: str) -> None:
-        stmt = delete(self.workers).where(self.workers.c.id == worker_id)
+    async def remove_member(self, member_id: str) -> None:
+        stmt = delete(self.workers).where(self.workers.c.id == member_id)
         await self._statement(lambda conn: conn.execute(stmt), durable=False)
 
-    async def list_workers(self) -> list[WorkerInfo]:
+    async def list_members(self) -> list[Member]:
         stmt = select(self.workers.c.info).order_by(self.workers.c.id)
         rows = await self._statement(lambda conn: list(conn.execute(stmt).scalars()))
-        return [info for text in rows if (info := WorkerInfo.from_json(text)) is not None]
+        return [info for text in rows if (info := read_member(text)) is not None]
 
-    async def drop_workers(self, seen_before: float) -> int:
+    async def drop_members(self, seen_before: float) -> int:
         stmt = delete(self.workers).where(self.workers.c.last_seen < seen_before)
         return await self._statement(lambda conn: int(conn.execute(stmt).rowcount), durable=False)
 

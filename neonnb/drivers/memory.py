@@ -12,15 +12,16 @@ from typing import Any
 from ..records import (
     JobPage,
     JobRecord,
+    Member,
     QueueCounts,
     Recovered,
     Status,
-    WorkerInfo,
     ended,
     given_back,
     listed_by_finish,
     page_cursor,
     read_cursor,
+    read_member,
     requeued,
     retried,
     revived,
@@ -41,7 +42,7 @@ class MemoryDriver(Driver, BlockingEnqueue):
         self._scheduled: dict[str, list[tuple[float, int, str]]] = {}
         self._ready: dict[tuple[str, int], list[tuple[float, int, str]]] = {}
         self._seq = 0
-        self._workers: dict[str, str] = {}  # worker id -> WorkerInfo as JSON
+        self._members: dict[str, str] = {}  # id -> the worker's or scheduler's entry as JSON
 
     def _schedule(self, record: JobRecord) -> None:
         self._seq += 1
@@ -236,6 +237,13 @@ class MemoryDriver(Driver, BlockingEnqueue):
                 del self._marks[group]
         return len(old)
 
+    async def purge_queued(self, queue: str) -> int:
+        with self._lock:
+            doomed = [r.id for r in self._jobs.values() if r.queue == queue and r.status is Status.QUEUED]
+            for job_id in doomed:
+                del self._jobs[job_id]
+        return len(doomed)
+
     async def get(self, job_id: str, queue: str | None = None) -> JobRecord | None:
         with self._lock:
             record = self._jobs.get(job_id)
@@ -302,23 +310,23 @@ class MemoryDriver(Driver, BlockingEnqueue):
                 del self._jobs[job_id]
         return len(doomed)
 
-    async def save_worker(self, info: WorkerInfo) -> None:
+    async def save_member(self, info: Member) -> None:
         with self._lock:
-            self._workers[info.id] = info.to_json()  # a copy: later changes to info are not stored
+            self._members[info.id] = info.to_json()  # a copy: later changes to info are not stored
 
-    async def remove_worker(self, worker_id: str) -> None:
+    async def remove_member(self, member_id: str) -> None:
         with self._lock:
-            self._workers.pop(worker_id, None)
+            self._members.pop(member_id, None)
 
-    async def list_workers(self) -> list[WorkerInfo]:
+    async def list_members(self) -> list[Member]:
         with self._lock:
-            stored = list(self._workers.values())
-        return [info for text in stored if (info := WorkerInfo.from_json(text)) is not None]
+            stored = list(self._members.values())
+        return [info for text in stored if (info := read_member(text)) is not None]
 
-    async def drop_workers(self, seen_before: float) -> int:
-        gone = [info.id for info in await self.list_workers() if info.last_seen < seen_before]
+    async def drop_members(self, seen_before: float) -> int:
+        gone = [info.id for info in await self.list_members() if info.last_seen < seen_before]
         with self._lock:
             for worker_id in gone:
-                self._workers.pop(worker_id, None)
+                self._members.pop(worker_id, None)
         return len(gone)
 

@@ -27,14 +27,15 @@ from ..errors import ConfigError, StoreError, StoreUnavailable
 from ..records import (
     JobPage,
     JobRecord,
+    Member,
     Priority,
     QueueCounts,
     Recovered,
     Status,
-    WorkerInfo,
     listed_by_finish,
     page_cursor,
     read_cursor,
+    read_member,
     read_record,
 )
 from .base import BlockingEnqueue, Driver, HandOff, PipelinedClaims, StoreClock, Waiter, WakeUps
@@ -62,6 +63,7 @@ _STATUS_KEYS = {
 }
 
 
+PURGE_PIECE = 1000  # queued jobs one purge script deletes
 RESENDS = 3  # a command that may be sent again is, this many times, after a dropped connection
 
 
@@ -353,6 +355,13 @@ class RedisDriver(Driver, BlockingEnqueue, HandOff, PipelinedClaims, StoreClock,
     async def purge_finished(self, before: float) -> int:
         return sum(await self._per_queue("purge", await self._by_queue(None, None), lambda q: [_num(before)]))
 
+    async def purge_queued(self, queue: str) -> int:
+        # A piece at a time: a script blocks the server while it runs.
+        purged = 0
+        while deleted := await self._script("purge_queued", [queue], [PURGE_PIECE]):
+            purged += int(deleted)
+        return purged
+
     async def get(self, job_id: str, queue: str | None = None) -> JobRecord | None:
         found = await self.get_many([job_id], queue)
         return found[0] if found else None
@@ -479,20 +488,20 @@ class RedisDriver(Driver, BlockingEnqueue, HandOff, PipelinedClaims, StoreClock,
     async def delete_failed(self, ids: Sequence[str] | None) -> int:
         return sum(await self._per_queue("delete_failed", await self._by_queue(ids, None), lambda q: []))
 
-    # The registered workers: one hash (one slot on a cluster), worker id -> WorkerInfo as JSON.
+    # The registry: one hash (one slot on a cluster), id -> the worker's or scheduler's entry as JSON.
 
-    async def save_worker(self, info: WorkerInfo) -> None:
+    async def save_member(self, info: Member) -> None:
         await self._reach(lambda client: client.redis.hset(f"{self.prefix}workers", info.id, info.to_json()))
 
-    async def remove_worker(self, worker_id: str) -> None:
-        await self._reach(lambda client: client.redis.hdel(f"{self.prefix}workers", worker_id))
+    async def remove_member(self, member_id: str) -> None:
+        await self._reach(lambda client: client.redis.hdel(f"{self.prefix}workers", member_id))
 
-    async def list_workers(self) -> list[WorkerInfo]:
+    async def list_members(self) -> list[Member]:
         stored = await self._reach(lambda client: client.redis.hgetall(f"{self.prefix}workers"))
-        return [info for text in stored.values() if (info := WorkerInfo.from_json(str(text))) is not None]
+        return [info for text in stored.values() if (info := read_member(str(text))) is not None]
 
-    async def drop_workers(self, seen_before: float) -> int:
-        gone = [info.id for info in await self.list_workers() if info.last_seen < seen_before]
+    async def drop_members(self, seen_before: float) -> int:
+        gone = [info.id for info in await self.list_members() if info.last_seen < seen_before]
         if gone:
             await self._reach(lambda client: client.redis.hdel(f"{self.prefix}workers", *gone))
         return len(gone)

@@ -5,7 +5,7 @@
 -- take several bases, which the driver only passes together on a single server).
 --
 --   P.."queues"          SET   every queue name that has held a job (its own slot)
---   P.."workers"         HASH  registered workers: worker id -> its WorkerInfo as JSON (written by the driver)
+--   P.."workers"         HASH  the registry: worker or scheduler id -> its entry as JSON (by the driver)
 --   P.."wake"            channel: PUBLISH <queue> when jobs of <queue> become due
 --   B.."job:"..id        HASH  the job record: id queue name payload priority status
 --                              attempts max_attempts timeout run_at created_at started_at
@@ -368,6 +368,27 @@ for _, group in ipairs(redis.call('ZRANGEBYSCORE', B .. 'marks', '-inf', '(' .. 
 end
 redis.call('ZREMRANGEBYSCORE', B .. 'marks', '-inf', '(' .. ARGV[1])
 return purged
+
+--! purge_queued
+-- KEYS: B.  ARGV: at most how many to delete.  Deletes queued jobs (waiting and delayed), the
+-- lowest priority's first; returns how many (0: none left).
+local B, left = KEYS[1], tonumber(ARGV[1])
+local deleted = 0
+for p = 2, 0, -1 do
+  local ready = B .. 'ready:' .. p
+  local ids = redis.call('ZRANGE', ready, 0, left - deleted - 1)
+  for _, id in ipairs(ids) do
+    local key = B .. 'job:' .. id
+    local unique = redis.call('HGET', key, 'unique_key')
+    if unique and redis.call('GET', B .. 'unique:' .. unique) == id then redis.call('DEL', B .. 'unique:' .. unique) end
+    redis.call('DEL', key)
+    redis.call('ZREM', B .. 'created', id)
+    redis.call('ZREM', ready, id)
+  end
+  deleted = deleted + #ids
+  if deleted >= left then break end
+end
+return deleted
 
 --! requeue_failed
 -- KEYS: B.  ARGV: wake channel, queue, now, id...   (no ids: every failed job of the queue)

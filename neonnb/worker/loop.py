@@ -286,7 +286,9 @@ class Worker:
         assert self._wake is not None
         self.core.add_worker(self)
         self._started_at = self.core.clock()
-        announce = asyncio.create_task(self._announce())
+        # Beats as the leases' heartbeat does (a third of the lease). A failed beat says nothing
+        # about the claims (unlike _guard's failures): it is only logged.
+        announce = asyncio.create_task(self.core.announce(self.info, self.options.lease_timeout / 3))
         heartbeat = asyncio.create_task(self.outcomes.heartbeat(self._running_records, self._stop_job))
         watch = _LoopWatch(self, asyncio.get_running_loop(), min(1.0, self.options.lease_timeout / 6))
         # A store's hand-off gives an idle worker any job of its queues: not for priority bands.
@@ -333,10 +335,7 @@ class Worker:
             watch.stop()
             heartbeat.cancel()
             announce.cancel()
-            try:
-                await self.driver.remove_worker(self.id)
-            except Exception as exc:  # the store is away: the entry shows as lost, then goes
-                logger.warning("worker %s: could not unregister from the store (%r)", self.id, exc)
+            await self.core.withdraw(self.id)
             self.outcomes.stop()
             self.core.remove_worker(self)
             self._unbind_loop()
@@ -500,18 +499,6 @@ class Worker:
             beat=self.options.lease_timeout / 3, running=list(self._active), jobs_done=self.outcomes.jobs_done,
             jobs_failed=self.outcomes.jobs_failed, stopping=self._stopping,
         )
-
-    async def _announce(self) -> None:
-        """Register in the store, then refresh the entry every beat (a third of the lease,
-        as the leases' heartbeat): other processes see this worker, and see it lost when the
-        beats stop. A failed beat is only logged: it says nothing about the claims (unlike
-        ``_guard``'s failures), and the next beat tries again."""
-        while True:
-            try:
-                await self.driver.save_worker(self.info())
-            except Exception as exc:
-                logger.warning("worker %s: could not announce itself to the store (%r)", self.id, exc)
-            await asyncio.sleep(self.options.lease_timeout / 3)
 
     def _running_records(self) -> list[JobRecord]:
         return [running.record for running in self._active.values()]
