@@ -20,7 +20,7 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # PostgreSQL cuts identifiers at 63 characters, and the longest name made from the table's
-# is its index "<table_name>_finished".
+# are its index "<table_name>_finished" and its messages table (and channel) "<table_name>_messages".
 MAX_TABLE_NAME = 63 - len("_finished")
 _TABLE_NAME = re.compile(rf"[A-Za-z_][A-Za-z0-9_]{{0,{MAX_TABLE_NAME - 1}}}")
 # user:password@ in a URL, also a malformed one (a missing ':' after the scheme, an unencoded
@@ -181,11 +181,11 @@ class Config:
                 "Config.table_name must be a SQL identifier (letters, digits and _, not starting "
                 f"with a digit, at most {MAX_TABLE_NAME} characters), got {self.table_name!r}"
             )
-        if self.table_name.lower().endswith(("_marks", "_workers")):
+        if self.table_name.lower().endswith(("_marks", "_workers", "_messages")):
             raise ConfigError(
-                f"Config.table_name {self.table_name!r} must not end in _marks or _workers: beside each jobs "
-                "table neonnb keeps two named <table_name>_marks and <table_name>_workers, which another "
-                "app's table could then collide with"
+                f"Config.table_name {self.table_name!r} must not end in _marks, _workers or _messages: beside "
+                "each jobs table neonnb keeps <table_name>_marks, <table_name>_workers and "
+                "<table_name>_messages, which another app's table could then collide with"
             )
         self.database = _positive_int(self.database, "Config.database", allow_zero=True)
         self.max_retries = _positive_int(self.max_retries, "Config.max_retries", allow_zero=True)

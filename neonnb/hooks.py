@@ -23,6 +23,7 @@ idempotent, as a step stored under a fixed id is).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable
@@ -146,7 +147,8 @@ def _failed(hook: Hook, method: str, job: JobRecord) -> None:
 @dataclass
 class JobEvent:
     """A lifecycle event: ``started``, ``progress``, ``succeeded``, ``retrying``, ``failed`` or
-    ``cancelled``."""
+    ``cancelled``, of a job run by ``worker`` (its id) at ``at`` (seconds since the epoch);
+    a job's end carries its attempt's ``duration`` in seconds."""
 
     kind: str
     job_id: str
@@ -156,6 +158,21 @@ class JobEvent:
     progress: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     retry_in: float | None = None
+    worker: str = ""
+    at: float = 0.0
+    duration: float | None = None
+
+    def as_data(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> JobEvent | None:
+        """None for data this version can't read."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except TypeError:
+            return None
 
 
 _KINDS = {Status.SUCCEEDED: "succeeded", Status.QUEUED: "retrying", Status.FAILED: "failed",
@@ -163,19 +180,27 @@ _KINDS = {Status.SUCCEEDED: "succeeded", Status.QUEUED: "retrying", Status.FAILE
 
 
 class Events(Hook):
-    """``qm.events``: subscribers receive every JobEvent, on the worker's loop; they must be
-    quick. A hook among ``hooks`` while it has subscribers."""
+    """``qm.events``: subscribers receive every JobEvent; they must be quick. A hook among
+    ``hooks`` while it has subscribers: this process's workers' events arrive on the worker's
+    loop. ``remote``, given, is called at the first subscriber and returns what to call after
+    the last: it brings other processes' events, which arrive through ``deliver``."""
 
-    def __init__(self, hooks: Hooks) -> None:
+    def __init__(self, hooks: Hooks, clock: Callable[[], float],
+                 remote: Callable[[], Callable[[], None]] | None = None) -> None:
         self._hooks = hooks
+        self._clock = clock
+        self._remote = remote
         self._subscribers: list[Callable[[JobEvent], None]] = []
         self._remove_hook: Callable[[], None] | None = None
+        self._stop_remote: Callable[[], None] | None = None
 
     def subscribe(self, callback: Callable[[JobEvent], None]) -> Callable[[], None]:
         """Call ``callback(event)`` for each event; returns a function that unsubscribes."""
         self._subscribers.append(callback)
         if self._remove_hook is None:
             self._remove_hook = self._hooks.add(self)
+            if self._remote is not None:
+                self._stop_remote = self._remote()
         return functools.partial(self._unsubscribe, callback)
 
     def _unsubscribe(self, callback: Callable[[JobEvent], None]) -> None:
@@ -183,23 +208,38 @@ class Events(Hook):
         if not self._subscribers and self._remove_hook is not None:
             self._remove_hook()
             self._remove_hook = None
+            if self._stop_remote is not None:
+                self._stop_remote()
+                self._stop_remote = None
+
+    def forget_remote(self) -> None:
+        """Other processes' events stopped (the store closes): none until the next first subscriber."""
+        self._stop_remote = None
 
     def before_job(self, job: JobRecord) -> None:
-        self._emit("started", job)
+        self.deliver(event_of("started", job, self._clock()))
 
     def on_progress(self, job: JobRecord, progress: dict[str, Any]) -> None:
-        self._emit("progress", job, progress=progress)
+        self.deliver(event_of("progress", job, self._clock(), progress=progress))
 
     def after_job(self, job: JobRecord, outcome: Outcome) -> None:
-        if outcome.status is Status.SUCCEEDED:
-            self._emit("succeeded", job)
-        else:
-            self._emit(_KINDS[outcome.status], job, error=outcome.error, retry_in=outcome.retry_in)
+        self.deliver(ended_event(job, outcome, self._clock()))
 
-    def _emit(self, kind: str, job: JobRecord, **details: Any) -> None:
-        event = JobEvent(kind, job.id, job.queue, job.name, job.attempts, **details)
+    def deliver(self, event: JobEvent) -> None:
         for callback in list(self._subscribers):
             try:
                 callback(event)
             except Exception:
-                logger.exception("event subscriber %r failed on %s", callback, kind)
+                logger.exception("event subscriber %r failed on %s", callback, event.kind)
+
+
+def event_of(kind: str, job: JobRecord, now: float, **details: Any) -> JobEvent:
+    return JobEvent(kind, job.id, job.queue, job.name, job.attempts, worker=job.worker_id or "", at=now, **details)
+
+
+def ended_event(job: JobRecord, outcome: Outcome, now: float) -> JobEvent:
+    duration = None if job.started_at is None else max(now - job.started_at, 0.0)
+    if outcome.status is Status.SUCCEEDED:
+        return event_of("succeeded", job, now, duration=duration)
+    return event_of(_KINDS[outcome.status], job, now, error=outcome.error, retry_in=outcome.retry_in,
+                    duration=duration)

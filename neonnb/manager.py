@@ -359,6 +359,7 @@ class QueueManager:
     async def aclose(self) -> None:
         for worker in self.core.workers():
             await worker.astop(grace=0)
+        await self.core.feed.aclose()
         await self.driver.close()
 
     def close(self) -> None:

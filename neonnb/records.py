@@ -412,7 +412,15 @@ def schedules_data(schedulers: list[SchedulerInfo], now: float) -> list[dict[str
     return sorted(rows, key=lambda row: (str(row.get("name")), row["scheduler"]))
 
 
-MEMBER_KINDS: dict[str, type[Member]] = {"worker": WorkerInfo, "scheduler": SchedulerInfo}
+@dataclass(kw_only=True)
+class ListenerInfo(Member):
+    """A process whose ``qm.events`` has subscribers: while one is registered, workers in
+    other processes publish their job events (neonnb.feed)."""
+
+    kind: ClassVar[str] = "listener"
+
+
+MEMBER_KINDS: dict[str, type[Member]] = {"worker": WorkerInfo, "scheduler": SchedulerInfo, "listener": ListenerInfo}
 
 
 def read_member(text: str) -> Member | None:

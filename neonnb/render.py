@@ -180,6 +180,14 @@ def workers_table(workers: Sequence[Any]) -> str:
     return table(["queues", "slots", "state", "now", "started"], rows, "neonnb-workers")
 
 
+def store_workers_table(infos: Sequence[Any], now: float) -> str:
+    """Workers of other processes, as the store knows them (``WorkerInfo``)."""
+    rows = [[f"{info.host}:{info.pid}", ", ".join(info.queues), status_badge(info.state(now)),
+             f"{len(info.running)} of {info.concurrency} busy", f"{info.jobs_done:,}", f"{info.jobs_failed:,}",
+             f"{duration(max(now - info.last_seen, 0.0))} ago"] for info in infos]
+    return table(["host:pid", "queues", "state", "now", "done", "failed", "seen"], rows, "neonnb-store-workers")
+
+
 def running_rows(rows: Sequence[tuple[Any, float | None, str | None, float | None]]) -> str:
     """For the snapshot: (record, fraction, message, elapsed) as static bars."""
     body = [[r.name.rpartition(".")[2], progress_bar(done, message), duration(elapsed), job_id(r.id)]

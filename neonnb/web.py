@@ -35,11 +35,12 @@ from importlib import resources
 from typing import Any
 
 from .errors import ConfigError, JobNotFound, MissingExtra, StoreError
+from .hooks import JobEvent
 from .manager import QueueManager
 from .records import Status, record_data, schedules_data
 
 try:
-    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
     from prometheus_client.core import GaugeMetricFamily
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -132,10 +133,11 @@ def create_app(qm: QueueManager, *, token: str, read_only: bool = False) -> Star
         infos, now = await qm.aknown_workers(), qm.clock()
         return _json({"workers": [info.as_data(now) for info in infos]})
 
+    seen = _Metrics(qm)
+
     async def metrics(request: Request) -> Response:
-        registry = CollectorRegistry()
-        registry.register(_StoreCollector(await qm.astats(), await qm.aknown_workers(), qm.clock()))
-        return Response(generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(seen.latest(await qm.astats(), await qm.aknown_workers()),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def page(request: Request) -> Response:
         # Static: everything it shows comes through the API, with the token the user gives it.
@@ -159,11 +161,47 @@ def create_app(qm: QueueManager, *, token: str, read_only: bool = False) -> Star
     return Starlette(routes=routes)
 
 
-class _StoreCollector:
-    """What /metrics reports, read from the store at each scrape."""
+class _Metrics:
+    """What /metrics reports: the store's counts and workers, read at each scrape, and the jobs
+    that ended (by queue and outcome) with their durations, counted from the events of every
+    worker on the store since the first scrape (prometheus_client's counters and histogram)."""
 
-    def __init__(self, counts: dict[str, Any], workers: list[Any], now: float) -> None:
-        self.counts, self.workers, self.now = counts, workers, now
+    def __init__(self, qm: QueueManager) -> None:
+        self.qm = qm
+        self.registry = CollectorRegistry()
+        self.store = _StoreCollector()
+        self.registry.register(self.store)
+        self.finished = Counter("neonnb_jobs_finished", "Attempts that ended, by queue and outcome (succeeded, "
+                                "retrying, failed, cancelled), since this dashboard's first scrape",
+                                ["queue", "outcome"], registry=self.registry)
+        self.durations = Histogram("neonnb_job_duration_seconds", "How long attempts ran, by queue", ["queue"],
+                                   registry=self.registry, buckets=DURATION_BUCKETS)
+        self._subscribed = False
+
+    def latest(self, counts: dict[str, Any], workers: list[Any]) -> bytes:
+        if not self._subscribed:
+            self._subscribed = True
+            self.qm.events.subscribe(self._seen)
+        self.store.counts, self.store.workers, self.store.now = counts, workers, self.qm.clock()
+        return bytes(generate_latest(self.registry))
+
+    def _seen(self, event: JobEvent) -> None:
+        if event.kind in ("succeeded", "retrying", "failed", "cancelled"):
+            self.finished.labels(event.queue, event.kind).inc()
+            if event.duration is not None:
+                self.durations.labels(event.queue).observe(event.duration)
+
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+
+
+class _StoreCollector:
+    """The store's side of /metrics, as of the latest scrape."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, Any] = {}
+        self.workers: list[Any] = []
+        self.now = 0.0
 
     def collect(self) -> Any:
         jobs = GaugeMetricFamily("neonnb_jobs", "Jobs in the store, by queue and state", labels=["queue", "state"])

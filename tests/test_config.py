@@ -170,9 +170,9 @@ def test_table_names_within_the_databases_limits() -> None:
     Config(table_name="t" * 54)
     with pytest.raises(ConfigError, match="at most 54 characters"):
         Config(table_name="t" * 55)
-    with pytest.raises(ConfigError, match="must not end in _marks or _workers"):
+    with pytest.raises(ConfigError, match="must not end in _marks, _workers or _messages"):
         Config(table_name="jobs_marks")
-    with pytest.raises(ConfigError, match="must not end in _marks or _workers"):
+    with pytest.raises(ConfigError, match="must not end in _marks, _workers or _messages"):
         Config(table_name="jobs_workers")
 
 

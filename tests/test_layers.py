@@ -89,8 +89,8 @@ def test_every_store_keeps_the_fields_the_records_list() -> None:
 # The runtime under the facade, bottom to top: each may import only what is listed before it
 # (and the plain modules the drivers may import). The manager, the CLI and the notebook layer
 # stand above all of them.
-RUNTIME = ["neonnb.capture", "neonnb.job", "neonnb.drivers", "neonnb.hooks", "neonnb.core", "neonnb.render",
-           "neonnb.frames", "neonnb.handles", "neonnb.workflows", "neonnb.scheduler", "neonnb.worker"]
+RUNTIME = ["neonnb.capture", "neonnb.job", "neonnb.drivers", "neonnb.hooks", "neonnb.feed", "neonnb.core",
+           "neonnb.render", "neonnb.frames", "neonnb.handles", "neonnb.workflows", "neonnb.scheduler", "neonnb.worker"]
 
 
 def _layer(module: str) -> int | None:

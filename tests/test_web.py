@@ -67,7 +67,8 @@ def test_the_api_lists_shows_retries_forgets_and_cancels(qm: QueueManager) -> No
 
         first = client.get("/api/jobs", params={"queue": "web", "limit": 2}).json()
         rest = client.get("/api/jobs", params={"queue": "web", "limit": 10, "cursor": first["cursor"]}).json()
-        assert [j["id"] for j in first["jobs"] + rest["jobs"]] == [waiting.id, bad[2].id, bad[0].id, ok.id]  # bad[1] forgotten
+        listed = [j["id"] for j in first["jobs"] + rest["jobs"]]
+        assert listed == [waiting.id, bad[2].id, bad[0].id, ok.id], "newest first (bad[1] was forgotten)"
         assert rest["cursor"] is None
         assert client.get("/api/jobs", params={"cursor": "nonsense"}).status_code == 400
 
@@ -81,20 +82,38 @@ def test_the_api_lists_shows_retries_forgets_and_cancels(qm: QueueManager) -> No
 @REACHABLE
 def test_metrics_parse_with_prometheus_clients_own_parser(qm: QueueManager) -> None:
     qm.dispatch("web", jobs.Permanent())
-    qm.dispatch("web", jobs.Note("queued"))
+    queued = qm.dispatch("web", jobs.Note("queued"))
     qm.worker("web", 1).run_once()
     worker = qm.worker("web", 1).start()
     try:
+        assert queued.result(timeout=30) == "queued"  # before the first scrape: not counted
         with TestClient(create_app(qm, token=TOKEN), client=LOCAL) as client:
             wait_until(lambda: client.get("/api/workers").json()["workers"] != [], what="the worker to register")
-            text = client.get("/metrics").text
+            text = client.get("/metrics").text  # the first scrape: jobs that end from now on are counted
+            families = {f.name: f for f in text_string_to_metric_families(text)}
+            jobs_by_state = {(s.labels["queue"], s.labels["state"]): s.value for s in families["neonnb_jobs"].samples}
+            assert jobs_by_state[("web", "failed")] == 1
+            workers = {s.labels["state"]: s.value for s in families["neonnb_workers"].samples}
+            assert workers["running"] == 1 and workers["lost"] == 0
+            assert [s.value for s in families["neonnb_jobs_finished"].samples] == []
+
+            ended = [qm.dispatch("web", jobs.Note("counted")), qm.dispatch("web", jobs.Permanent())]
+            for handle in ended:
+                wait_until(lambda h=handle: h.status in (Status.SUCCEEDED, Status.FAILED), what="the job to end")
+
+            def finished() -> dict[tuple[str, str], float]:
+                families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+                counted = {(s.labels["queue"], s.labels["outcome"]): s.value
+                           for s in families["neonnb_jobs_finished"].samples if s.name.endswith("_total")}
+                durations = {s.name: s.value for s in families["neonnb_job_duration_seconds"].samples
+                             if s.labels.get("queue") == "web" and s.name.endswith(("_count", "_sum"))}
+                counted[("web", "durations")] = durations.get("neonnb_job_duration_seconds_count", 0)
+                return counted
+
+            wait_until(lambda: finished() == {("web", "succeeded"): 1, ("web", "failed"): 1, ("web", "durations"): 2},
+                       what="the ended jobs counted by outcome, with their durations")
     finally:
         worker.stop()
-    families = {f.name: f for f in text_string_to_metric_families(text)}
-    jobs_by_state = {(s.labels["queue"], s.labels["state"]): s.value for s in families["neonnb_jobs"].samples}
-    assert jobs_by_state[("web", "failed")] == 1
-    workers = {s.labels["state"]: s.value for s in families["neonnb_workers"].samples}
-    assert workers["running"] == 1 and workers["lost"] == 0
 
 
 def test_auth_off_loopback_writes_and_read_only() -> None:

@@ -10,14 +10,17 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from starlette.testclient import TestClient
 
-from neonnb import QueueManager, Status, WorkerInfo, connect
+from neonnb import JobEvent, QueueManager, Status, WorkerInfo, connect
 from neonnb import _loop as loop
 from neonnb.core import LOST_WORKERS_KEPT
+from neonnb.web import create_app
 from tests import jobs
 from tests.conftest import FakeClock, wait_until, write_config
 from tests.services import RedisServer
@@ -73,10 +76,19 @@ def test_a_worker_that_stops_heartbeating_is_lost_then_dropped(make_manager: Mak
 
 @pytest.fixture(params=["sqlite", "postgres", "redis"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
+    return _url(request, request.param, tmp_path)
+
+
+@pytest.fixture(params=["sqlite", "postgres", "mariadb", "redis"])
+def any_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return _url(request, request.param, tmp_path)
+
+
+def _url(request: pytest.FixtureRequest, store: str, tmp_path: Path) -> str:
+    if store == "sqlite":
         return f"sqlite:///{tmp_path / 'jobs.db'}"
-    if request.param == "postgres":
-        return str(request.getfixturevalue("postgres_server").new_database())
+    if store in ("postgres", "mariadb"):
+        return str(request.getfixturevalue(f"{store}_server").new_database())
     server: RedisServer = request.getfixturevalue("redis_server")
     return f"{server.url()}"
 
@@ -86,17 +98,24 @@ def neonnb(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=60)
 
 
-def test_a_worker_in_another_process_is_listed_with_its_job_and_lost_after_sigkill(
-    store_url: str, tmp_path: Path
-) -> None:
+def _worker_elsewhere(store_url: str, tmp_path: Path) -> tuple[Path, subprocess.Popen[bytes]]:
+    """A config file for the store, and a `neonnb worker` on its queue "far" in another process."""
     prefix = f"k{os.getpid()}{tmp_path.name[-6:]}:"
     config = tmp_path / "queue.yaml"
     driver = "redis" if store_url.startswith("redis") else "database"
     config.write_text(f"driver: {driver}\nconnection: '{store_url}'\nkey_prefix: '{prefix}'\nlease_timeout: 1.5\n")
-    qm = connect(config)
     log = (tmp_path / "worker.log").open("w")
     process = subprocess.Popen([sys.executable, "-m", "neonnb", "worker", str(config), "-q", "far", "--import",
                                 "tests.jobs"], cwd=ROOT, stdout=log, stderr=log)
+    log.close()
+    return config, process
+
+
+def test_a_worker_in_another_process_is_listed_with_its_job_and_lost_after_sigkill(
+    store_url: str, tmp_path: Path
+) -> None:
+    config, process = _worker_elsewhere(store_url, tmp_path)
+    qm = connect(config)
     try:
         handle = qm.dispatch("far", jobs.SlowAsync(60))
         wait_until(lambda: any(info.pid == process.pid and info.running == [handle.id]
@@ -107,17 +126,65 @@ def test_a_worker_in_another_process_is_listed_with_its_job_and_lost_after_sigki
         assert (entry["state"], entry["running"], entry["queues"]) == ("running", [handle.id], ["far"])
         table = neonnb("workers", str(config))
         assert "running" in table.stdout and str(process.pid) in table.stdout and "1/5" in table.stdout
+        panel = qm.dashboard(interval=None)
+        loop.run_sync(panel.refresh())
+        assert f":{process.pid}" in panel.elsewhere.value and "1 of 5 busy" in panel.elsewhere.value
+        assert panel.sections["elsewhere"].layout.display is None, "the section shows"
+        assert any(record.id == handle.id for record, *_ in panel._seen.running)  # its job, in the running list
+        assert "workers in other processes" in panel.snapshot()
+        panel.close()
+        with TestClient(create_app(qm, token="t"), client=("127.0.0.1", 5000)) as client:
+            [listed_by_api] = [w for w in client.get("/api/workers").json()["workers"] if w["pid"] == process.pid]
+            assert listed_by_api["running"] == [handle.id] and listed_by_api["state"] == "running"
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
         wait_until(lambda: [info.state(qm.clock()) for info in qm.known_workers() if info.pid == process.pid]
                    == ["lost"], timeout=15, what="the killed worker to show as lost")
         assert "lost" in neonnb("workers", str(config)).stdout
+        panel = qm.dashboard(interval=None)
+        loop.run_sync(panel.refresh())
+        assert "lost" in panel.elsewhere.value
+        panel.close()
         assert handle.status is Status.RUNNING  # its lease runs out; housekeeping recovers it, as always
     finally:
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
-        log.close()
+        qm.close()
+
+
+def test_events_of_a_worker_in_another_process_reach_this_ones_subscribers(any_store_url: str,
+                                                                         tmp_path: Path) -> None:
+    config, process = _worker_elsewhere(any_store_url, tmp_path)
+    qm = connect(config)
+    received: list[JobEvent] = []
+    unsubscribe = qm.events.subscribe(received.append)
+    try:
+        # The other process's worker publishes once it sees this listener (within a second).
+        probes: dict[str, float] = {}
+
+        def heard() -> bool:
+            if not probes or time.monotonic() - max(probes.values()) > 0.5:  # a probe job every half second
+                probes[qm.dispatch("far", jobs.Note("probe")).id] = time.monotonic()
+            return any(e.kind == "succeeded" and e.job_id in probes for e in received)
+
+        wait_until(heard, timeout=30, what="the first event from the other process")
+        steps = qm.dispatch("far", jobs.Progressing(3))
+        bad = qm.dispatch("far", jobs.Permanent())
+        wanted = {(steps.id, "started"), (steps.id, "progress"), (steps.id, "succeeded"), (bad.id, "started"),
+                  (bad.id, "failed")}
+        wait_until(lambda: wanted <= {(e.job_id, e.kind) for e in received}, timeout=15,
+                   what="the other process's events")
+        [done] = [e for e in received if e.job_id == steps.id and e.kind == "succeeded"]
+        [failed] = [e for e in received if e.job_id == bad.id and e.kind == "failed"]
+        assert f":{process.pid}:" in done.worker and done.duration is not None and done.duration >= 0
+        assert failed.error is not None and failed.error["type"] == "ValueError" and failed.queue == "far"
+        assert [e.progress for e in received if e.job_id == steps.id and e.kind == "progress"][-1] == {
+            "done": 3, "total": 3, "message": "step 3"}
+    finally:
+        unsubscribe()
+        process.terminate()
+        process.wait(timeout=20)
         qm.close()
 
 
@@ -154,9 +221,6 @@ def test_a_running_scheduler_lists_its_schedules_on_the_store(
             table = capsys.readouterr().out.splitlines()
             assert table[0].split()[:3] == ["NAME", "RULE", "TZ"] and table[1].startswith("nightly  0 2 * * *")
 
-            from starlette.testclient import TestClient
-
-            from neonnb.web import create_app
             with TestClient(create_app(other, token="t"), client=("127.0.0.1", 5000)) as client:
                 assert [s["name"] for s in client.get("/api/schedules").json()["schedules"]] == ["nightly", "often"]
     finally:

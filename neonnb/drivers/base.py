@@ -236,3 +236,22 @@ class StoreClock(abc.ABC):
     async def server_time(self) -> float | None:
         """The store's clock, seconds since the epoch; None where it is this machine's
         (SQLite through the same driver as PostgreSQL)."""
+
+
+class EventFeed(abc.ABC):
+    """A store that carries messages between processes (the job events of ``qm.events``):
+    Redis pub/sub, PostgreSQL NOTIFY, a table of recent messages elsewhere. Delivery is for
+    listeners connected at the time (a listener that reconnects misses what was sent
+    meanwhile), in the order each process sent them."""
+
+    @abc.abstractmethod
+    async def publish(self, message: str) -> None:
+        """Send ``message`` (JSON text, up to ``MAX_MESSAGE`` characters) to every listener."""
+
+    @abc.abstractmethod
+    def listen(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``callback(message)``, from a thread of the driver's, for each message any
+        process publishes (this one's too); returns what stops it."""
+
+
+MAX_MESSAGE = 7_000  # PostgreSQL's NOTIFY takes payloads under 8,000 bytes

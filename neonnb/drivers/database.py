@@ -17,6 +17,7 @@ import contextlib
 import functools
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -61,9 +62,11 @@ from ..records import (
     retried,
     revived,
 )
-from .base import BlockingEnqueue, Driver, StoreClock, WakeUps
+from . import sql_messages
+from .base import BlockingEnqueue, Driver, EventFeed, StoreClock, WakeUps
 from .pg_notify import Listener, announce, install_trigger
 from .sql_engine import engine_for, turns_for
+from .sql_messages import MessagePoller
 from .sql_schema import (
     CANCELLED,
     ENQUEUED_COLUMNS,
@@ -80,12 +83,13 @@ from .sql_schema import (
     mysql_lock,
 )
 from .sqlite_watch import Watcher
+from .wakeups import WAKE_ALL
 
 T = TypeVar("T")
 _BANDS = {p.rank: p.value for p in Priority}
 _COUNTED = {"delayed", RUNNING, SUCCEEDED, FAILED, CANCELLED}
 
-class DatabaseDriver(Driver, BlockingEnqueue, StoreClock, WakeUps):
+class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, StoreClock, WakeUps):
     def __init__(self, connection: str | Engine, table_name: str = "neonnb_jobs") -> None:
         if isinstance(connection, Engine):
             self.engine, self._owns_engine = connection, False
@@ -99,6 +103,8 @@ class DatabaseDriver(Driver, BlockingEnqueue, StoreClock, WakeUps):
         self.table = jobs_table(table_name)
         self.marks = self.table.metadata.tables[f"{table_name}_marks"]
         self.workers = self.table.metadata.tables[f"{table_name}_workers"]
+        self.messages = self.table.metadata.tables[f"{table_name}_messages"]
+        self._trimmed_at = 0.0
         self._insert_mark = insert_ignoring(self.marks, dialect)
         self._insert_new = insert_ignoring(self.table, dialect)
         self._sql = HotStatements(
@@ -135,6 +141,7 @@ class DatabaseDriver(Driver, BlockingEnqueue, StoreClock, WakeUps):
         # LISTEN/NOTIFY needs psycopg 3's notifies(); other PostgreSQL DBAPIs poll.
         self._notifies = dialect == "postgresql" and self.engine.dialect.driver == "psycopg"
         self._listener: Listener | Watcher | None = None
+        self._message_listeners: set[Listener | MessagePoller] = set()
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -612,7 +619,45 @@ class DatabaseDriver(Driver, BlockingEnqueue, StoreClock, WakeUps):
         elif self.engine.dialect.name == "sqlite" and self.engine.url.database:
             self._listener = Watcher(self.engine.url.database, callback)
 
+    async def publish(self, message: str) -> None:
+        if self._notifies:
+            notify = text("SELECT pg_notify(:channel, :message)")
+            params = {"channel": f"{self.table.name}_messages", "message": message}
+            await self._statement(lambda conn: conn.execute(notify, params), durable=False)
+            return
+        now = time.time()
+        trim = now - self._trimmed_at > sql_messages.KEPT / 6
+        insert = self.messages.insert().values(at=now, message=message)
+        old = delete(self.messages).where(self.messages.c.at < now - sql_messages.KEPT)
+
+        def store(conn: Connection) -> None:
+            conn.execute(insert)
+            if trim:
+                conn.execute(old)
+
+        await self._transaction(store, durable=False)
+        if trim:
+            self._trimmed_at = now
+
+    def listen(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        self._ensure_schema()
+        def deliver(message: str) -> None:
+            if message != WAKE_ALL:  # (what a listener says on each connect)
+                callback(message)
+
+        listener = (Listener(self.engine, f"{self.table.name}_messages", deliver) if self._notifies
+                    else MessagePoller(self.engine, self.messages, callback))
+        self._message_listeners.add(listener)
+
+        def stop() -> None:
+            self._message_listeners.discard(listener)
+            listener.stop()
+
+        return stop
+
     async def close(self) -> None:
+        for listening in list(self._message_listeners):
+            listening.stop()
         if self._listener is not None:
             self._listener.stop()
         self._executor.shutdown(wait=True)

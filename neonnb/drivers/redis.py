@@ -38,7 +38,7 @@ from ..records import (
     read_member,
     read_record,
 )
-from .base import BlockingEnqueue, Driver, HandOff, PipelinedClaims, StoreClock, Waiter, WakeUps
+from .base import BlockingEnqueue, Driver, EventFeed, HandOff, PipelinedClaims, StoreClock, Waiter, WakeUps
 from .redis_calls import SCRIPTS, SHAS, Client, slot_owner
 from .redis_client import (
     ERRORS,
@@ -71,7 +71,7 @@ def _num(value: float) -> str:
     return repr(float(value))
 
 
-class RedisDriver(Driver, BlockingEnqueue, HandOff, PipelinedClaims, StoreClock, WakeUps):
+class RedisDriver(Driver, BlockingEnqueue, EventFeed, HandOff, PipelinedClaims, StoreClock, WakeUps):
     claim_piece = 10
 
     def __init__(self, url: str, *, password: str | None = None, database: int | None = None,
@@ -83,6 +83,7 @@ class RedisDriver(Driver, BlockingEnqueue, HandOff, PipelinedClaims, StoreClock,
             )
         self.prefix = prefix
         self.channel = f"{prefix}wake"
+        self.events_channel = f"{prefix}events"
         self.settings = Settings.from_url(url, password=password, database=database)
         self._where = self.settings.where()  # for messages: never a password
         # Connections belong to the loop that made them: one client per loop, so a call from
@@ -94,6 +95,7 @@ class RedisDriver(Driver, BlockingEnqueue, HandOff, PipelinedClaims, StoreClock,
         self._registered: set[str] = set()  # queues this process has added to P.."queues"
         self._cluster = False  # known once the first loop has connected
         self._watcher: concurrent.futures.Future[None] | None = None
+        self._listeners: set[concurrent.futures.Future[None]] = set()  # listen()s running
         # Each thread's own blocking client (enqueue_blocking); closed with the thread, or by close().
         self._thread = threading.local()
         self._blocking: list[SyncClient] = []
@@ -511,18 +513,36 @@ class RedisDriver(Driver, BlockingEnqueue, HandOff, PipelinedClaims, StoreClock,
         # no thread hop. A cluster forwards every PUBLISH to all nodes, so subscribing on the
         # node of the URL hears them all.
         if self._watcher is None:
-            self._watcher = _loop.submit(self._subscribe(callback))
+            self._watcher = _loop.submit(self._subscribe(self.channel, callback))
 
-    async def _subscribe(self, callback: Callable[[str], None]) -> None:
-        """Deliver wake-ups until cancelled, reconnecting with backoff when Redis goes away
-        (on a cluster, to the next node: PUBLISH reaches them all)."""
+    async def publish(self, message: str) -> None:
+        await self._reach(lambda client: client.redis.publish(self.events_channel, message))
+
+    def listen(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        def deliver(message: str) -> None:
+            if message != WAKE_ALL:  # (what _subscribe says on each connect)
+                callback(message)
+
+        listening = _loop.submit(self._subscribe(self.events_channel, deliver))
+        self._listeners.add(listening)
+
+        def stop() -> None:
+            listening.cancel()
+            self._listeners.discard(listening)
+
+        return stop
+
+    async def _subscribe(self, channel: str, callback: Callable[[str], None]) -> None:
+        """Deliver ``channel``'s messages until cancelled, reconnecting with backoff when
+        Redis goes away (on a cluster, to the next node: PUBLISH reaches them all); on each
+        connect, ``WAKE_ALL`` first."""
         backoff, attempt = 0.1, 0
         while True:
             subscriber = None
             try:
                 subscriber = await self._subscriber(attempt)
                 async with subscriber.pubsub() as pubsub:
-                    await pubsub.subscribe(self.channel)
+                    await pubsub.subscribe(channel)
                     async for message in pubsub.listen():
                         if message["type"] == "subscribe":
                             backoff = 0.1
@@ -530,7 +550,7 @@ class RedisDriver(Driver, BlockingEnqueue, HandOff, PipelinedClaims, StoreClock,
                         elif message["type"] == "message":
                             callback(message["data"])
             except (redis.exceptions.RedisError, OSError, StoreUnavailable) as exc:
-                logger.warning("SUBSCRIBE %s: wake-ups lost (%r); reconnecting in %.1fs", self.channel, exc, backoff)
+                logger.warning("SUBSCRIBE %s: messages lost (%r); reconnecting in %.1fs", channel, exc, backoff)
             finally:
                 if subscriber is not None:
                     await aclose(subscriber)
@@ -551,6 +571,8 @@ class RedisDriver(Driver, BlockingEnqueue, HandOff, PipelinedClaims, StoreClock,
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
+        for listening in list(self._listeners):
+            listening.cancel()
         here = asyncio.get_running_loop()
         # A connect still in flight (the watcher's, a worker's) would store its client after
         # this close, open for good: it is closed once it is made.

@@ -41,9 +41,15 @@ FINISHED_STATES = [SUCCEEDED, FAILED, CANCELLED]
 
 def jobs_table(name: str) -> Table:
     """The jobs table (``name`` comes from ``Config.table_name``); beside it in the same
-    MetaData, ``{name}_marks`` holds the driver's ``mark`` sets and ``{name}_workers`` the
-    registered workers."""
+    MetaData, ``{name}_marks`` holds the driver's ``mark`` sets, ``{name}_workers`` the
+    registry (workers, schedulers, listeners) and ``{name}_messages`` recent messages."""
     metadata = MetaData()
+    Table(
+        f"{name}_messages", metadata,  # recent messages between processes (sql_messages)
+        Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+        Column("at", Double, nullable=False),
+        Column("message", Text, nullable=False),
+    )
     Table(
         f"{name}_workers", metadata,
         Column("id", String(100), primary_key=True),

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from .. import _loop, render
 from ..errors import MissingExtra
 from ..frames import fraction, progress_message
-from ..records import JobRecord, QueueCounts, Status
+from ..records import JobRecord, QueueCounts, Status, WorkerInfo
 
 if TYPE_CHECKING:
     from ..manager import QueueManager
@@ -57,6 +57,8 @@ class _Seen:
     flows: list[tuple[str, str, float, str, str]]  # key, label, done share, state text, bar style
     schedules: str
     workers: list[Worker]
+    elsewhere: list[WorkerInfo]  # the workers of other processes, as the store knows them
+    now: float
     throughput: float | None
     eta: float | None
 
@@ -96,6 +98,7 @@ class Dashboard:
         self.start_button.on_click(lambda _: self.start_worker())
         self.stop_button.on_click(lambda _: self.stop_workers())
         self.worker_state = _with_class(w.HTML(), "neonnb-worker-state")
+        self.elsewhere = _with_class(w.HTML(), "neonnb-elsewhere")
 
         def section(name: str, title: str, *parts: w.Widget) -> w.VBox:
             return _with_class(w.VBox([w.HTML(render.section_title(title)), *parts]), f"neonnb-section-{name}")
@@ -107,6 +110,7 @@ class Dashboard:
             "workflows": section("workflows", "chains and batches", self.workflows),
             "schedules": section("schedules", "schedules", self.schedules),
             "failed": section("failed", "failed", self.failed, self.retry_all),
+            "elsewhere": section("elsewhere", "workers in other processes", self.elsewhere),
         }
         controls = w.HBox([self.queue_name, self.concurrency, self.start_button, self.stop_button])
         self.widget = _with_class(w.VBox([
@@ -153,6 +157,9 @@ class Dashboard:
                 parts.append(render.section_title("schedules") + seen.schedules)
             if seen.failed:
                 parts.append(render.section_title("failed") + "".join(render.failed_detail(r) for r in seen.failed))
+            if seen.elsewhere:
+                parts.append(render.section_title("workers in other processes")
+                             + render.store_workers_table(seen.elsewhere, seen.now))
             if seen.workers:
                 parts.append(render.section_title("workers in this kernel") + render.workers_table(seen.workers))
         return render.panel("neonnb", "".join(parts), "neonnb-panel neonnb-snapshot")
@@ -218,9 +225,11 @@ class Dashboard:
             self._show_failed(seen.failed)
             self._set(self.retry_all.layout, "display", None if len(seen.failed) > 1 else "none")
             self._set(self.worker_state, "value", render.workers_table(seen.workers) if seen.workers else "")
+            self._set(self.elsewhere, "value", render.store_workers_table(seen.elsewhere, seen.now))
             self._fill_controls(seen.workers)
             shown = {"queues": seen.counts, "running": seen.running, "recent": seen.recent,
-                     "workflows": seen.flows, "schedules": seen.schedules, "failed": seen.failed}
+                     "workflows": seen.flows, "schedules": seen.schedules, "failed": seen.failed,
+                     "elsewhere": seen.elsewhere}
             for name, box in self.sections.items():
                 self._set(box.layout, "display", None if shown[name] else "none")  # empty sections stay out of sight
 
@@ -245,7 +254,8 @@ class Dashboard:
             running=[(r, fraction(r.progress or {}), progress_message(r.progress or {}),
                       None if r.started_at is None else max(0.0, now - r.started_at)) for r in running],
             recent=recent, failed=failed, flows=await _workflow_states(manager),
-            schedules=_schedules_table(manager, now), workers=workers, throughput=throughput,
+            schedules=_schedules_table(manager, now), workers=workers, throughput=throughput, now=now,
+            elsewhere=[info for info in await manager.aknown_workers() if info.id not in running_here],
             eta=waiting / throughput if throughput and waiting else None,
         )
 

@@ -289,6 +289,7 @@ class Worker:
         # Beats as the leases' heartbeat does (a third of the lease). A failed beat says nothing
         # about the claims (unlike _guard's failures): it is only logged.
         announce = asyncio.create_task(self.core.announce(self.info, self.options.lease_timeout / 3))
+        listeners = asyncio.create_task(self.core.feed.follow_listeners())
         heartbeat = asyncio.create_task(self.outcomes.heartbeat(self._running_records, self._stop_job))
         watch = _LoopWatch(self, asyncio.get_running_loop(), min(1.0, self.options.lease_timeout / 6))
         # A store's hand-off gives an idle worker any job of its queues: not for priority bands.
@@ -335,6 +336,7 @@ class Worker:
             watch.stop()
             heartbeat.cancel()
             announce.cancel()
+            listeners.cancel()
             await self.core.withdraw(self.id)
             self.outcomes.stop()
             self.core.remove_worker(self)
