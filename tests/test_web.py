@@ -116,6 +116,17 @@ def test_metrics_parse_with_prometheus_clients_own_parser(qm: QueueManager) -> N
         worker.stop()
 
 
+def test_a_store_that_is_down_answers_503_with_what_is_wrong_and_no_password() -> None:
+    with QueueManager(Config.for_url("redis://:s3cret-pw@127.0.0.1:1/0")) as qm:
+        client = TestClient(create_app(qm, token=TOKEN), client=LOCAL)
+        for method, path in [("GET", "/api/queues"), ("GET", "/api/jobs"), ("GET", "/api/failed"),
+                             ("GET", "/api/workers"), ("GET", "/api/schedules"), ("GET", "/metrics"),
+                             ("POST", "/api/failed/retry-all"), ("POST", "/api/queues/q/purge")]:
+            answer = client.request(method, path, headers=WRITE)
+            assert answer.status_code == 503, (path, answer.text)
+            assert "can't be reached" in answer.json()["error"] and "s3cret-pw" not in answer.text, path
+
+
 def test_auth_off_loopback_writes_and_read_only() -> None:
     with QueueManager(Config(driver="memory")) as qm:
         handle = qm.dispatch("web", jobs.Permanent())

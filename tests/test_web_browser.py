@@ -34,6 +34,9 @@ def test_a_job_failing_elsewhere_shows_within_a_second_and_retry_from_the_page_r
     dashboard = subprocess.Popen([sys.executable, "-m", "neonnb", "dashboard", url, "--port", str(port)], cwd=ROOT,
                                  stdout=log, stderr=log, env=env)
     with QueueManager(Config.for_url(url)) as qm:
+        scheduler = qm.scheduler()
+        scheduler.cron("nightly-report", "0 2 * * *", jobs.DailyReport("sales"), tz="Europe/Berlin", queue="reports")
+        scheduler.start()
         try:
             page_url = f"http://127.0.0.1:{port}/?token={TOKEN}"
             wait_until(lambda: answers(f"http://127.0.0.1:{port}/api/queues"), what="neonnb dashboard to listen")
@@ -43,6 +46,8 @@ def test_a_job_failing_elsewhere_shows_within_a_second_and_retry_from_the_page_r
                 page.goto(page_url)
                 page.wait_for_selector("text=no failed jobs")
                 assert "SQLite" in page.inner_text("h1")
+                page.wait_for_selector("#schedules >> text=nightly-report")
+                assert "0 2 * * *" in page.inner_text("#schedules") and "Europe/Berlin" in page.inner_text("#schedules")
                 handle = qm.dispatch("far", jobs.FailsWhereTold())
                 worker = subprocess.run(
                     [sys.executable, "-m", "neonnb", "worker", url, "-q", "far", "--import", "tests.jobs", "--burst"],
@@ -63,6 +68,7 @@ def test_a_job_failing_elsewhere_shows_within_a_second_and_retry_from_the_page_r
             assert qm.worker("far", 1).run_once() == 1  # here NEONNB_TEST_FAIL is not set: it succeeds
             assert handle.result(timeout=10) == "ran"
         finally:
+            scheduler.stop()
             dashboard.terminate()
             dashboard.wait(timeout=10)
             log.close()
