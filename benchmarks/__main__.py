@@ -31,7 +31,7 @@ from redis import Redis
 from tests.services import PostgresServer, RedisServer
 
 HERE = Path(__file__).resolve().parent
-WORKLOADS = ["w1_one", "w1_batch", "w2", "w3", "w4"]
+WORKLOADS = ["w1_one", "w1_batch", "w2", "w3", "w4", "w5"]
 # (row label, system, store)
 ROWS = [
     ("asyncio.Queue(maxsize=1) ceiling", "asyncio-ceiling", "none"),
@@ -91,6 +91,8 @@ def main() -> None:
     only = set(sys.argv[1:])
     postgres = PostgresServer(fsync=True)
     redis_server = RedisServer()
+    calls_server = RedisServer()  # what W5's jobs call: a server of its own, beside every store
+    os.environ["BENCH_CALL_PORT"] = str(calls_server.port)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="neonnb-bench-") as tmp:
@@ -113,6 +115,7 @@ def main() -> None:
     finally:
         postgres.stop()
         redis_server.stop()
+        calls_server.stop()
     table = render(results)
     print(table)
     if not only:
@@ -126,8 +129,8 @@ def render(results: dict[str, dict[str, dict[str, Any]]]) -> str:
         "`adispatch` in brackets); ratios use the sync one.",
         "",
         "| system | W1 one-by-one jobs/s | W1 batch jobs/s | W2 drain jobs/s | W3 latency p50 / p99 ms "
-        "| W4 sleep-10ms jobs/s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| W4 sleep-10ms jobs/s | W5 blocking-call jobs/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for label, row in results.items():
         lines.append(f"| {label} | " + " | ".join(cell(row.get(w)) for w in WORKLOADS) + " |")

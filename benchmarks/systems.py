@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from benchmarks.workloads import (
+    CALL_CONCURRENCY,
     DRAIN_CONCURRENCY,
     LATENCY_GAP,
     N_DRAIN,
@@ -19,6 +20,7 @@ from benchmarks.workloads import (
     N_SLEEP,
     SLEEP,
     SLEEP_CONCURRENCY,
+    call,
     latency,
     rate,
     wait_for,
@@ -55,6 +57,11 @@ class Noop(Job, job_name="bench.Noop"):
 class Sleep(Job, job_name="bench.Sleep"):
     async def handle(self, ctx: Context) -> None:
         await asyncio.sleep(SLEEP)
+
+
+class Call(Job, job_name="bench.Call"):
+    def handle(self, ctx: Context) -> None:  # sync: it blocks, so it runs in a thread
+        call()
 
 
 class Stamp(Job, job_name="bench.Stamp"):
@@ -95,10 +102,9 @@ async def _neonnb_workload(qm: QueueManager, workload: str, url: str) -> dict[st
         start = time.perf_counter()
         await qm.adispatch_batch("b", [Noop() for _ in range(N_ENQUEUE)])
         return rate(N_ENQUEUE, time.perf_counter() - start)
-    if workload in ("w2", "w4"):
-        n, job, concurrency = (
-            (N_DRAIN, Noop, DRAIN_CONCURRENCY) if workload == "w2" else (N_SLEEP, Sleep, SLEEP_CONCURRENCY)
-        )
+    if workload in ("w2", "w4", "w5"):
+        n, job, concurrency = {"w2": (N_DRAIN, Noop, DRAIN_CONCURRENCY), "w4": (N_SLEEP, Sleep, SLEEP_CONCURRENCY),
+                               "w5": (N_DRAIN, Call, CALL_CONCURRENCY)}[workload]
         await qm.adispatch_batch("b", [job() for _ in range(n)])
         worker = qm.worker("b", concurrency, WorkerOptions(burst=True))
         start = time.perf_counter()
@@ -153,6 +159,12 @@ async def huey_system(workload: str, url: str) -> dict[str, Any]:
         with lock:
             done.append(time.time() - sent)
 
+    @huey.task()
+    def calls() -> None:
+        call()
+        with lock:
+            done.append(0.0)
+
     def consumer(workers: int) -> Any:
         # Fast polling (huey's default backs off to 10 s), threads as its docs suggest for I/O.
         c = huey.create_consumer(workers=workers, worker_type="thread", periodic=False,
@@ -167,8 +179,9 @@ async def huey_system(workload: str, url: str) -> dict[str, Any]:
         return rate(N_ENQUEUE, time.perf_counter() - start)
     if workload == "w1_batch":
         return {"n/a": "huey has no batch enqueue"}
-    if workload in ("w2", "w4"):
-        n, task, workers = (N_DRAIN, noop, 8) if workload == "w2" else (N_SLEEP, sleep, SLEEP_CONCURRENCY)
+    if workload in ("w2", "w4", "w5"):
+        n, task, workers = {"w2": (N_DRAIN, noop, 8), "w4": (N_SLEEP, sleep, SLEEP_CONCURRENCY),
+                            "w5": (N_DRAIN, calls, CALL_CONCURRENCY)}[workload]
         for _ in range(n):
             task()
         start = time.perf_counter()
@@ -228,13 +241,16 @@ async def pgqueuer_system(workload: str, url: str) -> dict[str, Any]:
         async def stamp(job: Any) -> None:
             samples.append(time.time() - float(job.payload.decode()))
 
-        if workload in ("w2", "w4"):
+        @qm.entrypoint("call")
+        async def calls(job: Any) -> None:
+            call()
+
+        if workload in ("w2", "w4", "w5"):
             # W4's concurrency cap is max_concurrent_tasks (pgqueuer wants batches of at most
             # half of it); without a cap it keeps fetching and runs every job at once.
-            n, name, batch, cap = (
-                (N_DRAIN, "noop", 100, None) if workload == "w2"
-                else (N_SLEEP, "sleep", SLEEP_CONCURRENCY // 2, SLEEP_CONCURRENCY)
-            )
+            n, name, batch, cap = {"w2": (N_DRAIN, "noop", 100, None),
+                                   "w4": (N_SLEEP, "sleep", SLEEP_CONCURRENCY // 2, SLEEP_CONCURRENCY),
+                                   "w5": (N_DRAIN, "call", 100, None)}[workload]
             await queries.enqueue([name] * n, [None] * n, [0] * n)
             start = time.perf_counter()
             await qm.run(batch_size=batch, max_concurrent_tasks=cap, mode=QueueExecutionMode.drain)
@@ -278,6 +294,10 @@ async def procrastinate_system(workload: str, url: str) -> dict[str, Any]:
     async def stamp(sent: float) -> None:
         samples.append(time.time() - sent)
 
+    @app.task(name="call")
+    async def calls() -> None:
+        call()
+
     async with app.open_async():
         await app.schema_manager.apply_schema_async()
         if workload == "w1_one":
@@ -289,10 +309,9 @@ async def procrastinate_system(workload: str, url: str) -> dict[str, Any]:
             start = time.perf_counter()
             await noop.batch_defer_async(*[{} for _ in range(N_ENQUEUE)])
             return rate(N_ENQUEUE, time.perf_counter() - start)
-        if workload in ("w2", "w4"):
-            n, task, concurrency = (
-                (N_DRAIN, noop, DRAIN_CONCURRENCY) if workload == "w2" else (N_SLEEP, sleep, SLEEP_CONCURRENCY)
-            )
+        if workload in ("w2", "w4", "w5"):
+            n, task, concurrency = {"w2": (N_DRAIN, noop, DRAIN_CONCURRENCY), "w4": (N_SLEEP, sleep, SLEEP_CONCURRENCY),
+                                    "w5": (N_DRAIN, calls, CALL_CONCURRENCY)}[workload]
             await task.batch_defer_async(*[{} for _ in range(n)])
             start = time.perf_counter()
             await app.run_worker_async(concurrency=concurrency, wait=False, install_signal_handlers=False)
@@ -333,6 +352,11 @@ def rq_stamp(sent: float) -> None:
     RQ_DONE.append(time.time() - sent)
 
 
+def rq_call() -> None:
+    call()
+    RQ_DONE.append(0.0)
+
+
 async def rq_system(workload: str, url: str) -> dict[str, Any]:
     from redis import Redis
     from rq import Queue, SimpleWorker
@@ -344,9 +368,10 @@ async def rq_system(workload: str, url: str) -> dict[str, Any]:
         for _ in range(N_ENQUEUE):
             queue.enqueue(rq_noop)
         return rate(N_ENQUEUE, time.perf_counter() - start)
-    if workload in ("w1_batch", "w2"):
+    if workload in ("w1_batch", "w2", "w5"):
         start = time.perf_counter()
-        queue.enqueue_many([Queue.prepare_data(rq_noop) for _ in range(N_ENQUEUE)])
+        task = rq_call if workload == "w5" else rq_noop
+        queue.enqueue_many([Queue.prepare_data(task) for _ in range(N_ENQUEUE)])
         if workload == "w1_batch":
             return rate(N_ENQUEUE, time.perf_counter() - start)
         worker = SimpleWorker([queue], connection=connection)
@@ -390,8 +415,12 @@ async def arq_system(workload: str, url: str) -> dict[str, Any]:
     async def stamp(ctx: dict[str, Any], sent: float) -> None:
         samples.append(time.time() - sent)
 
+    async def calls(ctx: dict[str, Any]) -> None:
+        call()
+
     def worker(concurrency: int, burst: bool) -> Worker:
-        functions = [func(noop, name="noop"), func(sleep, name="sleep"), func(stamp, name="stamp")]
+        functions = [func(noop, name="noop"), func(sleep, name="sleep"), func(stamp, name="stamp"),
+                     func(calls, name="call")]
         return Worker(functions=functions, redis_pool=pool, burst=burst, max_jobs=concurrency,
                       poll_delay=0.001, keep_result=0, handle_signals=False)
 
@@ -403,10 +432,10 @@ async def arq_system(workload: str, url: str) -> dict[str, Any]:
             return rate(N_ENQUEUE, time.perf_counter() - start)
         if workload == "w1_batch":
             return {"n/a": "arq has no batch enqueue"}
-        if workload in ("w2", "w4"):
-            n, name, concurrency = (
-                (N_DRAIN, "noop", DRAIN_CONCURRENCY) if workload == "w2" else (N_SLEEP, "sleep", SLEEP_CONCURRENCY)
-            )
+        if workload in ("w2", "w4", "w5"):
+            n, name, concurrency = {"w2": (N_DRAIN, "noop", DRAIN_CONCURRENCY),
+                                    "w4": (N_SLEEP, "sleep", SLEEP_CONCURRENCY),
+                                    "w5": (N_DRAIN, "call", CALL_CONCURRENCY)}[workload]
             for _ in range(n):
                 await pool.enqueue_job(name)
             start = time.perf_counter()
@@ -453,8 +482,13 @@ async def saq_system(workload: str, url: str) -> dict[str, Any]:
     async def stamp(ctx: Any, *, sent: float) -> None:
         samples.append(time.time() - sent)
 
+    async def calls(ctx: Any) -> None:
+        call()
+        samples.append(0.0)
+
     def worker(concurrency: int) -> Any:
-        return Worker(queue, functions=[("noop", noop), ("sleep", sleep), ("stamp", stamp)], concurrency=concurrency)
+        return Worker(queue, functions=[("noop", noop), ("sleep", sleep), ("stamp", stamp), ("call", calls)],
+                      concurrency=concurrency)
 
     try:
         if workload == "w1_one":
@@ -464,10 +498,10 @@ async def saq_system(workload: str, url: str) -> dict[str, Any]:
             return rate(N_ENQUEUE, time.perf_counter() - start)
         if workload == "w1_batch":
             return {"n/a": "SAQ has no batch enqueue"}
-        if workload in ("w2", "w4"):
-            n, name, concurrency = (
-                (N_DRAIN, "noop", DRAIN_CONCURRENCY) if workload == "w2" else (N_SLEEP, "sleep", SLEEP_CONCURRENCY)
-            )
+        if workload in ("w2", "w4", "w5"):
+            n, name, concurrency = {"w2": (N_DRAIN, "noop", DRAIN_CONCURRENCY),
+                                    "w4": (N_SLEEP, "sleep", SLEEP_CONCURRENCY),
+                                    "w5": (N_DRAIN, "call", CALL_CONCURRENCY)}[workload]
             for _ in range(n):
                 await queue.enqueue(name)
             w = worker(concurrency)
@@ -521,6 +555,11 @@ async def taskiq_system(workload: str, url: str) -> dict[str, Any]:
     async def stamp(sent: float) -> None:
         samples.append(time.time() - sent)
 
+    @broker.task(task_name="call")
+    async def calls() -> None:
+        call()
+        samples.append(0.0)
+
     async def consume(concurrency: int, until: Callable[[], bool]) -> float:
         finished = asyncio.Event()
         receiver = Receiver(broker, max_async_tasks=concurrency, run_startup=False)
@@ -543,10 +582,9 @@ async def taskiq_system(workload: str, url: str) -> dict[str, Any]:
             return rate(N_ENQUEUE, time.perf_counter() - start)
         if workload == "w1_batch":
             return {"n/a": "taskiq has no batch enqueue"}
-        if workload in ("w2", "w4"):
-            n, task, concurrency = (
-                (N_DRAIN, noop, DRAIN_CONCURRENCY) if workload == "w2" else (N_SLEEP, sleep, SLEEP_CONCURRENCY)
-            )
+        if workload in ("w2", "w4", "w5"):
+            n, task, concurrency = {"w2": (N_DRAIN, noop, DRAIN_CONCURRENCY), "w4": (N_SLEEP, sleep, SLEEP_CONCURRENCY),
+                                    "w5": (N_DRAIN, calls, CALL_CONCURRENCY)}[workload]
             for _ in range(n):
                 await task.kiq()
             return rate(n, await consume(concurrency, lambda: len(samples) >= n))
@@ -568,8 +606,8 @@ async def taskiq_system(workload: str, url: str) -> dict[str, Any]:
 
 # --- Dramatiq and Celery: thread-based workers, sync API ---------------------------------------
 
-def _counting_tasks(register: Callable[..., Any]) -> tuple[Any, Any, Any, list[float]]:
-    """noop, sleep and stamp tasks for a sync library; `register(fn, name)` declares one."""
+def _counting_tasks(register: Callable[..., Any]) -> tuple[Any, Any, Any, Any, list[float]]:
+    """noop, sleep, stamp and call tasks for a sync library; `register(fn, name)` declares one."""
     done: list[float] = []
     lock = threading.Lock()
 
@@ -586,16 +624,21 @@ def _counting_tasks(register: Callable[..., Any]) -> tuple[Any, Any, Any, list[f
         with lock:
             done.append(time.time() - sent)
 
-    return register(noop, "noop"), register(sleep, "sleep"), register(stamp, "stamp"), done
+    def calls() -> None:
+        call()
+        with lock:
+            done.append(0.0)
+
+    return register(noop, "noop"), register(sleep, "sleep"), register(stamp, "stamp"), register(calls, "call"), done
 
 
 async def _sync_peer(
-    workload: str, send: Callable[[Any, tuple[Any, ...]], None], tasks: tuple[Any, Any, Any, list[float]],
+    workload: str, send: Callable[[Any, tuple[Any, ...]], None], tasks: tuple[Any, Any, Any, Any, list[float]],
     start_worker: Callable[[int], Callable[[], None]],
 ) -> dict[str, Any]:
     """The workloads for a library with a sync `send(task, args)` and a thread-pool worker
     that `start_worker(threads)` starts and whose returned function stops it."""
-    noop, sleep, stamp, done = tasks
+    noop, sleep, stamp, calls, done = tasks
     if workload == "w1_one":
         start = time.perf_counter()
         for _ in range(N_ENQUEUE):
@@ -603,8 +646,9 @@ async def _sync_peer(
         return rate(N_ENQUEUE, time.perf_counter() - start)
     if workload == "w1_batch":
         return {"n/a": "no batch enqueue"}
-    if workload in ("w2", "w4"):
-        n, task, threads = (N_DRAIN, noop, 8) if workload == "w2" else (N_SLEEP, sleep, SLEEP_CONCURRENCY)
+    if workload in ("w2", "w4", "w5"):
+        n, task, threads = {"w2": (N_DRAIN, noop, 8), "w4": (N_SLEEP, sleep, SLEEP_CONCURRENCY),
+                            "w5": (N_DRAIN, calls, CALL_CONCURRENCY)}[workload]
         for _ in range(n):
             send(task, ())
         start = time.perf_counter()

@@ -4,6 +4,8 @@ W1  enqueue 10,000 no-op jobs one by one, and with the batch call      jobs/s
 W2  drain 10,000 queued no-op jobs with one worker process              jobs/s
 W3  enqueue-to-start latency, 300 jobs sent 20 ms apart to an idle worker  p50/p99 ms
 W4  2,000 jobs that each sleep 10 ms, at concurrency 50                 jobs/s (ideal 5,000)
+W5  W2 where each job makes one blocking call (a Redis INCR on loopback, to a server of its
+    own), at concurrency 8: jobs that do real work beside the queue's own traffic   jobs/s
 
 `python -m benchmarks.workloads SYSTEM WORKLOAD URL` runs one in a fresh process and prints
 its result as JSON; each system lives in benchmarks/systems.py.
@@ -26,6 +28,21 @@ N_SLEEP = 2_000
 SLEEP = 0.010
 SLEEP_CONCURRENCY = 50
 DRAIN_CONCURRENCY = 500  # no-op jobs: a worker tuned for throughput takes big bites
+CALL_CONCURRENCY = 8  # W5: threads for a sync library, slots for an async one
+_calls: Any = None
+
+
+def call() -> None:
+    """W5's job: one blocking round trip to the server on $BENCH_CALL_PORT (sync redis-py,
+    as a job calling a sync client makes it)."""
+    global _calls
+    if _calls is None:
+        import os
+
+        import redis
+
+        _calls = redis.Redis(port=int(os.environ["BENCH_CALL_PORT"]))
+    _calls.incr("w5")
 
 
 def rate(n: int, seconds: float) -> dict[str, Any]:
