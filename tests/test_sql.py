@@ -168,3 +168,32 @@ def test_a_statement_the_database_refuses_raises_neonnbs_store_error(postgres_se
         assert qm.size("q") == 1  # reads still work, as on a replica
     finally:
         qm.close()
+
+
+def test_a_postgres_claim_reads_the_rows_it_claims_not_the_whole_backlog(postgres_server: PostgresServer) -> None:
+    import json
+
+    from neonnb.drivers.database import DatabaseDriver
+
+    with QueueManager(Config.for_url(postgres_server.new_database())) as qm:
+        qm.dispatch_batch("backlog", [jobs.Note(str(i)) for i in range(2000)])
+        driver = qm.driver
+        assert isinstance(driver, DatabaseDriver)
+        claim = driver._sql.claim[True]  # one queue, as a worker on one queue claims
+        compiled = claim.compile(dialect=driver.engine.dialect)
+        sql = str(compiled)
+        params = {**compiled.params, "b_queue": "backlog", "b_limit": 4, "b_owner": "w", "b_now": time.time(),
+                  "b_lease": time.time() + 30}
+        with driver.engine.connect() as conn:
+            [[plan]] = conn.exec_driver_sql(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", params).all()
+            conn.rollback()
+
+    def nodes(node: dict[str, object]) -> Iterator[dict[str, object]]:
+        yield node
+        for child in node.get("Plans", []):  # type: ignore[attr-defined]
+            yield from nodes(child)
+
+    found = list(nodes((json.loads(plan) if isinstance(plan, str) else plan)[0]["Plan"]))
+    scans = [n for n in found if n.get("Index Name") == "neonnb_jobs_claim"]
+    assert scans and all(int(n["Actual Rows"]) <= 4 for n in scans), "the claim read more queued rows than it took"  # type: ignore[call-overload]
+    assert not [n for n in found if n["Node Type"] == "Sort"], "the claim sorted the backlog"

@@ -316,12 +316,14 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, StoreClock, WakeUps):
         self, queues: Sequence[str], limit: int, worker_id: str, now: float, lease_expires: float,
         ranks: Sequence[int] | None = None,
     ) -> list[JobRecord]:
+        single = len(queues) == 1
         params = {
-            "b_queues": list(queues), "b_limit": limit, "b_owner": worker_id, "b_now": now, "b_lease": lease_expires,
-            "b_ranks": list(ranks or ()),
+            "b_queues": list(queues), "b_queue": queues[0], "b_limit": limit, "b_owner": worker_id, "b_now": now,
+            "b_lease": lease_expires, "b_ranks": list(ranks or ()),
         }
         sql = self._sql
-        claim, due = (sql.claim, sql.due) if ranks is None else (sql.claim_in_bands, sql.due_in_bands)
+        claim, due = ((sql.claim[single], sql.due[single]) if ranks is None
+                      else (sql.claim_in_bands[single], sql.due_in_bands[single]))
 
         def in_order(rows: list[Row[Any]]) -> list[JobRecord]:
             claimed = []

@@ -189,19 +189,25 @@ class HotStatements:
             c.worker_id == bindparam("b_owner"),
             c.lease_expires.is_not(None),
         )
-        def due(*where: Any) -> Any:
+        def due(queues: Any, *where: Any) -> Any:
             return (
                 select(c.seq)
-                .where(one_of(c.queue, "b_queues"), c.status == QUEUED, *where)
+                .where(queues, c.status == QUEUED, *where)
                 .where(c.run_at <= bindparam("b_now"))
                 .order_by(c.priority, c.run_at, c.seq)
                 .limit(bindparam("b_limit"))
                 .with_for_update(skip_locked=True)
             )
 
-        # Every priority, or (a worker on "queue:high") only those in b_ranks.
-        self.due = due()
-        self.due_in_bands = due(one_of(c.priority, "b_ranks"))
+        # On PostgreSQL one queue (the usual worker) is named as a plain equality: then the
+        # claim index hands the due rows over in claim order and the LIMIT stops after them.
+        # Given an array (= ANY), PostgreSQL before 17 reads and sorts every queued row of the
+        # queues. (SQLite and MariaDB keep the list, which they already read in index order.)
+        several = one_of(c.queue, "b_queues")
+        one = c.queue == bindparam("b_queue") if postgres else several
+        bands = one_of(c.priority, "b_ranks")  # a worker on "queue:high" claims those in b_ranks
+        self.due = {True: due(one), False: due(several)}
+        self.due_in_bands = {True: due(one, bands), False: due(several, bands)}
         claim = update(t).values(
             status=RUNNING, attempts=c.attempts + 1, worker_id=bindparam("b_owner"),
             lease_expires=bindparam("b_lease"), started_at=bindparam("b_now"),
@@ -219,8 +225,8 @@ class HotStatements:
             due_rows = due_select.cte("due").prefix_with("MATERIALIZED", dialect="postgresql")
             return claim.where(c.seq == due_rows.c.seq).returning(*claimed)
 
-        self.claim = claim_of(self.due)
-        self.claim_in_bands = claim_of(self.due_in_bands)
+        self.claim = {single: claim_of(select_) for single, select_ in self.due.items()}
+        self.claim_in_bands = {single: claim_of(select_) for single, select_ in self.due_in_bands.items()}
         self.claim_seqs = claim.where(c.seq.in_(bindparam("b_seqs", expanding=True)))
         self.rows_by_seq = select(*claimed).where(c.seq.in_(bindparam("b_seqs", expanding=True)))
         self.extend = update(t).where(self.owned).values(lease_expires=bindparam("b_lease"))
