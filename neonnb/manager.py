@@ -84,7 +84,8 @@ class QueueManager:
 
     @property
     def events(self) -> Events:
-        """Lifecycle events of the jobs this process's workers run: ``qm.events.subscribe(fn)``."""
+        """Lifecycle events of the jobs every worker on the store runs, this process's and
+        (where the store carries them, see neonnb.feed) other processes': ``qm.events.subscribe(fn)``."""
         return self.core.events
 
     def add_hook(self, hook: Hook) -> Callable[[], None]:
