@@ -192,7 +192,7 @@ class HotStatements:
         def due(queues: Any, *where: Any) -> Any:
             return (
                 select(c.seq)
-                .where(queues, c.status == QUEUED, *where)
+                .where(queues, c.status == queued_in_text, *where)
                 .where(c.run_at <= bindparam("b_now"))
                 .order_by(c.priority, c.run_at, c.seq)
                 .limit(bindparam("b_limit"))
@@ -203,6 +203,11 @@ class HotStatements:
         # claim index hands the due rows over in claim order and the LIMIT stops after them.
         # Given an array (= ANY), PostgreSQL before 17 reads and sorts every queued row of the
         # queues. (SQLite and MariaDB keep the list, which they already read in index order.)
+        # 'queued' written into the SQL, not bound: PostgreSQL caches a prepared statement's plan
+        # only if it serves every parameter value, and with the status a parameter the plan
+        # can't use the claim index (it covers queued rows only), so every claim was planned
+        # anew.
+        queued_in_text: Any = bindparam("queued", QUEUED, literal_execute=True)
         several = one_of(c.queue, "b_queues")
         one = c.queue == bindparam("b_queue") if postgres else several
         bands = one_of(c.priority, "b_ranks")  # a worker on "queue:high" claims those in b_ranks
