@@ -24,6 +24,7 @@ from typing import Any
 
 from . import _loop
 from .drivers.base import MAX_MESSAGE, Driver, EventFeed
+from .drivers.wakeups import WAKE_ALL
 from .hooks import Events, Hook, Hooks, JobEvent, Outcome, ended_event, event_of
 from .records import JobRecord, ListenerInfo
 
@@ -111,6 +112,8 @@ class Feed:
                             last_seen=now, beat=LISTENER_BEAT)
 
     def _received(self, message: str) -> None:
+        if message == WAKE_ALL:  # the listener (re)connected: nothing to deliver
+            return
         origin, events = unpack(message)
         if origin == self.origin:
             return  # this process's own: its subscribers had them from its workers

@@ -138,7 +138,8 @@ class Scheduler:
         self._task: concurrent.futures.Future[None] | None = None
         self._stopping: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.id = f"scheduler:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._host = socket.gethostname()
+        self.id = f"scheduler:{self._host}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._started_at = 0.0
 
     def __repr__(self) -> str:
@@ -255,7 +256,7 @@ class Scheduler:
         """What the store knows of this scheduler (``qm.known_schedulers()``), as of now."""
         now = self.core.clock()
         return SchedulerInfo(
-            id=self.id, host=socket.gethostname(), pid=os.getpid(), started_at=self._started_at, last_seen=now,
+            id=self.id, host=self._host, pid=os.getpid(), started_at=self._started_at, last_seen=now,
             beat=BEAT, schedules=[s.describe(self._checked.get(s.name, now)) for s in self.schedules.values()],
         )
 

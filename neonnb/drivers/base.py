@@ -251,7 +251,8 @@ class EventFeed(abc.ABC):
     @abc.abstractmethod
     def listen(self, callback: Callable[[str], None]) -> Callable[[], None]:
         """Call ``callback(message)``, from a thread of the driver's, for each message any
-        process publishes (this one's too); returns what stops it."""
+        process publishes (this one's too), and ``"*"`` whenever the listener (re)connects
+        (what was sent meanwhile is lost); returns what stops it."""
 
 
 MAX_MESSAGE = 7_000  # PostgreSQL's NOTIFY takes payloads under 8,000 bytes

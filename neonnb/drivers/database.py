@@ -83,7 +83,6 @@ from .sql_schema import (
     mysql_lock,
 )
 from .sqlite_watch import Watcher
-from .wakeups import WAKE_ALL
 
 T = TypeVar("T")
 _BANDS = {p.rank: p.value for p in Priority}
@@ -643,11 +642,7 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, StoreClock, WakeUps):
 
     def listen(self, callback: Callable[[str], None]) -> Callable[[], None]:
         self._ensure_schema()
-        def deliver(message: str) -> None:
-            if message != WAKE_ALL:  # (what a listener says on each connect)
-                callback(message)
-
-        listener = (Listener(self.engine, f"{self.table.name}_messages", deliver) if self._notifies
+        listener = (Listener(self.engine, f"{self.table.name}_messages", callback) if self._notifies
                     else MessagePoller(self.engine, self.messages, callback))
         self._message_listeners.add(listener)
 

@@ -519,11 +519,7 @@ class RedisDriver(Driver, BlockingEnqueue, EventFeed, HandOff, PipelinedClaims, 
         await self._reach(lambda client: client.redis.publish(self.events_channel, message))
 
     def listen(self, callback: Callable[[str], None]) -> Callable[[], None]:
-        def deliver(message: str) -> None:
-            if message != WAKE_ALL:  # (what _subscribe says on each connect)
-                callback(message)
-
-        listening = _loop.submit(self._subscribe(self.events_channel, deliver))
+        listening = _loop.submit(self._subscribe(self.events_channel, callback))
         self._listeners.add(listening)
 
         def stop() -> None:
