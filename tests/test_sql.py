@@ -174,16 +174,16 @@ def test_a_postgres_claim_reads_the_rows_it_claims_not_the_whole_backlog(postgre
     import json
 
     from neonnb.drivers.database import DatabaseDriver
+    from neonnb.drivers.pg_async import Compiled
 
     with QueueManager(Config.for_url(postgres_server.new_database())) as qm:
         qm.dispatch_batch("backlog", [jobs.Note(str(i)) for i in range(2000)])
         driver = qm.driver
         assert isinstance(driver, DatabaseDriver)
-        claim = driver._sql.claim[True]  # one queue, as a worker on one queue claims
-        compiled = claim.compile(dialect=driver.engine.dialect)
-        sql = str(compiled).replace("__[POSTCOMPILE_queued]", "'queued'")  # the status, written in at execution
-        params = {**compiled.params, "b_queue": "backlog", "b_limit": 4, "b_owner": "w", "b_now": time.time(),
-                  "b_lease": time.time() + 30}
+        compiled = Compiled(driver._sql.claim[True], driver.engine.dialect)  # one queue, as a worker on one claims
+        sql = compiled.sql
+        params = compiled.values({"b_queue": "backlog", "b_limit": 4, "b_owner": "w", "b_now": time.time(),
+                                  "b_lease": time.time() + 30})
         with driver.engine.connect() as conn:
             [[plan]] = conn.exec_driver_sql(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", params).all()
             conn.rollback()
@@ -197,3 +197,62 @@ def test_a_postgres_claim_reads_the_rows_it_claims_not_the_whole_backlog(postgre
     scans = [n for n in found if n.get("Index Name") == "neonnb_jobs_claim"]
     assert scans and all(int(n["Actual Rows"]) <= 4 for n in scans), "the claim read more queued rows than it took"  # type: ignore[call-overload]
     assert not [n for n in found if n["Node Type"] == "Sort"], "the claim sorted the backlog"
+
+
+def test_a_postgres_worker_runs_its_own_statements_on_its_loop(postgres_server: PostgresServer) -> None:
+    """Claims, results, retries, failures, progress and lease renewals go over psycopg's async
+    connection on the worker's own loop: none passes through SQLAlchemy's engines on the
+    driver's threads (a hop to a thread and back per call, and the GIL shared with the jobs)."""
+    from sqlalchemy import event
+
+    from neonnb.drivers.database import DatabaseDriver
+
+    with QueueManager(Config.for_url(postgres_server.new_database())) as qm:
+        qm.dispatch_batch("q", [jobs.Note("a"), jobs.Progressing(steps=3), jobs.Flaky(succeed_on=0, attempts=2),
+                                jobs.Permanent(), jobs.SlowAsync(seconds=0.7)])
+        driver = qm.driver
+        assert isinstance(driver, DatabaseDriver)
+        through_engines: list[str] = []
+        for engine in set(driver._engines.values()):
+            event.listen(engine, "before_cursor_execute",
+                         lambda _conn, _cursor, statement, *_rest: through_engines.append(statement))
+        worker = qm.worker("q", 5, WorkerOptions(lease_timeout=0.6))
+        worker.run_once()
+        by_name = {job.name.rsplit(".", 1)[1]: job for job in qm.jobs(limit=10)}
+        assert {name: job.status.value for name, job in by_name.items()} == {
+            "Note": "succeeded", "Progressing": "succeeded", "Flaky": "queued", "Permanent": "failed",
+            "SlowAsync": "succeeded"}
+        assert by_name["Note"].result_value() == "a"
+        assert by_name["Progressing"].progress is not None and by_name["Progressing"].progress["done"] == 3
+        assert by_name["Flaky"].attempts == 1 and by_name["Flaky"].error is not None
+    hot = [s for s in through_engines if s.lstrip().upper().startswith(("UPDATE", "WITH"))]
+    assert not hot, f"the worker's statements went through the driver's threads: {hot}"
+
+
+def test_a_postgres_worker_call_to_a_lost_database_says_so_without_the_password(
+    postgres_server: PostgresServer,
+) -> None:
+    """The worker's calls on its own loop fail as the driver's others do: StoreUnavailable
+    naming the database, never its password (trust auth here takes any password)."""
+    import asyncio
+
+    import psycopg
+
+    from neonnb import StoreUnavailable
+
+    url = postgres_server.new_database().replace("postgres@", "postgres:s3cr3t-pw@")
+    name = url.rsplit("/", 1)[1]
+    with QueueManager(Config.for_url(url)) as qm:
+        qm.dispatch("q", jobs.Note("x"))
+
+        async def claim_drop_claim() -> None:
+            [claimed] = await qm.driver.reserve(["q"], 1, "w", time.time(), time.time() + 30)
+            assert claimed.status.value == "running"
+            with psycopg.connect(f"host=127.0.0.1 port={postgres_server.port} user=postgres dbname=postgres",
+                                 autocommit=True) as admin:
+                admin.execute(f"DROP DATABASE {name} WITH (FORCE)")  # ends its sessions too
+            with pytest.raises(StoreUnavailable, match=f"the database .*{name} can't be reached") as lost:
+                await qm.driver.complete([(claimed, None)], "w", time.time())
+            assert "s3cr3t" not in str(lost.value)
+
+        asyncio.run(claim_drop_claim())

@@ -16,11 +16,12 @@ import asyncio
 import contextlib
 import functools
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy.exc
 from sqlalchemy import (
@@ -40,8 +41,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 
-from ..config import redact
-from ..errors import ConfigError, StoreError, StoreUnavailable
+from ..errors import ConfigError
 from ..records import (
     JobPage,
     JobRecord,
@@ -65,7 +65,7 @@ from ..records import (
 from . import sql_messages
 from .base import BlockingEnqueue, Driver, EventFeed, StoreClock, WakeUps
 from .pg_notify import Listener, announce, install_trigger
-from .sql_engine import engine_for, turns_for
+from .sql_engine import engine_for, refused, turns_for, unreachable
 from .sql_messages import MessagePoller
 from .sql_schema import (
     CANCELLED,
@@ -83,6 +83,9 @@ from .sql_schema import (
     mysql_lock,
 )
 from .sqlite_watch import Watcher
+
+if TYPE_CHECKING:
+    from .pg_async import AsyncStatements
 
 T = TypeVar("T")
 _BANDS = {p.rank: p.value for p in Priority}
@@ -141,6 +144,18 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, StoreClock, WakeUps):
         self._notifies = dialect == "postgresql" and self.engine.dialect.driver == "psycopg"
         self._listener: Listener | Watcher | None = None
         self._message_listeners: set[Listener | MessagePoller] = set()
+        self._where = self.engine.url.render_as_string(hide_password=True)
+        # A worker's own calls run on its loop, with no hop to the driver's threads, where the
+        # engine is ours and speaks psycopg (an Engine passed in may carry connect_args we
+        # can't see). The rest stays on the threads, through SQLAlchemy.
+        self._async: AsyncStatements | None = None
+        if self._notifies and self._owns_engine and sys.platform != "win32":  # psycopg async needs a selector loop
+            from .pg_async import AsyncStatements  # psycopg is the postgres extra's
+
+            connect = dict(self.engine.dialect.create_connect_args(self.engine.url)[1])
+            connect.pop("context", None)  # SQLAlchemy's adapters for its own sync connections
+            self._async = AsyncStatements(connect, self._where, self.engine.dialect)
+        self._owned_updates: dict[tuple[str, ...], Any] = {}  # by the columns set (_update_owned)
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -194,15 +209,14 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, StoreClock, WakeUps):
         """A database that can't be reached raises StoreUnavailable, one that refuses a
         statement StoreError, as the other drivers do, naming the database but never its
         password: SQLAlchemy's and the DB-API's errors don't reach the caller."""
-        where = self.engine.url.render_as_string(hide_password=True)
         try:
             yield
         except DBAPIError as exc:
             if isinstance(exc, OperationalError) or exc.connection_invalidated:
-                raise StoreUnavailable(redact(f"the database {where} can't be reached: {exc.orig}")) from exc
-            raise StoreError(redact(f"the database {where} refused a statement: {exc.orig}")) from exc
+                raise unreachable(self._where, exc.orig) from exc
+            raise refused(self._where, exc.orig) from exc
         except sqlalchemy.exc.TimeoutError as exc:  # every pooled connection busy for pool_timeout
-            raise StoreUnavailable(redact(f"the database {where} gave no connection in time: {exc}")) from exc
+            raise unreachable(self._where, f"no pooled connection came free in time: {exc}") from exc
 
     async def _statement(self, fn: Callable[[Connection], T], durable: bool = True, repeatable: bool = True) -> T:
         """Run ``fn``, which issues exactly one statement, on the driver's threads."""
@@ -216,6 +230,21 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, StoreClock, WakeUps):
         call = functools.partial(self._call, fn, False, durable, repeatable=repeatable)
         return await loop.run_in_executor(self._executor, call)
 
+    async def _rows(self, stmt: Any, params: dict[str, Any], durable: bool = True,
+                    repeatable: bool = True) -> list[dict[str, Any]]:
+        """The rows of one statement as dicts: on the caller's loop where the driver has the
+        async path, else on its threads."""
+        if self._async is None:
+            return await self._statement(lambda conn: [row._asdict() for row in conn.execute(stmt, params)],
+                                         durable, repeatable)
+        if not self._schema_ready:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._ready)
+        return await self._async.rows(stmt, params, durable, repeatable)
+
+    def _ready(self) -> None:
+        with self._reachable():
+            self._ensure_schema()
+
     def _record(self, row: Row[Any]) -> JobRecord:
         return read_record(row._asdict())  # a plain dict: a RowMapping's `in` is slow
 
@@ -224,8 +253,16 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, StoreClock, WakeUps):
             announce(conn, self.table.name, queues)
 
     async def _update_owned(self, job_id: str, owner: str, values: dict[str, Any], durable: bool) -> bool:
-        stmt = update(self.table).where(self._sql.owned).values(**values)
-        params = {"b_ids": [job_id], "b_owner": owner}
+        """Set ``values`` on the job if this worker still holds it; False if it does not."""
+        stmt = self._owned_updates.get(tuple(values))
+        if stmt is None:
+            c = self.table.c
+            stmt = update(self.table).where(self._sql.owned).values(
+                {name: bindparam(f"v_{name}", type_=c[name].type) for name in values})
+            stmt = self._owned_updates[tuple(values)] = stmt.returning(c.id) if self._returning else stmt
+        params = {"b_ids": [job_id], "b_owner": owner, **{f"v_{name}": value for name, value in values.items()}}
+        if self._returning:
+            return len(await self._rows(stmt, params, durable)) == 1
         return await self._statement(lambda conn: conn.execute(stmt, params).rowcount == 1, durable=durable)
 
     # --- the protocol -----------------------------------------------------------------
@@ -324,39 +361,43 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, StoreClock, WakeUps):
         claim, due = ((sql.claim[single], sql.due[single]) if ranks is None
                       else (sql.claim_in_bands[single], sql.due_in_bands[single]))
 
-        def in_order(rows: list[Row[Any]]) -> list[JobRecord]:
+        def in_order(rows: list[dict[str, Any]]) -> list[JobRecord]:
             claimed = []
             for row in rows:
-                record = self._record(row)
+                record = read_record(row)
                 record.status, record.started_at, record.lease_expires, record.worker_id = (
                     Status.RUNNING, now, lease_expires, worker_id)
-                claimed.append((record.priority.rank, record.run_at, row.seq, record))
+                claimed.append((record.priority.rank, record.run_at, row["seq"], record))
             claimed.sort(key=lambda entry: entry[:3])
             return [record for *_, record in claimed]
 
         # Not repeated on a fresh connection if the first one dies: the claim may have run, its
         # reply lost; the worker then gives back what it took (release_unheld).
         if self._returning:
-            return await self._statement(lambda conn: in_order(list(conn.execute(claim, params))), durable=False,
-                                         repeatable=False)
+            return in_order(await self._rows(claim, params, durable=False, repeatable=False))
 
         def select_then_claim(conn: Connection) -> list[JobRecord]:  # MariaDB/MySQL: no UPDATE ... RETURNING
             seqs = list(conn.execute(due, params).scalars())
             if not seqs:
                 return []
             conn.execute(sql.claim_seqs, {**params, "b_seqs": seqs})
-            return in_order(list(conn.execute(sql.rows_by_seq, {"b_seqs": seqs})))
+            return in_order([row._asdict() for row in conn.execute(sql.rows_by_seq, {"b_seqs": seqs})])
 
         return await self._transaction(select_then_claim, durable=False, repeatable=False)
 
     async def extend_leases(self, jobs: Sequence[JobRecord], worker_id: str, lease_expires: float) -> list[str]:
+        if not jobs:
+            return []
         params = {"b_ids": [job.id for job in jobs], "b_owner": worker_id, "b_lease": lease_expires}
+        if self._returning:
+            rows = await self._rows(self._sql.extend_returning, params, durable=False)
+            return [row["id"] for row in rows if row["cancel_requested"] == 1]
 
         def extend(conn: Connection) -> list[str]:
             conn.execute(self._sql.extend, params)
             return list(conn.execute(self._sql.stopping, params).scalars())
 
-        return await self._transaction(extend, durable=False) if jobs else []
+        return await self._transaction(extend, durable=False)
 
     async def cancel(self, job_id: str, queue: str | None, now: float) -> Status | None:
         c = self.table.c
@@ -380,6 +421,10 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, StoreClock, WakeUps):
     async def complete(self, results: Sequence[tuple[JobRecord, str | None]], worker_id: str, now: float) -> list[str]:
         sql = self._sql
         params = {"b_ids": [job.id for job, _ in results], "b_owner": worker_id, "b_now": now}
+        # Durable: a user saw it succeed.
+        if self._postgres:  # the results ride along as an array: one statement for any batch
+            rows = await self._rows(sql.complete_with_results, {**params, "b_results": [r for _, r in results]})
+            return [row["id"] for row in rows]
         with_result = [{"b_id": job.id, "b_result": result} for job, result in results if result is not None]
 
         def finish(conn: Connection) -> list[str]:
@@ -395,10 +440,10 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, StoreClock, WakeUps):
                 conn.execute(sql.set_result, rows)
             return finished
 
-        # Without results the claim-back is a single statement; with them, status and result
-        # must appear together, so one transaction. Durable: a user saw it succeed.
+        # Without results one statement; with them, status and result must appear together,
+        # so one transaction.
         if not with_result and self._returning:
-            return await self._statement(finish)
+            return [row["id"] for row in await self._rows(sql.complete_returning, params)]
         return await self._transaction(finish)
 
     async def retry(self, job: JobRecord, worker_id: str, run_at: float, error: dict[str, Any]) -> bool:
@@ -658,6 +703,8 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, StoreClock, WakeUps):
         if self._listener is not None:
             self._listener.stop()
         self._executor.shutdown(wait=True)
+        if self._async is not None:
+            self._async.close()
         if self._owns_engine:
             for engine in set(self._engines.values()):
                 engine.dispose()

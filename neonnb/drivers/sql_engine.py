@@ -16,7 +16,8 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import NoSuchModuleError
 
-from ..errors import ConfigError, MissingExtra
+from ..config import redact
+from ..errors import ConfigError, MissingExtra, StoreError, StoreUnavailable
 
 
 def sqlite_engine(url: str) -> Engine:
@@ -109,3 +110,13 @@ def engine_for(connection: str) -> Engine:
     except ModuleNotFoundError as exc:
         hint = f"pip install 'neonnb[{extra}]'" if extra else f"install the DBAPI module {exc.name}"
         raise MissingExtra(f"Config.connection {url.drivername}:// needs {exc.name}: {hint}") from None
+
+
+def unreachable(where: str, cause: object) -> StoreUnavailable:
+    """The database ``where`` (a URL without its password) can't be reached."""
+    return StoreUnavailable(redact(f"the database {where} can't be reached: {cause}"))
+
+
+def refused(where: str, cause: object) -> StoreError:
+    """The database ``where`` refused a statement."""
+    return StoreError(redact(f"the database {where} refused a statement: {cause}"))

@@ -24,6 +24,7 @@ from sqlalchemy import (
     and_,
     any_,
     bindparam,
+    func,
     select,
     text,
     update,
@@ -235,11 +236,21 @@ class HotStatements:
         self.claim_seqs = claim.where(c.seq.in_(bindparam("b_seqs", expanding=True)))
         self.rows_by_seq = select(*claimed).where(c.seq.in_(bindparam("b_seqs", expanding=True)))
         self.extend = update(t).where(self.owned).values(lease_expires=bindparam("b_lease"))
+        self.extend_returning = self.extend.returning(c.id, c.cancel_requested)  # and which were asked to stop
         self.stopping = select(c.id).where(self.owned, c.cancel_requested == 1)
         self.complete = update(t).where(self.owned).values(
             status=SUCCEEDED, finished_at=bindparam("b_now"), lease_expires=None
         )
         self.complete_returning = self.complete.returning(c.id)
+        # PostgreSQL: each job's result (or NULL) beside its id, as two arrays unnested together.
+        outcomes = func.unnest(
+            bindparam("b_ids", type_=ARRAY(c.id.type)), bindparam("b_results", type_=ARRAY(c.result.type)),
+        ).table_valued("id", "result").render_derived(name="outcome")
+        self.complete_with_results = update(t).where(
+            c.id == outcomes.c.id, c.worker_id == bindparam("b_owner"), c.lease_expires.is_not(None),
+        ).values(
+            status=SUCCEEDED, finished_at=bindparam("b_now"), lease_expires=None, result=outcomes.c.result,
+        ).returning(c.id)
         self.owned_ids = select(c.id).where(self.owned).with_for_update()
         self.set_result = update(t).where(c.id == bindparam("b_id")).values(result=bindparam("b_result"))
         self.by_id = select(t).where(c.id == bindparam("b_id"))
