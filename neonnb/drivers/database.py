@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import sqlalchemy.exc
 from sqlalchemy import (
@@ -65,7 +65,7 @@ from ..records import (
 from . import sql_messages
 from .base import BlockingEnqueue, Driver, EventFeed, StoreClock, WakeUps
 from .pg_notify import Listener, announce, install_trigger
-from .sql_engine import engine_for, refused, turns_for, unreachable
+from .sql_engine import WriterTurns, engine_for, refused, sqlite_engine, turns_for, unreachable
 from .sql_messages import MessagePoller
 from .sql_schema import (
     CANCELLED,
@@ -138,6 +138,15 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, StoreClock, WakeUps):
         self._turns: contextlib.AbstractContextManager[None] = (
             turns_for(self.engine.url.database) if dialect == "sqlite" else contextlib.nullcontext()
         )
+        # SQLite: a worker's calls and a small async dispatch run on the caller's thread when no
+        # other writer has the turn at that moment, since the hop to the driver's thread costs
+        # more than the call. They never wait there: the turn is only taken if free, and these
+        # connections give up at once on a lock held outside neonnb (busy timeout 0); then the
+        # call goes to the driver's thread, which waits its turn.
+        self._here: tuple[WriterTurns, Engine] | None = None
+        if dialect == "sqlite" and self._owns_engine:
+            here = sqlite_engine(self.engine.url.render_as_string(hide_password=False), busy_timeout=0)
+            self._here = (turns_for(self.engine.url.database), here)
         self._schema_ready = False
         self._schema_lock = threading.Lock()
         # LISTEN/NOTIFY needs psycopg 3's notifies(); other PostgreSQL DBAPIs poll.
@@ -230,13 +239,43 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, StoreClock, WakeUps):
         call = functools.partial(self._call, fn, False, durable, repeatable=repeatable)
         return await loop.run_in_executor(self._executor, call)
 
+    def _call_here(self, fn: Callable[[Connection], T]) -> tuple[bool, T | None]:
+        """SQLite: ``(True, fn(conn))`` in a transaction on this thread if the write turn is
+        free now, else ``(False, None)`` with nothing done."""
+        assert self._here is not None
+        turns, engine = self._here
+        if not turns.enter_now():
+            return False, None
+        try:
+            with self._reachable():
+                try:
+                    with engine.begin() as conn:
+                        return True, fn(conn)
+                except OperationalError as exc:
+                    if "database is locked" in str(exc.orig):  # a writer outside neonnb: BEGIN IMMEDIATE refused
+                        return False, None
+                    raise
+        finally:
+            turns.__exit__()
+
+    async def _hot(self, fn: Callable[[Connection], T], single_statement: bool, durable: bool = True,
+                   repeatable: bool = True) -> T:
+        """A worker's call or a small dispatch: on this thread where SQLite's turn is free now
+        (``_call_here``), else on the driver's threads."""
+        if self._here is not None and self._schema_ready:
+            ran, value = self._call_here(fn)
+            if ran:
+                return cast(T, value)
+        run = self._statement if single_statement else self._transaction
+        return await run(fn, durable, repeatable)
+
     async def _rows(self, stmt: Any, params: dict[str, Any], durable: bool = True,
                     repeatable: bool = True) -> list[dict[str, Any]]:
         """The rows of one statement as dicts: on the caller's loop where the driver has the
-        async path, else on its threads."""
+        async path, else as ``_hot`` runs it."""
         if self._async is None:
-            return await self._statement(lambda conn: [row._asdict() for row in conn.execute(stmt, params)],
-                                         durable, repeatable)
+            return await self._hot(lambda conn: [row._asdict() for row in conn.execute(stmt, params)], True,
+                                   durable, repeatable)
         if not self._schema_ready:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._ready)
         return await self._async.rows(stmt, params, durable, repeatable)
@@ -268,6 +307,11 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, StoreClock, WakeUps):
     # --- the protocol -----------------------------------------------------------------
 
     async def enqueue(self, records: Sequence[JobRecord]) -> None:
+        if len(records) == 1 and self._here is not None and self._schema_ready:
+            row = enqueued_row(records[0])
+            ran, _ = self._call_here(lambda conn: conn.exec_driver_sql(self._sql.insert_new, row))
+            if ran:
+                return
         await asyncio.get_running_loop().run_in_executor(self._executor, self.enqueue_blocking, records)
 
     def enqueue_blocking(self, records: Sequence[JobRecord]) -> bool:
@@ -444,7 +488,7 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, StoreClock, WakeUps):
         # so one transaction.
         if not with_result and self._returning:
             return [row["id"] for row in await self._rows(sql.complete_returning, params)]
-        return await self._transaction(finish)
+        return await self._hot(finish, False)
 
     async def retry(self, job: JobRecord, worker_id: str, run_at: float, error: dict[str, Any]) -> bool:
         return await self._update_owned(job.id, worker_id, _columns(retried(run_at, error)), durable=True)
@@ -705,6 +749,8 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, StoreClock, WakeUps):
         self._executor.shutdown(wait=True)
         if self._async is not None:
             self._async.close()
+        if self._here is not None:
+            self._here[1].dispose()
         if self._owns_engine:
             for engine in set(self._engines.values()):
                 engine.dispose()

@@ -20,8 +20,9 @@ from ..config import redact
 from ..errors import ConfigError, MissingExtra, StoreError, StoreUnavailable
 
 
-def sqlite_engine(url: str) -> Engine:
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
+def sqlite_engine(url: str, busy_timeout: float = 60) -> Engine:
+    """``busy_timeout``: seconds a statement waits for another connection's write lock."""
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": busy_timeout})
 
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -53,14 +54,26 @@ class WriterTurns:
         self._fd: int | None = None
 
     def __enter__(self) -> None:
-        self._threads.acquire()
+        self._take(blocking=True)
+
+    def enter_now(self) -> bool:
+        """Take the turn only if no writer holds it now; True if taken (leave with __exit__)."""
+        return self._take(blocking=False)
+
+    def _take(self, blocking: bool) -> bool:
+        if not self._threads.acquire(blocking=blocking):
+            return False
         if sys.platform == "win32":
-            return
+            return True
         try:
             if self._fd is None:
                 self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
                 weakref.finalize(self, os.close, self._fd)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            fcntl.flock(self._fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:  # another process's turn
+            self._threads.release()
+            return False
         except BaseException:
             self._threads.release()
             raise

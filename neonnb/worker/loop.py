@@ -308,7 +308,13 @@ class Worker:
                 self._wake.clear()
                 claimed = await self._claim(limit) if limit else 0
                 if claimed:
-                    continue
+                    # The jobs just started run to their first await before anything else (a
+                    # SQLite claim made on this thread would not yield to them).
+                    await asyncio.sleep(0)
+                    if claimed == limit:
+                        continue  # there may be more: claim again at once
+                    # Fewer than asked: nothing else was due. A wake-up (a dispatch, a freed
+                    # slot) that came during the claim ends the wait below at once.
                 if self.options.burst and not self._active and not self._store_failed:
                     break  # the store said there is nothing to run (not: it could not be asked)
                 until_due = self._next_due - self.core.clock()
