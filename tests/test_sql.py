@@ -256,3 +256,51 @@ def test_a_postgres_worker_call_to_a_lost_database_says_so_without_the_password(
             assert "s3cr3t" not in str(lost.value)
 
         asyncio.run(claim_drop_claim())
+
+
+def test_a_sqlite_worker_calls_on_its_own_thread_and_never_waits_there_for_the_lock(tmp_path: Path) -> None:
+    """A worker's SQLite calls run on its own thread while the write lock is free (no hop to
+    the driver's thread). When a writer outside neonnb holds the lock, the call waits for it on
+    the driver's thread: the worker's loop keeps running meanwhile."""
+    import asyncio
+    import sqlite3
+
+    from sqlalchemy import Engine, event
+
+    path = tmp_path / "jobs.db"
+    seen: list[tuple[str, str]] = []
+
+    def note(_conn: object, _cursor: object, statement: str, *_rest: object) -> None:
+        seen.append((threading.current_thread().name, statement.lstrip().split()[0]))
+
+    with QueueManager(Config.for_url(f"sqlite:///{path}")) as qm:
+        qm.dispatch("q", jobs.Note("a"))
+
+        async def claim_then_complete_behind_a_lock() -> None:
+            now = time.time()
+            [claimed] = await qm.driver.reserve(["q"], 1, "w", now, now + 30)
+            other = sqlite3.connect(path, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")  # the write lock, held by someone else
+            asyncio.get_running_loop().call_later(0.5, other.rollback)  # only runs if the loop does
+            ticks = 0
+
+            async def tick() -> None:
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await asyncio.sleep(0.01)
+
+            ticker = asyncio.create_task(tick())
+            assert await qm.driver.complete([(claimed, None)], "w", time.time()) == [claimed.id]
+            ticker.cancel()
+            other.close()
+            assert ticks >= 20, "the loop stood still while the lock was held"
+
+        event.listen(Engine, "before_cursor_execute", note)
+        try:
+            asyncio.run(claim_then_complete_behind_a_lock())
+        finally:
+            event.remove(Engine, "before_cursor_execute", note)
+    claim, complete = [(thread, verb) for thread, verb in seen if verb in ("WITH", "UPDATE")]
+    assert claim == ("MainThread", "WITH")  # asyncio.run's loop: this thread
+    assert complete[0].startswith("neonnb-db")  # the lock was taken: the driver's thread waited for it
