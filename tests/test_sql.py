@@ -201,8 +201,11 @@ def test_a_postgres_claim_reads_the_rows_it_claims_not_the_whole_backlog(postgre
 
 def test_a_postgres_worker_runs_its_own_statements_on_its_loop(postgres_server: PostgresServer) -> None:
     """Claims, results, retries, failures, progress and lease renewals go over psycopg's async
-    connection on the worker's own loop: none passes through SQLAlchemy's engines on the
-    driver's threads (a hop to a thread and back per call, and the GIL shared with the jobs)."""
+    connection on the worker's own loop, as does a one-job async dispatch: none passes through
+    SQLAlchemy's engines on the driver's threads (a hop to a thread and back per call, and the
+    GIL shared with the jobs)."""
+    import asyncio
+
     from sqlalchemy import event
 
     from neonnb.drivers.database import DatabaseDriver
@@ -216,16 +219,17 @@ def test_a_postgres_worker_runs_its_own_statements_on_its_loop(postgres_server: 
         for engine in set(driver._engines.values()):
             event.listen(engine, "before_cursor_execute",
                          lambda _conn, _cursor, statement, *_rest: through_engines.append(statement))
-        worker = qm.worker("q", 5, WorkerOptions(lease_timeout=0.6))
+        asyncio.run(qm.adispatch("q", jobs.AsyncNote("b")))  # a one-job async dispatch takes the same path
+        worker = qm.worker("q", 6, WorkerOptions(lease_timeout=0.6))
         worker.run_once()
         by_name = {job.name.rsplit(".", 1)[1]: job for job in qm.jobs(limit=10)}
         assert {name: job.status.value for name, job in by_name.items()} == {
             "Note": "succeeded", "Progressing": "succeeded", "Flaky": "queued", "Permanent": "failed",
-            "SlowAsync": "succeeded"}
+            "SlowAsync": "succeeded", "AsyncNote": "succeeded"}
         assert by_name["Note"].result_value() == "a"
         assert by_name["Progressing"].progress is not None and by_name["Progressing"].progress["done"] == 3
         assert by_name["Flaky"].attempts == 1 and by_name["Flaky"].error is not None
-    hot = [s for s in through_engines if s.lstrip().upper().startswith(("UPDATE", "WITH"))]
+    hot = [s for s in through_engines if s.lstrip().upper().startswith(("UPDATE", "WITH", "INSERT"))]
     assert not hot, f"the worker's statements went through the driver's threads: {hot}"
 
 

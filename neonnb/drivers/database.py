@@ -1,13 +1,16 @@
 """SQL driver on SQLAlchemy 2 Core: SQLite (the embedded default), PostgreSQL, MariaDB/MySQL.
 
-Statements run on a small thread pool so the event loop never blocks. A claim selects due
-rows in priority order with ``FOR UPDATE SKIP LOCKED`` (one statement where the database has
-``UPDATE ... RETURNING``, else a short transaction) and flips them to running; on SQLite every
-transaction starts with ``BEGIN IMMEDIATE`` so two processes can't claim the same row. The
-hot statements are built once (``HotStatements``); PostgreSQL runs single statements in
-autocommit, takes batches with COPY and wakes idle workers with LISTEN/NOTIFY
-(``pg_notify.py``); SQLite wakes them through ``PRAGMA data_version`` (``sqlite_watch.py``).
-Engines and SQLite's writer turns: ``sql_engine.py``; the table and its statements: ``sql_schema.py``.
+Statements run on a small thread pool so the event loop never blocks, except a worker's own
+calls where they can be made on its loop: on PostgreSQL over psycopg's async connection
+(``pg_async.py``), on SQLite on the caller's thread whenever the write lock is free at once
+(``_call_here``). A claim selects due rows in priority order with ``FOR UPDATE SKIP LOCKED``
+(one statement where the database has ``UPDATE ... RETURNING``, else a short transaction) and
+flips them to running; on SQLite every transaction starts with ``BEGIN IMMEDIATE`` so two
+processes can't claim the same row. The hot statements are built once (``HotStatements``);
+PostgreSQL runs single statements in autocommit, takes batches with COPY and wakes idle
+workers with LISTEN/NOTIFY (``pg_notify.py``); SQLite wakes them through ``PRAGMA
+data_version`` (``sqlite_watch.py``). Engines and SQLite's writer turns: ``sql_engine.py``;
+the table and its statements: ``sql_schema.py``.
 """
 
 from __future__ import annotations
@@ -109,6 +112,8 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, StoreClock, WakeUps):
         self._trimmed_at = 0.0
         self._insert_mark = insert_ignoring(self.marks, dialect)
         self._insert_new = insert_ignoring(self.table, dialect)
+        self._insert_one_named = self._insert_new.values(
+            {name: bindparam(name, type_=self.table.c[name].type) for name in ENQUEUED_COLUMNS})
         self._sql = HotStatements(
             self.table, dialect == "postgresql", dialect in ("mysql", "mariadb"), self.engine.dialect.paramstyle,
             self.engine.dialect.identifier_preparer.quote(table_name),
@@ -307,6 +312,11 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, StoreClock, WakeUps):
     # --- the protocol -----------------------------------------------------------------
 
     async def enqueue(self, records: Sequence[JobRecord]) -> None:
+        # One job: on the caller's loop (PostgreSQL) or thread (SQLite, when the lock is free),
+        # as a worker's calls are. Safe to repeat: a row whose id is stored is skipped.
+        if len(records) == 1 and self._async is not None:
+            await self._rows(self._insert_one_named, dict(zip(ENQUEUED_COLUMNS, enqueued_row(records[0]), strict=True)))
+            return
         if len(records) == 1 and self._here is not None and self._schema_ready:
             row = enqueued_row(records[0])
             ran, _ = self._call_here(lambda conn: conn.exec_driver_sql(self._sql.insert_new, row))
