@@ -68,12 +68,13 @@ class _LoopConnections:
         try:
             return await psycopg.AsyncConnection.connect(**self._connect, autocommit=True, row_factory=dict_row)
         except BaseException:
-            await self._give_back(None)
+            await self.give_back(None, reusable=False)
             raise
 
-    async def _give_back(self, conn: psycopg.AsyncConnection[dict[str, Any]] | None) -> None:
+    async def give_back(self, conn: psycopg.AsyncConnection[dict[str, Any]] | None, reusable: bool) -> None:
+        """Back to the idle ones if ``reusable`` and healthy, else closed."""
         async with self._freed:
-            if conn is None or conn.closed or conn.broken or self._finished:
+            if conn is None or not reusable or conn.closed or conn.broken or self._finished:
                 self._opened -= 1
                 if conn is not None:
                     conn.pgconn.finish()
@@ -122,15 +123,19 @@ class AsyncStatements:
         connections = self._connections(durable)
         for attempt in (1, 2):
             conn = await self._take(connections)
+            reusable = False  # cancelled mid-statement (a worker stopping), its state is unknown: closed
             try:
                 cursor = await conn.execute(compiled.sql, compiled.values(params))
-                return await cursor.fetchall() if cursor.description is not None else []
+                rows = await cursor.fetchall() if cursor.description is not None else []
+                reusable = True
+                return rows
             except psycopg.Error as exc:
+                reusable = True  # the server answered (or the connection is broken, and give_back sees it)
                 if (conn.broken or conn.closed) and repeatable and attempt == 1:
                     continue
                 raise self._failure(exc, conn.broken or conn.closed) from exc
             finally:
-                await connections._give_back(conn)
+                await connections.give_back(conn, reusable)
         raise AssertionError("unreachable")
 
     async def _take(self, connections: _LoopConnections) -> psycopg.AsyncConnection[dict[str, Any]]:
