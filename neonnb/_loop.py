@@ -66,6 +66,14 @@ def shutdown(timeout: float = 5.0) -> None:
         loop.close()
 
 
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop running in this thread, if any."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 def on_loop_thread() -> bool:
     return threading.current_thread() is _thread
 

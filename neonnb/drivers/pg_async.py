@@ -23,6 +23,7 @@ import psycopg
 from psycopg.rows import dict_row
 from sqlalchemy import Dialect
 
+from .._loop import running_loop
 from ..errors import StoreError
 from .sql_engine import refused, unreachable
 
@@ -156,7 +157,7 @@ class AsyncStatements:
     def _close_where(self, which: Callable[[asyncio.AbstractEventLoop], bool]) -> None:
         for loop in [loop for loop in self._loops if which(loop)]:
             for mine in self._loops.pop(loop).values():
-                if loop.is_running() and loop is not _running_loop():
+                if loop.is_running() and loop is not running_loop():
                     loop.call_soon_threadsafe(mine.finish)  # its own thread may be using one now
                 else:
                     mine.finish()
@@ -166,9 +167,3 @@ def _options(connect: dict[str, Any]) -> str:
     given = connect.get("options")
     return f"{given} {_RELAXED}" if given else _RELAXED
 
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None

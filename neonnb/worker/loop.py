@@ -264,7 +264,7 @@ class Worker:
         loop = self._loop
         if loop is None:
             return
-        if _running_loop() is loop:
+        if _loop.running_loop() is loop:
             self._wake_for(due)
         else:
             loop.call_soon_threadsafe(self._wake_for, due)
@@ -494,7 +494,7 @@ class Worker:
         loop = self._loop
         if loop is None:
             return
-        if _running_loop() is loop:
+        if _loop.running_loop() is loop:
             self.outcomes.note_progress(record, progress)
         else:
             loop.call_soon_threadsafe(self.outcomes.note_progress, record, progress)
@@ -515,12 +515,6 @@ class Worker:
         if self._wake is not None:
             self._wake.set()
 
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
 
 
 def _log_crash(future: Any) -> None:
