@@ -174,16 +174,15 @@ def test_a_postgres_claim_reads_the_rows_it_claims_not_the_whole_backlog(postgre
     import json
 
     from neonnb.drivers.database import DatabaseDriver
-    from neonnb.drivers.pg_async import Compiled
+    from neonnb.drivers.sql_compiled import Compiled
 
     with QueueManager(Config.for_url(postgres_server.new_database())) as qm:
         qm.dispatch_batch("backlog", [jobs.Note(str(i)) for i in range(2000)])
         driver = qm.driver
         assert isinstance(driver, DatabaseDriver)
         compiled = Compiled(driver._sql.claim[True], driver.engine.dialect)  # one queue, as a worker on one claims
-        sql = compiled.sql
-        params = compiled.values({"b_queue": "backlog", "b_limit": 4, "b_owner": "w", "b_now": time.time(),
-                                  "b_lease": time.time() + 30})
+        sql, params = compiled.render({"b_queues": ["backlog"], "b_queue": "backlog", "b_limit": 4, "b_owner": "w",
+                                       "b_now": time.time(), "b_lease": time.time() + 30})
         with driver.engine.connect() as conn:
             [[plan]] = conn.exec_driver_sql(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", params).all()
             conn.rollback()
@@ -203,7 +202,8 @@ def test_a_postgres_worker_runs_its_own_statements_on_its_loop(postgres_server: 
     """Claims, results, retries, failures, progress and lease renewals go over psycopg's async
     connection on the worker's own loop, as does a one-job async dispatch: none passes through
     SQLAlchemy's engines on the driver's threads (a hop to a thread and back per call, and the
-    GIL shared with the jobs)."""
+    GIL shared with the jobs). A one-job sync dispatch skips them too, on a connection of the
+    driver's own."""
     import asyncio
 
     from sqlalchemy import event
@@ -220,6 +220,8 @@ def test_a_postgres_worker_runs_its_own_statements_on_its_loop(postgres_server: 
             event.listen(engine, "before_cursor_execute",
                          lambda _conn, _cursor, statement, *_rest: through_engines.append(statement))
         asyncio.run(qm.adispatch("q", jobs.AsyncNote("b")))  # a one-job async dispatch takes the same path
+        qm.dispatch("elsewhere", jobs.Note("c"))  # a sync one, on the driver's own connection
+        assert qm.size("elsewhere") == 1
         worker = qm.worker("q", 6, WorkerOptions(lease_timeout=0.6))
         worker.run_once()
         by_name = {job.name.rsplit(".", 1)[1]: job for job in qm.jobs(limit=10)}
@@ -264,12 +266,14 @@ def test_a_postgres_worker_call_to_a_lost_database_says_so_without_the_password(
 
 def test_a_sqlite_worker_calls_on_its_own_thread_and_never_waits_there_for_the_lock(tmp_path: Path) -> None:
     """A worker's SQLite calls run on its own thread while the write lock is free (no hop to
-    the driver's thread). When a writer outside neonnb holds the lock, the call waits for it on
+    the driver's thread, no pass through SQLAlchemy's engines). When a writer outside neonnb holds the lock, the call waits for it on
     the driver's thread: the worker's loop keeps running meanwhile."""
     import asyncio
     import sqlite3
 
     from sqlalchemy import Engine, event
+
+    from neonnb.drivers.database import DatabaseDriver
 
     path = tmp_path / "jobs.db"
     seen: list[tuple[str, str]] = []
@@ -279,6 +283,10 @@ def test_a_sqlite_worker_calls_on_its_own_thread_and_never_waits_there_for_the_l
 
     with QueueManager(Config.for_url(f"sqlite:///{path}")) as qm:
         qm.dispatch("q", jobs.Note("a"))
+        driver = qm.driver
+        assert isinstance(driver, DatabaseDriver) and driver._here is not None
+        # The calls made here skip SQLAlchemy: their own connection shows what it runs.
+        driver._here._connection().set_trace_callback(lambda statement: note(None, None, statement))
 
         async def claim_then_complete_behind_a_lock() -> None:
             now = time.time()
@@ -306,5 +314,5 @@ def test_a_sqlite_worker_calls_on_its_own_thread_and_never_waits_there_for_the_l
         finally:
             event.remove(Engine, "before_cursor_execute", note)
     claim, complete = [(thread, verb) for thread, verb in seen if verb in ("WITH", "UPDATE")]
-    assert claim == ("MainThread", "WITH")  # asyncio.run's loop: this thread
+    assert claim == ("MainThread", "WITH")  # asyncio.run's loop: this thread, on the driver's own connection
     assert complete[0].startswith("neonnb-db")  # the lock was taken: the driver's thread waited for it

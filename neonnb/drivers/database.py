@@ -3,7 +3,7 @@
 Statements run on a small thread pool so the event loop never blocks, except a worker's own
 calls where they can be made on its loop: on PostgreSQL over psycopg's async connection
 (``pg_async.py``), on SQLite on the caller's thread whenever the write lock is free at once
-(``_call_here``). A claim selects due rows in priority order with ``FOR UPDATE SKIP LOCKED``
+(``sqlite_here.py``). A claim selects due rows in priority order with ``FOR UPDATE SKIP LOCKED``
 (one statement where the database has ``UPDATE ... RETURNING``, else a short transaction) and
 flips them to running; on SQLite every transaction starts with ``BEGIN IMMEDIATE`` so two
 processes can't claim the same row. The hot statements are built once (``HotStatements``);
@@ -68,7 +68,7 @@ from ..records import (
 from . import sql_messages
 from .base import BlockingEnqueue, Driver, EventFeed, StoreClock, WakeUps
 from .pg_notify import Listener, announce, install_trigger
-from .sql_engine import WriterTurns, engine_for, refused, sqlite_engine, turns_for, unreachable
+from .sql_engine import engine_for, refused, turns_for, unreachable
 from .sql_messages import MessagePoller
 from .sql_schema import (
     CANCELLED,
@@ -85,10 +85,12 @@ from .sql_schema import (
     jobs_table,
     mysql_lock,
 )
+from .sqlite_here import Run, SqliteHere
 from .sqlite_watch import Watcher
 
 if TYPE_CHECKING:
     from .pg_async import AsyncStatements
+    from .pg_dispatch import DispatchConnection
 
 T = TypeVar("T")
 _BANDS = {p.rank: p.value for p in Priority}
@@ -148,10 +150,10 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, StoreClock, WakeUps):
         # more than the call. They never wait there: the turn is only taken if free, and these
         # connections give up at once on a lock held outside neonnb (busy timeout 0); then the
         # call goes to the driver's thread, which waits its turn.
-        self._here: tuple[WriterTurns, Engine] | None = None
+        self._here: SqliteHere | None = None
         if dialect == "sqlite" and self._owns_engine:
-            here = sqlite_engine(self.engine.url.render_as_string(hide_password=False), busy_timeout=0)
-            self._here = (turns_for(self.engine.url.database), here)
+            self._here = SqliteHere(self.engine.url.database or "", turns_for(self.engine.url.database),
+                                    self.engine.url.render_as_string(hide_password=True), self.engine.dialect)
         self._schema_ready = False
         self._schema_lock = threading.Lock()
         # LISTEN/NOTIFY needs psycopg 3's notifies(); other PostgreSQL DBAPIs poll.
@@ -163,12 +165,15 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, StoreClock, WakeUps):
         # engine is ours and speaks psycopg (an Engine passed in may carry connect_args we
         # can't see). The rest stays on the threads, through SQLAlchemy.
         self._async: AsyncStatements | None = None
+        self._dispatching: DispatchConnection | None = None  # a sync one-job dispatch's own connection
         if self._notifies and self._owns_engine and sys.platform != "win32":  # psycopg async needs a selector loop
             from .pg_async import AsyncStatements  # psycopg is the postgres extra's
+            from .pg_dispatch import DispatchConnection
 
             connect = dict(self.engine.dialect.create_connect_args(self.engine.url)[1])
             connect.pop("context", None)  # SQLAlchemy's adapters for its own sync connections
             self._async = AsyncStatements(connect, self._where, self.engine.dialect)
+            self._dispatching = DispatchConnection(connect, self._where, self.engine.dialect)
         self._owned_updates: dict[tuple[str, ...], Any] = {}  # by the columns set (_update_owned)
 
     # --- plumbing ---------------------------------------------------------------------
@@ -244,43 +249,24 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, StoreClock, WakeUps):
         call = functools.partial(self._call, fn, False, durable, repeatable=repeatable)
         return await loop.run_in_executor(self._executor, call)
 
-    def _call_here(self, fn: Callable[[Connection], T]) -> tuple[bool, T | None]:
-        """SQLite: ``(True, fn(conn))`` in a transaction on this thread if the write turn is
-        free now, else ``(False, None)`` with nothing done."""
-        assert self._here is not None
-        turns, engine = self._here
-        if not turns.enter_now():
-            return False, None
-        try:
-            with self._reachable():
-                try:
-                    with engine.begin() as conn:
-                        return True, fn(conn)
-                except OperationalError as exc:
-                    if "database is locked" in str(exc.orig):  # a writer outside neonnb: BEGIN IMMEDIATE refused
-                        return False, None
-                    raise
-        finally:
-            turns.__exit__()
-
-    async def _hot(self, fn: Callable[[Connection], T], single_statement: bool, durable: bool = True,
+    async def _hot(self, fn: Callable[[Run], T], single_statement: bool, durable: bool = True,
                    repeatable: bool = True) -> T:
-        """A worker's call or a small dispatch: on this thread where SQLite's turn is free now
-        (``_call_here``), else on the driver's threads."""
+        """A worker's call or a small dispatch, ``fn`` given a way to run statements: on this
+        thread where SQLite's turn is free now (``sqlite_here.py``), else through SQLAlchemy on
+        the driver's threads."""
         if self._here is not None and self._schema_ready:
-            ran, value = self._call_here(fn)
+            ran, value = self._here.transaction(fn)
             if ran:
                 return cast(T, value)
         run = self._statement if single_statement else self._transaction
-        return await run(fn, durable, repeatable)
+        return await run(lambda conn: fn(_run_on(conn)), durable, repeatable)
 
     async def _rows(self, stmt: Any, params: dict[str, Any], durable: bool = True,
                     repeatable: bool = True) -> list[dict[str, Any]]:
         """The rows of one statement as dicts: on the caller's loop where the driver has the
         async path, else as ``_hot`` runs it."""
         if self._async is None:
-            return await self._hot(lambda conn: [row._asdict() for row in conn.execute(stmt, params)], True,
-                                   durable, repeatable)
+            return await self._hot(lambda run: run(stmt, params), True, durable, repeatable)
         if not self._schema_ready:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._ready)
         return await self._async.rows(stmt, params, durable, repeatable)
@@ -314,14 +300,9 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, StoreClock, WakeUps):
     async def enqueue(self, records: Sequence[JobRecord]) -> None:
         # One job: on the caller's loop (PostgreSQL) or thread (SQLite, when the lock is free),
         # as a worker's calls are. Safe to repeat: a row whose id is stored is skipped.
-        if len(records) == 1 and self._async is not None:
+        if len(records) == 1 and (self._async is not None or self._here is not None):
             await self._rows(self._insert_one_named, dict(zip(ENQUEUED_COLUMNS, enqueued_row(records[0]), strict=True)))
             return
-        if len(records) == 1 and self._here is not None and self._schema_ready:
-            row = enqueued_row(records[0])
-            ran, _ = self._call_here(lambda conn: conn.exec_driver_sql(self._sql.insert_new, row))
-            if ran:
-                return
         await asyncio.get_running_loop().run_in_executor(self._executor, self.enqueue_blocking, records)
 
     def enqueue_blocking(self, records: Sequence[JobRecord]) -> bool:
@@ -329,6 +310,8 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, StoreClock, WakeUps):
         # A dispatch repeated after its reply was lost stores nothing twice: each row goes in
         # unless its id is there (ids are unique, so only the first try can have put it there).
         if len(rows) == 1:
+            if self._schema_ready and self._dispatch_here(dict(zip(ENQUEUED_COLUMNS, rows[0], strict=True))):
+                return True
             # Plain DBAPI SQL: a one-row dispatch spends more in SQLAlchemy's statement
             # machinery than in the database.
             self._call(lambda conn: conn.exec_driver_sql(self._sql.insert_new, rows[0]), True, True)
@@ -342,6 +325,15 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, StoreClock, WakeUps):
             else:
                 self._call(insert, False, True)
         return True
+
+    def _dispatch_here(self, row: dict[str, Any]) -> bool:
+        """A sync one-job dispatch on the driver's own connection, on this thread, if that
+        connection (PostgreSQL) or SQLite's write turn is free now; False if nothing was done."""
+        if self._dispatching is not None:
+            return self._dispatching.run(self._insert_one_named, row)
+        if self._here is not None:
+            return self._here.transaction(lambda run: run(self._insert_one_named, row))[0]
+        return False
 
     async def enqueue_once(self, record: JobRecord) -> bool:
         row = enqueued_row(record)
@@ -481,17 +473,17 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, StoreClock, WakeUps):
             return [row["id"] for row in rows]
         with_result = [{"b_id": job.id, "b_result": result} for job, result in results if result is not None]
 
-        def finish(conn: Connection) -> list[str]:
+        def finish(run: Run) -> list[str]:
             if self._returning:
-                finished = list(conn.execute(sql.complete_returning, params).scalars())
+                finished = [row["id"] for row in run(sql.complete_returning, params)]
             else:
-                finished = list(conn.execute(sql.owned_ids, params).scalars())
+                finished = [row["id"] for row in run(sql.owned_ids, params)]
                 if finished:
-                    conn.execute(sql.complete, {**params, "b_ids": finished})
+                    run(sql.complete, {**params, "b_ids": finished})
             mine = set(finished)
             rows = [row for row in with_result if row["b_id"] in mine]
             if rows:
-                conn.execute(sql.set_result, rows)
+                run(sql.set_result, rows)
             return finished
 
         # Without results one statement; with them, status and result must appear together,
@@ -759,11 +751,22 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, StoreClock, WakeUps):
         self._executor.shutdown(wait=True)
         if self._async is not None:
             self._async.close()
+        if self._dispatching is not None:
+            self._dispatching.close()
         if self._here is not None:
-            self._here[1].dispose()
+            self._here.close()
         if self._owns_engine:
             for engine in set(self._engines.values()):
                 engine.dispose()
+
+
+def _run_on(conn: Connection) -> Run:
+    """``Run`` (sqlite_here.py) on a SQLAlchemy connection."""
+    def run(statement: Any, params: Any) -> list[dict[str, Any]]:
+        result = conn.execute(statement, params)
+        return [row._asdict() for row in result] if result.returns_rows else []
+
+    return run
 
 
 def _columns(changes: dict[str, Any]) -> dict[str, Any]:

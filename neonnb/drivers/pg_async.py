@@ -25,6 +25,7 @@ from sqlalchemy import Dialect
 
 from .._loop import running_loop
 from ..errors import StoreError
+from .sql_compiled import Compiled
 from .sql_engine import refused, unreachable
 
 # Connections per loop and durability. A worker's calls are short and few at a time (one claim,
@@ -32,20 +33,6 @@ from .sql_engine import refused, unreachable
 CONNECTIONS_PER_LOOP = 4
 # Worker bookkeeping may skip the commit's fsync (DatabaseDriver explains why); outcomes may not.
 _RELAXED = "-c synchronous_commit=off"
-
-
-class Compiled:
-    """A SQLAlchemy statement compiled once for psycopg: its SQL text (literal-execute values
-    rendered) and the values it fixes itself (``status = 'running'``), merged into each call's."""
-
-    def __init__(self, statement: Any, dialect: Dialect) -> None:
-        compiled = statement.compile(dialect=dialect)
-        placeholders = {key: (0 if value is None else value) for key, value in compiled.params.items()}
-        self.sql: str = compiled.construct_expanded_state(placeholders).statement
-        self.fixed = {key: value for key, value in compiled.params.items() if not compiled.binds[key].required}
-
-    def values(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        return {**self.fixed, **params}
 
 
 class _LoopConnections:
@@ -126,7 +113,7 @@ class AsyncStatements:
             conn = await self._take(connections)
             reusable = False  # cancelled mid-statement (a worker stopping), its state is unknown: closed
             try:
-                cursor = await conn.execute(compiled.sql, compiled.values(params))
+                cursor = await conn.execute(*compiled.render(params))
                 rows = await cursor.fetchall() if cursor.description is not None else []
                 reusable = True
                 return rows
@@ -134,7 +121,7 @@ class AsyncStatements:
                 reusable = True  # the server answered (or the connection is broken, and give_back sees it)
                 if (conn.broken or conn.closed) and repeatable and attempt == 1:
                     continue
-                raise self._failure(exc, conn.broken or conn.closed) from exc
+                raise failure(self._where, exc, conn.broken or conn.closed) from exc
             finally:
                 await connections.give_back(conn, reusable)
         raise AssertionError("unreachable")
@@ -143,12 +130,7 @@ class AsyncStatements:
         try:
             return await connections.take()
         except psycopg.Error as exc:
-            raise self._failure(exc, True) from exc
-
-    def _failure(self, exc: psycopg.Error, lost: bool) -> StoreError:
-        if lost or isinstance(exc, psycopg.OperationalError):
-            return unreachable(self._where, exc)
-        return refused(self._where, exc)
+            raise failure(self._where, exc, True) from exc
 
     def close(self) -> None:
         """Close every loop's connections (from any thread: libpq closes synchronously)."""
@@ -161,6 +143,14 @@ class AsyncStatements:
                     loop.call_soon_threadsafe(mine.finish)  # its own thread may be using one now
                 else:
                     mine.finish()
+
+
+def failure(where: str, exc: psycopg.Error, lost: bool) -> StoreError:
+    """psycopg's error as the driver's: the database ``where`` unreachable (or the connection
+    ``lost``), or refusing the statement; never with the password."""
+    if lost or isinstance(exc, psycopg.OperationalError):
+        return unreachable(where, exc)
+    return refused(where, exc)
 
 
 def _options(connect: dict[str, Any]) -> str:

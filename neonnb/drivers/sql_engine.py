@@ -20,26 +20,31 @@ from ..config import redact
 from ..errors import ConfigError, MissingExtra, StoreError, StoreUnavailable
 
 
-def sqlite_engine(url: str, busy_timeout: float = 60) -> Engine:
-    """``busy_timeout``: seconds a statement waits for another connection's write lock."""
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": busy_timeout})
+def sqlite_engine(url: str) -> Engine:
+    # A statement waits up to a minute for another connection's write lock.
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
 
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Take transaction control from pysqlite so BEGIN IMMEDIATE below is what runs.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        # A returned dispatch survives any process crash; a power cut may take the last
-        # commits (WAL with synchronous=NORMAL, huey's default too). FULL would fsync each.
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.close()
+        prepare_sqlite(dbapi_connection)
 
     @event.listens_for(engine, "begin")
     def on_begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def prepare_sqlite(dbapi_connection: Any) -> None:
+    """Every neonnb connection to a SQLite file: WAL, and transactions begun explicitly."""
+    # Take transaction control from pysqlite so BEGIN IMMEDIATE is what runs.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    # A returned dispatch survives any process crash; a power cut may take the last
+    # commits (WAL with synchronous=NORMAL, huey's default too). FULL would fsync each.
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
 
 
 class WriterTurns:
