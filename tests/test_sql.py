@@ -235,6 +235,39 @@ def test_a_postgres_worker_runs_its_own_statements_on_its_loop(postgres_server: 
     assert not hot, f"the worker's statements went through the driver's threads: {hot}"
 
 
+def test_a_postgres_worker_claims_a_big_batch_in_pieces_side_by_side(postgres_server: PostgresServer) -> None:
+    """A worker with many free slots claims in pieces sent together over its loop's
+    connections, so the first jobs start while PostgreSQL claims the rest; SKIP LOCKED keeps
+    the pieces apart: every job runs once, charged one attempt."""
+    from typing import Any
+
+    from neonnb.drivers.database import CLAIM_PIECE, DatabaseDriver
+
+    with QueueManager(Config.for_url(postgres_server.new_database())) as qm:
+        qm.dispatch_batch("q", [jobs.Note(str(i)) for i in range(2 * CLAIM_PIECE + 50)])
+        driver = qm.driver
+        assert isinstance(driver, DatabaseDriver)
+        limits: list[int] = []
+        in_flight, most = [0], [0]
+        reserve = driver.reserve
+
+        async def counted(queues: Any, limit: int, *args: Any, **kwargs: Any) -> Any:
+            limits.append(limit)
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+            try:
+                return await reserve(queues, limit, *args, **kwargs)
+            finally:
+                in_flight[0] -= 1
+
+        driver.reserve = counted  # type: ignore[method-assign]
+        assert qm.worker("q", 2 * CLAIM_PIECE + 50).run_once() == 2 * CLAIM_PIECE + 50
+        ran = qm.jobs(limit=1000)
+        assert len(ran) == 2 * CLAIM_PIECE + 50
+        assert all(job.status.value == "succeeded" and job.attempts == 1 for job in ran)
+    assert limits == [CLAIM_PIECE, CLAIM_PIECE, 50] and most[0] == 3
+
+
 def test_a_postgres_worker_call_to_a_lost_database_says_so_without_the_password(
     postgres_server: PostgresServer,
 ) -> None:
@@ -266,8 +299,9 @@ def test_a_postgres_worker_call_to_a_lost_database_says_so_without_the_password(
 
 def test_a_sqlite_worker_calls_on_its_own_thread_and_never_waits_there_for_the_lock(tmp_path: Path) -> None:
     """A worker's SQLite calls run on its own thread while the write lock is free (no hop to
-    the driver's thread, no pass through SQLAlchemy's engines). When a writer outside neonnb holds the lock, the call waits for it on
-    the driver's thread: the worker's loop keeps running meanwhile."""
+    the driver's thread, no pass through SQLAlchemy's engines). When a writer outside neonnb
+    holds the lock, the call waits for it on the driver's thread: the worker's loop keeps
+    running meanwhile."""
     import asyncio
     import sqlite3
 

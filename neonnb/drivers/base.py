@@ -211,11 +211,12 @@ class HandOff(abc.ABC):
 
 
 class PipelinedClaims(abc.ABC):
-    """A store that runs pipelined commands one after another (Redis) answers a big claim
-    sooner as several small ones sent together: the worker starts the first jobs while the
-    store still claims the rest."""
+    """A store that answers a big claim sooner as several small ones sent together: Redis
+    runs pipelined commands one after another, PostgreSQL claims the pieces on several
+    connections at once. The worker starts the first jobs while the store still claims the
+    rest."""
 
-    claim_piece: int  # jobs per reserve call
+    claim_piece: int | None  # jobs per reserve call; None: a claim is one call
 
 
 class WakeUps(abc.ABC):

@@ -66,7 +66,7 @@ from ..records import (
     revived,
 )
 from . import sql_messages
-from .base import BlockingEnqueue, Driver, EventFeed, StoreClock, WakeUps
+from .base import BlockingEnqueue, Driver, EventFeed, PipelinedClaims, StoreClock, WakeUps
 from .pg_notify import Listener, announce, install_trigger
 from .sql_engine import engine_for, refused, turns_for, unreachable
 from .sql_messages import MessagePoller
@@ -95,8 +95,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 _BANDS = {p.rank: p.value for p in Priority}
 _COUNTED = {"delayed", RUNNING, SUCCEEDED, FAILED, CANCELLED}
+CLAIM_PIECE = 100  # jobs per claim statement on PostgreSQL, for a worker with more free slots
 
-class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, StoreClock, WakeUps):
+class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, PipelinedClaims, StoreClock, WakeUps):
     def __init__(self, connection: str | Engine, table_name: str = "neonnb_jobs") -> None:
         if isinstance(connection, Engine):
             self.engine, self._owns_engine = connection, False
@@ -174,6 +175,10 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, StoreClock, WakeUps):
             connect.pop("context", None)  # SQLAlchemy's adapters for its own sync connections
             self._async = AsyncStatements(connect, self._where, self.engine.dialect)
             self._dispatching = DispatchConnection(connect, self._where, self.engine.dialect)
+        # A big claim in pieces over the loop's connections: PostgreSQL claims them side by side
+        # (SKIP LOCKED keeps them apart) and the first jobs start while it claims the rest.
+        # SQLite would only queue them for its one write lock.
+        self.claim_piece = CLAIM_PIECE if self._async is not None else None
         self._owned_updates: dict[tuple[str, ...], Any] = {}  # by the columns set (_update_owned)
 
     # --- plumbing ---------------------------------------------------------------------
