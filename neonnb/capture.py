@@ -159,16 +159,25 @@ def _format(record: logging.LogRecord) -> str:
     return text + "\n"
 
 
+# The router last put over each stream, put back over the same stream next time: a busy worker
+# routes and unroutes around every short job, and a new router each time (with its finalizer's
+# flush) was a tenth of a no-op job's cost.
+_routers: dict[str, _Router] = {}
+
+
 def _route() -> None:
     """Route the streams while any job runs (again, if someone replaced them since): the
     one way to keep concurrent jobs' ``print`` apart."""
     global _capturing
     with _install_lock:
         _capturing += 1
-        if not isinstance(sys.stdout, _Router):
-            sys.stdout = _Router(sys.stdout)
-        if not isinstance(sys.stderr, _Router):
-            sys.stderr = _Router(sys.stderr)
+        for name in ("stdout", "stderr"):
+            stream = getattr(sys, name)
+            if not isinstance(stream, _Router):
+                router = _routers.get(name)
+                if router is None or router.stream is not stream:
+                    router = _routers[name] = _Router(stream)
+                setattr(sys, name, router)
 
 
 def _unroute() -> None:

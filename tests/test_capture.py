@@ -77,3 +77,21 @@ def test_a_long_output_is_cut_at_a_line_boundary() -> None:
     assert "earlier output dropped" in head
     assert len(kept) <= capture.MAX_OUTPUT
     assert all(len(row) == len(line) + 7 for row in kept.splitlines(keepends=True)), "a line was cut in half"
+
+
+def test_a_job_routes_the_stream_it_finds_and_gives_it_back() -> None:
+    """A job's print goes into its output through a router over the stream in place when
+    it starts; after it the stream is given back. A stream replaced between jobs (a new
+    cell's, pytest's) is the one routed the next time, never the one routed before."""
+    import contextlib
+    import io
+
+    for stream in (io.StringIO(), io.StringIO()):
+        with contextlib.redirect_stdout(stream):
+            output = capture.Output()
+            with capture.capturing(output):
+                print("in the job")
+            assert sys.stdout is stream
+            print("outside it")
+        assert output.text() == "in the job\n"
+        assert stream.getvalue() == "outside it\n"
