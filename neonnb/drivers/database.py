@@ -68,6 +68,7 @@ from ..records import (
 from . import sql_messages
 from .base import BlockingEnqueue, Driver, EventFeed, PipelinedClaims, StoreClock, WakeUps
 from .pg_notify import Listener, announce, install_trigger
+from .sql_compiled import CompiledStatements
 from .sql_engine import engine_for, refused, turns_for, unreachable
 from .sql_messages import MessagePoller
 from .sql_schema import (
@@ -151,17 +152,19 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, PipelinedClaims, StoreC
         # more than the call. They never wait there: the turn is only taken if free, and these
         # connections give up at once on a lock held outside neonnb (busy timeout 0); then the
         # call goes to the driver's thread, which waits its turn.
+        self._where = self.engine.url.render_as_string(hide_password=True)
+        # The hot statements as the paths below run them raw, each compiled once.
+        statements = CompiledStatements(self.engine.dialect)
         self._here: SqliteHere | None = None
         if dialect == "sqlite" and self._owns_engine:
             self._here = SqliteHere(self.engine.url.database or "", turns_for(self.engine.url.database),
-                                    self.engine.url.render_as_string(hide_password=True), self.engine.dialect)
+                                    self._where, statements)
         self._schema_ready = False
         self._schema_lock = threading.Lock()
         # LISTEN/NOTIFY needs psycopg 3's notifies(); other PostgreSQL DBAPIs poll.
         self._notifies = dialect == "postgresql" and self.engine.dialect.driver == "psycopg"
         self._listener: Listener | Watcher | None = None
         self._message_listeners: set[Listener | MessagePoller] = set()
-        self._where = self.engine.url.render_as_string(hide_password=True)
         # A worker's own calls run on its loop, with no hop to the driver's threads, where the
         # engine is ours and speaks psycopg (an Engine passed in may carry connect_args we
         # can't see). The rest stays on the threads, through SQLAlchemy.
@@ -173,8 +176,8 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, PipelinedClaims, StoreC
 
             connect = dict(self.engine.dialect.create_connect_args(self.engine.url)[1])
             connect.pop("context", None)  # SQLAlchemy's adapters for its own sync connections
-            self._async = AsyncStatements(connect, self._where, self.engine.dialect)
-            self._dispatching = DispatchConnection(connect, self._where, self.engine.dialect)
+            self._async = AsyncStatements(connect, self._where, statements)
+            self._dispatching = DispatchConnection(connect, self._where, statements)
         # A big claim in pieces over the loop's connections: PostgreSQL claims them side by side
         # (SKIP LOCKED keeps them apart) and the first jobs start while it claims the rest.
         # SQLite would only queue them for its one write lock.

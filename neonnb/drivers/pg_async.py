@@ -21,11 +21,10 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
-from sqlalchemy import Dialect
 
 from .._loop import running_loop
 from ..errors import StoreError
-from .sql_compiled import Compiled
+from .sql_compiled import CompiledStatements
 from .sql_engine import refused, unreachable
 
 # Connections per loop and durability. A worker's calls are short and few at a time (one claim,
@@ -84,9 +83,8 @@ class AsyncStatements:
     driver's others do: StoreUnavailable when the server can't be reached, StoreError when it
     refused the statement, naming the database but never its password."""
 
-    def __init__(self, connect: dict[str, Any], where: str, dialect: Dialect) -> None:
-        self._dialect = dialect
-        self._compiled: dict[Any, Compiled] = {}  # by statement: the driver builds each once
+    def __init__(self, connect: dict[str, Any], where: str, statements: CompiledStatements) -> None:
+        self._statements = statements
         self._connect = {durable: connect if durable else {**connect, "options": _options(connect)}
                          for durable in (True, False)}
         self._where = where
@@ -105,15 +103,12 @@ class AsyncStatements:
         """The rows a SQLAlchemy ``statement`` returns. Tried once more on a fresh connection if
         the first one had died (a server restart), unless not ``repeatable``: it may have died
         after the server did the work, its reply lost."""
-        compiled = self._compiled.get(statement)
-        if compiled is None:
-            compiled = self._compiled[statement] = Compiled(statement, self._dialect)
         connections = self._connections(durable)
         for attempt in (1, 2):
             conn = await self._take(connections)
             reusable = False  # cancelled mid-statement (a worker stopping), its state is unknown: closed
             try:
-                cursor = await conn.execute(*compiled.render(params))
+                cursor = await conn.execute(*self._statements.render(statement, params))
                 rows = await cursor.fetchall() if cursor.description is not None else []
                 reusable = True
                 return rows

@@ -3,7 +3,7 @@ psycopg connection of the driver's own, on the calling thread.
 
 Through SQLAlchemy such a dispatch spent about as long in the pool's check-out and return and
 the execution path as PostgreSQL took for the INSERT. The statement SQLAlchemy built is
-compiled once (``Compiled``). There is one connection, taken only if free: a second thread
+compiled once (``CompiledStatements``). There is one connection, taken only if free: a second thread
 dispatching at the same moment goes through SQLAlchemy as before, instead of waiting here.
 """
 
@@ -14,18 +14,16 @@ from collections.abc import Mapping
 from typing import Any
 
 import psycopg
-from sqlalchemy import Dialect
 
 from .pg_async import failure
-from .sql_compiled import Compiled
+from .sql_compiled import CompiledStatements
 
 
 class DispatchConnection:
-    def __init__(self, connect: dict[str, Any], where: str, dialect: Dialect) -> None:
+    def __init__(self, connect: dict[str, Any], where: str, statements: CompiledStatements) -> None:
         self._connect = connect
         self._where = where
-        self._dialect = dialect
-        self._compiled: dict[Any, Compiled] = {}
+        self._statements = statements
         self._free = threading.Lock()
         self._conn: psycopg.Connection[Any] | None = None
 
@@ -36,14 +34,11 @@ class DispatchConnection:
         if not self._free.acquire(blocking=False):
             return False
         try:
-            compiled = self._compiled.get(statement)
-            if compiled is None:
-                compiled = self._compiled[statement] = Compiled(statement, self._dialect)
             for attempt in (1, 2):
                 try:
                     if self._conn is None:
                         self._conn = psycopg.connect(**self._connect, autocommit=True)
-                    self._conn.execute(*compiled.render(params))
+                    self._conn.execute(*self._statements.render(statement, params))
                     return True
                 except psycopg.Error as exc:
                     lost = self._conn is None or self._conn.broken or self._conn.closed

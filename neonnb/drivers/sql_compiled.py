@@ -1,6 +1,6 @@
-"""A SQLAlchemy statement compiled once for running on a DBAPI connection of the driver's own
-(``pg_async.py``, ``sqlite_here.py``), where SQLAlchemy's execution path would cost more than
-the database takes for a worker's small statements."""
+"""SQLAlchemy statements compiled once for running on DBAPI connections of the driver's own
+(``pg_async.py``, ``pg_dispatch.py``, ``sqlite_here.py``), where SQLAlchemy's execution path
+would cost more than the database takes for a worker's small statements."""
 
 from __future__ import annotations
 
@@ -39,3 +39,18 @@ class Compiled:
         if positions is None:
             return sql, values
         return sql, tuple(values[name] for name in positions)
+
+
+class CompiledStatements:
+    """The driver's statements, each compiled on first use: the driver builds each statement
+    once, so they are known by identity. Shared by every path that runs them raw."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self._dialect = dialect
+        self._compiled: dict[Any, Compiled] = {}
+
+    def render(self, statement: Any, params: Mapping[str, Any]) -> tuple[str, dict[str, Any] | tuple[Any, ...]]:
+        compiled = self._compiled.get(statement)
+        if compiled is None:
+            compiled = self._compiled[statement] = Compiled(statement, self._dialect)
+        return compiled.render(params)

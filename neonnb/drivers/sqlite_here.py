@@ -5,7 +5,7 @@ the write lock is free at that moment.
 The hop to the driver's thread costs more than such a call, and so does SQLAlchemy's execution
 path: several times the database's own work, more still on a cold cache, as between jobs that
 arrive some milliseconds apart. The statements SQLAlchemy built are compiled once
-(``Compiled``) and run on the raw connection.
+(``CompiledStatements``) and run on the raw connection.
 
 They never wait here: the turn is taken only if free (``WriterTurns.enter_now``) and the
 connection gives up at once on a lock held outside neonnb (busy timeout 0). ``transaction``
@@ -20,7 +20,7 @@ import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from .sql_compiled import Compiled
+from .sql_compiled import CompiledStatements
 from .sql_engine import WriterTurns, prepare_sqlite, refused, unreachable
 
 T = TypeVar("T")
@@ -29,12 +29,11 @@ Run = Callable[[Any, "Mapping[str, Any] | Sequence[Mapping[str, Any]]"], list[di
 
 
 class SqliteHere:
-    def __init__(self, path: str, turns: WriterTurns, where: str, dialect: Any) -> None:
+    def __init__(self, path: str, turns: WriterTurns, where: str, statements: CompiledStatements) -> None:
         self._path = path
         self._turns = turns
         self._where = where
-        self._dialect = dialect
-        self._compiled: dict[Any, Compiled] = {}  # by statement: the driver builds each once
+        self._statements = statements
         self._conn: sqlite3.Connection | None = None
 
     def transaction(self, fn: Callable[[Run], T]) -> tuple[bool, T | None]:
@@ -74,14 +73,11 @@ class SqliteHere:
 
     def _run(self, conn: sqlite3.Connection, statement: Any,
              params: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        compiled = self._compiled.get(statement)
-        if compiled is None:
-            compiled = self._compiled[statement] = Compiled(statement, self._dialect)
         if not isinstance(params, Mapping):
             for each in params:
-                conn.execute(*compiled.render(each))
+                conn.execute(*self._statements.render(statement, each))
             return []
-        cursor = conn.execute(*compiled.render(params))
+        cursor = conn.execute(*self._statements.render(statement, params))
         if cursor.description is None:
             return []
         names = [column[0] for column in cursor.description]
