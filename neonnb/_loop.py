@@ -10,12 +10,16 @@ wake-ups were most of a dispatch's time (see QueueManager._enqueue_sync).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
+import logging
 import threading
+import weakref
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
+logger = logging.getLogger("neonnb")
 
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
@@ -64,6 +68,45 @@ def shutdown(timeout: float = 5.0) -> None:
     thread.join(timeout)
     if not thread.is_alive():
         loop.close()
+
+
+class Closable(Protocol):
+    async def aclose(self) -> None: ...
+
+
+_open: weakref.WeakSet[Closable] = weakref.WeakSet()
+EXIT_TIMEOUT = 5.0  # seconds an interpreter exit waits for open managers to close
+
+
+def close_at_exit(resource: Closable) -> None:
+    """Close ``resource`` when the interpreter exits if it is still open then (a script or a
+    kernel that never called ``close()``): its workers unregister and give their jobs back,
+    and no task is left pending on a loop that dies with the process."""
+    _open.add(resource)
+
+
+def closed(resource: Closable) -> None:
+    _open.discard(resource)
+
+
+@atexit.register
+def _close_open_resources() -> None:
+    loop = _loop
+    if loop is None or not loop.is_running():
+        return
+    resources = list(_open)
+
+    async def close_all() -> None:
+        results = await asyncio.gather(*(r.aclose() for r in resources), return_exceptions=True)
+        for resource, result in zip(resources, results):
+            if isinstance(result, BaseException):
+                logger.warning("closing %r at exit failed: %r", resource, result)
+
+    try:
+        asyncio.run_coroutine_threadsafe(asyncio.wait_for(close_all(), EXIT_TIMEOUT), loop).result()
+    except Exception as exc:  # the process is ending either way: say so, don't raise in atexit
+        logger.warning("neonnb could not close everything at exit (%r)", exc)
+    shutdown(EXIT_TIMEOUT)
 
 
 def running_loop() -> asyncio.AbstractEventLoop | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
 from . import frames, render, workflows
-from ._loop import run_sync
+from ._loop import close_at_exit, closed, run_sync
 from .config import Config, DurationInput, WorkerOptions, parse_duration, redact
 from .core import Core
 from .drivers import create_driver
@@ -69,6 +69,7 @@ class QueueManager:
         self.schedulers: list[Scheduler] = []
         self.recent_workflows: collections.deque[ChainHandle | BatchHandle] = collections.deque(maxlen=8)
         self._dashboard: Dashboard | None = None  # the one panel of this manager (dashboard())
+        close_at_exit(self)
 
     @property
     def config(self) -> Config:
@@ -358,6 +359,7 @@ class QueueManager:
         return JobHandle(self.core, job_id)
 
     async def aclose(self) -> None:
+        closed(self)
         for worker in self.core.workers():
             await worker.astop(grace=0)
         await self.core.feed.aclose()

@@ -43,6 +43,24 @@ class Recorder:
             self.counts[item] += 1
 
 
+RUNTIME_DEPENDENCIES = ["redis", "hiredis", "SQLAlchemy", "psycopg", "PyMySQL", "croniter", "PyYAML", "ipywidgets",
+                        "pandas", "numpy", "ipykernel", "starlette", "uvicorn", "prometheus_client",
+                        "jupyter-server-proxy"]
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which releases of the runtime dependencies this run used (newest, or the lowest declared)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "absent"
+
+    return "runtime: " + ", ".join(f"{name} {installed(name)}" for name in RUNTIME_DEPENDENCIES)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The Redis demo notebook talks to $NEONNB_REDIS_URL: a throwaway server, when any
     notebook is collected (the kernels nbval starts inherit this process's environment)."""

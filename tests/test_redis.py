@@ -9,6 +9,7 @@ import gc
 import logging
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -542,3 +543,37 @@ def test_a_command_redis_refuses_raises_neonnbs_store_error() -> None:
     finally:
         qm.close()
         server.stop()
+
+
+_QUIET_SCRIPT = """
+import sys, neonnb
+qm = neonnb.connect(sys.argv[1])
+
+@qm.job(queue="quiet")
+def echo(x):
+    return x
+
+qm.worker("quiet", 2).start()
+assert echo.dispatch(7).result(timeout=30) == 7
+echo.dispatch(8)
+qm.size("quiet"), qm.stats()
+if sys.argv[2] == "close":
+    qm.close()
+"""
+
+
+@pytest.mark.parametrize("ending", ["close", "exit without close"])
+def test_a_script_on_redis_prints_nothing_with_warnings_as_errors(
+        redis_server: RedisServer, tmp_path: Path, ending: str) -> None:
+    """The newest redis-py warns when an asyncio client is given a sync Retry; a loop that
+    dies with the process leaves "Task was destroyed but it is pending" for its subscriber."""
+    script = tmp_path / "quiet.py"
+    script.write_text(_QUIET_SCRIPT)
+    done = subprocess.run([sys.executable, "-W", "error", str(script), redis_server.url(11), ending],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (0, "")
+    left = redis.Redis.from_url(redis_server.url(11), decode_responses=True)
+    try:  # the worker unregistered at exit: no hand-off reaches a dead worker's inbox
+        assert not [key for key in left.scan_iter("*") if key.endswith("idle") and left.zcard(key)]
+    finally:
+        left.close()

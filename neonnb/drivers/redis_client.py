@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from ..config import redact
 from ..errors import ConfigError, MissingExtra
@@ -27,6 +27,7 @@ from ..errors import ConfigError, MissingExtra
 try:
     import redis
     import redis.asyncio
+    import redis.asyncio.retry
     import redis.asyncio.sentinel
     import redis.sentinel
     from redis.backoff import NoBackoff
@@ -116,11 +117,13 @@ class Settings:
             return f"{self.service} via Sentinel {','.join(f'{h}:{p}' for h, p in self.sentinels)}"
         return f"{self.host}:{self.port}/{self.db}"
 
-    def _options(self, reply_timeout: float | None) -> dict[str, Any]:
+    def _options(self, reply_timeout: float | None, *, blocking: bool = False) -> dict[str, Any]:
+        # An asyncio client gets asyncio's Retry: redis-py >= 8.2 warns when given the sync one.
+        retry = Retry(NoBackoff(), 0) if blocking else redis.asyncio.retry.Retry(NoBackoff(), 0)
         return {
             "username": self.username, "password": self.password, "decode_responses": True,
             "encoding_errors": "replace", "socket_timeout": reply_timeout,
-            "socket_connect_timeout": self.connect_timeout, "retry": Retry(NoBackoff(), 0),
+            "socket_connect_timeout": self.connect_timeout, "retry": retry,
         }
 
     async def connect(self, *, reply_timeout: float | None = -1.0) -> AsyncClient:
@@ -128,10 +131,11 @@ class Settings:
         node. ``reply_timeout=None``: no limit (a client that only waits in blocking pops)."""
         options = self._options(self.reply_timeout if reply_timeout == -1.0 else reply_timeout)
         if self.kind == "sentinel":
-            sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            # Typed as Any: redis-py's annotations of Sentinel differ between releases.
+            sentinel: Any = redis.asyncio.sentinel.Sentinel(
                 list(self.sentinels), socket_timeout=self.connect_timeout,
                 socket_connect_timeout=self.connect_timeout)
-            return sentinel.master_for(str(self.service), db=self.db, **options)  # type: ignore[no-any-return]
+            return cast(AsyncClient, sentinel.master_for(str(self.service), db=self.db, **options))
         if self.kind == "unix":
             return redis.asyncio.Redis(unix_socket_path=self.path, db=self.db, **options)
         client = redis.asyncio.Redis(host=self.host, port=self.port, db=self.db, **self._ssl(), **options)
@@ -154,12 +158,11 @@ class Settings:
 
     def connect_blocking(self) -> SyncClient:
         """A client for the calling thread, without asyncio (a sync dispatch)."""
-        options = self._options(self.reply_timeout)
+        options = self._options(self.reply_timeout, blocking=True)
         if self.kind == "sentinel":
-            sentinel = redis.sentinel.Sentinel(list(self.sentinels),  # type: ignore[no-untyped-call]
-                                               socket_timeout=self.connect_timeout,
-                                               socket_connect_timeout=self.connect_timeout)
-            return sentinel.master_for(str(self.service), db=self.db, **options)  # type: ignore[no-any-return,no-untyped-call]
+            sentinel: Any = redis.sentinel.Sentinel(list(self.sentinels), socket_timeout=self.connect_timeout,
+                                                    socket_connect_timeout=self.connect_timeout)
+            return cast(SyncClient, sentinel.master_for(str(self.service), db=self.db, **options))
         # One thread, one command at a time: one connection, without a pool's get and release.
         options["single_connection_client"] = True
         if self.kind == "unix":
