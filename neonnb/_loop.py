@@ -98,7 +98,7 @@ def _close_open_resources() -> None:
 
     async def close_all() -> None:
         results = await asyncio.gather(*(r.aclose() for r in resources), return_exceptions=True)
-        for resource, result in zip(resources, results):
+        for resource, result in zip(resources, results, strict=True):
             if isinstance(result, BaseException):
                 logger.warning("closing %r at exit failed: %r", resource, result)
 
