@@ -20,12 +20,12 @@ import secrets
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
-from .config import WorkerOptions
+from .config import WorkerOptions, printable
 from .errors import JobNotFound, MissingExtra, NeonnbError
 from .manager import QueueManager, connect
-from .records import JobRecord, Status, record_data, schedules_data
+from .records import MAX_OFFSET, MAX_PAGE, JobRecord, Status, record_data, schedules_data
 
 
 def load_manager(target: str) -> QueueManager:
@@ -46,13 +46,49 @@ def _import(module: str) -> object:
         raise NeonnbError(
             f"can't import {module}: {exc} (run from the folder that holds it, or add it to PYTHONPATH)"
         ) from exc
+    except Exception as exc:  # the module itself failed: one line says where, not a traceback
+        raise NeonnbError(f"importing {module} raised {type(exc).__name__}: {exc}") from exc
 
 
 def _at_least_one(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
     return value
+
+
+def _page_size(text: str) -> int:
+    value = _integer(text)
+    if not 1 <= value <= MAX_PAGE:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_PAGE}, got {value}")
+    return value
+
+
+def _not_negative(text: str) -> int:
+    value = _integer(text)
+    if not 0 <= value <= MAX_OFFSET:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_OFFSET}, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _integer(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is from 1 to 65535, got {value}")
+    return value
+
+
+def _integer(text: str) -> int:
+    if not text.strip().lstrip("-").isdigit() or len(text) > 20:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}")
+    return int(text)
+
+
+class _Parser(argparse.ArgumentParser):
+    """A bad argument is one line on stderr and exit code 2, pointing at --help, not the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {printable(message)} (see {self.prog} --help)\n")
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -97,7 +133,9 @@ def _admin(command: Callable[[QueueManager, argparse.Namespace], int]) -> Callab
 
 
 def _show_result(args: argparse.Namespace, data: Any, text: str) -> None:
-    print(json.dumps(data, default=str) if args.json else text)
+    # What jobs and stores hold is shown, never obeyed: a name or an error with ESC or RLO in it
+    # can't colour, move or reorder the terminal (JSON escapes them itself).
+    print(json.dumps(data, default=str) if args.json else printable(text, lines=True))
 
 
 def _stats(qm: QueueManager, args: argparse.Namespace) -> int:
@@ -209,7 +247,7 @@ def _purge(qm: QueueManager, args: argparse.Namespace) -> int:
 
 
 def _not_there(exc: Exception) -> int:
-    print(f"neonnb: {exc}", file=sys.stderr)
+    print(f"neonnb: {printable(exc)}", file=sys.stderr)
     return 1
 
 
@@ -246,20 +284,45 @@ def _dashboard(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError as exc:
         raise MissingExtra("neonnb dashboard needs uvicorn: pip install 'neonnb[web]'") from exc
-    token = args.token or os.environ.get("NEONNB_DASHBOARD_TOKEN")
-    if not token:
-        token = secrets.token_urlsafe(24)
-        print(f"neonnb dashboard: writes (and reads from off this machine) need the header "
-              f"Authorization: Bearer {token}", flush=True)
-    if not args.read_only and not is_loopback(args.host):
-        print(f"neonnb dashboard: listening on {args.host}, off loopback: every request needs the token", flush=True)
     manager = load_manager(args.target)
     try:
-        uvicorn.run(create_app(manager, token=token, read_only=args.read_only), host=args.host, port=args.port,
-                    log_level="warning")
+        if args.unix_socket:  # behind Jupyter's proxy: the socket's permissions are the login
+            app = create_app(manager, read_only=args.read_only, proxied=True)
+            print(f"neonnb dashboard: serving {manager.config.describe_store()} on {args.unix_socket}", flush=True)
+            uvicorn.run(app, uds=args.unix_socket, log_level="warning")
+            return 0
+        given = args.token or os.environ.get("NEONNB_DASHBOARD_TOKEN")
+        token = given or secrets.token_urlsafe(24)
+        hosts = tuple(args.allowed_hosts) + (() if is_loopback(args.host) else (args.host,))
+        app = create_app(manager, token=token, read_only=args.read_only, allowed_hosts=hosts)
+        shown = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+        shown = f"[{shown}]" if ":" in shown else shown
+        # As Jupyter does: the URL to open, with a token made here (the page moves it out of the
+        # address bar); a token the user gave stays out of the output, which may land in a log.
+        query = "" if given else f"?token={token}"
+        print(f"neonnb dashboard: serving {manager.config.describe_store()}\n"
+              f"    open http://{shown}:{args.port}/{query}", flush=True)
+        if not is_loopback(args.host):
+            print(f"neonnb dashboard: listening on {args.host}, off loopback: every request needs the token",
+                  flush=True)
+        _check_port_free(args.host, args.port)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         manager.close()
     return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A taken port is a bad argument (rc 2, one line), not uvicorn's log and exit."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise NeonnbError(f"can't listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _ago(now: float, then: float) -> str:
@@ -267,6 +330,7 @@ def _ago(now: float, then: float) -> str:
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
+    rows = [[printable(cell) for cell in row] for row in rows]  # one line a row, whatever a cell holds
     widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
                      for row in [headers, *rows])
@@ -279,7 +343,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="neonnb", description=__doc__)
+    parser = _Parser(prog="neonnb", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -308,13 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = admin("jobs", "jobs, newest first", _jobs)
     jobs.add_argument("--status", choices=[s.value for s in Status], help="only jobs in this state")
     jobs.add_argument("--queue", help="only this queue's jobs")
-    jobs.add_argument("--limit", type=_at_least_one, default=50, help="at most this many (default 50)")
+    jobs.add_argument("--limit", type=_page_size, default=50, help="at most this many (default 50)")
     jobs.add_argument("--cursor", help="the next page: the cursor the page before gave")
     admin("show", "one job: its fields, error, traceback and output", _show).add_argument("job_id")
     failed = admin("failed", "the failed store, newest first", _failed)
     failed.add_argument("--queue", help="only this queue's failed jobs")
-    failed.add_argument("--limit", type=_at_least_one, default=50, help="at most this many (default 50)")
-    failed.add_argument("--offset", type=int, default=0, help="skip this many first (default 0)")
+    failed.add_argument("--limit", type=_page_size, default=50, help="at most this many (default 50)")
+    failed.add_argument("--offset", type=_not_negative, default=0, help="skip this many first (default 0)")
     retry = admin("retry", "queue failed jobs again (same id and arguments, attempts reset)", _retry)
     retry.add_argument("job_ids", nargs="*", metavar="ID")
     retry.add_argument("--all", action="store_true", help="every failed job (of --queue, if given)")
@@ -331,7 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard = commands.add_parser("dashboard", help="serve the dashboard's JSON API and /metrics (neonnb[web])")
     dashboard.add_argument("target", help="connection URL, config file or module:manager (as for worker)")
     dashboard.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
-    dashboard.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    dashboard.add_argument("--port", type=_port, default=8765, help="port (default 8765)")
+    dashboard.add_argument("--allowed-host", dest="allowed_hosts", action="append", default=[], metavar="NAME",
+                           help="a name the dashboard is reached by besides loopback's (repeat for several); "
+                                "other Host headers get 400")
+    dashboard.add_argument("--unix-socket", metavar="PATH",
+                           help="serve on this unix socket instead, for Jupyter's proxy (no token: the socket's "
+                                "permissions decide who may connect)")
     dashboard.add_argument("--token", help="the token writes need (default: $NEONNB_DASHBOARD_TOKEN, "
                                            "else a new one, printed)")
     dashboard.add_argument("--read-only", action="store_true", help="refuse every write")
@@ -350,5 +420,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except NeonnbError as exc:
-        print(f"neonnb: {exc}", file=sys.stderr)
+        print(f"neonnb: {printable(exc)}", file=sys.stderr)
         return 2

@@ -28,10 +28,34 @@ _TABLE_NAME = re.compile(rf"[A-Za-z_][A-Za-z0-9_]{{0,{MAX_TABLE_NAME - 1}}}")
 _CREDENTIALS = re.compile(r"((?://|^)[^/\s:@'\"]*:)(?!//)[^\s'\"]*@")
 
 
+# A secret in a URL's query string: ?password=, &sslpassword=, &auth_token=, &client_secret= ...
+_SECRET_PARAMETER = re.compile(
+    r"([?&;][^=&;\s'\"#?]*(?:pass|pwd|token|secret|credential|api_?key|access_?key)[^=&;\s'\"#?]*=)[^&;\s'\"#]*",
+    re.IGNORECASE)
+
+
 def redact(text: str) -> str:
-    """``text`` with the password of any URL in it replaced by ``***``: for reprs, log lines
-    and errors, which must never show one."""
-    return _CREDENTIALS.sub(r"\1***@", text)
+    """``text`` with every secret of any URL in it replaced by ``***`` (the password of
+    ``user:password@`` and query parameters such as ``password=``): for reprs, pages, log
+    lines and errors, which must never show one."""
+    return _SECRET_PARAMETER.sub(r"\1***", _CREDENTIALS.sub(r"\1***@", text))
+
+
+# Characters a terminal or a log reader acts on instead of showing: C0 and C1 controls (ESC
+# starts colour codes and cursor moves; a newline could forge a log line) and the bidi controls
+# that reorder what follows (RLO). Text from jobs and stores is shown with them escaped.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+_CONTROLS_BUT_NEWLINES = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+
+
+def printable(text: Any, *, lines: bool = False) -> str:
+    """``text`` with its control characters escaped (``\\x1b``, ``\\n``, ``\\u202e``), for a
+    terminal or a log line; ``lines=True`` keeps newlines (a traceback printed whole)."""
+    def escaped(match: re.Match[str]) -> str:
+        char = match.group()
+        return {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(char) or (
+            f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+    return (_CONTROLS_BUT_NEWLINES if lines else _CONTROLS).sub(escaped, str(text))
 
 
 MAX_DURATION = 100 * 365.25 * 86400.0  # longer is a mistake, and sums of such times stay exact enough
@@ -245,9 +269,15 @@ class Config:
         import yaml
 
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"can't read the config file {str(path)!r}: {exc.strerror or exc}") from None
+        try:
+            data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if data is None:  # an empty file is a mistake, not a wish for every default (a new ./neonnb.db)
+            raise ConfigError(f"{path}: the config file is empty; give at least 'driver:' and 'connection:'")
         if isinstance(data, dict) and section in data:
             data = data[section]
         if not isinstance(data, dict):

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from . import frames, render
 from ._loop import run_sync
 from .errors import JobCancelled, JobFailed, JobNotFound
-from .records import FINISHED, JobRecord, Status
+from .records import FINISHED, JobRecord, Status, check_job_id, check_page, check_queue_name
 
 if TYPE_CHECKING:
     from .core import Core
@@ -25,7 +25,7 @@ class JobHandle:
     def __init__(self, core: Core, job_id: str, queue: str | None = None, *,
                  stored_later: bool = False) -> None:
         self.core = core
-        self.id = job_id
+        self.id = check_job_id(job_id)
         self.queue = queue
         # A job stored once others end (a batch's callback, a chain's later step): waiting on
         # it waits for it to appear.
@@ -174,11 +174,14 @@ class FailedStore:
         self.core = core
 
     async def alist(self, limit: int = 50, offset: int = 0, queue: str | None = None) -> list[FailedJob]:
+        check_page(limit, offset)
+        if queue is not None:
+            check_queue_name(queue)
         records = await self.core.driver.list_jobs(status=Status.FAILED, queue=queue, limit=limit, offset=offset)
         return [FailedJob.from_record(r) for r in records]
 
     async def aget(self, job_id: str) -> FailedJob:
-        record = await self.core.driver.get(job_id)
+        record = await self.core.driver.get(check_job_id(job_id))
         if record is None or record.status is not Status.FAILED:
             raise JobNotFound(f"job {job_id} is not in the failed store")
         return FailedJob.from_record(record)
@@ -190,18 +193,20 @@ class FailedStore:
 
     async def aretry(self, job_id: str) -> JobHandle:
         """Queue the job again: same id and arguments, attempts reset."""
-        if not await self._requeue([job_id], None):
+        if not await self._requeue([check_job_id(job_id)], None):
             raise JobNotFound(f"job {job_id} is not in the failed store")
         return JobHandle(self.core, job_id)
 
     async def aretry_all(self, queue: str | None = None) -> int:
+        if queue is not None:
+            check_queue_name(queue)
         return len(await self._requeue(None, queue))
 
     async def _requeue(self, ids: list[str] | None, queue: str | None) -> list[str]:
         return await self.core.requeue_failed(ids, queue)
 
     async def aforget(self, job_id: str) -> bool:
-        return await self.core.driver.delete_failed([job_id]) == 1
+        return await self.core.driver.delete_failed([check_job_id(job_id)]) == 1
 
     async def aflush(self) -> int:
         return await self.core.driver.delete_failed(None)

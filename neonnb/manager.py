@@ -34,6 +34,8 @@ from .records import (
     SchedulerInfo,
     Status,
     WorkerInfo,
+    check_job_id,
+    check_page,
     check_queue_name,
     new_job_id,
     parse_priority,
@@ -274,6 +276,9 @@ class QueueManager:
         next page (``qm.jobs(cursor=page.cursor)``; None after the last). Each page costs what
         it holds, however many jobs the store keeps."""
         wanted = None if status is None else parse_status(status)
+        check_page(limit)
+        if queue is not None:
+            check_queue_name(queue)
         return await self.driver.list_jobs(status=wanted, queue=queue, limit=limit, cursor=cursor)
 
     def jobs(
@@ -341,7 +346,7 @@ class QueueManager:
         """Cancel a job: a queued or delayed one never runs; a running one is asked to stop
         (``ctx.cancelled`` turns true for sync handlers, async ones are cancelled) at its
         worker's next heartbeat. Returns the status the job had (None: no such job)."""
-        return await self.core.cancel(job_id, queue)
+        return await self.core.cancel(check_job_id(job_id), queue)
 
     def cancel(self, job_id: str, queue: str | None = None) -> Status | None:
         return run_sync(self.acancel(job_id, queue))

@@ -12,7 +12,9 @@ import dataclasses
 import enum
 import functools
 import json
+import math
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -192,9 +194,33 @@ def page_cursor(position: float, tiebreak: str | int) -> str:
 def read_cursor(cursor: str) -> tuple[float, str]:
     position, _, tiebreak = cursor.partition("/")
     try:
-        return float(position), tiebreak
+        value = float(position)
     except ValueError:
         raise bad_cursor(cursor) from None
+    if not math.isfinite(value) or not _ID.fullmatch(tiebreak):
+        raise bad_cursor(cursor)
+    return value, tiebreak
+
+
+MAX_PAGE = 10_000  # jobs in one listing: more is a mistake (and a huge number overflows SQL's integers)
+MAX_OFFSET = 2**31 - 1
+_ID = re.compile(r"[0-9A-Za-z_.:-]{1,100}")  # what new_job_id makes, and room for ids made elsewhere
+
+
+def check_job_id(job_id: Any) -> str:
+    """``job_id`` if it can be an id; else ConfigError saying what is wrong (a NUL byte, say,
+    that a store would refuse with an error of its own)."""
+    if not isinstance(job_id, str) or not _ID.fullmatch(job_id):
+        raise ConfigError(f"{job_id!r} is not a job id: ids are up to 100 letters, digits, '_', '.', ':' or '-'")
+    return job_id
+
+
+def check_page(limit: Any, offset: Any = 0) -> tuple[int, int]:
+    """``limit`` and ``offset`` of a listing if they are in range; else ConfigError."""
+    for name, value, least, most in (("limit", limit, 1, MAX_PAGE), ("offset", offset, 0, MAX_OFFSET)):
+        if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most:
+            raise ConfigError(f"{name} must be an integer from {least} to {most}, got {value!r}")
+    return limit, offset
 
 
 def bad_cursor(cursor: str) -> ConfigError:

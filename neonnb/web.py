@@ -19,9 +19,22 @@ workers), refreshed every second from the API; the other routes are JSON (errors
     GET    /api/schedules                 every running scheduler's schedules, with next tick
     GET    /metrics                       Prometheus' text format
 
-Safe by default: every write needs the token, sent as ``Authorization: Bearer <token>`` (a
-header, so a cross-site form can't trigger a retry); a request from off this machine needs it
-for reads too (401 without); ``read_only`` refuses every write (403).
+Safe by default, against the network, the browser and bad input:
+
+- Every write needs the token, sent as ``Authorization: Bearer <token>`` (a header: a page of
+  another origin can't send it without a preflight, which is refused); a request from off
+  this machine needs it for reads too (401 without); ``read_only`` refuses every write (403).
+- Behind Jupyter (``proxied``: ``neonnb dashboard --unix-socket``, see neonnb.web_proxy) the app
+  listens on a unix socket only Jupyter's user can open, so Jupyter's login is the only way
+  in; there writes need the ``X-Neonnb-CSRF`` header to match the ``neonnb_csrf`` cookie the
+  page was served with (double submit: a page of another origin can read neither).
+- A write that a browser marks as coming from another site (``Sec-Fetch-Site``) is refused.
+- The Host header must be one this dashboard serves (loopback names and ``allowed_hosts``),
+  else 400: a DNS-rebinding page can't read the API.
+- Every answer is JSON, bad input a 4xx with ``{"error": ...}``; 503 only when the store is
+  down, saying so without echoing a command, a statement or a key.
+- The page loads no inline script and carries CSP, frame-ancestors, X-Frame-Options and
+  no-referrer headers.
 """
 
 from __future__ import annotations
@@ -30,11 +43,13 @@ import dataclasses
 import hmac
 import html
 import ipaddress
+import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 
-from .errors import ConfigError, JobNotFound, MissingExtra, StoreError
+from .errors import ConfigError, JobNotFound, MissingExtra, StoreError, StoreUnavailable
 from .hooks import JobEvent
 from .manager import QueueManager
 from .records import Status, record_data, schedules_data
@@ -43,33 +58,48 @@ try:
     from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
     from prometheus_client.core import GaugeMetricFamily
     from starlette.applications import Starlette
+    from starlette.datastructures import Headers
+    from starlette.exceptions import HTTPException
     from starlette.requests import Request
     from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 except ImportError as exc:  # pragma: no cover - the message is the point
     raise MissingExtra("the web dashboard needs Starlette and prometheus_client: pip install 'neonnb[web]'") from exc
 
 Handler = Callable[[Request], Awaitable[Response]]
 _PAGE = resources.files("neonnb").joinpath("web_page.html").read_text()
+_SCRIPT = resources.files("neonnb").joinpath("web_page.js").read_text()
 READS = ("GET", "HEAD")
+CSRF_COOKIE, CSRF_HEADER = "neonnb_csrf", "x-neonnb-csrf"
+logger = logging.getLogger("neonnb.web")
 
 
-def create_app(qm: QueueManager, *, token: str, read_only: bool = False) -> Starlette:
+def create_app(qm: QueueManager, *, token: str | None = None, read_only: bool = False, proxied: bool = False,
+               allowed_hosts: tuple[str, ...] = ()) -> ASGIApp:
     """The dashboard's API for ``qm``'s store. ``token``: what writes (and reads from off this
-    machine) must send as ``Authorization: Bearer <token>``."""
-    if not token:
+    machine) must send as ``Authorization: Bearer <token>``. ``proxied``: served on a unix
+    socket behind Jupyter's proxy (no token; writes need the page's CSRF cookie echoed in a
+    header). ``allowed_hosts``: names besides loopback's the Host header may carry."""
+    if not token and not proxied:
         raise ConfigError("the dashboard needs a token: every write must carry it")
+    csrf = secrets.token_urlsafe(24)
 
     def guarded(handler: Handler) -> Handler:
         async def run(request: Request) -> Response:
             sent = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            allowed = bool(sent) and hmac.compare_digest(sent, token)
-            if not allowed and not _loopback(request):
+            allowed = bool(sent and token) and hmac.compare_digest(sent, str(token))
+            if not allowed and not proxied and not _loopback(request):
                 return _error(401, "send the dashboard's token: Authorization: Bearer <token>")
             if request.method not in READS:
                 if read_only:
                     return _error(403, "this dashboard is read-only")
-                if not allowed:
+                if request.headers.get("sec-fetch-site") in ("cross-site", "same-site"):
+                    return _error(403, "a write from another site's page is refused")
+                if proxied and not _same_secret(request.headers.get(CSRF_HEADER), request.cookies.get(CSRF_COOKIE)):
+                    return _error(403, f"a write needs the {CSRF_HEADER} header to match the {CSRF_COOKIE} cookie "
+                                       "of the dashboard's page: reload the page")
+                if not proxied and not allowed:
                     return _error(403, "a write needs the dashboard's token: Authorization: Bearer <token>")
             try:
                 return await handler(request)
@@ -77,8 +107,11 @@ def create_app(qm: QueueManager, *, token: str, read_only: bool = False) -> Star
                 return _error(404, str(exc))
             except ConfigError as exc:
                 return _error(400, str(exc))
-            except StoreError as exc:
-                return _error(503, str(exc))
+            except StoreUnavailable:
+                return _error(503, f"the store ({qm.config.describe_store()}) can't be reached; try again later")
+            except StoreError:
+                logger.exception("the store refused %s %s", request.method, request.url.path)
+                return _error(500, "the store refused this request; the dashboard's log has the details")
 
         return run
 
@@ -88,7 +121,7 @@ def create_app(qm: QueueManager, *, token: str, read_only: bool = False) -> Star
 
     async def jobs(request: Request) -> Response:
         params = request.query_params
-        page = await qm.ajobs(params.get("status"), params.get("queue"), _number(params, "limit", 50, 1),
+        page = await qm.ajobs(params.get("status"), params.get("queue"), _number(params, "limit", 50),
                               params.get("cursor"))
         return _json({"jobs": [record_data(r) for r in page], "cursor": page.cursor})
 
@@ -107,7 +140,7 @@ def create_app(qm: QueueManager, *, token: str, read_only: bool = False) -> Star
     async def failed(request: Request) -> Response:
         params = request.query_params
         queue = params.get("queue")
-        listed = await qm.failed.alist(_number(params, "limit", 50, 1), _number(params, "offset", 0, 0), queue)
+        listed = await qm.failed.alist(_number(params, "limit", 50), _number(params, "offset", 0), queue)
         return _json({"jobs": [dataclasses.asdict(f) for f in listed], "total": await qm.failed.atotal(queue)})
 
     async def retry(request: Request) -> Response:
@@ -141,12 +174,19 @@ def create_app(qm: QueueManager, *, token: str, read_only: bool = False) -> Star
 
     async def page(request: Request) -> Response:
         # Static: everything it shows comes through the API, with the token the user gives it.
-        return HTMLResponse(_PAGE.replace("{{store}}", html.escape(qm.config.describe_store())))
+        answer = HTMLResponse(_PAGE.replace("{{store}}", html.escape(qm.config.describe_store())))
+        if proxied:  # no Path: the browser scopes it to the page's own path (/user/<name>/neonnb)
+            answer.set_cookie(CSRF_COOKIE, csrf, samesite="strict", httponly=False, path=None)
+        return answer
+
+    async def script(request: Request) -> Response:
+        return Response(_SCRIPT, media_type="text/javascript; charset=utf-8")
 
     routes = [
         Route("/", page),
+        Route("/page.js", script),
         Route("/api/queues", guarded(queues)),
-        Route("/api/queues/{queue}/purge", guarded(purge), methods=["POST"]),
+        Route("/api/queues/{queue:path}/purge", guarded(purge), methods=["POST"]),
         Route("/api/jobs", guarded(jobs)),
         Route("/api/jobs/{job_id}", guarded(job)),
         Route("/api/jobs/{job_id}/cancel", guarded(cancel), methods=["POST"]),
@@ -158,7 +198,63 @@ def create_app(qm: QueueManager, *, token: str, read_only: bool = False) -> Star
         Route("/api/schedules", guarded(schedules)),
         Route("/metrics", guarded(metrics)),
     ]
-    return Starlette(routes=routes)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return _error(exc.status_code, exc.detail if exc.status_code != 404 else f"no such route: {request.url.path}")
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        return _error(500, "the dashboard failed on this request; its log has the details")
+
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
+    return _Guard(app, None if proxied else frozenset(h.lower() for h in allowed_hosts))
+
+
+SECURITY_HEADERS = [
+    (b"content-security-policy", b"default-src 'none'; script-src 'self'; connect-src 'self'; "
+                                 b"style-src 'self' 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'; "
+                                 b"form-action 'none'"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"cache-control", b"no-store"),
+]
+
+
+class _Guard:
+    """Outermost: refuses a Host header the dashboard doesn't serve (DNS rebinding: a page of
+    ``evil.test`` resolving to 127.0.0.1 would otherwise read the API as a same-origin page)
+    and puts the security headers on every answer. ``allowed_hosts`` None: no Host check (a
+    unix socket behind Jupyter's proxy, which no rebinding page can reach)."""
+
+    def __init__(self, app: ASGIApp, allowed_hosts: frozenset[str] | None) -> None:
+        self.app, self.allowed_hosts = app, allowed_hosts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        host = Headers(scope=scope).get("host", "")
+        if self.allowed_hosts is not None and not self._serves(host):
+            await _error(400, f"this dashboard does not serve the host {host[:100]!r}")(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+    def _serves(self, host: str) -> bool:
+        name = host.rpartition(":")[0] if host.rpartition(":")[2].isdigit() else host
+        name = name.lower().removeprefix("[").removesuffix("]")
+        assert self.allowed_hosts is not None
+        return bool(name) and (is_loopback(name) or name in self.allowed_hosts)
+
+
+def _same_secret(sent: str | None, expected: str | None) -> bool:
+    return bool(sent and expected) and hmac.compare_digest(str(sent), str(expected))
 
 
 class _Metrics:
@@ -230,17 +326,14 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def _number(params: Any, name: str, default: int, least: int) -> int:
+def _number(params: Any, name: str, default: int) -> int:
+    """A whole number from the query string (its range is checked where it is used)."""
     text = params.get(name)
     if text is None:
         return default
-    try:
-        value = int(text)
-    except ValueError:
-        value = least - 1
-    if value < least:
-        raise ConfigError(f"{name} must be an integer of at least {least}, got {text!r}")
-    return value
+    if not text.isascii() or not text.lstrip("-").isdigit() or len(text) > 20:
+        raise ConfigError(f"{name} must be an integer, got {text[:40]!r}")
+    return int(text)
 
 
 def _json(data: Any) -> Response:

@@ -1,16 +1,17 @@
 """The jupyter-server-proxy entry point: in JupyterLab or JupyterHub the dashboard opens at
 ``/neonnb/`` (and in the launcher), without a port of its own (``pip install 'neonnb[jupyter]'``).
 
-It serves the store ``$NEONNB_URL`` names (default: the embedded SQLite file). Jupyter has
-already authenticated the user, so the proxy adds the dashboard's token, made anew for each
-launch, to every request it forwards; a process on the machine that goes to the dashboard's
-port directly can read but not write. Imports nothing heavy: Jupyter loads it at start.
+It serves the store ``$NEONNB_URL`` names (default: the embedded SQLite file). The dashboard
+listens on a unix socket in a folder only Jupyter's user can open (the proxy makes it), not on
+a port, so Jupyter's login is the one way in: no other user of the machine, and no page that
+rebinds a DNS name, can reach it. The proxy forwards the browser's cookies, so a write (retry,
+forget, purge) must also echo the page's CSRF cookie in a header, which a page of another
+origin can't read (see neonnb.web). Imports nothing heavy: Jupyter loads it at start.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import sys
 from typing import Any
 
@@ -18,12 +19,10 @@ from .config import DEFAULT_DATABASE_URL
 
 
 def server() -> dict[str, Any]:
-    token = secrets.token_urlsafe(24)
     return {
         "command": [sys.executable, "-m", "neonnb", "dashboard", os.environ.get("NEONNB_URL", DEFAULT_DATABASE_URL),
-                    "--port", "{port}"],
-        "environment": {"NEONNB_DASHBOARD_TOKEN": token},
-        "request_headers_override": {"Authorization": f"Bearer {token}"},
+                    "--unix-socket", "{unix_socket}"],
+        "unix_socket": True,
         "timeout": 30,
         "launcher_entry": {"title": "neonnb"},
     }

@@ -409,3 +409,15 @@ class FailsWhereTold(Job):
 
     def max_attempts(self) -> int:
         return 1
+
+
+class FailsSaying(Job):
+    """Fails for good with the error message it is given (control characters, say)."""
+
+    message: str
+
+    def handle(self, ctx: Context) -> None:
+        raise ValueError(self.message)
+
+    def should_retry(self, err: Exception) -> bool:
+        return False

@@ -5,6 +5,7 @@ config as users give it; their errors too (unknown ids, bad arguments, a store t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import neonnb._loop as loop
-from neonnb import NeonnbError, QueueManager, Status
+from neonnb import Config, NeonnbError, QueueManager, Status
 from neonnb.cli import build_parser
 from tests import jobs
 from tests.conftest import DRIVERS, write_config
@@ -148,3 +149,39 @@ def test_admin_errors_say_what_is_wrong_with_exit_code_2(tmp_path: Path) -> None
     assert bad_status.returncode == 2 and "invalid choice: 'done'" in bad_status.stderr
     bad_cursor = neonnb("jobs", f"sqlite:///{tmp_path / 'x.db'}", "--cursor", "nonsense")
     assert bad_cursor.returncode == 2 and "cursor 'nonsense' is not one a page of jobs gave" in bad_cursor.stderr
+
+
+def test_every_bad_argument_or_target_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "raises.py").write_text("raise RuntimeError('the module broke')\n")
+    db = f"sqlite:///{tmp_path / 'x.db'}"
+    cases = [
+        ("stats", "missing.yaml"), ("stats", "empty.yaml"), ("jobs", db, "--limit", "1e23"),
+        ("jobs", db, "--limit", "100000000000000000000000"), ("failed", db, "--offset", "1e23"),
+        ("failed", db, "--offset", "-1"), ("failed", db, "--limit", "0"), ("dashboard", db, "--port", "99999"),
+        ("dashboard", db, "--port", "0"), ("worker", db, "-i", "raises", "--burst"), ("show", db, "a\x1bb"),
+        ("jobs", db, "--cursor", "nan/1"), ("bogus-command",),
+    ]
+    for argv in cases:
+        done = subprocess.run([sys.executable, "-m", "neonnb", *argv], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=10, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert done.returncode == 2, (argv, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, (argv, done.stderr)
+        assert "\x1b" not in done.stderr, argv
+    assert not (tmp_path / "neonnb.db").exists(), "an empty config file made no store"
+
+
+def test_the_cli_and_the_workers_log_show_control_characters_escaped(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    db = f"sqlite:///{tmp_path / 'x.db'}"
+    nasty = "red \x1b[31mALERT\x1b[0m\u202eevil\nINFO neonnb.worker: job 1 succeeded"
+    with QueueManager(Config.for_url(db, max_retries=0)) as qm:
+        handle = qm.dispatch(f"q{nasty[:5]}", jobs.FailsSaying(nasty))
+        qm.worker(f"q{nasty[:5]}", 1).run_once()
+        assert handle.status is Status.FAILED
+    for argv in (("failed", db), ("jobs", db), ("show", db, handle.id), ("stats", db)):
+        code, out, err = run(capsys, *argv)
+        assert code == 0 and "\x1b" not in out + err and "\u202e" not in out + err, argv
+    assert "\\x1b[31mALERT" in run(capsys, "failed", db)[1]
+    logged = [r.getMessage() for r in caplog.records if "failed after" in r.getMessage()]
+    assert logged and all("\n" not in line and "\x1b" not in line for line in logged), logged

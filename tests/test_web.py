@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "t0ken-for-tests"
 WRITE = {"Authorization": f"Bearer {TOKEN}"}
 LOCAL = ("127.0.0.1", 50000)
+HERE = "http://127.0.0.1:8765"  # the Host a browser on this machine sends
 
 
 # Every store another process can reach (an in-memory one lives in its process alone).
@@ -42,7 +43,7 @@ def test_the_api_lists_shows_retries_forgets_and_cancels(qm: QueueManager) -> No
     bad = [qm.dispatch("web", jobs.Permanent()) for _ in range(3)]
     qm.worker("web", 4).run_once()
     waiting = qm.dispatch("web", jobs.Note("later"))
-    with TestClient(create_app(qm, token=TOKEN), client=LOCAL) as client:
+    with TestClient(create_app(qm, token=TOKEN), client=LOCAL, base_url=HERE) as client:
         queues = client.get("/api/queues").json()
         assert (queues["web"]["succeeded"], queues["web"]["failed"], queues["web"]["size"]) == (1, 3, 1)
         assert [j["id"] for j in client.get("/api/jobs", params={"status": "queued"}).json()["jobs"]] == [waiting.id]
@@ -87,7 +88,7 @@ def test_metrics_parse_with_prometheus_clients_own_parser(qm: QueueManager) -> N
     worker = qm.worker("web", 1).start()
     try:
         assert queued.result(timeout=30) == "queued"  # before the first scrape: not counted
-        with TestClient(create_app(qm, token=TOKEN), client=LOCAL) as client:
+        with TestClient(create_app(qm, token=TOKEN), client=LOCAL, base_url=HERE) as client:
             wait_until(lambda: client.get("/api/workers").json()["workers"] != [], what="the worker to register")
             text = client.get("/metrics").text  # the first scrape: jobs that end from now on are counted
             families = {f.name: f for f in text_string_to_metric_families(text)}
@@ -118,7 +119,7 @@ def test_metrics_parse_with_prometheus_clients_own_parser(qm: QueueManager) -> N
 
 def test_a_store_that_is_down_answers_503_with_what_is_wrong_and_no_password() -> None:
     with QueueManager(Config.for_url("redis://:s3cret-pw@127.0.0.1:1/0")) as qm:
-        client = TestClient(create_app(qm, token=TOKEN), client=LOCAL)
+        client = TestClient(create_app(qm, token=TOKEN), client=LOCAL, base_url=HERE)
         for method, path in [("GET", "/api/queues"), ("GET", "/api/jobs"), ("GET", "/api/failed"),
                              ("GET", "/api/workers"), ("GET", "/api/schedules"), ("GET", "/metrics"),
                              ("POST", "/api/failed/retry-all"), ("POST", "/api/queues/q/purge")]:
@@ -131,14 +132,15 @@ def test_auth_off_loopback_writes_and_read_only() -> None:
     with QueueManager(Config(driver="memory")) as qm:
         handle = qm.dispatch("web", jobs.Permanent())
         qm.worker("web", 1).run_once()
-        away = TestClient(create_app(qm, token=TOKEN), client=("203.0.113.9", 40000))
+        away = TestClient(create_app(qm, token=TOKEN, allowed_hosts=("dash.example",)), client=("203.0.113.9", 40000),
+                          base_url="http://dash.example")
         assert away.get("/api/queues").status_code == 401
         assert away.get("/api/queues", headers=WRITE).status_code == 200
         assert away.get("/api/queues", headers={"Authorization": "Bearer wrong"}).status_code == 401
-        local = TestClient(create_app(qm, token=TOKEN), client=LOCAL)
+        local = TestClient(create_app(qm, token=TOKEN), client=LOCAL, base_url=HERE)
         assert local.get("/api/queues").status_code == 200
         assert local.post(f"/api/failed/{handle.id}/retry").status_code == 403, "a write without the token"
-        read_only = TestClient(create_app(qm, token=TOKEN, read_only=True), client=LOCAL)
+        read_only = TestClient(create_app(qm, token=TOKEN, read_only=True), client=LOCAL, base_url=HERE)
         assert read_only.post(f"/api/failed/{handle.id}/retry", headers=WRITE).status_code == 403
         assert read_only.delete(f"/api/failed/{handle.id}", headers=WRITE).status_code == 403
         assert read_only.post("/api/queues/web/purge", headers=WRITE).status_code == 403
@@ -168,3 +170,106 @@ def test_neonnb_dashboard_serves_the_api_on_loopback(tmp_path: Path) -> None:
             server.wait(timeout=10)
             log.close()
         assert TOKEN not in (tmp_path / "dashboard.log").read_text(), "a token from the environment is not printed"
+
+
+ROUTES = [("GET", "/"), ("GET", "/page.js"), ("GET", "/api/queues"), ("POST", "/api/queues/q/purge"),
+          ("GET", "/api/jobs"), ("GET", "/api/jobs/18ef1c2d1751914e"), ("POST", "/api/jobs/18ef1c2d1751914e/cancel"),
+          ("GET", "/api/failed"), ("POST", "/api/failed/18ef1c2d1751914e/retry"), ("POST", "/api/failed/retry-all"),
+          ("DELETE", "/api/failed/18ef1c2d1751914e"), ("GET", "/api/workers"), ("GET", "/api/schedules"),
+          ("GET", "/metrics")]
+
+
+def test_a_host_the_dashboard_does_not_serve_gets_400_on_every_route() -> None:
+    """DNS rebinding: a page of evil.test, resolving to 127.0.0.1, would be same-origin with the API."""
+    with QueueManager(Config(driver="memory")) as qm:
+        app = create_app(qm, token=TOKEN, allowed_hosts=("dash.example",))
+        for host, served in [("evil.test", False), ("evil.test:8765", False), ("127.0.0.1.evil.test", False),
+                             ("", False), ("127.0.0.1:8765", True), ("localhost:8765", True), ("[::1]:8765", True),
+                             ("LOCALHOST", True), ("dash.example", True)]:
+            client = TestClient(app, client=LOCAL, base_url=HERE)
+            for method, path in ROUTES:
+                answer = client.request(method, path, headers={**WRITE, "Host": host})
+                if served:
+                    assert answer.status_code != 400 or "host" not in answer.text, (host, path, answer.text)
+                else:
+                    assert answer.status_code == 400, (host, path)
+                    assert "does not serve the host" in answer.json()["error"], (host, path)
+
+
+def test_the_page_carries_security_headers_and_loads_no_inline_script() -> None:
+    with QueueManager(Config(driver="memory")) as qm:
+        client = TestClient(create_app(qm, token=TOKEN), client=LOCAL, base_url=HERE)
+        for path in ("/", "/api/queues", "/no/such/route"):
+            headers = client.get(path).headers
+            assert "script-src 'self'" in headers["content-security-policy"]
+            assert "frame-ancestors 'none'" in headers["content-security-policy"]
+            assert (headers["x-frame-options"], headers["referrer-policy"]) == ("DENY", "no-referrer")
+        page = client.get("/").text
+        assert '<script src="page.js"></script>' in page and "<script>" not in page
+        assert client.get("/page.js").headers["content-type"].startswith("text/javascript")
+
+
+BAD_REQUESTS = [
+    ("GET", "/api/jobs?limit=9223372036854775807"), ("GET", "/api/jobs?limit=0"), ("GET", "/api/jobs?limit=-5"),
+    ("GET", "/api/jobs?limit=1e3"), ("GET", "/api/jobs?limit=%00"), ("GET", "/api/jobs?limit=" + "9" * 400),
+    ("GET", "/api/jobs?status=done"), ("GET", "/api/jobs?status=%00"), ("GET", "/api/jobs?queue=%00"),
+    ("GET", "/api/jobs?queue=" + "q" * 5000), ("GET", "/api/jobs?queue=%7Bx%7D"), ("GET", "/api/jobs?cursor=nan"),
+    ("GET", "/api/jobs?cursor=inf/1"), ("GET", "/api/jobs?cursor=1.5/%00"), ("GET", "/api/jobs?cursor=nonsense"),
+    ("GET", "/api/jobs?cursor=1e999/x"), ("GET", "/api/jobs?cursor=" + "1" * 5000),
+    ("GET", "/api/failed?limit=9223372036854775807"), ("GET", "/api/failed?offset=9223372036854775807"),
+    ("GET", "/api/failed?offset=-1"), ("GET", "/api/failed?offset=x"), ("GET", "/api/failed?queue=%00"),
+    ("GET", "/api/failed?limit=99999999999999999999999"),
+    ("GET", "/api/jobs/%00"), ("GET", "/api/jobs/a%00b"), ("GET", "/api/jobs/" + "a" * 5000),
+    ("GET", "/api/jobs/%E2%80%AE"), ("GET", "/api/jobs/..%2F..%2Fetc"),
+    ("POST", "/api/jobs/%00/cancel"), ("POST", "/api/jobs/" + "x" * 3000 + "/cancel"),
+    ("POST", "/api/failed/%00/retry"), ("POST", "/api/failed/a%0Ab/retry"), ("DELETE", "/api/failed/%00"),
+    ("DELETE", "/api/failed/" + "z" * 3000), ("POST", "/api/failed/retry-all?queue=%00"),
+    ("POST", "/api/failed/retry-all?queue=" + "q" * 5000), ("POST", "/api/queues/%00/purge"),
+    ("POST", "/api/queues/" + "q" * 5000 + "/purge"), ("POST", "/api/queues/%7Bq%7D/purge"),
+    ("GET", "/api/nothing"), ("PUT", "/api/failed"), ("GET", "/api/failed/retry-all"),
+    ("PATCH", "/api/queues"), ("POST", "/api/jobs"), ("DELETE", "/api/jobs/abc"), ("GET", "/api/queues/q/purge"),
+]
+
+
+@pytest.mark.parametrize("make_manager", DRIVERS, indirect=True)
+def test_bad_input_on_every_route_is_a_4xx_json_answer_never_a_5xx(make_manager: MakeManager) -> None:
+    qm = make_manager(max_retries=0)
+    qm.dispatch("q", jobs.Permanent())
+    client = TestClient(create_app(qm, token=TOKEN), client=LOCAL, base_url=HERE, raise_server_exceptions=False)
+    for method, path in BAD_REQUESTS:
+        answer = client.request(method, path, headers=WRITE)
+        assert 400 <= answer.status_code < 500, (method, path[:80], answer.status_code, answer.text[:300])
+        assert isinstance(answer.json()["error"], str), (method, path[:80])
+    assert qm.size("q") == 1
+
+
+def test_a_queue_with_a_slash_in_its_name_can_be_purged() -> None:
+    with QueueManager(Config(driver="memory")) as qm:
+        qm.dispatch("a/b", jobs.Permanent())
+        client = TestClient(create_app(qm, token=TOKEN), client=LOCAL, base_url=HERE)
+        answer = client.post("/api/queues/a%2Fb/purge", headers=WRITE)
+        assert answer.json() == {"purged": 1} and qm.size("a/b") == 0
+
+
+def test_a_password_in_the_urls_query_string_shows_nowhere(
+        postgres_server: object, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    secret = "S3cretPW-in-query"
+    up = f"{postgres_server.url()}?password={secret}&application_name=neonnb"  # type: ignore[attr-defined]
+    down = f"postgresql://neonnb@127.0.0.1:1/test?sslpassword={secret}&password={secret}&connect_timeout=1"
+    seen: list[str] = []
+    for url in (up, down):
+        with QueueManager(Config.for_url(url, max_retries=0)) as qm:
+            seen += [repr(qm), repr(qm.config), qm._repr_html_(), qm.config.describe_store()]
+            client = TestClient(create_app(qm, token=TOKEN), client=LOCAL, base_url=HERE)
+            for method, path in ROUTES:
+                seen.append(client.request(method, path, headers=WRITE).text)
+            try:
+                qm.stats()
+            except Exception as exc:
+                seen.append(f"{exc!r} {exc}")
+        cli = subprocess.run([sys.executable, "-m", "neonnb", "stats", url], cwd=ROOT, capture_output=True, text=True,
+                             timeout=60)
+        seen += [cli.stdout, cli.stderr]
+    seen.append(caplog.text)
+    assert any("can't be reached" in text for text in seen), "the store that is down was reported"
+    assert [text[:200] for text in seen if secret in text] == []

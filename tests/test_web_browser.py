@@ -45,6 +45,7 @@ def test_a_job_failing_elsewhere_shows_within_a_second_and_retry_from_the_page_r
                 page = browser.new_page(viewport={"width": 1100, "height": 700})
                 page.goto(page_url)
                 page.wait_for_selector("text=no failed jobs")
+                assert "token" not in page.url, "the token left the address bar (and so history)"
                 assert "SQLite" in page.inner_text("h1")
                 page.wait_for_selector("#schedules >> text=nightly-report")
                 assert "0 2 * * *" in page.inner_text("#schedules") and "Europe/Berlin" in page.inner_text("#schedules")
@@ -61,6 +62,15 @@ def test_a_job_failing_elsewhere_shows_within_a_second_and_retry_from_the_page_r
                 assert "told to fail in this process" in page.inner_text("#failed")
                 ARTIFACTS.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(ARTIFACTS / "web-dashboard.png"), full_page=True)
+                page.fill("#token", "wrong-token")
+                page.dispatch_event("#token", "change")
+                page.locator("#failed button[data-action='retry']").first.click()
+                page.wait_for_selector("#problem >> text=needs the dashboard's token")
+                page.wait_for_timeout(2500)  # two refreshes later the complaint still shows
+                assert "needs the dashboard's token" in page.inner_text("#problem")
+                assert handle.status is Status.FAILED
+                page.fill("#token", TOKEN)
+                page.dispatch_event("#token", "change")
                 page.locator("#failed button[data-action='retry']").first.click()
                 page.wait_for_selector("text=no failed jobs", timeout=5000)
                 assert handle.status is Status.QUEUED

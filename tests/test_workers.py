@@ -133,7 +133,8 @@ def test_a_worker_in_another_process_is_listed_with_its_job_and_lost_after_sigki
         assert any(record.id == handle.id for record, *_ in panel._seen.running)  # its job, in the running list
         assert "workers in other processes" in panel.snapshot()
         panel.close()
-        with TestClient(create_app(qm, token="t"), client=("127.0.0.1", 5000)) as client:
+        with TestClient(create_app(qm, token="t"), client=("127.0.0.1", 5000),
+                            base_url="http://127.0.0.1:8765") as client:
             [listed_by_api] = [w for w in client.get("/api/workers").json()["workers"] if w["pid"] == process.pid]
             assert listed_by_api["running"] == [handle.id] and listed_by_api["state"] == "running"
         os.kill(process.pid, signal.SIGKILL)
@@ -221,7 +222,8 @@ def test_a_running_scheduler_lists_its_schedules_on_the_store(
             table = capsys.readouterr().out.splitlines()
             assert table[0].split()[:3] == ["NAME", "RULE", "TZ"] and table[1].startswith("nightly  0 2 * * *")
 
-            with TestClient(create_app(other, token="t"), client=("127.0.0.1", 5000)) as client:
+            with TestClient(create_app(other, token="t"), client=("127.0.0.1", 5000),
+                            base_url="http://127.0.0.1:8765") as client:
                 assert [s["name"] for s in client.get("/api/schedules").json()["schedules"]] == ["nightly", "often"]
     finally:
         scheduler.stop()

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 from ..codec import dumps, encode
-from ..config import WorkerSettings, parse_duration
+from ..config import WorkerSettings, parse_duration, printable
 from ..core import Core
 from ..errors import Retry, SerializationError, error_info
 from ..hooks import Outcome
@@ -67,7 +67,8 @@ def encode_result(value: Any, record: JobRecord) -> str | None:
     try:
         return dumps(encode(value, "result"))
     except (SerializationError, ValueError) as exc:
-        logger.warning("job %s (%s) returned a value that can't be stored: %s", record.id, record.name, exc)
+        logger.warning("job %s (%s) returned a value that can't be stored: %s", record.id, printable(record.name),
+                       printable(exc))
         return None
 
 
@@ -202,7 +203,7 @@ class Outcomes:
         if await self.persist(lambda: self.driver.retry(record, self.worker_id, run_at, info), "retry"):
             self.core.wake(record.queue, run_at)
             logger.info("job %s (%s) attempt %d failed (%s); retrying in %.1fs",
-                        record.id, record.name, record.attempts, info["type"], delay)
+                        record.id, printable(record.name), record.attempts, printable(info["type"]), delay)
             self.core.hooks.after_job(record, outcome)
 
     async def failed(self, record: JobRecord, exc: BaseException, status: Status = Status.FAILED,
@@ -217,8 +218,8 @@ class Outcomes:
         await self._settle(record, outcome)
         now = self.core.clock()
         if await self.persist(lambda: self.driver.fail(record, self.worker_id, now, info, status), status.value):
-            logger.warning("job %s (%s) %s after %d attempt(s): %s: %s", record.id, record.name, status.value,
-                           record.attempts, info["type"], info["message"])
+            logger.warning("job %s (%s) %s after %d attempt(s): %s: %s", record.id, printable(record.name),
+                           status.value, record.attempts, printable(info["type"]), printable(info["message"]))
             self.jobs_failed += status is Status.FAILED
             self.core.hooks.after_job(record, outcome)
 
