@@ -1,23 +1,35 @@
-"""JSON codec for job arguments, driven by the declared field types. Never pickle.
+"""JSON codec for job arguments and results, driven by the declared field types. Never pickle.
 
-``encode`` turns a value into plain JSON data and refuses anything it can't round-trip,
-naming the field path. ``decode`` rebuilds the declared type from JSON data and validates it
-on the way, again naming the path (``report.rows[3].when``).
+``encode`` turns a value into JSON data and refuses anything it can't round-trip, naming the
+field path. Plain JSON stays plain; a value JSON has no type for is a tagged object,
+``{"$type": "datetime", "value": "2026-12-07T10:00:00+00:00"}``: NaN and infinities, datetime,
+date, time, timedelta, Decimal, UUID, bytes, and (neonnb.codec_data) numpy arrays and scalars
+as ``.npy``, pandas frames and series as Parquet. A dict of the caller's that has a ``$type``
+key of its own is wrapped in a ``dict`` tag, so no user data is ever read as a tag.
+
+``decode`` rebuilds the declared type from JSON data and validates it on the way, again naming
+the path (``report.rows[3].when``); where nothing is declared (a result, an untyped argument)
+each tagged value comes back as the type it was. Decoding builds only these types: a stored
+value can't run code, whoever wrote it.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import datetime as dt
 import enum
 import functools
 import json
 import math
+import numbers
 import types
 import typing
 import uuid
+import zoneinfo
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, cast
 
 from .errors import PayloadError, SerializationError
 
@@ -26,29 +38,53 @@ _EXACT_PRIMITIVES = frozenset(_PRIMITIVES)  # most values are one of these exact
 
 
 MAX_DEPTH = 100  # nesting deeper than this is refused by name, before it meets Python's recursion limit
+TYPE_KEY, VALUE_KEY = "$type", "value"
+_DATA_MODULES = ("numpy", "pandas")  # their values go to neonnb.codec_data, imported when one shows up
+
+
+def tag(kind: str, raw: Any, **extra: Any) -> dict[str, Any]:
+    """The tagged JSON object of a value JSON has no type for; ``extra`` values are encoded."""
+    tagged = {TYPE_KEY: kind, VALUE_KEY: raw}
+    for name, item in extra.items():
+        if item is not None:
+            tagged[name] = encode(item, f"{kind}.{name}")
+    return tagged
 
 
 def encode(value: Any, path: str, depth: int = 0) -> Any:
-    """Plain JSON data for ``value``; raises SerializationError naming ``path``."""
+    """JSON data for ``value``; raises SerializationError naming ``path``."""
     if type(value) in _EXACT_PRIMITIVES:
         if type(value) is float and not math.isfinite(value):
-            raise SerializationError(f"{path} is {value!r}, which JSON can't hold; pass a finite number or None")
+            return tag("float", repr(value))  # 'nan', 'inf', '-inf'
         return value
     if depth >= MAX_DEPTH:
         raise SerializationError(f"{path} is nested more than {MAX_DEPTH} levels deep; flatten it")
     depth += 1
     if isinstance(value, enum.Enum):
         return encode(value.value, path, depth)
-    if isinstance(value, float):  # a float subclass (numpy.float64): checked as a float
+    if type(value).__module__.partition(".")[0] in _DATA_MODULES:
+        from . import codec_data
+
+        return codec_data.encode(value, path, tag)
+    if isinstance(value, float):  # a float subclass: checked as a float
         return encode(float(value), path, depth)
     if isinstance(value, _PRIMITIVES):
         return value
-    if isinstance(value, dt.datetime | dt.date | dt.time):
-        return value.isoformat()
+    if isinstance(value, dt.datetime):
+        zone = value.tzinfo.key if isinstance(value.tzinfo, zoneinfo.ZoneInfo) else None
+        return tag("datetime", value.isoformat(), tz=zone)
+    if isinstance(value, dt.date):
+        return tag("date", value.isoformat())
+    if isinstance(value, dt.time):
+        return tag("time", value.isoformat())
     if isinstance(value, dt.timedelta):
-        return value.total_seconds()
-    if isinstance(value, Decimal | uuid.UUID):
-        return str(value)
+        return tag("timedelta", [value.days, value.seconds, value.microseconds])
+    if isinstance(value, Decimal):
+        return tag("decimal", str(value))
+    if isinstance(value, uuid.UUID):
+        return tag("uuid", str(value))
+    if isinstance(value, bytes | bytearray | memoryview):
+        return tag("bytes", base64.b64encode(value).decode("ascii"))
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return encode_fields(value, path, depth)
     if isinstance(value, dict):
@@ -56,15 +92,16 @@ def encode(value: Any, path: str, depth: int = 0) -> Any:
         for key, item in value.items():
             if not isinstance(key, str | int | enum.Enum | uuid.UUID):
                 raise SerializationError(f"{path} has a dict key {key!r} of type {type(key).__name__}; use str keys")
-            out[str(encode(key, path, depth))] = encode(item, f"{path}[{key!r}]", depth)
-        return out
+            name = key.value if isinstance(key, enum.Enum) else key
+            out[str(name)] = encode(item, f"{path}[{key!r}]", depth)
+        return tag("dict", out) if TYPE_KEY in out else out
     if isinstance(value, list | tuple | set | frozenset):
         items = sorted(value, key=repr) if isinstance(value, set | frozenset) else value
         return [encode(item, f"{path}[{i}]", depth) for i, item in enumerate(items)]
     raise SerializationError(
-        f"{path} is a {type(value).__module__}.{type(value).__qualname__}, which can't be stored as JSON; "
-        "pass plain data (str, numbers, dates, Decimal, UUID, Enum, dataclasses, lists, dicts) and "
-        "inject objects such as connections with qm.provide(...) and ctx.deps"
+        f"{path} is a {type(value).__module__}.{type(value).__qualname__}, which can't be stored; pass data "
+        "(str, numbers, dates, Decimal, UUID, bytes, Enum, dataclasses, lists, dicts, DataFrames, numpy arrays) "
+        "and inject objects such as connections with qm.provide(...) and ctx.deps"
     )
 
 
@@ -75,7 +112,64 @@ def encode_fields(value: Any, path: str, depth: int = 0) -> dict[str, Any]:
 
 
 dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
-"""Compact JSON text; NaN and infinities are refused (other languages can't read them)."""
+"""Compact JSON text; a bare NaN is refused (other languages can't read it): encode tags it."""
+
+
+def loads(text: str) -> Any:
+    """A stored value (a result), each tagged value back as the type it was."""
+    return untag(json.loads(text), "result")
+
+
+def untag(data: Any, path: str) -> Any:
+    """JSON data with every tagged object replaced by its value (nothing declared)."""
+    if type(data) is list:
+        return [untag(item, path) for item in data] if _has_objects(data) else data
+    if type(data) is dict:
+        if TYPE_KEY in data:
+            return _value_of(data, path)
+        return {key: untag(item, path) for key, item in data.items()}
+    return data
+
+
+def _has_objects(items: list[Any]) -> bool:
+    return any(type(item) in (dict, list) for item in items)
+
+
+def _value_of(tagged: dict[str, Any], path: str) -> Any:
+    """The value a tagged object holds; PayloadError naming ``path`` for a damaged one."""
+    kind, raw = tagged.get(TYPE_KEY), cast(Any, tagged.get(VALUE_KEY))
+    try:
+        if kind == "dict":
+            if type(raw) is not dict:
+                raise ValueError("not an object")
+            return {key: untag(item, f"{path}[{key!r}]") for key, item in raw.items()}
+        if kind == "float" and raw in ("nan", "inf", "-inf"):
+            return float(raw)
+        if kind == "datetime":
+            value = dt.datetime.fromisoformat(raw)
+            zone = tagged.get("tz")
+            return value.astimezone(zoneinfo.ZoneInfo(zone)) if isinstance(zone, str) else value
+        if kind == "date":
+            return dt.date.fromisoformat(raw)
+        if kind == "time":
+            return dt.time.fromisoformat(raw)
+        if kind == "timedelta":
+            days, seconds, microseconds = raw
+            return dt.timedelta(days=days, seconds=seconds, microseconds=microseconds)
+        if kind == "decimal":
+            return Decimal(raw)
+        if kind == "uuid":
+            return uuid.UUID(raw)
+        if kind == "bytes":
+            return base64.b64decode(raw, validate=True)
+    except (TypeError, ValueError, InvalidOperation, binascii.Error, zoneinfo.ZoneInfoNotFoundError) as exc:
+        raise PayloadError(f"{path}: a stored {kind} that can't be read back ({exc})") from None
+    from . import codec_data
+
+    if kind in codec_data.KINDS:
+        extra = {name: untag(item, path) for name, item in tagged.items() if name not in (TYPE_KEY, VALUE_KEY)}
+        return codec_data.decode(str(kind), raw, extra, path)
+    raise PayloadError(f"{path}: {TYPE_KEY} {kind!r} is not a type neonnb stores")
 
 
 def decode(data: Any, hint: Any, path: str) -> Any:
@@ -92,7 +186,12 @@ def _decode(data: Any, hint: Any, path: str) -> Any:
     if type(data) is hint and hint in _EXACT_PRIMITIVES:  # the common case, before the general checks
         return data
     if hint is Any or hint is typing.Any or hint is object:
-        return data
+        return untag(data, path)
+    if type(data) is dict and TYPE_KEY in data:
+        if data[TYPE_KEY] == "dict":  # the caller's own dict with a "$type" key: decode it as declared
+            data = data.get(VALUE_KEY)
+        else:
+            return _fit(_value_of(data, path), hint, path)
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin is typing.Union or origin is types.UnionType:
@@ -160,6 +259,24 @@ def _decode(data: Any, hint: Any, path: str) -> Any:
         return decode_fields(data, hint, path)
     _expect(data, hint, path, hint)
     return data
+
+
+def _fit(value: Any, hint: Any, path: str) -> Any:
+    """A tagged value checked against (and, for numbers, converted to) the declared type."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        for arg in typing.get_args(hint):
+            try:
+                return _fit(value, arg, path)
+            except PayloadError:
+                continue
+    elif hint is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)  # NaN, infinities, numpy floats
+    elif hint is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    elif isinstance(origin or hint, type) and isinstance(value, origin or hint):
+        return value
+    raise PayloadError(f"{path}: expected {_name(hint)}, got {type(value).__name__}")
 
 
 def decode_fields(data: Any, cls: type, path: str) -> Any:

@@ -89,8 +89,8 @@ def _pipeline(qm: QueueManager, jobs: int, url: str, out: Any) -> int:
     worker = qm.worker(QUEUE, 4).start()
     _follow(qm, len(handles), out)
 
-    loaded = [h.fetch() for h in handles]
-    ok_days = sorted(date.fromisoformat(r.result_value()["day"]) for r in loaded if r.status.value == "succeeded")
+    loaded = handles.results(timeout=30, errors="skip")
+    ok_days = sorted(date.fromisoformat(r["day"]) for r in loaded)
     report = qm.dispatch_with_priority(QUEUE, BuildReport(ok_days), Priority.HIGH).result(timeout=30)
     worker.stop(grace=5)
     elapsed = time.monotonic() - start

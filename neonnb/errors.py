@@ -2,7 +2,8 @@
 
     NeonnbError
     ├── ConfigError            a configuration value is wrong (names the field)
-    ├── SerializationError     a job argument can't be stored as JSON (names the field)
+    ├── SerializationError     a job argument can't be stored (names the field)
+    │   └── ResultError        a job returned a value that can't be stored (the job fails, not retried)
     ├── PayloadError           a stored payload can't be decoded into the job's fields
     ├── UnknownJobError        a stored job names a type this process hasn't registered
     ├── JobNotFound            no job with that id
@@ -39,6 +40,10 @@ class ConfigError(NeonnbError, ValueError):
 
 class SerializationError(NeonnbError, TypeError):
     """A job argument can't be serialised to JSON."""
+
+
+class ResultError(SerializationError):
+    """A job returned a value that can't be stored."""
 
 
 class PayloadError(NeonnbError, ValueError):

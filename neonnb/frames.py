@@ -112,3 +112,18 @@ def progress_message(progress: Any) -> str | None:
     """The message of a progress report, as text whatever was stored."""
     message = progress.get("message") if isinstance(progress, dict) else None
     return None if message is None else str(message)
+
+
+def results_frame(results: Sequence[Any], ids: Sequence[str]) -> pd.DataFrame:
+    """A batch's results as one DataFrame: DataFrame results concatenated in batch order,
+    other results one row per job (a dict's keys as columns, anything else in ``result``),
+    indexed by job id."""
+    pd = pandas_module()
+    if results and all(isinstance(r, pd.DataFrame) for r in results):
+        return pd.concat(list(results))
+    if any(isinstance(r, pd.DataFrame) for r in results):
+        raise TypeError("the batch's results mix DataFrames and other values; concatenate them by hand")
+    index = pd.Index(list(ids), name="job_id", dtype="object")
+    if results and all(isinstance(r, dict) for r in results):
+        return pd.DataFrame.from_records(list(results), index=index)
+    return pd.DataFrame({"result": pd.Series(list(results), index=index, dtype="object")})

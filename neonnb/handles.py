@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import frames, render
 from ._loop import run_sync
-from .errors import JobCancelled, JobFailed, JobNotFound
+from .codec import loads, untag
+from .errors import JobCancelled, JobFailed, JobNotFound, NeonnbError
 from .records import FINISHED, JobRecord, Status, check_job_id, check_page, check_queue_name
 
 if TYPE_CHECKING:
@@ -109,7 +110,12 @@ class JobHandle:
                 f"{error.get('type')}: {error.get('message')}",
                 error=error,
             )
-        return record.result_value()
+        if record.result is None:
+            return None
+        # A big result (a DataFrame) decodes on a thread: the loop serves the other callers meanwhile.
+        if len(record.result) < 256 * 1024:
+            return loads(record.result)
+        return await asyncio.to_thread(loads, record.result)
 
     def wait(self, timeout: float | None = None) -> Status:
         """Block until the job finished; returns SUCCEEDED or FAILED."""
@@ -150,8 +156,8 @@ class FailedJob:
     def from_record(cls, record: JobRecord) -> FailedJob:
         error = record.error or {}
         try:
-            arguments = json.loads(record.payload)
-        except ValueError:
+            arguments = untag(json.loads(record.payload), record.name)
+        except (ValueError, NeonnbError):
             arguments = record.payload  # a corrupt payload is why it failed; show it as is
         return cls(
             id=record.id,

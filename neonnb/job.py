@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .capture import job_logger
-from .codec import decode, decode_fields, dumps, encode, encode_fields
+from .codec import decode, decode_fields, dumps, encode, encode_fields, loads
 from .errors import MissingDependency, PayloadError, SerializationError, UnknownJobError
 from .records import MAX_JOB_NAME, JobRecord, Priority, check_queue_name, check_text
 
@@ -218,6 +218,20 @@ class FunctionJob(JobType):
         calls = [self.call(item) for item in items]
         return self.manager.dispatch_batch(self.queue or self.manager.config.default_queue, calls)
 
+    def starmap(self, items: typing.Iterable[Any]) -> BatchHandle:
+        """Enqueue ``f(*item)`` for every tuple (or list) and ``f(**item)`` for every dict, in
+        one batch: ``f.starmap([(part, "eu"), {"part": other, "region": "us"}])``."""
+        calls = []
+        for index, item in enumerate(items):
+            if isinstance(item, dict):
+                calls.append(self.call(**item))
+            elif isinstance(item, tuple | list):
+                calls.append(self.call(*item))
+            else:
+                raise TypeError(f"{self.name}.starmap: item {index} is a {type(item).__name__}; give a tuple of "
+                                "positional arguments or a dict of keyword arguments (or use .map for one argument)")
+        return self.manager.dispatch_batch(self.queue or self.manager.config.default_queue, calls)
+
     @functools.cache  # noqa: B019 - one FunctionJob per definition, kept for the process anyway
     def _hints(self) -> dict[str, Any]:
         return typing.get_type_hints(self.fn)
@@ -401,7 +415,7 @@ class Context:
         failed or was cancelled)."""
         flow = self._record.flow or {}
         previous = (flow.get("chain") or flow.get("after_batch") or {}).get("previous")
-        return None if previous is None else json.loads(previous)
+        return None if previous is None else loads(previous)
 
     @functools.cached_property
     def logger(self) -> logging.Logger:

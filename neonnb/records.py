@@ -162,8 +162,6 @@ class JobRecord:
     cancel_requested: bool = False  # someone asked this running job to stop
     broken: str | None = None  # what could not be read of the stored record (never stored)
 
-    def result_value(self) -> Any:
-        return None if self.result is None else json.loads(self.result)
 
 
 # What a store keeps of a record, in order ("broken" is what reading found, never stored).

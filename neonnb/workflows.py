@@ -16,14 +16,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from . import frames
 from ._loop import run_sync
 from .core import Core
+from .errors import ConfigError, JobCancelled, JobFailed
 from .handles import JobHandle
 from .hooks import Hook, Outcome
-from .records import JobRecord, Priority, Status
+from .records import FINISHED, JobRecord, Priority, Status
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def step_id(flow_id: str, index: int | str) -> str:
@@ -218,6 +224,51 @@ class BatchHandle(list["JobHandle"]):
         """The share of the batch that ended, however, from its ``counts()``."""
         return 1.0 if not self else (counts["done"] + counts["failed"] + counts["cancelled"]) / len(self)
 
-    def results(self, timeout: float | None = None) -> list[Any]:
-        """Every job's result, in order; raises JobFailed for the first that failed."""
-        return [handle.result(timeout) for handle in self]
+    def results(self, timeout: float | None = None, errors: str = "raise") -> list[Any]:
+        """Every job's result, in order, once all have finished (``timeout``: seconds to wait
+        for each). A job that failed or was cancelled: ``errors="raise"`` raises its JobFailed
+        (or JobCancelled) once the others are known, ``"return"`` puts the error in its place,
+        ``"skip"`` leaves it out."""
+        return run_sync(self.aresults(timeout, errors))
+
+    async def aresults(self, timeout: float | None = None, errors: str = "raise") -> list[Any]:
+        if errors not in ("raise", "return", "skip"):
+            raise ConfigError(f"errors must be 'raise', 'return' or 'skip', got {errors!r}")
+        outcomes: list[Any] = []
+        for handle in self:
+            try:
+                outcomes.append(await handle.aresult(timeout))
+            except (JobFailed, JobCancelled) as exc:
+                outcomes.append(exc)
+        first_error = next((o for o in outcomes if isinstance(o, JobFailed | JobCancelled)), None)
+        if errors == "raise" and first_error is not None:
+            raise first_error
+        if errors == "skip":
+            return [o for o in outcomes if not isinstance(o, JobFailed | JobCancelled)]
+        return outcomes
+
+    def results_df(self, timeout: float | None = None) -> pd.DataFrame:
+        """The results as one DataFrame, failed and cancelled jobs left out: DataFrame results
+        concatenated in batch order; other results one row per job, indexed by job id."""
+        outcomes = self.results(timeout, errors="return")
+        kept = [(handle.id, o) for handle, o in zip(self, outcomes, strict=True)
+                if not isinstance(o, JobFailed | JobCancelled)]
+        return frames.results_frame([o for _, o in kept], [job_id for job_id, _ in kept])
+
+    def as_completed(self, timeout: float | None = None, poll: float = 0.05) -> Iterator[JobHandle]:
+        """The batch's handles as their jobs finish (succeeded, failed or cancelled), first
+        finished first; TimeoutError if ``timeout`` seconds pass before all have."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        waiting = {handle.id: handle for handle in self}
+        queue = self[0].queue if self else None
+        while waiting:
+            records = run_sync(self.core.driver.get_many(list(waiting), queue))
+            found = {record.id: record for record in records}
+            for job_id in list(waiting):
+                record = found.get(job_id)
+                if record is None or record.status in FINISHED:  # gone: past its result TTL
+                    yield waiting.pop(job_id)
+            if waiting:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"{len(waiting)} of the batch's {len(self)} jobs still unfinished")
+                time.sleep(poll)

@@ -699,3 +699,158 @@ def test_stats_of_a_store_too_big_to_count_often_are_served_from_the_last_count(
     monkeypatch.setattr(Counting, "SMALL", 10_000)
     qm.dispatch("big", jobs.Note("one more"))
     assert qm.stats()["big"].size == 16, "a small store is counted on every call again"
+
+
+# --- values: arguments and results are data ---------------------------------------------------
+
+def _values() -> dict[str, Any]:
+    import datetime as dt
+    import uuid
+    import zoneinfo
+    from decimal import Decimal
+
+    import numpy as np
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {"region": pd.Categorical(["eu", "us", "eu"]),
+         "when": pd.date_range("2026-03-29", periods=3, tz="Europe/Berlin"),
+         "count": pd.array([1, None, 3], dtype="Int64"), "name": pd.array(["a", None, "c"], dtype="string"),
+         "price": [1.5, float("nan"), -0.0]},
+        index=pd.MultiIndex.from_tuples([("x", 1), ("x", 2), ("y", 1)], names=["group", "n"]))
+    return {
+        "json": {"a": [1, 2.5, "x", None, True], "nested": {"b": []}},
+        "nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"),
+        "dict with nan": {"price": float("nan"), "qty": 2},
+        "a dict with a $type key": {"$type": "datetime", "value": "not a tag"},
+        "frame": frame, "frame with int columns": pd.DataFrame(np.arange(6).reshape(2, 3)),
+        "series": pd.Series([1.0, 2.0], index=pd.Index(["a", "b"], name="k"), name="price"),
+        "unnamed series": pd.Series(pd.Categorical(["lo", "hi"])),
+        "array": np.arange(12, dtype="float32").reshape(3, 4), "datetime array": np.array(["2026-01-01"], "M8[s]"),
+        "int64": np.int64(7), "float64": np.float64(0.25), "bool_": np.bool_(True),
+        "datetime": dt.datetime(2026, 3, 29, 1, 30, tzinfo=zoneinfo.ZoneInfo("Europe/Berlin")),
+        "naive datetime": dt.datetime(2026, 1, 2, 3, 4, 5, 6), "date": dt.date(2026, 2, 28),
+        "time": dt.time(23, 59, 1), "timedelta": dt.timedelta(days=-1, microseconds=3),
+        "decimal": Decimal("10.250"), "uuid": uuid.UUID(int=7), "bytes": b"\x00\xffneonnb",
+        "timestamp": pd.Timestamp("2026-05-01 12:00", tz="UTC"),
+    }
+
+
+def assert_same(got: Any, want: Any, what: str) -> None:
+    import math
+
+    import numpy as np
+    import pandas as pd
+
+    assert type(got) is type(want), (what, type(got), type(want))
+    if isinstance(want, pd.DataFrame):
+        pd.testing.assert_frame_equal(got, want)
+    elif isinstance(want, pd.Series):
+        pd.testing.assert_series_equal(got, want)
+    elif isinstance(want, np.ndarray):
+        assert got.dtype == want.dtype and got.shape == want.shape, what
+        np.testing.assert_array_equal(got, want)
+    elif isinstance(want, dict):
+        assert got.keys() == want.keys(), what
+        for key in want:
+            assert_same(got[key], want[key], f"{what}[{key!r}]")
+    elif isinstance(want, float) and math.isnan(want):
+        assert math.isnan(got), what
+    else:
+        assert got == want, what
+        if hasattr(want, "tzinfo"):
+            assert str(got.tzinfo) == str(want.tzinfo), what
+
+
+def _run_elsewhere(qm: QueueManager, queue: str, tmp_path: Any) -> None:
+    """Drain ``queue`` with a `neonnb worker` in another process (in this one for the memory
+    store, which no other process can reach)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import write_config
+
+    if qm.config.driver == "memory":
+        worker = qm.worker(queue, 2)
+        while worker.run_once():
+            pass
+        return
+    config = write_config(qm, tmp_path)
+    done = subprocess.run([sys.executable, "-m", "neonnb", "worker", config, "-q", queue, "--burst", "-c", "2",
+                           "--import", "tests.data_jobs"], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_every_kind_of_value_comes_back_equal_and_of_its_type_from_a_worker_elsewhere(
+        make_manager: MakeManager, tmp_path: Any) -> None:
+    import numpy as np
+
+    from tests import data_jobs
+
+    qm = make_manager()
+    values = _values()
+    handles = {name: qm.dispatch("values", data_jobs.Echo(value)) for name, value in values.items()}
+    part = data_jobs.frame_of(9)
+    typed = qm.dispatch("values", data_jobs.Summarise(part, np.float64(2.0), np.ones(3)))  # type: ignore[arg-type]
+    nothing = qm.dispatch("values", data_jobs.ReturnsAnObject())
+    _run_elsewhere(qm, "values", tmp_path)
+    for name, value in values.items():
+        assert_same(handles[name].result(timeout=60), value, name)
+    expected = data_jobs.Summarise(part, 2.0, np.ones(3)).handle(None)  # type: ignore[arg-type]
+    assert_same(typed.result(timeout=60), expected, "a typed job's frame")
+    with pytest.raises(JobFailed, match=r"ResultError.*builtins\.object"):
+        nothing.result(timeout=60)
+    record = nothing.fetch()
+    assert (record.status, record.attempts) == (Status.FAILED, 1), "never stored as None, never retried"
+
+
+def test_typed_data_fields_are_checked_at_dispatch(make_manager: MakeManager) -> None:
+    import numpy as np
+
+    from tests import data_jobs
+
+    qm = make_manager()
+    with pytest.raises(SerializationError, match=r"Summarise\.part: expected DataFrame, got list"):
+        qm.dispatch("values", data_jobs.Summarise([1, 2], 1.0, np.ones(1)))  # type: ignore[arg-type]
+    with pytest.raises(SerializationError, match=r"dtype object"):
+        qm.dispatch("values", data_jobs.Echo(np.array([object()])))
+    assert qm.stats() == {}
+
+
+@pytest.mark.parametrize("make_manager", ["sqlite", "postgres", "redis"], indirect=True)
+def test_a_million_row_frame_comes_back_from_a_worker_elsewhere(make_manager: MakeManager, tmp_path: Any) -> None:
+    from tests import data_jobs
+
+    qm = make_manager()
+    handle = qm.dispatch("big", data_jobs.BigFrame(1_000_000))
+    _run_elsewhere(qm, "big", tmp_path)
+    assert_same(handle.result(timeout=120), data_jobs.frame_of(1_000_000), "a million rows")
+
+
+def test_a_batch_of_50_with_3_failures_gives_its_results_as_data(make_manager: MakeManager) -> None:
+    import pandas as pd
+
+    qm = make_manager()
+
+    @qm.job(queue="parts", max_attempts=1)
+    def load(index: int, region: str = "eu"):  # type: ignore[no-untyped-def]
+        if index in (7, 21, 42):
+            raise ValueError(f"partition {index} is corrupt")
+        return pd.DataFrame({"index": [index], "region": [region]})
+
+    batch = load.starmap([(i, "us") if i % 2 else {"index": i} for i in range(50)])
+    qm.worker("parts", 4).start()
+    finished = [handle.id for handle in batch.as_completed(timeout=60)]
+    assert sorted(finished) == sorted(h.id for h in batch)
+    with pytest.raises(JobFailed, match="partition 7 is corrupt"):
+        batch.results(timeout=30)
+    returned = batch.results(timeout=30, errors="return")
+    assert [i for i, r in enumerate(returned) if isinstance(r, JobFailed)] == [7, 21, 42]
+    assert len(batch.results(timeout=30, errors="skip")) == 47
+    frame = batch.results_df(timeout=30)
+    assert list(frame["index"]) == [i for i in range(50) if i not in (7, 21, 42)]
+    assert list(frame["region"][:3]) == ["eu", "us", "eu"]
+    with pytest.raises(TypeError, match="give a tuple of positional arguments or a dict"):
+        load.starmap([3])

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from ..codec import dumps, encode
 from ..config import WorkerSettings, parse_duration, printable
 from ..core import Core
-from ..errors import Retry, SerializationError, error_info
+from ..errors import ResultError, Retry, SerializationError, error_info
 from ..hooks import Outcome
 from ..job import takes_no_arguments
 from ..records import JobRecord, Status
@@ -60,16 +60,15 @@ def retry_delay_for(
     return backoff_delay(record.attempts, base, cap, jitter)
 
 
-def encode_result(value: Any, record: JobRecord) -> str | None:
-    """The stored result: JSON if the value can be, else nothing (and a log line saying so)."""
+def encode_result(value: Any) -> str | None:
+    """The stored result; ResultError saying what was returned and what would work if it
+    can't be stored (the job then fails: a result is never silently dropped)."""
     if value is None:
         return None
     try:
-        return dumps(encode(value, "result"))
+        return dumps(encode(value, "the result"))
     except (SerializationError, ValueError) as exc:
-        logger.warning("job %s (%s) returned a value that can't be stored: %s", record.id, printable(record.name),
-                       printable(exc))
-        return None
+        raise ResultError(f"the job returned a value that can't be stored: {exc}") from None
 
 
 class Outcomes:
@@ -144,10 +143,10 @@ class Outcomes:
 
     # --- an attempt's outcome --------------------------------------------------------------
 
-    async def succeeded(self, record: JobRecord, value: Any) -> None:
+    async def succeeded(self, record: JobRecord, result: str | None) -> None:
+        """The job returned: ``result`` is its value, encoded (``encode_result``)."""
         if record.id in self._dirty_progress:
             await self._flush_progress(record.id)
-        result = encode_result(value, record)
         outcome = Outcome(Status.SUCCEEDED, result=result)
         if not await self._settle(record, outcome):
             return  # no ack: the lease runs out and the job runs again, its flow intact
