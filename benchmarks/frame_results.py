@@ -95,7 +95,7 @@ def main() -> None:
             from tests.services import PostgresServer
 
             server = PostgresServer()
-            postgres = QueueManager(Config.for_url(server.url(server.new_database())))
+            postgres = QueueManager(Config.for_url(server.new_database()))
             systems["neonnb PostgreSQL"] = lambda _: through(postgres)  # type: ignore[arg-type]
         except BaseException as exc:
             print(f"PostgreSQL skipped: {exc}")

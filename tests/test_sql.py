@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, text
 
 from neonnb import Config, QueueManager, StoreError, WorkerOptions
 from tests import jobs
@@ -351,3 +351,20 @@ def test_a_sqlite_worker_calls_on_its_own_thread_and_never_waits_there_for_the_l
     claim, complete = [(thread, verb) for thread, verb in seen if verb in ("WITH", "UPDATE")]
     assert claim == ("MainThread", "WITH")  # asyncio.run's loop: this thread, on the driver's own connection
     assert complete[0].startswith("neonnb-db")  # the lock was taken: the driver's thread waited for it
+
+
+def test_postgresql_keeps_payloads_and_results_uncompressed(postgres_server: PostgresServer) -> None:
+    """They are mostly Parquet already; pglz would spend most of a big result's write on them."""
+    url = postgres_server.new_database()
+    for _ in range(2):  # a second start finds it done
+        with QueueManager(Config.for_url(url)) as qm:
+            qm.dispatch("q", jobs.Note("a"))
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            storage = dict(conn.execute(text(
+                "SELECT attname, attstorage FROM pg_attribute WHERE attrelid = 'neonnb_jobs'::regclass "
+                "AND attname IN ('payload', 'result', 'error')")).all())
+    finally:
+        engine.dispose()
+    assert storage == {"payload": "e", "result": "e", "error": "x"}

@@ -85,6 +85,7 @@ from .sql_schema import (
     insert_ignoring,
     jobs_table,
     mysql_lock,
+    store_values_uncompressed,
 )
 from .sqlite_here import Run, SqliteHere
 from .sqlite_watch import Watcher
@@ -205,6 +206,8 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, PipelinedClaims, StoreC
                 conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": self.table.name})
             self.table.metadata.create_all(conn, checkfirst=True)
             add_missing_columns(conn, self.marks)
+            if self._postgres:
+                store_values_uncompressed(conn, self.table)
             if self._notifies:
                 install_trigger(conn, self.table.name)
 

@@ -127,6 +127,23 @@ def add_missing_columns(conn: Connection, table: Table) -> None:
                               f"{preparer.format_column(column)} {kind}"))
 
 
+UNCOMPRESSED = ("payload", "result")  # where DataFrames and arrays go, already compressed as Parquet
+
+
+def store_values_uncompressed(conn: Connection, table: Table) -> None:
+    """PostgreSQL only: keep big payloads and results out of line but uncompressed (STORAGE
+    EXTERNAL). They are mostly Parquet, compressed already; pglz spent 0.36 s of 0.46 s
+    writing a 14 MB result (DECISIONS.md). Altered once: later starts find it done."""
+    preparer = conn.dialect.identifier_preparer
+    pending = conn.execute(text(
+        "SELECT attname FROM pg_attribute WHERE attrelid = CAST(:table AS regclass) "
+        "AND attname = ANY(:columns) AND attstorage <> 'e'"),
+        {"table": preparer.format_table(table), "columns": list(UNCOMPRESSED)}).scalars().all()
+    for column in pending:
+        conn.execute(text(f"ALTER TABLE {preparer.format_table(table)} ALTER COLUMN "
+                          f"{preparer.quote(column)} SET STORAGE EXTERNAL"))
+
+
 def insert_ignoring(table: Table, dialect: str) -> Any:
     """An INSERT that skips a row whose key exists."""
     if dialect in ("mysql", "mariadb"):
