@@ -186,11 +186,17 @@ def _failed(qm: QueueManager, args: argparse.Namespace) -> int:
     failed = qm.failed.list(args.limit, args.offset, args.queue)
     total = qm.failed.total(args.queue)
     rows = [[f.id, f.queue, f.name, str(f.attempts), f.failed_at.strftime("%Y-%m-%d %H:%M:%S"),
-             f"{f.error_type}: {f.error}"[:80]] for f in failed]
-    text = _table(["ID", "QUEUE", "NAME", "ATTEMPTS", "FAILED AT (UTC)", "ERROR"], rows) if rows else "no failed jobs"
+             _cut(json.dumps(f.arguments, ensure_ascii=False), 50), _cut(f"{f.error_type}: {f.error}", 80)]
+            for f in failed]
+    headers = ["ID", "QUEUE", "NAME", "ATTEMPTS", "FAILED AT (UTC)", "ARGUMENTS", "ERROR"]
+    text = _table(headers, rows) if rows else "no failed jobs"
     _show_result(args, {"jobs": [dataclasses.asdict(f) for f in failed], "total": total},
                  f"{text}\n{len(failed)} of {total} failed job(s)" if rows else text)
     return 0
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def _retry(qm: QueueManager, args: argparse.Namespace) -> int:

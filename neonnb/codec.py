@@ -135,6 +135,55 @@ def _has_objects(items: list[Any]) -> bool:
     return any(type(item) in (dict, list) for item in items)
 
 
+def shown(data: Any, *, items: int = 20, chars: int = 200) -> Any:
+    """Stored JSON data made short and plain for a view (a listing, a page, a table): long
+    strings and lists cut with a note of what was left out, tagged values as text (a frame as
+    ``<DataFrame 1,000,000 rows x 4 columns: id, region, ...>``), without decoding them."""
+    if type(data) is str:
+        return data if len(data) <= chars else data[:chars - 1] + "…"
+    if type(data) is list:
+        head = [shown(item, items=items, chars=chars) for item in data[:items]]
+        return [*head, f"… {len(data) - items} more"] if len(data) > items else head
+    if type(data) is dict:
+        if TYPE_KEY in data:
+            return _shown_tag(data, items, chars)
+        pairs = list(data.items())
+        out = {str(key): shown(item, items=items, chars=chars) for key, item in pairs[:items]}
+        if len(pairs) > items:
+            out["…"] = f"{len(pairs) - items} more"
+        return out
+    return data
+
+
+def shown_payload(payload: str, *, items: int = 20, chars: int = 200) -> Any:
+    """A stored payload (a job's arguments) as ``shown`` makes it; the text itself if it is
+    not JSON (a damaged payload is shown as it is)."""
+    try:
+        return shown(json.loads(payload), items=items, chars=chars)
+    except ValueError:
+        return shown(payload, chars=chars)
+
+
+def _shown_tag(tagged: dict[str, Any], items: int, chars: int) -> Any:
+    kind, raw = tagged.get(TYPE_KEY), cast(Any, tagged.get(VALUE_KEY))
+    if kind == "dict":
+        return shown(raw, items=items, chars=chars)
+    if kind in ("float", "datetime", "date", "time", "decimal", "uuid") and isinstance(raw, str):
+        return raw
+    if kind == "bytes" and isinstance(raw, str):
+        return f"<{len(raw) * 3 // 4:,} bytes>"
+    try:
+        if kind == "timedelta":
+            return str(_value_of(tagged, "shown"))
+        from . import codec_data
+
+        if kind in codec_data.KINDS:
+            return codec_data.describe(str(kind), raw)
+    except Exception:  # a view shows what it can: a damaged value is said to be so
+        pass
+    return f"<{kind} that can't be read>"
+
+
 def _value_of(tagged: dict[str, Any], path: str) -> Any:
     """The value a tagged object holds; PayloadError naming ``path`` for a damaged one."""
     kind, raw = tagged.get(TYPE_KEY), cast(Any, tagged.get(VALUE_KEY))

@@ -81,6 +81,30 @@ def decode(kind: str, raw: Any, extra: dict[str, Any], path: str) -> Any:
         raise PayloadError(f"{path}: the stored {kind} can't be read back ({type(exc).__name__}: {exc})") from None
 
 
+def describe(kind: str, raw: Any) -> str:
+    """A one-line description of a stored value, read from its header (the Parquet footer,
+    the ``.npy`` header), without loading it."""
+    if kind == "timestamp":
+        return str(raw)
+    data = io.BytesIO(base64.b64decode(raw, validate=True))
+    if kind in ("ndarray", "numpy"):
+        import numpy as np
+
+        version = np.lib.format.read_magic(data)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(data)
+        return f"<ndarray {dtype.name} {shape}>" if kind == "ndarray" else f"<numpy {dtype.name}>"
+    _pyarrow(kind)
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_metadata(data)
+    names = [n for n in metadata.schema.names if not n.startswith("__index_level_")]
+    if kind == "series":
+        return f"<Series {metadata.num_rows:,} rows>"
+    listed = ", ".join(names[:8]) + (", …" if len(names) > 8 else "")
+    return f"<DataFrame {metadata.num_rows:,} rows x {len(names)} columns: {listed}>"
+
+
 def _parquet(frame: Any, path: str) -> str:
     _pyarrow(path)
     buffer = io.BytesIO()

@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from .codec import shown_payload
 from .errors import MissingExtra
 from .records import JobRecord, Priority, QueueCounts, Status, WorkerInfo
 
@@ -65,6 +66,7 @@ def failed_frame(records: Sequence[JobRecord]) -> pd.DataFrame:
         "id": pd.Series([r.id for r in records], dtype="object"),
         "queue": pd.Series([r.queue for r in records], dtype="object"),
         "name": pd.Series([r.name for r in records], dtype="object"),
+        "arguments": pd.Series([shown_payload(r.payload) for r in records], dtype="object"),
         "attempts": pd.Series([r.attempts for r in records], dtype="int64"),
         "failed_at": _timestamps(pd, [r.finished_at for r in records]),
         "error_type": pd.Series([(r.error or {}).get("type") for r in records], dtype="object"),

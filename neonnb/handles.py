@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import frames, render
 from ._loop import run_sync
-from .codec import loads, untag
-from .errors import JobCancelled, JobFailed, JobNotFound, NeonnbError
+from .codec import loads, shown_payload, untag
+from .errors import JobCancelled, JobFailed, JobNotFound
 from .records import FINISHED, JobRecord, Status, check_job_id, check_page, check_queue_name
 
 if TYPE_CHECKING:
@@ -155,15 +155,11 @@ class FailedJob:
     @classmethod
     def from_record(cls, record: JobRecord) -> FailedJob:
         error = record.error or {}
-        try:
-            arguments = untag(json.loads(record.payload), record.name)
-        except (ValueError, NeonnbError):
-            arguments = record.payload  # a corrupt payload is why it failed; show it as is
         return cls(
             id=record.id,
             queue=record.queue,
             name=record.name,
-            arguments=arguments,
+            arguments=shown_payload(record.payload),
             error_type=str(error.get("type", "")),
             error=str(error.get("message", "")),
             traceback=str(error.get("traceback", "")),
@@ -210,6 +206,16 @@ class FailedStore:
 
     async def _requeue(self, ids: list[str] | None, queue: str | None) -> list[str]:
         return await self.core.requeue_failed(ids, queue)
+
+    async def aarguments(self, job_id: str) -> Any:
+        """A failed job's arguments, whole and decoded (the listing shows them shortened)."""
+        record = await self.core.driver.get(check_job_id(job_id))
+        if record is None or record.status is not Status.FAILED:
+            raise JobNotFound(f"job {job_id} is not in the failed store")
+        return untag(json.loads(record.payload), record.name)
+
+    def arguments(self, job_id: str) -> Any:
+        return run_sync(self.aarguments(job_id))
 
     async def aforget(self, job_id: str) -> bool:
         return await self.core.driver.delete_failed([check_job_id(job_id)]) == 1

@@ -157,16 +157,20 @@ def recent_table(records: Sequence[Any]) -> str:
     return table(["", "job", "queue", "took", "finished", "id"], rows, "neonnb-recent-view")
 
 
-def failed_detail(record: Any) -> str:
-    """One failed job: a line that says what and why, its full error and traceback folded."""
+def failed_detail(record: Any, arguments: str = "") -> str:
+    """One failed job: a line that says what, with which ``arguments`` (shortened) and why, its
+    full error and traceback folded."""
     error = record.error or {}
     message = str(error.get("message") or "")
     first = message.splitlines()[0] if message else ""
     if len(first) > 120:
         first = first[:119] + "…"
-    head = (f"{job_id(record.id)} {escape(record.name.rpartition('.')[2])} · {record.attempts} attempt(s) · "
+    short = arguments if len(arguments) <= 60 else arguments[:59] + "…"
+    head = (f"{job_id(record.id)} {escape(record.name.rpartition('.')[2])}({escape(short)}) · "
+            f"{record.attempts} attempt(s) · "
             f"<span style='color:{ERROR}'>{escape(str(error.get('type')))}: {escape(first)}</span>")
-    body = escape(message + ("\n\n" + str(error["traceback"]) if error.get("traceback") else ""))
+    body = escape((f"arguments: {arguments}\n\n" if arguments else "") + message
+                  + ("\n\n" + str(error["traceback"]) if error.get("traceback") else ""))
     return (f"<details class='neonnb-failed-detail' style='color:{FG}'><summary style='cursor:pointer;"
             f"white-space:nowrap;overflow:hidden;text-overflow:ellipsis'>{head}</summary>"
             f"<pre style='white-space:pre-wrap;max-height:16em;overflow:auto;font-size:smaller;margin:2px 0'>{body}"

@@ -77,8 +77,10 @@ async function refresh() {
     td.innerHTML = `<div class="bar"><div style="width:${(share * 100).toFixed(0)}%"></div></div>`;
     return [cell(j.id.slice(-8)), cell(j.name), cell(j.queue), td, cell(p.message || "", "muted")];
   }), "nothing running");
-  fill(document.getElementById("failed"), ["job", "name", "queue", "error", "", ""], failed.jobs.map(f => {
-    const row = [cell(f.id.slice(-8)), cell(f.name), cell(f.queue), cell(`${f.error_type}: ${f.error}`, "failed"),
+  fill(document.getElementById("failed"), ["job", "name", "queue", "arguments", "error", "", ""], failed.jobs.map(f => {
+    const args = JSON.stringify(f.arguments);  // shortened by the API; frames by their shape
+    const shown = cell(args.length > 60 ? args.slice(0, 59) + "…" : args, "muted"); shown.title = args;
+    const row = [cell(f.id.slice(-8)), cell(f.name), cell(f.queue), shown, cell(`${f.error_type}: ${f.error}`, "failed"),
                  button("Retry", () => api(`/api/failed/${f.id}/retry`, "POST")),
                  button("Forget", () => api(`/api/failed/${f.id}`, "DELETE"))];
     row[0].title = f.id; row[0].dataset.jobId = f.id; return row;

@@ -273,3 +273,35 @@ def test_a_password_in_the_urls_query_string_shows_nowhere(
     seen.append(caplog.text)
     assert any("can't be reached" in text for text in seen), "the store that is down was reported"
     assert [text[:200] for text in seen if secret in text] == []
+
+
+def test_failed_views_show_each_jobs_arguments_shortened_and_frames_by_shape(tmp_path: Path) -> None:
+    import json
+
+    from neonnb.notebook.dashboard import _arguments_text
+    from tests import data_jobs
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    with QueueManager(Config.for_url(url, max_retries=0)) as qm:
+
+        @qm.job(queue="parts", max_attempts=1)
+        def load(part, region: str, note: str = "") -> None:  # type: ignore[no-untyped-def]
+            raise ValueError("corrupt")
+
+        handle = load.dispatch(data_jobs.frame_of(1000), "eu", note="x" * 1000)
+        qm.worker("parts", 1).run_once()
+        shape = "<DataFrame 1,000 rows x 4 columns: id, region, price, when>"
+        client = TestClient(create_app(qm, token=TOKEN), client=LOCAL, base_url=HERE)
+        [listed] = client.get("/api/failed").json()["jobs"]
+        assert listed["arguments"]["part"] == shape and listed["arguments"]["region"] == "eu"
+        assert len(listed["arguments"]["note"]) == 200
+        cli = subprocess.run([sys.executable, "-m", "neonnb", "failed", url], cwd=ROOT, capture_output=True, text=True,
+                             timeout=60)
+        assert "ARGUMENTS" in cli.stdout and '{"part": "<DataFrame 1,000 rows' in cli.stdout
+        cli_json = subprocess.run([sys.executable, "-m", "neonnb", "failed", url, "--json"], cwd=ROOT,
+                                  capture_output=True, text=True, timeout=60)
+        assert json.loads(cli_json.stdout)["jobs"][0]["arguments"]["part"] == shape
+        assert qm.failed_df()["arguments"][0]["part"] == shape
+        assert shape in _arguments_text(handle.fetch().payload)
+        whole = qm.failed.arguments(handle.id)
+        assert len(whole["part"]) == 1000 and whole["note"] == "x" * 1000

@@ -17,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from .. import _loop, render
+from ..codec import shown_payload
 from ..errors import MissingExtra
 from ..frames import fraction, progress_message
 from ..records import JobRecord, QueueCounts, Status, WorkerInfo
@@ -313,7 +315,7 @@ class Dashboard:
         self._set(self.workflows, "children", tuple(self._workflow_bars[key][0] for key, *_ in states))
 
     def _show_failed(self, records: list[JobRecord]) -> None:
-        rows = tuple((r.id, render.failed_detail(r)) for r in records)
+        rows = tuple((r.id, render.failed_detail(r, _arguments_text(r.payload))) for r in records)
         if self._shown.get("failed") == rows:
             return
         self._shown["failed"] = rows
@@ -401,3 +403,8 @@ async def _workflow_states(manager: QueueManager) -> list[tuple[str, str, float,
 def close_all() -> None:
     for dashboard in list(_open):
         dashboard.close()
+
+
+def _arguments_text(payload: str) -> str:
+    """A failed job's arguments as one line of JSON, long values cut, frames by their shape."""
+    return json.dumps(shown_payload(payload, items=10, chars=80), ensure_ascii=False, default=str)
