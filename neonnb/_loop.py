@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import concurrent.futures.thread  # its exit hook registers now, before ours, and so runs after it
 import logging
 import threading
 import weakref
@@ -89,7 +90,6 @@ def closed(resource: Closable) -> None:
     _open.discard(resource)
 
 
-@atexit.register
 def _close_open_resources() -> None:
     loop = _loop
     if loop is None or not loop.is_running():
@@ -107,6 +107,14 @@ def _close_open_resources() -> None:
     except Exception as exc:  # the process is ending either way: say so, don't raise in atexit
         logger.warning("neonnb could not close everything at exit (%r)", exc)
     shutdown(EXIT_TIMEOUT)
+
+
+# Before the interpreter stops its thread pools (concurrent.futures does so from the same hook,
+# registered earlier by the import above; hooks run last registered first): closing a store
+# may need its driver's threads.
+# Python 3.9+ has the hook; elsewhere, a plain atexit handler.
+_register = getattr(threading, "_register_atexit", atexit.register)
+_register(_close_open_resources)
 
 
 def running_loop() -> asyncio.AbstractEventLoop | None:

@@ -172,6 +172,8 @@ def _shown_tag(tagged: dict[str, Any], items: int, chars: int) -> Any:
         return raw
     if kind == "bytes" and isinstance(raw, str):
         return f"<{len(raw) * 3 // 4:,} bytes>"
+    if kind == "artifact":
+        return f"<{tagged.get('bytes', 0):,} bytes kept apart at {raw}>"
     try:
         if kind == "timedelta":
             return str(_value_of(tagged, "shown"))
@@ -213,6 +215,10 @@ def _value_of(tagged: dict[str, Any], path: str) -> Any:
             return base64.b64decode(raw, validate=True)
     except (TypeError, ValueError, InvalidOperation, binascii.Error, zoneinfo.ZoneInfoNotFoundError) as exc:
         raise PayloadError(f"{path}: a stored {kind} that can't be read back ({exc})") from None
+    if kind == "artifact" and isinstance(raw, str):  # a value kept apart (neonnb.artifacts)
+        from . import artifacts
+
+        return untag(json.loads(artifacts.read(raw)), path)
     from . import codec_data
 
     if kind in codec_data.KINDS:

@@ -177,6 +177,11 @@ class Config:
     backoff_jitter: bool = False
     result_ttl: Duration = Duration(86400.0)
     key_prefix: str = "neonnb:"
+    # Where big arguments and results go (an fsspec URL: file:///shared/neonnb, s3://bucket/prefix,
+    # memory://); None: beside an SQLite file, in memory for the memory store, and in the store
+    # itself up to max_value_bytes for Redis, PostgreSQL and MariaDB (see neonnb.artifacts).
+    artifacts: str | None = None
+    max_value_bytes: int = 16 * 2**20
 
     def __post_init__(self) -> None:
         if self.driver not in DRIVERS:
@@ -196,6 +201,12 @@ class Config:
                 f"Config.connection is a {scheme}:// URL, for the {_OTHER_DRIVERS[scheme]} driver, but "
                 f"Config.driver is 'database': pass driver={_OTHER_DRIVERS[scheme]!r}, or use Config.for_url(url)"
             )
+        if self.artifacts is not None and (not isinstance(self.artifacts, str) or "://" not in self.artifacts):
+            raise ConfigError(f"Config.artifacts must be an fsspec URL such as file:///shared/neonnb or "
+                              f"s3://bucket/prefix, got {self.artifacts!r}")
+        limit = self.max_value_bytes
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1024:
+            raise ConfigError(f"Config.max_value_bytes must be an integer of at least 1024, got {limit!r}")
         if not isinstance(self.default_queue, str) or not self.default_queue:
             raise ConfigError(f"Config.default_queue must be a non-empty string, got {self.default_queue!r}")
         if not isinstance(self.key_prefix, str) or not self.key_prefix or any(c.isspace() for c in self.key_prefix):

@@ -18,9 +18,10 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ._loop import on_loop_thread, run_sync
+from .artifacts import ARTIFACT_BYTES, Artifacts, default_location
 from .config import Config, parse_duration
 from .drivers.base import BlockingEnqueue, Driver, StoreClock, WakeUps
-from .errors import ClockSkew, ConfigError, error_info
+from .errors import ClockSkew, ConfigError, SerializationError, error_info
 from .feed import Feed
 from .hooks import Hooks, Outcome
 from .job import encode_job, unreadable
@@ -127,6 +128,8 @@ class Core:
         self.events = self.feed.events
         self.dependencies: dict[str, Any] = {}
         self.counting = Counting(driver, clock)
+        location = config.artifacts or default_location(config.driver, config.connection)
+        self.artifacts = None if location is None else Artifacts(location)
         self._workers: dict[Wakeable, None] = {}  # in the order they started (a set that keeps it)
         self._workers_lock = threading.Lock()  # the driver's notification thread reads them
         self._watching = False
@@ -210,6 +213,8 @@ class Core:
     async def enqueue(self, records: list[JobRecord]) -> list[JobRecord]:
         """Store new jobs and wake this process's workers for them. A unique job whose key
         a queued or running job holds takes that job's id."""
+        if any(len(r.payload) >= ARTIFACT_BYTES for r in records):
+            await asyncio.to_thread(self.keep_payloads, records)
         plain = [r for r in records if r.unique_key is None]
         if plain:
             await self.driver.enqueue(plain)
@@ -219,11 +224,32 @@ class Core:
         self._wake_for(records)
         return records
 
+    def keep_payloads(self, records: list[JobRecord]) -> None:
+        """Big payloads (a DataFrame argument) go to the artifacts before their records are
+        stored, each record keeping a reference; SerializationError where there is no such
+        place and one is over max_value_bytes."""
+        for record in records:
+            if len(record.payload) >= ARTIFACT_BYTES:
+                record.payload = self.keep_apart(record.id, "payload", record.payload,
+                                                 SerializationError, f"the arguments of {record.name}")
+
+    def keep_apart(self, job_id: str, part: str, text: str, error: type[Exception], what: str) -> str:
+        """``text`` (a payload or result of ARTIFACT_BYTES or more) as the record keeps it."""
+        if self.artifacts is not None:
+            return self.artifacts.put(job_id, part, text)
+        if len(text) > self.config.max_value_bytes:
+            raise error(f"{what} take {len(text):,} bytes encoded, over Config.max_value_bytes "
+                        f"({self.config.max_value_bytes:,}) for values kept in the store itself: set "
+                        "artifacts= (an fsspec URL such as file:///shared/neonnb or s3://bucket/prefix) to "
+                        "keep big values apart")
+        return text
+
     def enqueue_sync(self, record: JobRecord) -> JobRecord:
         """The sync dispatch family's way in: a store that can (BlockingEnqueue) stores the
         job on the calling thread, not on neonnb's loop thread, which would cost a thread
         wake-up each way (and on SQL one more each way to the driver's threads;
         benchmarks/DECISIONS.md)."""
+        self.keep_payloads([record])
         blocking = self._enqueue_blocking
         if record.unique_key is None and blocking is not None and not on_loop_thread() and blocking([record]):
             self._wake_for([record])
@@ -293,6 +319,11 @@ class Core:
                 self.hooks.after_job(record, outcome)
         await self.driver.purge_finished(now - config.result_ttl)
         await self.driver.drop_members(now - LOST_WORKERS_KEPT)
+        if self.artifacts is not None:
+            await self.artifacts.sweep(now, self._stored, asyncio.to_thread)
+
+    async def _stored(self, job_ids: list[str]) -> set[str]:
+        return {record.id for record in await self.driver.get_many(job_ids, None)}
 
     async def clock_skew(self) -> float:
         """Seconds this process's clock is ahead of the store's (behind: negative); 0 for a

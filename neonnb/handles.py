@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import frames, render
 from ._loop import run_sync
+from .artifacts import is_reference
 from .codec import loads, shown_payload, untag
 from .errors import JobCancelled, JobFailed, JobNotFound
 from .records import FINISHED, JobRecord, Status, check_job_id, check_page, check_queue_name
@@ -113,7 +114,7 @@ class JobHandle:
         if record.result is None:
             return None
         # A big result (a DataFrame) decodes on a thread: the loop serves the other callers meanwhile.
-        if len(record.result) < 256 * 1024:
+        if len(record.result) < 256 * 1024 and not is_reference(record.result):
             return loads(record.result)
         return await asyncio.to_thread(loads, record.result)
 
@@ -218,7 +219,10 @@ class FailedStore:
         return run_sync(self.aarguments(job_id))
 
     async def aforget(self, job_id: str) -> bool:
-        return await self.core.driver.delete_failed([check_job_id(job_id)]) == 1
+        forgotten = await self.core.driver.delete_failed([check_job_id(job_id)]) == 1
+        if forgotten and self.core.artifacts is not None:  # its big values go with it (others: the sweep)
+            await asyncio.to_thread(self.core.artifacts.delete, [job_id])
+        return forgotten
 
     async def aflush(self) -> int:
         return await self.core.driver.delete_failed(None)

@@ -21,6 +21,7 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from . import artifacts
 from .capture import job_logger
 from .codec import decode, decode_fields, dumps, encode, encode_fields, loads
 from .errors import MissingDependency, PayloadError, SerializationError, UnknownJobError
@@ -363,8 +364,9 @@ def decode_job(record: JobRecord) -> Any:
     if record.broken:
         raise unreadable(record)
     job_type = lookup(record.name)
+    payload = artifacts.resolve(record.payload)  # a big payload kept apart: read it first
     try:
-        return job_type.decode(record.payload)
+        return job_type.decode(payload)
     except PayloadError as exc:
         raise PayloadError(
             f"{exc} (the stored arguments don't fit the current definition of {record.name}: "

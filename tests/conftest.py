@@ -159,5 +159,6 @@ def write_config(qm: QueueManager, folder: Path) -> str:
     config = qm.config
     path = folder / "queue.yaml"
     path.write_text(f"driver: {config.driver}\nconnection: '{config.connection}'\n"
-                    f"key_prefix: '{config.key_prefix}'\ntable_name: {config.table_name}\n")
+                    f"key_prefix: '{config.key_prefix}'\ntable_name: {config.table_name}\n"
+                    + (f"artifacts: '{config.artifacts}'\n" if config.artifacts else ""))
     return str(path)

@@ -13,7 +13,8 @@ from neonnb.drivers.sql_schema import jobs_table
 
 PACKAGE = Path(records.__file__).resolve().parent
 # What a driver may import: the records and the plain modules beside them, nothing above.
-BELOW_DRIVERS = {"neonnb.records", "neonnb.errors", "neonnb.config", "neonnb.codec", "neonnb._loop"}
+BELOW_DRIVERS = {"neonnb.records", "neonnb.errors", "neonnb.config", "neonnb.codec", "neonnb.codec_data",
+                 "neonnb._loop", "neonnb.artifacts"}
 
 
 def _module_name(path: Path) -> str:

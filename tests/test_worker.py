@@ -6,11 +6,22 @@ import asyncio
 import io
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 import neonnb._loop as loop
-from neonnb import Context, JobEvent, JobFailed, JobRecord, QueueManager, SerializationError, Status, WorkerOptions
+from neonnb import (
+    Config,
+    Context,
+    JobEvent,
+    JobFailed,
+    JobRecord,
+    QueueManager,
+    SerializationError,
+    Status,
+    WorkerOptions,
+)
 from neonnb.capture import _Router
 from tests import jobs
 from tests.conftest import FakeClock, wait_until
@@ -245,3 +256,22 @@ def test_a_stream_router_outliving_its_stream_flushes_nothing() -> None:
     router.write("before\n")
     real.close()
     router.flush()
+
+
+@pytest.mark.parametrize("ending", ["close", "exit without close"])
+def test_a_script_on_sqlite_prints_nothing_and_unregisters_its_worker_at_exit(tmp_path: Path, ending: str) -> None:
+    """At exit the open manager closes before the interpreter stops its thread pools and
+    closes the lock file's descriptor: no warning, and its worker unregistered."""
+    import subprocess
+    import sys
+
+    from tests.test_redis import _QUIET_SCRIPT
+
+    script = tmp_path / "quiet.py"
+    script.write_text(_QUIET_SCRIPT)
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    done = subprocess.run([sys.executable, "-W", "error", str(script), url, ending], capture_output=True, text=True,
+                          timeout=60)
+    assert (done.returncode, done.stderr) == (0, "")
+    with QueueManager(Config.for_url(url)) as qm:
+        assert qm.known_workers() == []

@@ -73,7 +73,8 @@ class WriterTurns:
         try:
             if self._fd is None:
                 self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
-                weakref.finalize(self, os.close, self._fd)
+                # Not at exit (the OS closes it then): a manager closed at exit still takes its turn.
+                weakref.finalize(self, os.close, self._fd).atexit = False
             fcntl.flock(self._fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
         except BlockingIOError:  # another process's turn

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 from .. import capture
+from ..artifacts import is_reference
 from ..errors import JobCancelled, JobTimeout, PayloadError, ResultError, UnknownJobError
 from ..hooks import Hooks
 from ..job import Context, decode_job, is_async_job
@@ -73,8 +74,8 @@ class JobRunner:
         output = capture.Output()
         try:
             # A big payload (a DataFrame argument) decodes on a thread: the loop keeps beating.
-            job = decode_job(record) if len(record.payload) < OFF_LOOP_BYTES else await asyncio.to_thread(
-                decode_job, record)
+            small = len(record.payload) < OFF_LOOP_BYTES and not is_reference(record.payload)
+            job = decode_job(record) if small else await asyncio.to_thread(decode_job, record)
             try:
                 with capture.capturing(output):  # this task runs in a context of its own (Worker._start)
                     result = await self._call(job, ctx, record.timeout or default_timeout, output)

@@ -16,6 +16,7 @@ import random
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
+from ..artifacts import ARTIFACT_BYTES
 from ..codec import dumps, encode
 from ..config import WorkerSettings, parse_duration, printable
 from ..core import Core
@@ -144,7 +145,15 @@ class Outcomes:
     # --- an attempt's outcome --------------------------------------------------------------
 
     async def succeeded(self, record: JobRecord, result: str | None) -> None:
-        """The job returned: ``result`` is its value, encoded (``encode_result``)."""
+        """The job returned: ``result`` is its value, encoded (``encode_result``); a big one
+        goes to the artifacts first (or fails the job if it can't be kept)."""
+        if result is not None and len(result) >= ARTIFACT_BYTES:
+            try:
+                result = await asyncio.to_thread(self.core.keep_apart, record.id, "result", result, ResultError,
+                                                 "the job's result")
+            except ResultError as exc:
+                await self.failed(record, exc)
+                return
         if record.id in self._dirty_progress:
             await self._flush_progress(record.id)
         outcome = Outcome(Status.SUCCEEDED, result=result)
