@@ -11,7 +11,8 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .codec import shown_payload
+from .artifacts import is_reference
+from .codec import loads, shown_payload
 from .errors import MissingExtra
 from .records import JobRecord, Priority, QueueCounts, Status, WorkerInfo
 
@@ -40,7 +41,12 @@ def queues_frame(counts: dict[str, QueueCounts]) -> pd.DataFrame:
     return frame
 
 
-def jobs_frame(records: Sequence[JobRecord]) -> pd.DataFrame:
+SMALL_RESULT = 64 * 1024  # results up to this size (encoded) are decoded into jobs_df(results=True)
+
+
+def jobs_frame(records: Sequence[JobRecord], results: bool = False) -> pd.DataFrame:
+    """One row per job; ``results``: with a ``result`` column, small results decoded, bigger
+    ones (and those kept apart) described (``<DataFrame 1,000,000 rows x 4 columns: ...>``)."""
     pd = pandas_module()
     frame = pd.DataFrame({
         "id": pd.Series([r.id for r in records], dtype="object"),
@@ -57,7 +63,17 @@ def jobs_frame(records: Sequence[JobRecord]) -> pd.DataFrame:
         "worker_id": pd.Series([r.worker_id for r in records], dtype="object"),
         "error": pd.Series([(r.error or {}).get("message") for r in records], dtype="object"),
     })
+    if results:
+        frame["result"] = pd.Series([_result(r.result) for r in records], dtype="object")
     return frame
+
+
+def _result(text: str | None) -> Any:
+    if text is None:
+        return None
+    if len(text) <= SMALL_RESULT and not is_reference(text):
+        return loads(text)
+    return shown_payload(text)
 
 
 def failed_frame(records: Sequence[JobRecord]) -> pd.DataFrame:

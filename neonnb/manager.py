@@ -315,8 +315,11 @@ class QueueManager:
         """One row per queue: waiting jobs by priority, delayed, running, succeeded, failed."""
         return frames.queues_frame(self.stats())
 
-    def jobs_df(self, status: Status | str | None = None, queue: str | None = None, limit: int = 100) -> pd.DataFrame:
-        return frames.jobs_frame(self.jobs(status, queue, limit))
+    def jobs_df(self, status: Status | str | None = None, queue: str | None = None, limit: int = 100, *,
+                results: bool = False) -> pd.DataFrame:
+        """The jobs as a DataFrame; ``results=True`` adds a ``result`` column (small results
+        decoded, big ones described by their shape)."""
+        return frames.jobs_frame(self.jobs(status, queue, limit), results=results)
 
     def failed_df(self, queue: str | None = None, limit: int = 100) -> pd.DataFrame:
         return frames.failed_frame(self.jobs(Status.FAILED, queue, limit))

@@ -272,3 +272,18 @@ def test_a_batch_followed_by_the_panel_reads_only_its_unfinished_jobs(qm: QueueM
     assert batch.counts() == {"pending": 10, "running": 0, "done": 40, "failed": 0, "cancelled": 0}
     assert batch.counts()["done"] == 40
     assert asked == [50, 50, 10], "a done job stays done: it need not be read again"
+
+
+def test_jobs_df_with_results_decodes_small_ones_and_describes_big_ones(tmp_path: Path) -> None:
+    from tests import data_jobs
+
+    with QueueManager(Config.for_url(f"sqlite:///{tmp_path / 'jobs.db'}")) as qm:
+        small = qm.dispatch("q", data_jobs.Echo({"rows": 3, "ok": True}))
+        big = qm.dispatch("q", data_jobs.Echo(data_jobs.frame_of(50_000)))
+        worker = qm.worker("q", 1)
+        while worker.run_once():
+            pass
+        frame = qm.jobs_df(results=True).set_index("id")
+        assert frame.loc[small.id, "result"] == {"rows": 3, "ok": True}
+        assert "bytes kept apart at file:" in str(frame.loc[big.id, "result"]), "big: described, not read"
+        assert "result" not in qm.jobs_df().columns

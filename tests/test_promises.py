@@ -223,8 +223,33 @@ def test_an_async_handler_that_blocks_the_loop_is_named_before_its_lease_ends(
             worker.stop()
         blocked = next(r for r in caplog.records if "has been blocked" in r.getMessage()).getMessage()
         assert f"job {blocker.id} (tests.jobs.BlocksTheLoop)" in blocked
+        assert "an async handler must not block" in blocked
         assert "time.sleep(self.seconds)" in blocked  # where it is stuck
         assert "answers again" in caplog.text
+    finally:
+        qm.close()
+
+
+def test_a_loop_blocked_by_neonnbs_own_work_does_not_blame_the_handler(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reading and decoding a big payload on the loop (forced here: from 256 KiB it happens on
+    a thread) is neonnb's work, not the handler's: the warning says so."""
+    import neonnb.worker.execute
+    from tests import data_jobs
+
+    monkeypatch.setattr(neonnb.worker.execute, "OFF_LOOP_BYTES", 10**12)
+    monkeypatch.setattr(neonnb.worker.execute, "is_reference", lambda text: False)  # kept apart: read on the loop
+    qm = QueueManager(Config(driver="memory", lease_timeout=1.2))
+    try:
+        with caplog.at_level(logging.WARNING, "neonnb.worker"):
+            worker = qm.worker("q", 1).start()
+            handle = qm.dispatch("q", data_jobs.Echo([{"n": [i]} for i in range(600_000)]))
+            handle.wait(timeout=60)
+            worker.stop()
+        blocked = [r.getMessage() for r in caplog.records if "has been blocked" in r.getMessage()]
+        assert blocked, "the loop was blocked long enough to be noticed"
+        assert all("not the handler's own code" in m and "an async handler must not" not in m for m in blocked)
     finally:
         qm.close()
 

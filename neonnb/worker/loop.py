@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import sys
+import sysconfig
 import threading
 import time
 import traceback
@@ -84,11 +85,15 @@ class _LoopWatch:
             started = time.monotonic()
             if answered.wait(self.after) or self._stop.is_set():
                 continue
-            logger.warning("worker %s: its event loop has been blocked for %.1fs by %s; an async handler must not "
-                           "block (await instead, or make the handler sync: it then runs in a thread). Leases can't "
-                           "be extended meanwhile: after %gs other workers may run its jobs again.%s",
-                           self.worker.id, time.monotonic() - started, self._culprit(),
-                           self.worker.options.lease_timeout, self._where())
+            stack = self._stack()
+            advice = ("an async handler must not block (await instead, or make the handler sync: it then runs in "
+                      "a thread)" if _in_user_code(stack) else
+                      "the blocking call is neonnb's or a library's, not the handler's own code: please report it")
+            logger.warning("worker %s: its event loop has been blocked for %.1fs by %s; %s. Leases can't be "
+                           "extended meanwhile: after %gs other workers may run its jobs again.%s",
+                           self.worker.id, time.monotonic() - started, self._culprit(), advice,
+                           self.worker.options.lease_timeout,
+                           "" if not stack else "\nWhere the loop is:\n" + "".join(stack.format()[-4:]))
             while not answered.wait(1.0) and not self._stop.is_set():
                 pass
             logger.warning("worker %s: its event loop answers again after %.1fs", self.worker.id,
@@ -104,9 +109,20 @@ class _LoopWatch:
                 return f"job {running.record.id} ({running.record.name})"
         return "code on the loop that is not one of this worker's jobs"
 
-    def _where(self) -> str:
+    def _stack(self) -> traceback.StackSummary | None:
         frame = sys._current_frames().get(self.loop_thread)
-        return "" if frame is None else "\nWhere the loop is:\n" + "".join(traceback.format_stack(frame)[-4:])
+        return None if frame is None else traceback.extract_stack(frame)
+
+
+_LIBRARY_PATHS = tuple({sysconfig.get_paths()[name] for name in ("stdlib", "platstdlib", "purelib", "platlib")}
+                       | {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
+
+
+def _in_user_code(stack: traceback.StackSummary | None) -> bool:
+    """Whether the loop is blocked inside code of the user's (a handler's module), rather than
+    in neonnb, the standard library or an installed package that neonnb called."""
+    return stack is None or any(not os.path.abspath(entry.filename).startswith(_LIBRARY_PATHS)
+                                and not entry.filename.startswith("<") for entry in stack)
 
 
 class Worker:
