@@ -274,7 +274,7 @@ def test_a_batch_followed_by_the_panel_reads_only_its_unfinished_jobs(qm: QueueM
     assert asked == [50, 50, 10], "a done job stays done: it need not be read again"
 
 
-def test_jobs_df_with_results_decodes_small_ones_and_describes_big_ones(tmp_path: Path) -> None:
+def test_jobs_df_with_results_decodes_small_ones_and_describes_big_ones(tmp_path: Any) -> None:
     from tests import data_jobs
 
     with QueueManager(Config.for_url(f"sqlite:///{tmp_path / 'jobs.db'}")) as qm:
