@@ -90,6 +90,11 @@ def closed(resource: Closable) -> None:
     _open.discard(resource)
 
 
+def open_resources() -> list[Any]:
+    """What is open in this process now (every QueueManager not closed yet)."""
+    return list(_open)
+
+
 def _close_open_resources() -> None:
     loop = _loop
     if loop is None or not loop.is_running():

@@ -170,3 +170,30 @@ def test_magics_use_the_notebooks_own_manager_and_ask_which_when_there_are_sever
     with pytest.raises(UsageError, match="no QueueManager named 'nope'"):
         shell.run_line_magic("neonnb", "-m nope failed")
     shell.run_cell("qm.close()\nother.close()\ndel qm, other")
+
+
+def test_magics_help_rerun_start_reconnect_stop_and_bad_input(
+    shell: InteractiveShell, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from IPython.core.error import UsageError
+
+    from neonnb import StoreUnavailable
+
+    shell.run_line_magic("neonnb", "help")
+    assert "%neonnb start -q etl -c 4" in capsys.readouterr().out
+    assert "%neonnb debug ID" in (shell.find_line_magic("neonnb").__doc__ or "")
+    with pytest.raises(StoreUnavailable):
+        shell.run_line_magic("neonnb", "connect redis://127.0.0.1:1/0")
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    shell.run_line_magic("neonnb", f"connect {url}")
+    first = shell.run_line_magic("neonnb", "start -q etl -c 2")
+    assert shell.run_line_magic("neonnb", "start -q etl -c 2") is first, "a re-run cell: the same worker"
+    assert len(shell.user_ns["qm"].workers) == 1
+    with pytest.raises(UsageError, match="1 or more, got 0"):
+        shell.run_line_magic("neonnb", "start -c 0")
+    shell.run_cell(f"import neonnb\nqm = neonnb.connect({url!r})")  # connect again: a new manager, same store
+    capsys.readouterr()
+    shell.run_line_magic("neonnb", "stop --grace 1")
+    assert "stopped 1 worker(s)" in capsys.readouterr().out
+    assert not first.is_running, "the old manager's worker stopped too"
+    shell.run_cell("qm.close()")

@@ -8,8 +8,9 @@ captured output, and ``%neonnb debug ID`` to re-run a failed job and debug it po
     %neonnb retry ID | --all               # back to the queue
     %neonnb output ID                      # what the job printed and logged
     %neonnb debug ID                       # run it again here; the debugger opens where it fails
-    %neonnb stop
+    %neonnb stop [--grace 10]              # every worker on this store in the kernel, old managers' too
     %neonnb -m other status                # which manager, when the notebook holds several
+    %neonnb help                           # this text
 
 Without -m, the magics use the notebook's QueueManager (``qm = neonnb.connect(...)`` works as
 well as ``%neonnb connect``).
@@ -26,6 +27,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
+from .. import _loop
 from ..errors import user_traceback
 from ..job import Context, FunctionCall, decode_job, is_async_job
 from ..manager import QueueManager, connect
@@ -39,7 +41,7 @@ class NeonnbMagics(Magics):
 
     @line_magic
     def neonnb(self, line: str) -> Any:
-        words = line.strip()
+        words = line.strip()  # the docstring, for %neonnb?, is the module's (set below)
         self.chosen = None
         if words.startswith(("-m ", "--manager ")):  # %neonnb -m NAME COMMAND ...
             _, self.chosen, words = [*words.split(None, 2), ""][:3]
@@ -75,6 +77,9 @@ class NeonnbMagics(Magics):
                              "(e.g. sqlite:///jobs.db or memory://)")
         return self.manager
 
+    def help(self, rest: str) -> None:
+        print(__doc__)
+
     @magic_arguments(name="%neonnb connect")
     @argument("target", help="a URL (memory://, sqlite:///jobs.db, postgresql://..., redis://...) or a YAML file")
     @argument("--as", dest="name", default="qm", help="the notebook variable to bind the QueueManager to")
@@ -82,7 +87,13 @@ class NeonnbMagics(Magics):
         args = parse_argstring(self.connect, rest)
         if self.manager is not None:
             self.manager.close()
-        self.manager = connect(args.target)
+        manager = connect(args.target)
+        try:
+            manager.size()  # reach the store now: a wrong URL says so here, not later in the panel
+        except Exception:
+            manager.close()
+            raise
+        self.manager = manager
         assert self.shell is not None
         self.shell.push({args.name: self.manager})
         return self.manager
@@ -91,15 +102,34 @@ class NeonnbMagics(Magics):
     @argument("-q", "--queue", action="append", help="a queue to work (repeat for several)")
     @argument("-c", "--concurrency", type=int, default=None, help="jobs at a time")
     def start(self, rest: str) -> Any:
+        """A worker on the background loop; the same queues and slots again (a re-run cell)
+        give back the worker already running, not a second one."""
         args = parse_argstring(self.start, rest)
-        return self._manager().worker(args.queue, args.concurrency).start()
+        if args.concurrency is not None and args.concurrency < 1:
+            raise UsageError(f"-c is how many jobs run at a time: 1 or more, got {args.concurrency}")
+        manager = self._manager()
+        queues = args.queue or [manager.config.default_queue]
+        concurrency = manager.config.workers if args.concurrency is None else args.concurrency
+        for worker in manager.workers:
+            if worker.queues == queues and worker.concurrency == concurrency and worker.is_running:
+                print(f"already running: {worker!r}")
+                return worker
+        return manager.worker(queues, concurrency).start()
 
     @magic_arguments(name="%neonnb stop")
     @argument("--grace", type=float, default=10.0, help="seconds running jobs may take to finish")
     def stop(self, rest: str) -> None:
+        """Stop every worker this kernel runs on the notebook's store, also those of managers
+        made for it before (``qm = neonnb.connect(...)`` run again)."""
         args = parse_argstring(self.stop, rest)
-        for worker in self._manager().workers:
+        manager = self._manager()
+        same_store = [m for m in _loop.open_resources() if m is manager or (
+            isinstance(m, QueueManager) and manager.config.driver != "memory"  # each memory store is its own
+            and (m.config.driver, m.config.connection) == (manager.config.driver, manager.config.connection))]
+        stopped = [worker for m in same_store for worker in m.workers]
+        for worker in stopped:
             worker.stop(args.grace)
+        print(f"stopped {len(stopped)} worker(s)" if stopped else "no worker was running")
 
     def status(self, rest: str) -> Any:
         return self._manager().dashboard()
@@ -188,5 +218,6 @@ def _post_mortem(exc: BaseException) -> None:
 COMMANDS = {
     "connect": NeonnbMagics.connect, "start": NeonnbMagics.start, "stop": NeonnbMagics.stop,
     "status": NeonnbMagics.status, "failed": NeonnbMagics.failed, "retry": NeonnbMagics.retry,
-    "output": NeonnbMagics.output, "debug": NeonnbMagics.debug,
+    "output": NeonnbMagics.output, "debug": NeonnbMagics.debug, "help": NeonnbMagics.help,
 }
+NeonnbMagics.neonnb.__doc__ = __doc__  # %neonnb? shows every subcommand
