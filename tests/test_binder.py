@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import nbformat
 import pytest
@@ -100,3 +101,11 @@ def test_every_notebook_runs_all_on_a_binder_like_environment(tmp_path: Path) ->
     redis_notebook = nbformat.read(executed / "04_redis_standalone_worker.ipynb", as_version=4)
     setup = _texts(redis_notebook.cells[1])
     assert "'redis'" in setup and "SQLite" not in setup, f"the Redis notebook did not use Redis: {setup}"
+
+
+def test_binder_start_refuses_a_port_another_redis_answers_on(redis_server: Any) -> None:
+    """Otherwise the notebooks would write into that server's DB 0."""
+    env = {**os.environ, "NEONNB_REDIS_PORT": str(redis_server.port)}
+    done = subprocess.run(["bash", str(ROOT / "binder" / "start"), "true"], capture_output=True, text=True, env=env,
+                          timeout=30)
+    assert done.returncode == 1 and "another Redis already answers" in done.stderr
