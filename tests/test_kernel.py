@@ -197,3 +197,20 @@ def test_magics_help_rerun_start_reconnect_stop_and_bad_input(
     assert "stopped 1 worker(s)" in capsys.readouterr().out
     assert not first.is_running, "the old manager's worker stopped too"
     shell.run_cell("qm.close()")
+
+
+def test_worker_log_lines_stay_out_of_cells_and_show_in_the_panel(kernel: Any) -> None:
+    """A job failing while another cell runs used to print its warning into that cell."""
+    kernel("import neonnb, time\nqm = neonnb.connect('memory://', max_retries=0)\n"
+           "@qm.job(queue='q')\ndef broken(n: int) -> None:\n    raise ValueError(f'bad row {n}')\n"
+           "panel = qm.dashboard()\nworker = qm.worker('q', 2).start()")
+    outputs, _ = kernel("handles = broken.map(range(3))\ntime.sleep(1.5)\n[h.status.value for h in handles]")
+    assert "failed after" not in text(outputs) and "['failed', 'failed', 'failed']" in text(outputs)
+    assert not [o for o in outputs if o.get("name") == "stderr"], outputs
+    outputs, _ = kernel("_ = panel._refresh_now()\nprint(panel.log.value)")
+    assert text(outputs).count("failed after 1 attempt(s): ValueError: bad row") == 3
+    outputs, _ = kernel("import logging, io\nstream = io.StringIO()\nlogging.basicConfig(stream=stream)\n"
+                        "broken.dispatch(9).wait(timeout=10)\nprint('user handler saw it:', 'bad row 9' in "
+                        "stream.getvalue())")
+    assert "user handler saw it: True" in text(outputs), "the user's own handlers still get the records"
+    kernel("worker.stop()\npanel.close()\nqm.close()")

@@ -28,6 +28,7 @@ from ..codec import shown_payload
 from ..errors import MissingExtra
 from ..frames import fraction, progress_message
 from ..records import JobRecord, QueueCounts, Status, WorkerInfo
+from . import KERNEL_LOG
 
 if TYPE_CHECKING:
     from ..manager import QueueManager
@@ -101,6 +102,7 @@ class Dashboard:
         self.stop_button.on_click(lambda _: self.stop_workers())
         self.worker_state = _with_class(w.HTML(), "neonnb-worker-state")
         self.elsewhere = _with_class(w.HTML(), "neonnb-elsewhere")
+        self.log = _with_class(w.HTML(), "neonnb-log")
 
         def section(name: str, title: str, *parts: w.Widget) -> w.VBox:
             return _with_class(w.VBox([w.HTML(render.section_title(title)), *parts]), f"neonnb-section-{name}")
@@ -113,6 +115,7 @@ class Dashboard:
             "schedules": section("schedules", "schedules", self.schedules),
             "failed": section("failed", "failed", self.failed, self.retry_all),
             "elsewhere": section("elsewhere", "workers in other processes", self.elsewhere),
+            "log": section("log", "log (neonnb's warnings in this kernel, newest last)", self.log),
         }
         controls = w.HBox([self.queue_name, self.concurrency, self.start_button, self.stop_button])
         self.widget = _with_class(w.VBox([
@@ -229,9 +232,11 @@ class Dashboard:
             self._set(self.worker_state, "value", render.workers_table(seen.workers) if seen.workers else "")
             self._set(self.elsewhere, "value", render.store_workers_table(seen.elsewhere, seen.now))
             self._fill_controls(seen.workers)
+            log_lines = list(KERNEL_LOG.lines)[-LOG_LINES:]
+            self._set(self.log, "value", _log_html(log_lines))
             shown = {"queues": seen.counts, "running": seen.running, "recent": seen.recent,
                      "workflows": seen.flows, "schedules": seen.schedules, "failed": seen.failed,
-                     "elsewhere": seen.elsewhere}
+                     "elsewhere": seen.elsewhere, "log": log_lines}
             for name, box in self.sections.items():
                 self._set(box.layout, "display", None if shown[name] else "none")  # empty sections stay out of sight
 
@@ -408,3 +413,13 @@ def close_all() -> None:
 def _arguments_text(payload: str) -> str:
     """A failed job's arguments as one line of JSON, long values cut, frames by their shape."""
     return json.dumps(shown_payload(payload, items=10, chars=80), ensure_ascii=False, default=str)
+
+
+LOG_LINES = 8  # of the kernel's neonnb log, the newest shown in the panel
+
+
+def _log_html(lines: list[tuple[float, str, str]]) -> str:
+    rows = "".join(
+        f"<div><span style='color:{render.MUTED}'>{time.strftime('%H:%M:%S', time.localtime(when))} {level}</span> "
+        f"{render.escape(message)}</div>" for when, level, message in lines)
+    return f"<div style='font-family:monospace;font-size:smaller;overflow-x:auto;white-space:pre'>{rows}</div>"
