@@ -100,13 +100,15 @@ def main() -> None:
         except BaseException as exc:
             print(f"PostgreSQL skipped: {exc}")
         times: dict[str, list[float]] = {name: [] for name in systems}
-        for _ in range(rounds):
-            for name, run in systems.items():
-                times[name].append(run(Path(folder)))
-        sqlite.close()
-        if postgres is not None:
-            postgres.close()
-            server.stop()
+        try:
+            for _ in range(rounds):
+                for name, run in systems.items():
+                    times[name].append(run(Path(folder)))
+        finally:  # the throwaway server goes even when a round fails
+            sqlite.close()
+            if postgres is not None:
+                postgres.close()
+                server.stop()
     base = statistics.median(times["parquet on disk (floor)"])
     print("\n| system | median s | min | max | vs floor |\n| --- | ---: | ---: | ---: | ---: |")
     for name, values in times.items():
