@@ -9,6 +9,8 @@ if (fromUrl) {
   window.history.replaceState(null, "", url.pathname + url.search + url.hash);
 }
 tokenBox.value = sessionStorage.getItem("neonnb-token") || "";
+// Behind Jupyter's proxy there is no token to give (the page's cookie proves its writes): no box.
+if (document.cookie.split("; ").some(c => c.startsWith("neonnb_csrf="))) document.getElementById("token-box").hidden = true;
 tokenBox.addEventListener("change", () => { sessionStorage.setItem("neonnb-token", tokenBox.value); complain(""); });
 const base = location.pathname.replace(/\/$/, "");
 const depth = {};  // queue -> waiting counts of the last minute

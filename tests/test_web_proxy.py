@@ -196,6 +196,7 @@ def test_pages_of_another_port_or_site_cant_write_through_the_proxy_but_the_dash
             page = browser.new_page()
             page.goto(f"{base}/neonnb/?token={token}")  # logs in to Jupyter: its cookie is in the browser now
             page.wait_for_selector(f"#failed td[data-job-id='{failed[0].id}']")
+            assert not page.is_visible("#token"), "behind the proxy there is no token to give"
             for site in (f"http://127.0.0.1:{attacker}/", f"http://evil.test:{attacker}/"):  # same-site, cross-site
                 other = browser.new_page()
                 other.goto(site)
