@@ -154,6 +154,11 @@ def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
     future = submit(coro)
     try:
         return future.result(timeout)
-    except (KeyboardInterrupt, concurrent.futures.TimeoutError):
+    except KeyboardInterrupt:
+        future.cancel()
+        # One line that says what stopped, not a traceback through concurrent.futures' locks.
+        raise KeyboardInterrupt("interrupted while waiting; the jobs themselves go on in the background "
+                                "(stop workers with worker.stop() or %neonnb stop)") from None
+    except concurrent.futures.TimeoutError:
         future.cancel()
         raise

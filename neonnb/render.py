@@ -181,7 +181,7 @@ def workers_table(workers: Sequence[Any]) -> str:
     """The kernel's workers, their state in words."""
     rows = [[", ".join(wk.queues), wk.concurrency, status_badge(wk.state),
              f"{len(wk.running_job_ids)} of {wk.concurrency} busy", f"{wk.jobs_started:,}"] for wk in workers]
-    return table(["queues", "slots", "state", "now", "started"], rows, "neonnb-workers")
+    return table(["queues", "slots", "state", "now", "jobs started"], rows, "neonnb-workers")
 
 
 def store_workers_table(infos: Sequence[Any], now: float) -> str:

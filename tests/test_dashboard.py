@@ -76,6 +76,17 @@ def test_worker_controls_start_and_stop_a_worker(qm: QueueManager) -> None:
     dashboard.close()
 
 
+def test_the_controls_propose_the_stores_only_queue_not_the_default(qm: QueueManager) -> None:
+    qm.dispatch("etl", jobs.Note("waiting"))
+    dashboard = qm.dashboard(interval=None)
+    loop.run_sync(dashboard.refresh())
+    assert dashboard.queue_name.value == "etl"
+    dashboard.queue_name.value = "mine"  # what the user typed stays
+    loop.run_sync(dashboard.refresh())
+    assert dashboard.queue_name.value == "mine"
+    dashboard.close()
+
+
 def test_dataframes_have_typed_columns(qm: QueueManager, clock: FakeClock) -> None:
     qm.dispatch("q", jobs.Note("a"))
     qm.dispatch_after("q", jobs.Note("later"), 60)

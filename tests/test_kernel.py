@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -214,3 +216,31 @@ def test_worker_log_lines_stay_out_of_cells_and_show_in_the_panel(kernel: Any) -
                         "stream.getvalue())")
     assert "user handler saw it: True" in text(outputs), "the user's own handlers still get the records"
     kernel("worker.stop()\npanel.close()\nqm.close()")
+
+
+def test_interrupting_a_wait_says_the_jobs_go_on_without_a_threading_traceback() -> None:
+    import threading as threads
+
+    from nbclient.exceptions import CellExecutionError
+
+    notebook = new_notebook()
+    client = NotebookClient(notebook, timeout=60, kernel_name="python3", allow_errors=True)
+    with client.setup_kernel():
+        for source in ["import neonnb, time\nqm = neonnb.connect('memory://')\n"
+                       "@qm.job(queue='q')\ndef slow() -> None:\n    time.sleep(30)\n"
+                       "worker = qm.worker('q', 1).start()\nhandle = slow.dispatch()",
+                       "handle.result()"]:
+            cell = new_code_cell(source)
+            notebook.cells.append(cell)
+            if source == "handle.result()":
+                pid = client.km.provisioner.pid  # the Interrupt button: SIGINT to the kernel
+                threads.Timer(1.5, os.kill, (pid, signal.SIGINT)).start()
+            with contextlib.suppress(CellExecutionError):
+                client.execute_cell(cell, len(notebook.cells) - 1)
+        [error] = [o for o in notebook.cells[-1].outputs if o["output_type"] == "error"]
+        assert error["ename"] == "KeyboardInterrupt" and "jobs themselves go on" in error["evalue"]
+        assert not any("concurrent/futures" in line or "threading.py" in line for line in error["traceback"])
+        status = new_code_cell("print(handle.status.value)")
+        notebook.cells.append(status)
+        client.execute_cell(status, len(notebook.cells) - 1)
+        assert "running" in text(status.outputs)

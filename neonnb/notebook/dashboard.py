@@ -352,9 +352,12 @@ class Dashboard:
     def _fill_controls(self, workers: list[Worker]) -> None:
         """Start from what the running worker does, unless the user typed something else."""
         running = [wk for wk in workers if wk.is_running]
-        if not running:
+        if running:
+            proposal = (",".join(running[0].queues), running[0].concurrency)
+        elif self._seen is not None and len(self._seen.counts) == 1:  # the store's one queue, not "default"
+            proposal = (next(iter(self._seen.counts)), self.concurrency.value)
+        else:
             return
-        proposal = (",".join(running[0].queues), running[0].concurrency)
         if self._filled is None or (self.queue_name.value, self.concurrency.value) == self._filled:
             self._filled = proposal
             self._set(self.queue_name, "value", proposal[0])
