@@ -244,3 +244,24 @@ def test_interrupting_a_wait_says_the_jobs_go_on_without_a_threading_traceback()
         notebook.cells.append(status)
         client.execute_cell(status, len(notebook.cells) - 1)
         assert "running" in text(status.outputs)
+
+
+def test_a_restarted_kernels_workers_leave_the_store_at_once(tmp_path: Any) -> None:
+    """The dead kernel's workers used to show as running for a minute (until their beats went stale)."""
+    from jupyter_core.utils import run_sync
+
+    from neonnb import Config, QueueManager
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    notebook = new_notebook()
+    client = NotebookClient(notebook, timeout=60, kernel_name="python3")
+    with client.setup_kernel(), QueueManager(Config.for_url(url)) as qm:
+        cell = new_code_cell(f"import neonnb\nqm = neonnb.connect({url!r})\nworker = qm.worker('etl', 4).start()")
+        notebook.cells.append(cell)
+        client.execute_cell(cell, 0)
+        assert [info.state(qm.clock()) for info in qm.known_workers()] == ["running"]
+        run_sync(client.km.restart_kernel)(now=False)  # as the Restart button does: a graceful shutdown
+        deadline = time.monotonic() + 5
+        while qm.known_workers() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert qm.known_workers() == [], "gone from the store within 5 s of the restart"
