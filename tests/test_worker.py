@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import threading
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import neonnb._loop as loop
 from neonnb import (
     Config,
     Context,
+    Job,
     JobEvent,
     JobFailed,
     JobRecord,
@@ -62,6 +64,37 @@ def test_an_argument_of_the_wrong_type_fails_the_dispatch_not_the_job(make_manag
     assert handle.result(timeout=10) == 12.0
 
 
+def test_a_job_not_defined_yet_in_this_kernel_waits_uncharged_then_fails(
+        make_manager: MakeManager, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    """A kernel restarted: its worker starts before the cell defining the job has run again."""
+    qm = make_manager(clock=clock)
+    name = f"__main__.Resize{uuid.uuid4().hex[:8]}"  # each store's run defines its own
+    later = _store_raw(qm, name, "{}")
+    never = _store_raw(qm, "__main__.Crop", "{}")
+    worker = qm.worker("q", 1)
+    assert worker.run_once() + worker.run_once() == 2
+    for job_id in (later, never):
+        record = qm.handle(job_id).fetch()
+        assert (record.status, record.attempts, record.run_at) == (Status.QUEUED, 0, clock() + 5), "back, uncharged"
+    assert worker.run_once() == 0, "not before it is due again"
+    assert sum("not defined in this process yet" in r.getMessage() for r in caplog.records) == 2, "once per type"
+
+    class Resize(Job, job_name=name):
+        def handle(self, ctx: Context) -> str:
+            return "resized"
+
+    clock.advance(5)
+    while worker.run_once():
+        pass
+    assert qm.handle(later).result(timeout=10) == "resized"
+    clock.advance(600)
+    while worker.run_once():
+        pass
+    failed = qm.handle(never).fetch()
+    assert (failed.status, failed.attempts) == (Status.FAILED, 1)
+    assert "defined in a notebook" in (failed.error or {})["message"]
+
+
 def _store_raw(qm: QueueManager, name: str, payload: str) -> str:
     record = JobRecord(id=f"raw-{name}-{len(payload)}", queue="q", name=name, payload=payload, run_at=qm.clock(),
                        created_at=qm.clock())
@@ -72,7 +105,6 @@ def _store_raw(qm: QueueManager, name: str, payload: str) -> str:
 def test_unknown_type_and_corrupt_payload_go_to_the_failed_store(make_manager: MakeManager) -> None:
     qm = make_manager()
     missing = _store_raw(qm, "billing.jobs.SendInvoice", "{}")
-    notebook = _store_raw(qm, "__main__.Resize", "{}")
     not_json = _store_raw(qm, "tests.jobs.Note", "{not json")
     wrong_type = _store_raw(qm, "tests.jobs.Note", '{"tag": 5}')
     after = qm.dispatch("q", jobs.Note("still working"))
@@ -83,7 +115,6 @@ def test_unknown_type_and_corrupt_payload_go_to_the_failed_store(make_manager: M
     errors = {f.id: f for f in qm.failed.list()}
     assert errors[missing].error_type == "neonnb.errors.UnknownJobError"
     assert "neonnb worker --import billing.jobs" in errors[missing].error
-    assert "defined in a notebook" in errors[notebook].error
     assert "not valid JSON" in errors[not_json].error
     assert errors[wrong_type].error.startswith("tests.jobs.Note.tag: expected str, got int 5 (the stored arguments")
     assert all(f.attempts == 1 for f in errors.values()), "retrying can't fix these"

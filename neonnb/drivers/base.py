@@ -98,6 +98,11 @@ class Driver(abc.ABC):
         """Give jobs back to the queue unfinished (graceful stop); their attempt is not counted."""
 
     @abc.abstractmethod
+    async def postpone(self, job: JobRecord, worker_id: str, run_at: float) -> bool:
+        """Give a job back to the queue, due at ``run_at``, its attempt not counted (a job this
+        process can't run yet: its type is about to be defined). True if it was still this worker's."""
+
+    @abc.abstractmethod
     async def release_unheld(self, queues: Sequence[str], worker_id: str, held: Sequence[str], now: float) -> int:
         """Give back, attempt not counted, the jobs of ``queues`` running under ``worker_id``
         that are not in ``held``: a claim whose reply was lost left them claimed for a

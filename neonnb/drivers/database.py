@@ -523,16 +523,20 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, PipelinedClaims, StoreC
             return None  # SQLite: this machine's clock
         return float(await self._statement(lambda conn: conn.exec_driver_sql(now).scalar_one()))
 
+    async def postpone(self, job: JobRecord, worker_id: str, run_at: float) -> bool:
+        return await self._give_back(self.table.c.id == job.id, worker_id, run_at) == 1
+
     async def release_unheld(self, queues: Sequence[str], worker_id: str, held: Sequence[str], now: float) -> int:
         c = self.table.c
         return await self._give_back(and_(c.queue.in_(list(queues)), c.id.not_in(list(held))), worker_id)
 
-    async def _give_back(self, which: Any, worker_id: str) -> int:
+    async def _give_back(self, which: Any, worker_id: str, run_at: float | None = None) -> int:
         c = self.table.c
+        changes = given_back() if run_at is None else requeued(run_at)
         stmt = (
             update(self.table)
             .where(which, c.status == RUNNING, c.worker_id == worker_id)
-            .values({**_columns(given_back()), "attempts": c.attempts - 1})
+            .values({**_columns(changes), "attempts": c.attempts - 1})
         )
 
         def give_back(conn: Connection) -> int:

@@ -206,6 +206,15 @@ class MemoryDriver(Driver, BlockingEnqueue):
                     released += 1
         return released
 
+    async def postpone(self, job: JobRecord, worker_id: str, run_at: float) -> bool:
+        with self._lock:
+            record = self._owned(job.id, worker_id)
+            if record is None:
+                return False
+            record.attempts -= 1
+            self._apply(record, requeued(run_at))
+            return True
+
     async def release_unheld(self, queues: Sequence[str], worker_id: str, held: Sequence[str], now: float) -> int:
         with self._lock:
             unheld = [r for r in self._jobs.values() if r.status is Status.RUNNING and r.worker_id == worker_id

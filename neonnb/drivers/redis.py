@@ -341,6 +341,11 @@ class RedisDriver(Driver, BlockingEnqueue, EventFeed, HandOff, PipelinedClaims, 
         seconds, micros = next(iter(reply.values())) if isinstance(reply, dict) else reply  # a cluster: per node
         return int(seconds) + int(micros) / 1e6
 
+    async def postpone(self, job: JobRecord, worker_id: str, run_at: float) -> bool:
+        [moved] = await self._per_queue("release", {job.queue: [job.id]},
+                                        lambda q: [self.channel, q, worker_id, "later", _num(run_at)])
+        return bool(moved)
+
     async def release_unheld(self, queues: Sequence[str], worker_id: str, held: Sequence[str], now: float) -> int:
         groups = {queue: list(held) for queue in queues}
         return sum(await self._per_queue("release", groups, lambda q: [self.channel, q, worker_id, "unheld"]))

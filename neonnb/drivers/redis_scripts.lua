@@ -294,13 +294,17 @@ redis.call('ZADD', B .. ARGV[5], ARGV[3], id)
 return 1
 
 --! release
--- KEYS: B.  ARGV: wake channel, queue, worker_id, which ("these": the ids listed; "unheld":
--- every job running under worker_id but those listed, which a claim whose reply was lost
--- took for it), id...   An unfinished job goes back; its attempt is not counted.
+-- KEYS: B.  ARGV: wake channel, queue, worker_id, which ("these": the ids listed; "later":
+-- ARGV[5] is when they are due again, then the ids; "unheld": every job running under
+-- worker_id but those listed, which a claim whose reply was lost took for it), id...
+-- An unfinished job goes back; its attempt is not counted.
 local B, worker = KEYS[1], ARGV[3]
-local ids = {}
+local ids, due = {}, nil
 if ARGV[4] == 'these' then
   for i = 5, #ARGV do ids[#ids + 1] = ARGV[i] end
+elseif ARGV[4] == 'later' then
+  due = ARGV[5]
+  for i = 6, #ARGV do ids[#ids + 1] = ARGV[i] end
 else
   local listed = {}
   for i = 5, #ARGV do listed[ARGV[i]] = true end
@@ -317,7 +321,8 @@ for _, id in ipairs(ids) do
     redis.call('HINCRBY', key, 'attempts', -1)
     redis.call('HDEL', key, 'worker_id', 'lease_expires')
     redis.call('ZREM', B .. 'running', id)
-    redis.call('ZADD', B .. 'ready:' .. band(held[3]), tonumber(held[4]) and held[4] or '0', id)
+    if due then redis.call('HSET', key, 'run_at', due) end
+    redis.call('ZADD', B .. 'ready:' .. band(held[3]), due or (tonumber(held[4]) and held[4] or '0'), id)
     released = released + 1
   end
 end

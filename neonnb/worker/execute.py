@@ -88,7 +88,9 @@ class JobRunner:
             self._cancelling.discard(record.id)
             _uncancel()
             await self.outcomes.failed(record, JobCancelled("cancelled while running"), Status.CANCELLED)
-        except (UnknownJobError, PayloadError, ResultError) as exc:
+        except UnknownJobError as exc:
+            await self.outcomes.undefined(record, exc)
+        except (PayloadError, ResultError) as exc:
             # Retrying can't help until someone imports or fixes something (or the job returns
             # something storable): into the failed store, where it shows.
             await self.outcomes.failed(record, exc)

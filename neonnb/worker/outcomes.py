@@ -61,6 +61,10 @@ def retry_delay_for(
     return backoff_delay(record.attempts, base, cap, jitter)
 
 
+UNDEFINED_WAIT = 5.0  # seconds a job of a type not defined yet waits before a worker looks again
+UNDEFINED_GRACE = 600.0  # after its dispatch, how long it may wait for its definition
+
+
 def encode_result(value: Any) -> str | None:
     """The stored result; ResultError saying what was returned and what would work if it
     can't be stored (the job then fails: a result is never silently dropped)."""
@@ -88,6 +92,7 @@ class Outcomes:
         self._ack_flusher: asyncio.Task[None] | None = None
         self.jobs_done = 0  # acknowledged successes
         self.jobs_failed = 0  # jobs this worker moved to the failed store
+        self._undefined_said: set[str] = set()  # job types said to be undefined (Outcomes.undefined)
 
     # --- leases -------------------------------------------------------------------------
 
@@ -213,6 +218,24 @@ class Outcomes:
             logger.info("job %s (%s) attempt %d failed (%s); retrying in %.1fs",
                         record.id, printable(record.name), record.attempts, printable(info["type"]), delay)
             self.core.hooks.after_job(record, outcome)
+
+    async def undefined(self, record: JobRecord, exc: BaseException) -> None:
+        """The job's type isn't registered here. One defined in a notebook or script
+        (``__main__.``) may be about to be (a kernel restarted, its cells not run yet): it goes
+        back, uncharged, for UNDEFINED_WAIT seconds at a time, until UNDEFINED_GRACE after it
+        was dispatched; anything else is a missing ``--import``, and fails at once."""
+        now = self.core.clock()
+        if record.name.startswith("__main__.") and now < record.created_at + UNDEFINED_GRACE:
+            run_at = now + UNDEFINED_WAIT
+            if await self.persist(lambda: self.driver.postpone(record, self.worker_id, run_at), "put back"):
+                self.core.wake(record.queue, run_at)
+                if record.name not in self._undefined_said:  # once per type: the panel's log shows it
+                    self._undefined_said.add(record.name)
+                    logger.warning("job %s (%s): not defined in this process yet; its jobs wait (attempts not "
+                                   "counted) until it is, and fail if it still isn't %gs after they were dispatched",
+                                   record.id, printable(record.name), UNDEFINED_GRACE)
+            return
+        await self.failed(record, exc)
 
     async def failed(self, record: JobRecord, exc: BaseException, status: Status = Status.FAILED,
                      info: dict[str, Any] | None = None) -> None:
