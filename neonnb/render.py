@@ -124,6 +124,20 @@ def duration(seconds: float | None) -> str:
     return f"{hours} h {minutes} min" if minutes else f"{hours} h"
 
 
+def progress_times(fraction: float | None, elapsed: float | None, steps: Any = None) -> str:
+    """A running job's share, time and pace, as tqdm puts it: ``42% · 1.2 s < 1.7 s · 3.4/s``
+    (elapsed < left, steps a second); only what is known."""
+    parts = []
+    if fraction is not None:
+        parts.append(f"{fraction:.0%}")
+    if elapsed is not None and elapsed >= 0:
+        left = elapsed * (1 - fraction) / fraction if fraction and 0 < fraction < 1 else None
+        parts.append(duration(elapsed) + ("" if left is None else f" < {duration(left)}"))
+        if isinstance(steps, int | float) and not isinstance(steps, bool) and steps > 0 and elapsed > 0:
+            parts.append(f"{steps / elapsed:.1f}/s")
+    return " · ".join(parts)
+
+
 def summary(store: str, workers: int, throughput: float | None, counts: dict[str, QueueCounts],
             eta: float | None) -> str:
     """The card's one line: where, how many workers, how fast, how much of each, how long."""

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 import neonnb._loop as loop
-from neonnb import Config, QueueManager, Status
+from neonnb import Config, QueueManager, Status, render
 from tests import jobs
 from tests.conftest import FakeClock, wait_until
 
@@ -225,7 +226,10 @@ def test_the_panel_reads_like_a_product(qm: QueueManager) -> None:
         [row] = dashboard.running.children
         bar, message, elapsed = row.children
         assert (bar.value, message.value, bar.description) == (0.5, "half way", "Halfway")
-        assert elapsed.value.endswith(" s")
+        # As tqdm puts it: share, elapsed < left, steps a second (1 of 2 steps done).
+        assert re.fullmatch(r"50% · \d+\.\d s < \d+\.\d s( · \d+\.\d/s)?", elapsed.value), elapsed.value
+        assert render.progress_times(0.25, 3.0, 5) == "25% · 3.0 s < 9.0 s · 1.7/s"
+        assert render.progress_times(None, 75.0) == "75 s" and render.progress_times(1.0, 2.0) == "100% · 2.0 s"
         assert "neonnb-status-succeeded" in dashboard.recent.value and "neonnb-status-failed" in dashboard.recent.value
         assert "took" in dashboard.recent.value and "neonnb-id" in dashboard.recent.value
 

@@ -299,7 +299,7 @@ class Dashboard:
             _, bar, label, clock = self._bars[record.id]
             self._set(bar, "value", done or 0.0)
             self._set(label, "value", message or "")
-            self._set(clock, "value", render.duration(elapsed))
+            self._set(clock, "value", render.progress_times(done, elapsed, (record.progress or {}).get("done")))
         ids = [record.id for record, *_ in rows]
         for gone in set(self._bars) - set(ids):
             self._bars.pop(gone)[0].close()
