@@ -124,6 +124,14 @@ def duration(seconds: float | None) -> str:
     return f"{hours} h {minutes} min" if minutes else f"{hours} h"
 
 
+def segments(shares: Sequence[tuple[float, str]], width: int = 80) -> str:
+    """A small bar of coloured parts in proportion (a batch: done, failed, running)."""
+    parts = "".join(f"<span style='display:inline-block;height:8px;width:{max(0.0, share) * width:.1f}px;"
+                    f"background:{colour}'></span>" for share, colour in shares if share > 0)
+    return (f"<span class='neonnb-segments' style='display:inline-block;width:{width}px;height:8px;"
+            f"border:1px solid {BORDER};vertical-align:middle;line-height:0'>{parts}</span>")
+
+
 def progress_times(fraction: float | None, elapsed: float | None, steps: Any = None) -> str:
     """A running job's share, time and pace, as tqdm puts it: ``42% · 1.2 s < 1.7 s · 3.4/s``
     (elapsed < left, steps a second); only what is known."""

@@ -302,3 +302,18 @@ def test_jobs_df_with_results_decodes_small_ones_and_describes_big_ones(tmp_path
         assert frame.loc[small.id, "result"] == {"rows": 3, "ok": True}
         assert "bytes kept apart at file:" in str(frame.loc[big.id, "result"]), "big: described, not read"
         assert "result" not in qm.jobs_df().columns
+
+
+def test_a_batch_with_some_failures_is_yellow_with_its_parts_in_proportion(qm: QueueManager) -> None:
+    batch = qm.dispatch_batch("q", [jobs.Note(f"n{i}") for i in range(8)] + [jobs.Permanent() for _ in range(2)])
+    worker = qm.worker("q", 1)
+    while worker.run_once():
+        pass
+    dashboard = qm.dashboard(interval=None)
+    loop.run_sync(dashboard.refresh())
+    [row] = dashboard.workflows.children
+    bar, text = row.children
+    assert (bar.value, bar.bar_style) == (1.0, "warning") and len(batch) == 10
+    assert "width:64.0px;background:var(--jp-success-color1" in text.value  # 8 of 10 done
+    assert "width:16.0px;background:var(--jp-error-color1" in text.value and "8 done, 2 failed" in text.value
+    dashboard.close()

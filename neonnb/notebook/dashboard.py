@@ -155,7 +155,8 @@ class Dashboard:
             if seen.recent:
                 parts.append(render.section_title("recently finished") + render.recent_table(seen.recent))
             if seen.flows:
-                rows = [[label, render.progress_bar(done), state] for _, label, done, state, _ in seen.flows]
+                rows = [[label, render.progress_bar(done), render.Raw(state)]  # state: HTML, escaped where made
+                        for _, label, done, state, _ in seen.flows]
                 flows = render.table(["", "", ""], rows, "neonnb-flows")
                 parts.append(render.section_title("chains and batches") + flows)
             if seen.schedules:
@@ -316,7 +317,7 @@ class Dashboard:
             _, bar, text = self._workflow_bars[key]
             self._set(bar, "value", done)
             self._set(bar, "bar_style", style)
-            self._set(text, "value", render.escape(state))
+            self._set(text, "value", state)  # HTML, escaped where it was made
         self._set(self.workflows, "children", tuple(self._workflow_bars[key][0] for key, *_ in states))
 
     def _show_failed(self, records: list[JobRecord]) -> None:
@@ -397,14 +398,21 @@ async def _workflow_states(manager: QueueManager) -> list[tuple[str, str, float,
     for flow in list(manager.recent_workflows):
         if isinstance(flow, BatchHandle):
             counts = await flow.acounts()
-            state = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
-            style = "danger" if counts.get("failed") else "success" if flow.finished_share(counts) == 1 else ""
+            # In proportion: green for done, red for failed, beside the words; the bar turns red
+            # only when nothing succeeded (3 failures in 50 are a yellow batch, not a red one).
+            shares = [(counts[what] / max(len(flow), 1), colour) for what, colour in
+                      (("done", render.SUCCESS), ("failed", render.ERROR), ("running", render.ACCENT))]
+            state = render.segments(shares) + " " + render.escape(
+                ", ".join(f"{n} {what}" for what, n in counts.items() if n))
+            failed, done = counts.get("failed", 0), counts.get("done", 0)
+            style = ("danger" if failed and not done else "warning" if failed
+                     else "success" if flow.finished_share(counts) == 1 else "")
             states.append((str(id(flow)), f"batch of {len(flow)}", flow.finished_share(counts), state, style))
         else:
             status = await flow.astatus()
             done = status.steps.count(Status.SUCCEEDED.value)
             style = {"failed": "danger", "cancelled": "danger", "succeeded": "success"}.get(status.state, "")
-            states.append((flow.id, f"chain of {flow.length}", done / flow.length, str(status), style))
+            states.append((flow.id, f"chain of {flow.length}", done / flow.length, render.escape(str(status)), style))
     return states
 
 
