@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import frames
+from . import frames, render
 from ._loop import run_sync
 from .core import Core
 from .errors import ConfigError, JobCancelled, JobFailed
@@ -190,6 +190,10 @@ class BatchHandle(list["JobHandle"]):
 
     def __repr__(self) -> str:
         return f"<BatchHandle {len(self)} jobs>"
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        """In a notebook: one live bar for the batch while its jobs run (neonnb.notebook.live)."""
+        return render.VIEWS["batch_handle"](self)  # type: ignore[no-any-return]
 
     async def acounts(self) -> dict[str, int]:
         """How many of the batch's jobs are pending (queued or delayed), running, done,

@@ -317,3 +317,19 @@ def test_a_batch_with_some_failures_is_yellow_with_its_parts_in_proportion(qm: Q
     assert "width:64.0px;background:var(--jp-success-color1" in text.value  # 8 of 10 done
     assert "width:16.0px;background:var(--jp-error-color1" in text.value and "8 done, 2 failed" in text.value
     dashboard.close()
+
+
+def test_a_batch_displays_as_one_live_bar_then_as_html(qm: QueueManager) -> None:
+    jobs.RELEASE.clear()
+    batch = qm.dispatch_batch("q", [jobs.Note("a"), jobs.Halfway(), jobs.Permanent()])
+    worker = qm.worker("q", 3).start()
+    try:
+        wait_until(lambda: batch.counts()["running"] == 1 and batch.counts()["failed"] == 1, what="one running")
+        live = batch._repr_mimebundle_()
+        assert "application/vnd.jupyter.widget-view+json" in live
+    finally:
+        jobs.RELEASE.set()
+    wait_until(lambda: batch.progress == 1.0, what="the batch to end")
+    done = batch._repr_mimebundle_()
+    assert "batch of 3: 2 done, 1 failed" in done["text/html"] and "neonnb-segments" in done["text/html"]
+    worker.stop()

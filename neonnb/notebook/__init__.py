@@ -23,7 +23,13 @@ def _dashboard(manager: Any, interval: float | None) -> Any:
     return Dashboard(manager, interval=interval)
 
 
-render.VIEWS.update(job_handle=_job_bundle, dashboard=_dashboard)
+def _batch_bundle(batch: Any) -> dict[str, Any]:
+    from .live import batch_bundle
+
+    return batch_bundle(batch)
+
+
+render.VIEWS.update(job_handle=_job_bundle, batch_handle=_batch_bundle, dashboard=_dashboard)
 
 
 class KernelLog(logging.Handler):

@@ -12,6 +12,7 @@ from ..records import FINISHED, Status
 
 if TYPE_CHECKING:
     from ..handles import JobHandle
+    from ..workflows import BatchHandle
 
 
 
@@ -50,5 +51,49 @@ async def _follow(handle: JobHandle, bar: Any, label: Any, interval: float = 0.3
         message = progress_message(progress) or ""
         label.value = f"{render.status_badge(record.status.value)} {render.escape(str(message))}"
         if record.status in FINISHED:
+            return
+        await asyncio.sleep(interval)
+
+
+def batch_bundle(batch: BatchHandle) -> dict[str, Any]:
+    """A batch's display: one live bar for the whole batch (its parts in proportion beside it)
+    until every job has ended, then the same as static HTML."""
+    try:
+        import ipywidgets as w
+    except ImportError:
+        w = None
+    try:
+        counts = _loop.run_sync(batch.acounts())
+    except Exception as exc:  # an unreachable store: say so where the bar would be
+        return {"text/html": render.escape(str(exc)), "text/plain": repr(batch)}
+    if w is None or batch.finished_share(counts) == 1:
+        return {"text/html": batch_html(batch, counts), "text/plain": repr(batch)}
+    bar = w.FloatProgress(min=0.0, max=1.0, description=f"batch of {len(batch)}")
+    label = w.HTML(batch_html(batch, counts))
+    box = w.HBox([bar, label])
+    box.add_class("neonnb-batch-progress")
+    _loop.submit(_follow_batch(batch, bar, label))
+    return dict(box._repr_mimebundle_())
+
+
+def batch_html(batch: BatchHandle, counts: dict[str, int]) -> str:
+    shares = [(counts[what] / max(len(batch), 1), colour) for what, colour in
+              (("done", render.SUCCESS), ("failed", render.ERROR), ("running", render.ACCENT))]
+    words = ", ".join(f"{n} {what}" for what, n in counts.items() if n) or "empty"
+    return f"{render.segments(shares)} {render.escape(f'batch of {len(batch)}: {words}')}"
+
+
+async def _follow_batch(batch: BatchHandle, bar: Any, label: Any, interval: float = 0.5) -> None:
+    while True:
+        try:
+            counts = await batch.acounts()
+        except Exception as exc:
+            label.value = render.escape(str(exc))
+            return
+        bar.value = batch.finished_share(counts)
+        label.value = batch_html(batch, counts)
+        if bar.value == 1:
+            bar.bar_style = "danger" if counts["failed"] and not counts["done"] else (
+                "warning" if counts["failed"] else "success")
             return
         await asyncio.sleep(interval)
