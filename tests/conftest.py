@@ -44,7 +44,8 @@ class Recorder:
 
 
 RUNTIME_DEPENDENCIES = ["redis", "hiredis", "SQLAlchemy", "psycopg", "PyMySQL", "croniter", "PyYAML", "ipywidgets",
-                        "pandas", "numpy", "ipykernel", "starlette", "uvicorn", "prometheus_client",
+                        "pandas", "numpy", "pyarrow", "fsspec", "s3fs", "ipykernel", "starlette", "uvicorn",
+                        "prometheus_client",
                         "jupyter-server-proxy"]
 
 
