@@ -10,6 +10,7 @@ become due; it turns user jobs into records and stores them; and it keeps the st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import threading
@@ -119,6 +120,8 @@ def clock_skew_error(skew: float, lease: float) -> ClockSkew | None:
     )
 
 
+ANNOUNCE_GAP = 0.5  # seconds: a worker's entry in the store follows its jobs at most this often
+
 class Core:
     def __init__(self, config: Config, driver: Driver, clock: Callable[[], float]) -> None:
         self.config, self.driver, self.clock = config, driver, clock
@@ -138,17 +141,27 @@ class Core:
 
     # --- the store's registry of workers and schedulers --------------------------------
 
-    async def announce(self, info: Callable[[], Member], beat: float) -> None:
+    async def announce(self, info: Callable[[], Member], beat: float, changed: asyncio.Event | None = None) -> None:
         """Register ``info()`` in the store, then refresh it every ``beat`` seconds until
         cancelled: other processes see this worker or scheduler, and see it lost when the
-        beats stop. A failed beat is logged, and the next one tries again."""
+        beats stop. ``changed`` (a job started or ended) refreshes it sooner, at most once
+        per ANNOUNCE_GAP, so a listing follows the jobs within a second. A failed beat is
+        logged, and the next one tries again."""
+        loop = asyncio.get_running_loop()
         while True:
             member = info()
+            saved = loop.time()
             try:
                 await self.driver.save_member(member)
             except Exception as exc:
                 logger.warning("%s %s: could not announce itself to the store (%r)", member.kind, member.id, exc)
-            await asyncio.sleep(beat)
+            if changed is None:
+                await asyncio.sleep(beat)
+                continue
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(changed.wait(), beat)
+            await asyncio.sleep(max(0.0, saved + ANNOUNCE_GAP - loop.time()))  # changes coalesce meanwhile
+            changed.clear()
 
     async def withdraw(self, member_id: str) -> None:
         try:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from neonnb import JobEvent, QueueManager, Status, WorkerInfo, connect
+from neonnb import Config, JobEvent, QueueManager, Status, WorkerInfo, connect
 from neonnb import _loop as loop
 from neonnb.core import LOST_WORKERS_KEPT
 from neonnb.web import create_app
@@ -228,3 +228,21 @@ def test_a_running_scheduler_lists_its_schedules_on_the_store(
     finally:
         scheduler.stop()
     assert other.known_schedulers() == [], "a stopped scheduler leaves the store"
+
+
+def test_the_stores_worker_entry_follows_a_jobs_start_and_end_within_a_second(tmp_path: Path) -> None:
+    """It used to be refreshed every lease/3 (10 s): a listing showed a busy worker as idle."""
+    with QueueManager(Config.for_url(f"sqlite:///{tmp_path / 'jobs.db'}")) as qm:
+        jobs.RELEASE.clear()
+        worker = qm.worker("q", 2).start()
+        try:
+            wait_until(lambda: len(qm.known_workers()) == 1, what="the worker's first entry")
+            handle = qm.dispatch("q", jobs.Halfway())
+            started = time.monotonic()
+            wait_until(lambda: qm.known_workers()[0].running == [handle.id], timeout=1.5, what="the job listed")
+            assert time.monotonic() - started < 1.5
+        finally:
+            jobs.RELEASE.set()
+        handle.wait(timeout=10)
+        wait_until(lambda: qm.known_workers()[0].running == [], timeout=1.5, what="the job gone from the entry")
+        worker.stop()

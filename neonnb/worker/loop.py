@@ -144,6 +144,7 @@ class Worker:
         self._claims = claim_groups(self.queues)
         self.queue_names = [name for names, _ in self._claims for name in names]
         self.concurrency = concurrency
+        self._roster_changed = asyncio.Event()  # a job started or ended: the store's entry follows soon
         self.options = options.resolve(core.config)
         self.id = check_text(self.options.worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
                              MAX_WORKER_ID, "WorkerOptions.worker_id")
@@ -304,7 +305,8 @@ class Worker:
         self._started_at = self.core.clock()
         # Beats as the leases' heartbeat does (a third of the lease). A failed beat says nothing
         # about the claims (unlike _guard's failures): it is only logged.
-        announce = asyncio.create_task(self.core.announce(self.info, self.options.lease_timeout / 3))
+        announce = asyncio.create_task(self.core.announce(self.info, self.options.lease_timeout / 3,
+                                                          self._roster_changed))
         listeners = asyncio.create_task(self.core.feed.follow_listeners())
         heartbeat = asyncio.create_task(self.outcomes.heartbeat(self._running_records, self._stop_job))
         watch = _LoopWatch(self, asyncio.get_running_loop(), min(1.0, self.options.lease_timeout / 6))
@@ -444,9 +446,11 @@ class Worker:
                                              self.runner.run(record, ctx, self.options.timeout))
             self._active[record.id] = Running(record, task, ctx)
             task.add_done_callback(functools.partial(self._finished, record.id))
+        self._roster_changed.set()
 
     def _finished(self, job_id: str, _task: object) -> None:
         self._active.pop(job_id, None)
+        self._roster_changed.set()
         self._slot_freed()
 
     async def _guard(self, coro: Coroutine[Any, Any, T], doing: str) -> T | None:
