@@ -61,7 +61,10 @@ def jupyterlab(tmp_path: Path) -> Iterator[tuple[str, Path]]:
          f"--ServerApp.port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
          "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
         stdout=subprocess.DEVNULL, stderr=log,
-        env={**os.environ, "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings")},  # no "Jupyter news?" pop-up
+        # Settings of its own (no "Jupyter news?" pop-up) and a workspace of its own: a layout saved
+        # by an earlier run (a sidebar left wide) must not narrow this one's notebook.
+        env={**os.environ, "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"),
+             "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces")},
     )
     try:
         deadline = time.monotonic() + 60
@@ -136,6 +139,23 @@ def test_dashboard_shows_progress_and_failed_job_and_retry_moves_it_back(jupyter
             # queue, high, normal, low, delayed, running, succeeded, failed
             expect(fragile.locator("td").nth(2)).to_have_text("1", timeout=30_000)  # the retried one, queued
             expect(fragile.locator("td").nth(7)).to_have_text("0")  # the forgotten one, gone
+
+            # Narrow (a side-by-side window, a phone): every control stays inside the panel.
+            page.keyboard.press("Control+b")  # the file browser closed: the notebook gets the width
+            page.set_viewport_size({"width": 400, "height": 1100})
+            time.sleep(1)
+            panel = dashboard.bounding_box()
+            assert panel is not None
+            controls = dashboard.locator("button, input")
+            outside = []
+            for i in range(controls.count()):
+                box = controls.nth(i).bounding_box()
+                if box is not None and box["width"] and box["x"] + box["width"] > panel["x"] + panel["width"] + 1:
+                    outside.append((controls.nth(i).inner_text() or controls.nth(i).get_attribute("class"), box))
+            dashboard.screenshot(path=str(ARTIFACTS / "dashboard-400px.png"))
+            assert outside == [], f"controls outside the 400 px panel {panel}: {outside}"
+            page.set_viewport_size({"width": 1400, "height": 1100})
+            page.keyboard.press("Control+b")
 
             page.locator(".lm-MenuBar-itemLabel", has_text="Settings").click()
             page.locator(".lm-Menu-itemLabel").get_by_text("Theme", exact=True).hover()

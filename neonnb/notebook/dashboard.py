@@ -46,6 +46,10 @@ REST_PER_REFRESH = 9.0  # seconds of rest per second a refresh took
 # ipywidgets' HTML content keeps its text's width: let a failed row's error shrink to the row
 # (and end in an ellipsis) instead of pushing its traceback out of sight.
 _STYLE = ("<style>.neonnb-failed-job .widget-html-content{min-width:0;overflow:hidden}"
+          # Narrow panels: tables scroll sideways, rows wrap, nothing spills past the edge.
+          ".neonnb-dashboard{max-width:100%;overflow-x:hidden}"
+          ".neonnb-dashboard .widget-html-content{overflow-x:auto;max-width:100%}"
+          ".neonnb-running-job,.neonnb-workflow{flex-wrap:wrap}"
           "</style>")
 
 
@@ -93,9 +97,11 @@ class Dashboard:
         self.retry_all = _with_class(w.Button(description="Retry all failed", icon="redo",
                                               layout={"width": "auto", "align_self": "flex-start"}), "neonnb-retry-all")
         self.retry_all.on_click(lambda _: self._submit(self.manager.failed.aretry_all()))
-        self.queue_name = w.Text(value=manager.config.default_queue, description="queue", layout={"width": "200px"})
+        narrow = {"description_width": "initial"}  # the label as wide as its word, so a narrow panel holds them
+        self.queue_name = w.Text(value=manager.config.default_queue, description="queue", style=narrow,
+                                 layout={"width": "200px", "max_width": "100%"})
         self.concurrency = w.BoundedIntText(value=manager.config.workers, min=1, max=1000, description="slots",
-                                            layout={"width": "160px"})
+                                            style=narrow, layout={"width": "130px", "max_width": "100%"})
         self.start_button = _with_class(w.Button(description="Start worker", icon="play"), "neonnb-start")
         self.stop_button = _with_class(w.Button(description="Stop workers", icon="stop"), "neonnb-stop")
         self.start_button.on_click(lambda _: self.start_worker())
@@ -117,7 +123,9 @@ class Dashboard:
             "elsewhere": section("elsewhere", "workers in other processes", self.elsewhere),
             "log": section("log", "log (neonnb's warnings in this kernel, newest last)", self.log),
         }
-        controls = w.HBox([self.queue_name, self.concurrency, self.start_button, self.stop_button])
+        # Wraps onto more lines in a narrow panel instead of running past its edge.
+        controls = w.HBox([self.queue_name, self.concurrency, self.start_button, self.stop_button],
+                          layout={"flex_flow": "row wrap", "max_width": "100%"})
         self.widget = _with_class(w.VBox([
             w.HTML(_STYLE), self.header, *self.sections.values(),
             section("workers", "workers in this kernel", self.worker_state, controls),
