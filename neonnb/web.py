@@ -49,6 +49,7 @@ from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 
+from .codec import shown_payload
 from .errors import ConfigError, JobNotFound, MissingExtra, StoreError, StoreUnavailable
 from .hooks import JobEvent
 from .manager import QueueManager
@@ -126,7 +127,11 @@ def create_app(qm: QueueManager, *, token: str | None = None, read_only: bool = 
         return _json({"jobs": [record_data(r) for r in page], "cursor": page.cursor})
 
     async def job(request: Request) -> Response:
-        return _json(record_data(await qm.handle(request.path_params["job_id"]).afetch()))
+        record = await qm.handle(request.path_params["job_id"]).afetch()
+        # For the page's job view: arguments and result shortened (a DataFrame by its shape).
+        shown = {"arguments": shown_payload(record.payload),
+                 "result_shown": None if record.result is None else shown_payload(record.result)}
+        return _json({**record_data(record), **shown})
 
     async def cancel(request: Request) -> Response:
         job_id = request.path_params["job_id"]

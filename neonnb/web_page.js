@@ -59,10 +59,50 @@ async function act(action) {
   complain("");
   try { await action(); await refresh(); } catch (e) { complain(e.message); }
 }
+function jobsQuery() {
+  const params = new URLSearchParams({limit: "30"});
+  const status = document.getElementById("f-status").value, queue = document.getElementById("f-queue").value.trim();
+  if (status) params.set("status", status);
+  if (queue) params.set("queue", queue);
+  return "/api/jobs?" + params.toString();
+}
+function idCell(id) {
+  const td = cell(id.slice(-8)); td.title = id; td.dataset.jobId = id; td.className = "link";
+  td.onclick = () => showJob(id); return td;
+}
+// One job, whole: what it was given, what it returned or why it failed, what it printed.
+async function showJob(id) {
+  const box = document.getElementById("job");
+  try {
+    const j = await api(`/api/jobs/${encodeURIComponent(id)}`);
+    const when = t => t ? new Date(t * 1000).toISOString().replace("T", " ").slice(0, 19) : "-";
+    const rows = [["job", j.id], ["name", j.name], ["queue", j.queue], ["status", j.status],
+      ["attempts", `${j.attempts} of ${j.max_attempts}`], ["created (UTC)", when(j.created_at)],
+      ["started (UTC)", when(j.started_at)], ["finished (UTC)", when(j.finished_at)], ["worker", j.worker_id || "-"],
+      ["arguments", JSON.stringify(j.arguments)], ["result", j.result_shown === null ? "-" : JSON.stringify(j.result_shown)]];
+    if (j.error) rows.push(["error", `${j.error.type}: ${j.error.message}`]);
+    const table = document.createElement("table");
+    for (const [k, v] of rows) { const r = table.insertRow(); r.append(cell(k, "muted"), cell(v)); }
+    const parts = [table];
+    for (const [title, text] of [["traceback", j.error && j.error.traceback], ["output", j.output]]) {
+      if (!text) continue;
+      const h = document.createElement("h3"); h.textContent = title;
+      const pre = document.createElement("pre"); pre.textContent = text; parts.push(h, pre);
+    }
+    box.replaceChildren(...parts); box.hidden = false;
+    complain("");
+  } catch (e) { complain(e.message); }
+}
 async function refresh() {
-  const [queues, running, failed, workers, schedules] = await Promise.all([
+  const [queues, running, failed, workers, schedules, listed] = await Promise.all([
     api("/api/queues"), api("/api/jobs?status=running&limit=40"), api("/api/failed?limit=50&offset=0"),
-    api("/api/workers"), api("/api/schedules")]);
+    api("/api/workers"), api("/api/schedules"), api(jobsQuery())]);
+  const name = document.getElementById("f-name").value.trim().toLowerCase();
+  fill(document.getElementById("jobs"), ["job", "name", "queue", "status", "attempts", "finished (UTC)"],
+    listed.jobs.filter(j => !name || j.name.toLowerCase().includes(name)).map(j => [idCell(j.id), cell(j.name),
+      cell(j.queue), cell(j.status, j.status), cell(`${j.attempts}/${j.max_attempts}`, "num"),
+      cell(j.finished_at ? new Date(j.finished_at * 1000).toISOString().replace("T", " ").slice(0, 19) : "-")]),
+    "no such jobs");
   let waiting = 0, runningCount = 0, failedCount = 0;
   const queueRows = Object.entries(queues).map(([name, c]) => {
     const now = c.waiting.high + c.waiting.normal + c.waiting.low;
@@ -106,4 +146,6 @@ async function loop() {
   try { await refresh(); } catch (e) { say(e.message, true); }
   setTimeout(loop, 1000);
 }
+for (const id of ["f-status", "f-queue", "f-name"]) document.getElementById(id).addEventListener("change", refresh);
+document.getElementById("f-id").addEventListener("change", e => { if (e.target.value.trim()) showJob(e.target.value.trim()); });
 loop();

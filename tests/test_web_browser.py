@@ -74,6 +74,24 @@ def test_a_job_failing_elsewhere_shows_within_a_second_and_retry_from_the_page_r
                 page.locator("#failed button[data-action='retry']").first.click()
                 page.wait_for_selector("text=no failed jobs", timeout=5000)
                 assert handle.status is Status.QUEUED
+
+                # The jobs list, filtered, and one job's view: arguments, error, traceback.
+                done = qm.dispatch("far", jobs.Note("shown in the job view"))
+                assert qm.worker("far", 1).run_once() == 1  # the retried one runs first: done is still queued
+                page.select_option("#f-status", "queued")
+                page.locator(f"#jobs td[data-job-id='{done.id}']").wait_for(timeout=5000)
+                assert "succeeded" not in page.inner_text("#jobs")
+                page.fill("#f-id", handle.id)
+                page.dispatch_event("#f-id", "change")
+                page.wait_for_selector("#job >> text=told to fail in this process", timeout=5000)
+                view = page.inner_text("#job")
+                assert "traceback" in view and "FailsWhereTold" in view and "attempts" in view
+                page.select_option("#f-status", "")
+                page.locator(f"#jobs td[data-job-id='{done.id}']").click()
+                page.wait_for_selector('#job >> text={"tag":"shown in the job view"}', timeout=5000)
+                page.fill("#f-name", "nothing-like-this")
+                page.dispatch_event("#f-name", "change")
+                page.wait_for_selector("#jobs >> text=no such jobs", timeout=5000)
                 browser.close()
             assert qm.worker("far", 1).run_once() == 1  # here NEONNB_TEST_FAIL is not set: it succeeds
             assert handle.result(timeout=10) == "ran"
