@@ -172,10 +172,18 @@ def section_title(text: str) -> str:
 
 
 def recent_table(records: Sequence[Any]) -> str:
-    """Finished jobs, newest first: status in its colour, how long each took."""
-    rows = [[status_badge(r.status.value), r.name.rpartition(".")[2], r.queue,
-             duration(None if r.started_at is None or r.finished_at is None else r.finished_at - r.started_at),
-             when(r.finished_at), job_id(r.id)] for r in records]
+    """Finished jobs, newest first: status in its colour, how long each took. Jobs in a row of
+    the same name, queue and outcome fold into one line, "x N", the newest's time and id."""
+    groups: list[list[Any]] = []
+    for r in records:
+        if groups and (groups[-1][0].name, groups[-1][0].queue, groups[-1][0].status) == (r.name, r.queue, r.status):
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    rows = [[status_badge(g[0].status.value), g[0].name.rpartition(".")[2] + (f" x {len(g)}" if len(g) > 1 else ""),
+             g[0].queue, duration(None if g[0].started_at is None or g[0].finished_at is None
+                                  else g[0].finished_at - g[0].started_at),
+             when(g[0].finished_at), job_id(g[0].id)] for g in groups]
     return table(["", "job", "queue", "took", "finished", "id"], rows, "neonnb-recent-view")
 
 

@@ -333,3 +333,18 @@ def test_a_batch_displays_as_one_live_bar_then_as_html(qm: QueueManager) -> None
     done = batch._repr_mimebundle_()
     assert "batch of 3: 2 done, 1 failed" in done["text/html"] and "neonnb-segments" in done["text/html"]
     worker.stop()
+
+
+def test_recently_finished_jobs_of_one_kind_fold_into_one_line(qm: QueueManager) -> None:
+    for i in range(6):
+        qm.dispatch("q", jobs.Note(f"n{i}"))
+    qm.dispatch("q", jobs.Permanent())
+    worker = qm.worker("q", 1)
+    while worker.run_once():
+        pass
+    dashboard = qm.dashboard(interval=None)
+    loop.run_sync(dashboard.refresh())
+    recent = dashboard.recent.value
+    assert recent.count("<tr>") == 3  # the header, the failed one, the six notes in one line
+    assert "Note x 6" in recent and "Permanent<" in recent
+    dashboard.close()
