@@ -348,3 +348,21 @@ def test_recently_finished_jobs_of_one_kind_fold_into_one_line(qm: QueueManager)
     assert recent.count("<tr>") == 3  # the header, the failed one, the six notes in one line
     assert "Note x 6" in recent and "Permanent<" in recent
     dashboard.close()
+
+
+def test_the_panel_links_to_the_web_dashboard_jupyter_serves_for_its_store(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("jupyter_server_proxy")
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    monkeypatch.setenv("JUPYTERHUB_SERVICE_PREFIX", "/user/ada/")
+    with QueueManager(Config.for_url(url)) as qm:
+        monkeypatch.setenv("NEONNB_URL", url)
+        served = qm.dashboard(interval=None)
+        loop.run_sync(served.refresh())
+        assert "href='/user/ada/neonnb/'" in served.header.value
+        served.close()
+        monkeypatch.setenv("NEONNB_URL", "sqlite:///another.db")
+        other = qm.dashboard(interval=None)
+        loop.run_sync(other.refresh())
+        assert "web dashboard" not in other.header.value, "Jupyter serves another store there"
+        other.close()

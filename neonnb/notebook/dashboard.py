@@ -17,14 +17,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import importlib.util
 import json
 import logging
+import os
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from .. import _loop, render
 from ..codec import shown_payload
+from ..config import DEFAULT_DATABASE_URL
 from ..errors import MissingExtra
 from ..frames import fraction, progress_message
 from ..records import JobRecord, QueueCounts, Status, WorkerInfo
@@ -75,6 +78,7 @@ class Dashboard:
         self.manager = manager
         self.interval = interval
         self.store = manager.config.describe_store()
+        self._web_link = _web_dashboard_link(manager.config.connection)
         self._depths: collections.deque[int] = collections.deque(maxlen=history)
         self._finished: collections.deque[tuple[float, int]] = collections.deque()  # (monotonic, done + failed)
         self._shown: dict[str, Any] = {}  # what each part shows now, to skip unchanged updates
@@ -288,7 +292,7 @@ class Dashboard:
 
     def _summary(self, seen: _Seen) -> str:
         busy = sum(1 for wk in seen.workers if wk.is_running)
-        return render.summary(self.store, busy, seen.throughput, seen.counts, seen.eta)
+        return render.summary(self.store, busy, seen.throughput, seen.counts, seen.eta) + self._web_link
 
     def _set(self, widget: Any, trait: str, value: Any) -> None:
         key = f"{id(widget)}.{trait}"
@@ -432,6 +436,18 @@ def close_all() -> None:
 def _arguments_text(payload: str) -> str:
     """A failed job's arguments as one line of JSON, long values cut, frames by their shape."""
     return json.dumps(shown_payload(payload, items=10, chars=80), ensure_ascii=False, default=str)
+
+
+def _web_dashboard_link(connection: Any) -> str:
+    """A link to the web dashboard Jupyter serves at /neonnb/ (jupyter-server-proxy), when it
+    serves this panel's store ($NEONNB_URL, else the SQLite default); else nothing."""
+    if importlib.util.find_spec("jupyter_server_proxy") is None:
+        return ""
+    if os.environ.get("NEONNB_URL", DEFAULT_DATABASE_URL) != connection:
+        return ""
+    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/")  # /user/<name>/ on a JupyterHub
+    href = render.escape(prefix.rstrip("/") + "/neonnb/")
+    return f" · <a href='{href}' target='_blank' rel='noopener' class='neonnb-web-link'>web dashboard</a>"
 
 
 LOG_LINES = 8  # of the kernel's neonnb log, the newest shown in the panel
