@@ -29,6 +29,7 @@ from typing import Any
 from .errors import ConfigError, MissingExtra, PayloadError, StoreUnavailable
 
 ARTIFACT_BYTES = 256 * 1024  # encoded values from this size on are kept apart when there is a place for them
+OFF_LOOP_BYTES = ARTIFACT_BYTES  # stored values from this size on (or kept apart) decode on a thread: ~1 ms of a loop
 SWEEP_AFTER = 3600.0  # seconds: a folder younger than this may belong to a job being stored right now
 PREFIX = '{"$type":"artifact"'
 logger = logging.getLogger("neonnb.artifacts")

@@ -42,6 +42,11 @@ TYPE_KEY, VALUE_KEY = "$type", "value"
 _DATA_MODULES = ("numpy", "pandas")  # their values go to neonnb.codec_data, imported when one shows up
 
 
+def is_data_value(value: Any) -> bool:
+    """A numpy or pandas value (encoded by neonnb.codec_data)."""
+    return type(value).__module__.partition(".")[0] in _DATA_MODULES
+
+
 def tag(kind: str, raw: Any, **extra: Any) -> dict[str, Any]:
     """The tagged JSON object of a value JSON has no type for; ``extra`` values are encoded."""
     tagged = {TYPE_KEY: kind, VALUE_KEY: raw}
@@ -62,7 +67,7 @@ def encode(value: Any, path: str, depth: int = 0) -> Any:
     depth += 1
     if isinstance(value, enum.Enum):
         return encode(value.value, path, depth)
-    if type(value).__module__.partition(".")[0] in _DATA_MODULES:
+    if is_data_value(value):
         from . import codec_data
 
         return codec_data.encode(value, path, tag)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import frames, render
 from ._loop import run_sync
-from .artifacts import is_reference
+from .artifacts import OFF_LOOP_BYTES, is_reference
 from .codec import loads, shown_payload, untag
 from .errors import JobCancelled, JobFailed, JobNotFound
 from .records import FINISHED, JobRecord, Status, check_job_id, check_page, check_queue_name
@@ -114,7 +114,7 @@ class JobHandle:
         if record.result is None:
             return None
         # A big result (a DataFrame) decodes on a thread: the loop serves the other callers meanwhile.
-        if len(record.result) < 256 * 1024 and not is_reference(record.result):
+        if len(record.result) < OFF_LOOP_BYTES and not is_reference(record.result):
             return loads(record.result)
         return await asyncio.to_thread(loads, record.result)
 

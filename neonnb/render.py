@@ -132,6 +132,21 @@ def segments(shares: Sequence[tuple[float, str]], width: int = 80) -> str:
             f"border:1px solid {BORDER};vertical-align:middle;line-height:0'>{parts}</span>")
 
 
+def batch_state(counts: dict[str, int], size: int, label: str = "") -> str:
+    """A batch's parts in proportion (green done, red failed, blue running), then ``label``
+    and the counts in words."""
+    shares = [(counts[what] / max(size, 1), colour) for what, colour in
+              (("done", SUCCESS), ("failed", ERROR), ("running", ACCENT))]
+    words = ", ".join(f"{n} {what}" for what, n in counts.items() if n) or "empty"
+    return f"{segments(shares)} {escape(label + words)}"
+
+
+def batch_bar_style(counts: dict[str, int], finished: bool) -> str:
+    """Red only when nothing succeeded: 3 failures in 50 are a yellow batch, not a red one."""
+    failed, done = counts.get("failed", 0), counts.get("done", 0)
+    return "danger" if failed and not done else "warning" if failed else "success" if finished else ""
+
+
 def progress_times(fraction: float | None, elapsed: float | None, steps: Any = None) -> str:
     """A running job's share, time and pace, as tqdm puts it: ``42% · 1.2 s < 1.7 s · 3.4/s``
     (elapsed < left, steps a second); only what is known."""

@@ -410,16 +410,9 @@ async def _workflow_states(manager: QueueManager) -> list[tuple[str, str, float,
     for flow in list(manager.recent_workflows):
         if isinstance(flow, BatchHandle):
             counts = await flow.acounts()
-            # In proportion: green for done, red for failed, beside the words; the bar turns red
-            # only when nothing succeeded (3 failures in 50 are a yellow batch, not a red one).
-            shares = [(counts[what] / max(len(flow), 1), colour) for what, colour in
-                      (("done", render.SUCCESS), ("failed", render.ERROR), ("running", render.ACCENT))]
-            state = render.segments(shares) + " " + render.escape(
-                ", ".join(f"{n} {what}" for what, n in counts.items() if n))
-            failed, done = counts.get("failed", 0), counts.get("done", 0)
-            style = ("danger" if failed and not done else "warning" if failed
-                     else "success" if flow.finished_share(counts) == 1 else "")
-            states.append((str(id(flow)), f"batch of {len(flow)}", flow.finished_share(counts), state, style))
+            share = flow.finished_share(counts)
+            states.append((str(id(flow)), f"batch of {len(flow)}", share, render.batch_state(counts, len(flow)),
+                           render.batch_bar_style(counts, share == 1)))
         else:
             status = await flow.astatus()
             done = status.steps.count(Status.SUCCEEDED.value)

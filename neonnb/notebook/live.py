@@ -16,12 +16,18 @@ if TYPE_CHECKING:
 
 
 
+def _widgets() -> Any:
+    """ipywidgets, or None where it isn't installed (the displays fall back to HTML)."""
+    try:
+        import ipywidgets
+    except ImportError:
+        return None
+    return ipywidgets
+
+
 def job_bundle(handle: JobHandle) -> dict[str, Any]:
     """The handle's display: a live widget while the job is queued or running, else HTML."""
-    try:
-        import ipywidgets as w
-    except ImportError:
-        w = None
+    w = _widgets()
     try:
         status = handle.status
     except Exception:  # a missing job or an unreachable store: the HTML says which
@@ -58,10 +64,7 @@ async def _follow(handle: JobHandle, bar: Any, label: Any, interval: float = 0.3
 def batch_bundle(batch: BatchHandle) -> dict[str, Any]:
     """A batch's display: one live bar for the whole batch (its parts in proportion beside it)
     until every job has ended, then the same as static HTML."""
-    try:
-        import ipywidgets as w
-    except ImportError:
-        w = None
+    w = _widgets()
     try:
         counts = _loop.run_sync(batch.acounts())
     except Exception as exc:  # an unreachable store: say so where the bar would be
@@ -77,10 +80,7 @@ def batch_bundle(batch: BatchHandle) -> dict[str, Any]:
 
 
 def batch_html(batch: BatchHandle, counts: dict[str, int]) -> str:
-    shares = [(counts[what] / max(len(batch), 1), colour) for what, colour in
-              (("done", render.SUCCESS), ("failed", render.ERROR), ("running", render.ACCENT))]
-    words = ", ".join(f"{n} {what}" for what, n in counts.items() if n) or "empty"
-    return f"{render.segments(shares)} {render.escape(f'batch of {len(batch)}: {words}')}"
+    return render.batch_state(counts, len(batch), f"batch of {len(batch)}: ")
 
 
 async def _follow_batch(batch: BatchHandle, bar: Any, label: Any, interval: float = 0.5) -> None:
@@ -93,7 +93,6 @@ async def _follow_batch(batch: BatchHandle, bar: Any, label: Any, interval: floa
         bar.value = batch.finished_share(counts)
         label.value = batch_html(batch, counts)
         if bar.value == 1:
-            bar.bar_style = "danger" if counts["failed"] and not counts["done"] else (
-                "warning" if counts["failed"] else "success")
+            bar.bar_style = render.batch_bar_style(counts, True)
             return
         await asyncio.sleep(interval)

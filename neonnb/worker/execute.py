@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 from .. import capture
-from ..artifacts import is_reference
+from ..artifacts import OFF_LOOP_BYTES, is_reference
+from ..codec import is_data_value
 from ..errors import JobCancelled, JobTimeout, PayloadError, ResultError, UnknownJobError
 from ..hooks import Hooks
 from ..job import Context, decode_job, is_async_job
@@ -186,16 +187,10 @@ class JobRunner:
         self.slot_freed()
 
 
-OFF_LOOP_BYTES = 256 * 1024  # payloads from this size on decode on a thread (about 1 ms of the loop's time)
-_DATA_MODULES = ("numpy", "pandas")
-
-
 def is_big(value: Any) -> bool:
     """Whether encoding ``value`` may hold the loop long enough to miss a beat: data values,
     big bytes, long containers."""
-    if type(value).__module__.partition(".")[0] in _DATA_MODULES:
-        return True
-    return isinstance(value, bytes | bytearray | str | list | dict) and len(value) > 10_000
+    return is_data_value(value) or (isinstance(value, bytes | bytearray | str | list | dict) and len(value) > 10_000)
 
 
 def _uncancel() -> None:
