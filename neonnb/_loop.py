@@ -13,6 +13,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import concurrent.futures.thread  # its exit hook registers now, before ours, and so runs after it
+import contextvars
 import logging
 import threading
 import weakref
@@ -135,8 +136,11 @@ def on_loop_thread() -> bool:
 
 
 def submit(coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-    """Schedule ``coro`` on the background loop without waiting for it."""
-    return asyncio.run_coroutine_threadsafe(coro, get_loop())
+    """Schedule ``coro`` on the background loop without waiting for it. It outlives the call,
+    so it starts from an empty context: in a kernel it must not keep the parent of the cell that
+    started it (ipykernel then sends its displays and widget updates on behalf of the cell
+    that runs at the time, which is what nbclient and JupyterLab file them under)."""
+    return contextvars.Context().run(asyncio.run_coroutine_threadsafe, coro, get_loop())
 
 
 def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:

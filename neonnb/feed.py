@@ -33,6 +33,7 @@ logger = logging.getLogger("neonnb.feed")
 GATHER = 0.1  # seconds a worker's events wait to go out together
 LOOK_EVERY = 1.0  # seconds between a worker's looks for listeners in other processes
 LISTENER_BEAT = 5.0
+FLUSH_TIMEOUT = 5.0  # seconds a stopping worker waits for its last events to go out
 
 
 class Feed:
@@ -53,19 +54,29 @@ class Feed:
 
     # --- publishing, in processes that run workers -----------------------------------------
 
-    async def follow_listeners(self) -> None:
-        """Until cancelled: publish this process's events while another process listens."""
+    async def look_for_listeners(self) -> None:
+        """Publish this process's events from now on if another process listens. A worker
+        looks before its first claim: a short one (``--burst``) would end before a later look."""
         if not isinstance(self.driver, EventFeed):
             return
-        while True:
-            try:
-                now = self.clock()
-                listened = any(isinstance(m, ListenerInfo) and m.id != self.listener_id and m.state(now) != "lost"
-                               for m in await self.driver.list_members())
-                self._publish_events(listened)
-            except Exception as exc:  # the store is away: the next look tries again
-                logger.debug("looking for event listeners failed: %r", exc)
+        try:
+            now = self.clock()
+            listened = any(isinstance(m, ListenerInfo) and m.id != self.listener_id and m.state(now) != "lost"
+                           for m in await self.driver.list_members())
+            self._publish_events(listened)
+        except Exception as exc:  # the store is away: the next look tries again
+            logger.debug("looking for event listeners failed: %r", exc)
+
+    async def follow_listeners(self) -> None:
+        """Until cancelled: look again every LOOK_EVERY seconds."""
+        while isinstance(self.driver, EventFeed):
             await asyncio.sleep(LOOK_EVERY)
+            await self.look_for_listeners()
+
+    async def flush(self) -> None:
+        """Send the events still gathering, and wait for those on their way (a worker
+        stopping: its last jobs' ends must reach the listeners)."""
+        await self._publisher.flush()
 
     def _publish_events(self, on: bool) -> None:
         if on and self._unhook is None:
@@ -143,6 +154,14 @@ class _Publisher(Hook):
         self._pending.append(event.as_data())
         if self._timer is None:  # hooks run on a running loop (a worker's, or neonnb's)
             self._timer = asyncio.get_running_loop().call_later(GATHER, self._send)
+
+    async def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._send()
+        here = [task for task in self._sending if task.get_loop() is asyncio.get_running_loop()]
+        if here:
+            await asyncio.wait(here, timeout=FLUSH_TIMEOUT)
 
     def _send(self) -> None:
         events, self._pending, self._timer = self._pending, [], None

@@ -39,6 +39,7 @@ Safe by default, against the network, the browser and bad input:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hmac
 import html
@@ -177,6 +178,9 @@ def create_app(qm: QueueManager, *, token: str | None = None, read_only: bool = 
         return Response(seen.latest(await qm.astats(), await qm.aknown_workers()),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    async def history(request: Request) -> Response:
+        return _json(seen.history(qm.clock()))
+
     async def page(request: Request) -> Response:
         # Static: everything it shows comes through the API, with the token the user gives it.
         answer = HTMLResponse(_PAGE.replace("{{store}}", html.escape(qm.config.describe_store())))
@@ -201,6 +205,7 @@ def create_app(qm: QueueManager, *, token: str | None = None, read_only: bool = 
         Route("/api/failed/{job_id}", guarded(forget), methods=["DELETE"]),
         Route("/api/workers", guarded(workers)),
         Route("/api/schedules", guarded(schedules)),
+        Route("/api/history", guarded(history)),
         Route("/metrics", guarded(metrics)),
     ]
 
@@ -265,7 +270,8 @@ def _same_secret(sent: str | None, expected: str | None) -> bool:
 class _Metrics:
     """What /metrics reports: the store's counts and workers, read at each scrape, and the jobs
     that ended (by queue and outcome) with their durations, counted from the events of every
-    worker on the store since the first scrape (prometheus_client's counters and histogram)."""
+    worker on the store since the first scrape (prometheus_client's counters and histogram);
+    and the page's last hour by the minute, from the same events."""
 
     def __init__(self, qm: QueueManager) -> None:
         self.qm = qm
@@ -277,22 +283,45 @@ class _Metrics:
                                 ["queue", "outcome"], registry=self.registry)
         self.durations = Histogram("neonnb_job_duration_seconds", "How long attempts ran, by queue", ["queue"],
                                    registry=self.registry, buckets=DURATION_BUCKETS)
-        self._subscribed = False
+        # Per queue and minute of the last hour: attempts that ended, and of them those that failed.
+        self.minutes: dict[str, dict[int, list[int]]] = collections.defaultdict(dict)
+        self.since: float | None = None  # when the events began to be counted
+
+    def _subscribe(self) -> None:
+        if self.since is None:
+            self.since = self.qm.clock()
+            self.qm.events.subscribe(self._seen)
 
     def latest(self, counts: dict[str, Any], workers: list[Any]) -> bytes:
-        if not self._subscribed:
-            self._subscribed = True
-            self.qm.events.subscribe(self._seen)
+        self._subscribe()
         self.store.counts, self.store.workers, self.store.now = counts, workers, self.qm.clock()
         return bytes(generate_latest(self.registry))
+
+    def history(self, now: float) -> dict[str, Any]:
+        """Each queue's last hour by the minute, oldest first: attempts that ended, and the
+        failed ones (a retry counts as a failed attempt); counted since ``since``."""
+        self._subscribe()
+        last = int(now // 60)
+        minutes = range(last - HISTORY_MINUTES + 1, last + 1)
+        queues = {}
+        for queue, counted in list(self.minutes.items()):  # events arrive on another thread
+            for old in [m for m in list(counted) if m < minutes.start]:
+                del counted[old]
+            queues[queue] = {"ended": [counted.get(m, [0, 0])[0] for m in minutes],
+                             "failed": [counted.get(m, [0, 0])[1] for m in minutes]}
+        return {"since": self.since, "minute_starts": [m * 60 for m in minutes], "queues": queues}
 
     def _seen(self, event: JobEvent) -> None:
         if event.kind in ("succeeded", "retrying", "failed", "cancelled"):
             self.finished.labels(event.queue, event.kind).inc()
             if event.duration is not None:
                 self.durations.labels(event.queue).observe(event.duration)
+            minute = self.minutes[event.queue].setdefault(int((event.at or self.qm.clock()) // 60), [0, 0])
+            minute[0] += 1
+            minute[1] += event.kind in ("retrying", "failed")
 
 
+HISTORY_MINUTES = 60
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 
 

@@ -94,9 +94,9 @@ async function showJob(id) {
   } catch (e) { complain(e.message); }
 }
 async function refresh() {
-  const [queues, running, failed, workers, schedules, listed] = await Promise.all([
+  const [queues, running, failed, workers, schedules, listed, history] = await Promise.all([
     api("/api/queues"), api("/api/jobs?status=running&limit=40"), api("/api/failed?limit=50&offset=0"),
-    api("/api/workers"), api("/api/schedules"), api(jobsQuery())]);
+    api("/api/workers"), api("/api/schedules"), api(jobsQuery()), api("/api/history")]);
   const name = document.getElementById("f-name").value.trim().toLowerCase();
   fill(document.getElementById("jobs"), ["job", "name", "queue", "status", "attempts", "finished (UTC)"],
     listed.jobs.filter(j => !name || j.name.toLowerCase().includes(name)).map(j => [idCell(j.id), cell(j.name),
@@ -108,11 +108,19 @@ async function refresh() {
     const now = c.waiting.high + c.waiting.normal + c.waiting.low;
     waiting += now; runningCount += c.running; failedCount += c.failed;
     (depth[name] = depth[name] || []).push(now); if (depth[name].length > 60) depth[name].shift();
+    // The last hour by the minute (since the dashboard started): attempts that ended, the share that failed.
+    const hour = history.queues[name] || {ended: [], failed: []};
+    const ended = hour.ended.reduce((a, b) => a + b, 0), lost = hour.failed.reduce((a, b) => a + b, 0);
+    const throughput = spark(hour.ended); throughput.classList.add("throughput");
+    throughput.title = `${ended} attempts ended in the last hour`;
+    const rate = cell(ended ? `${(100 * lost / ended).toFixed(1)}%` : "-", "num failure-rate" + (lost ? " failed" : ""));
+    rate.title = `${lost} of ${ended} attempts failed in the last hour`;
     return [cell(name), cell(now, "num"), cell(c.delayed, "num"), cell(c.running, "num"),
-            cell(c.succeeded, "num"), cell(c.failed, "num" + (c.failed ? " failed" : "")), spark(depth[name])];
+            cell(c.succeeded, "num"), cell(c.failed, "num" + (c.failed ? " failed" : "")), spark(depth[name]),
+            throughput, rate];
   });
   fill(document.getElementById("queues"), ["queue", "waiting", "delayed", "running", "succeeded", "failed",
-       "waiting, last minute"], queueRows, "no jobs yet");
+       "waiting, last minute", "ended per minute, last hour", "failed, last hour"], queueRows, "no jobs yet");
   fill(document.getElementById("running"), ["job", "name", "queue", "progress", ""], running.jobs.map(j => {
     const p = j.progress || {}; const td = document.createElement("td");
     const share = p.total ? Math.min(1, p.done / p.total) : 0;

@@ -6,6 +6,7 @@ with none of the test tooling (nbval skips nothing here). Needs PyPI, like ./scr
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -66,6 +67,13 @@ def _texts(cell: nbformat.NotebookNode) -> str:
     return "\n".join(parts)
 
 
+def _panel_counts(notebook: nbformat.NotebookNode) -> list[list[str]]:
+    """The summary line (queued, running, done, failed) of every panel picture, in order."""
+    pictures = [o["data"]["text/html"] for cell in notebook.cells for o in cell.get("outputs", [])
+                if "neonnb-snapshot" in o.get("data", {}).get("text/html", "")]
+    return [re.findall(r"class='neonnb-count-\w+'[^>]*>([^<]*)<", picture) for picture in pictures]
+
+
 @pytest.mark.timeout(900)
 def test_every_notebook_runs_all_on_a_binder_like_environment(tmp_path: Path) -> None:
     for binary in ("redis-server", "redis-cli"):
@@ -98,6 +106,9 @@ def test_every_notebook_runs_all_on_a_binder_like_environment(tmp_path: Path) ->
         # Run All ends showing the panel, with a picture of it for wherever widgets don't render.
         assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in last), source.name
         assert any("neonnb-snapshot" in o.get("data", {}).get("text/html", "") for o in last), source.name
+        committed = nbformat.read(source, as_version=4)
+        assert _panel_counts(committed) == _panel_counts(notebook), (
+            f"{source.name}: its saved panel pictures differ from a run's; ./scripts/notebooks re-runs them")
     redis_notebook = nbformat.read(executed / "04_redis_standalone_worker.ipynb", as_version=4)
     setup = _texts(redis_notebook.cells[1])
     assert "'redis'" in setup and "SQLite" not in setup, f"the Redis notebook did not use Redis: {setup}"

@@ -163,6 +163,10 @@ def test_dashboard_shows_progress_and_failed_job_and_retry_moves_it_back(jupyter
             page.locator("body[data-jp-theme-light='false']").wait_for(state="attached", timeout=30_000)
             time.sleep(1)
             dashboard.screenshot(path=str(ARTIFACTS / "dashboard-dark.png"))
+            page.keyboard.press("Control+b")
+            page.set_viewport_size({"width": 400, "height": 1100})
+            time.sleep(1)
+            dashboard.screenshot(path=str(ARTIFACTS / "dashboard-dark-400px.png"))
         except Exception:
             page.screenshot(path=str(output / "failure.png"), full_page=True)
             raise

@@ -31,6 +31,7 @@ def kernel() -> Iterator[Any]:
         client.execute_cell(cell, len(notebook.cells) - 1)
         return cell.outputs, time.perf_counter() - started
 
+    run.notebook = notebook  # type: ignore[attr-defined]
     with client.setup_kernel():
         yield run
 
@@ -265,3 +266,29 @@ def test_a_restarted_kernels_workers_leave_the_store_at_once(tmp_path: Any) -> N
         while qm.known_workers() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert qm.known_workers() == [], "gone from the store within 5 s of the restart"
+
+
+def test_an_exported_notebook_shows_the_panels_final_state(kernel: Any) -> None:
+    """nbconvert's HTML (like GitHub and nbviewer) can't run widgets: it shows the picture the
+    panel leaves in its output, which must be the state the work ended in, not the panel's
+    first refresh."""
+    from nbconvert import HTMLExporter
+
+    kernel("import time\nimport neonnb\nqm = neonnb.connect('memory://')\n"
+           "@qm.job(queue='etl')\ndef step(i: int) -> int:\n    time.sleep(0.3)\n    return i\n"
+           "handles = step.map(range(6))")
+    shown, _ = kernel("qm.worker('etl', 2).start()\nqm.dashboard()")
+    [first] = [o["data"] for o in shown if o.get("output_type") == "display_data"]
+    assert "6 done" not in first["text/html"]  # the panel's first picture: the work has just begun
+    kernel("[h.result(timeout=30) for h in handles]\ntime.sleep(1.5)  # the panel's refresher sees the end")
+    [first] = [o["data"] for o in shown if o.get("output_type") == "display_data"]
+    assert "6 done" in first["text/html"], "the picture follows the work to its end"
+    kernel("qm.dashboard()")  # shown again (a re-run cell, %neonnb status): current at once
+    pictures = [o["data"]["text/html"] for cell in kernel.notebook.cells for o in cell.outputs  # type: ignore[attr-defined]
+                if "neonnb-snapshot" in o.get("data", {}).get("text/html", "")]
+    assert len(pictures) == 2 and all("6 done" in p for p in pictures), "both pictures show how the work ended"
+    exporter = HTMLExporter()
+    exporter.exclude_input = True
+    html = exporter.from_notebook_node(kernel.notebook)[0]  # type: ignore[attr-defined]
+    exported = html.split("neonnb-snapshot")[1:]  # each picture, up to the next one
+    assert len(exported) == 2 and all("6 done" in picture for picture in exported)

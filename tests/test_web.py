@@ -113,6 +113,10 @@ def test_metrics_parse_with_prometheus_clients_own_parser(qm: QueueManager) -> N
 
             wait_until(lambda: finished() == {("web", "succeeded"): 1, ("web", "failed"): 1, ("web", "durations"): 2},
                        what="the ended jobs counted by outcome, with their durations")
+            history = client.get("/api/history").json()  # the page's last hour, from the same events
+            assert len(history["minute_starts"]) == 60 and history["since"] <= qm.clock()
+            web = history["queues"]["web"]
+            assert (sum(web["ended"]), sum(web["failed"])) == (2, 1) and web["ended"][-1] + web["ended"][-2] == 2
     finally:
         worker.stop()
 

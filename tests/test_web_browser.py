@@ -60,6 +60,8 @@ def test_a_job_failing_elsewhere_shows_within_a_second_and_retry_from_the_page_r
                 seen_after = time.monotonic() - failed_at
                 assert seen_after < 2.5, f"the failed job showed {seen_after:.1f}s after it failed"
                 assert "told to fail in this process" in page.inner_text("#failed")
+                # The queue's last hour, from the events of that worker process: every attempt failed.
+                page.wait_for_selector("#queues td.failure-rate >> text=100.0%", timeout=5000)
                 ARTIFACTS.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(ARTIFACTS / "web-dashboard.png"), full_page=True)
                 page.fill("#token", "wrong-token")

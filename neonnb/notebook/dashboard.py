@@ -139,20 +139,36 @@ class Dashboard:
     # --- display: the live widget, with a picture of it for saved notebooks ----------------
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
-        if self._seen is None and not self.closed:
-            self._refresh_now()
-        bundle = dict(self.widget._repr_mimebundle_(**kwargs))
+        if not self.closed:
+            self._refresh_now()  # shown again (a re-run cell, %neonnb status): current at once
+        return self._bundle()
+
+    def _bundle(self) -> dict[str, Any]:
+        bundle = dict(self.widget._repr_mimebundle_())
         bundle["text/html"] = self.snapshot()
         bundle["text/plain"] = f"neonnb panel · {self.store}"
         return bundle
 
     def _ipython_display_(self) -> None:
-        """Shown with a display id, so that ``close()`` can leave the snapshot in its place."""
+        """Shown with a display id, so that its picture can follow the work and ``close()``
+        can leave it in the panel's place; earlier displays' pictures catch up too."""
         from IPython.display import display
 
-        handle = display(self._repr_mimebundle_(), raw=True, display_id=True)  # type: ignore[no-untyped-call]
+        bundle = self._repr_mimebundle_()
+        self._update_pictures(bundle)
+        handle = display(bundle, raw=True, display_id=True)  # type: ignore[no-untyped-call]
         if handle is not None:
             self._display_ids.append(handle.display_id)
+
+    def _update_pictures(self, bundle: dict[str, Any]) -> None:
+        """Replace what every display of this panel holds (the live widget stays the same
+        model): where widgets can't render, the saved picture is the latest one."""
+        if not self._display_ids:
+            return
+        from IPython.display import update_display
+
+        for display_id in self._display_ids:
+            update_display(bundle, raw=True, display_id=display_id)  # type: ignore[no-untyped-call]
 
     def snapshot(self) -> str:
         """Static HTML of what the panel showed last: what GitHub, nbviewer or a notebook
@@ -198,12 +214,7 @@ class Dashboard:
             self._task = None
         self.closed = True
         _open.discard(self)
-        if self._display_ids:
-            from IPython.display import update_display
-
-            closed = {"text/html": self.snapshot(), "text/plain": f"neonnb panel · {self.store} (closed)"}
-            for display_id in self._display_ids:
-                update_display(closed, raw=True, display_id=display_id)  # type: ignore[no-untyped-call]
+        self._update_pictures({"text/html": self.snapshot(), "text/plain": f"neonnb panel · {self.store} (closed)"})
         self.widget.close()
 
     def _refresh_now(self) -> None:
@@ -230,6 +241,7 @@ class Dashboard:
     async def refresh(self) -> None:
         """Read the store once and update what changed."""
         seen = await self._read()
+        settled = self._seen is not None and _busy(self._seen) and not _busy(seen)
         self._seen = seen
         self._depths.append(sum(c.size for c in seen.counts.values()))
         with self.widget.hold_sync():
@@ -252,6 +264,8 @@ class Dashboard:
                      "elsewhere": seen.elsewhere, "log": log_lines}
             for name, box in self.sections.items():
                 self._set(box.layout, "display", None if shown[name] else "none")  # empty sections stay out of sight
+        if settled:  # the work it shows has ended: what a saved notebook keeps is this
+            self._update_pictures(self._bundle())
 
     async def _read(self) -> _Seen:
         manager = self.manager
@@ -385,6 +399,10 @@ class Dashboard:
         ``%neonnb start``, ``qm.worker(...)``); their unfinished jobs go back to the queue."""
         for worker in self.manager.workers:
             worker.request_stop()
+
+
+def _busy(seen: _Seen) -> bool:
+    return any(c.size or c.running for c in seen.counts.values())
 
 
 def _with_class(widget: Any, *names: str) -> Any:

@@ -307,6 +307,7 @@ class Worker:
         # about the claims (unlike _guard's failures): it is only logged.
         announce = asyncio.create_task(self.core.announce(self.info, self.options.lease_timeout / 3,
                                                           self._roster_changed))
+        await self.core.feed.look_for_listeners()
         listeners = asyncio.create_task(self.core.feed.follow_listeners())
         heartbeat = asyncio.create_task(self.outcomes.heartbeat(self._running_records, self._stop_job))
         watch = _LoopWatch(self, asyncio.get_running_loop(), min(1.0, self.options.lease_timeout / 6))
@@ -361,6 +362,7 @@ class Worker:
             heartbeat.cancel()
             announce.cancel()
             listeners.cancel()
+            await self.core.feed.flush()
             await self.core.withdraw(self.id)
             self.outcomes.stop()
             self.core.remove_worker(self)
