@@ -409,6 +409,7 @@ class Context:
         self._report_progress = report_progress
         self._record = record
         self._cancelled = False
+        self.saw_cancel = False  # the handler read ``cancelled`` as True
 
     @property
     def previous(self) -> Any:
@@ -436,7 +437,11 @@ class Context:
 
     @property
     def cancelled(self) -> bool:
-        """True once the job timed out or the worker is shutting down; long sync loops should check it."""
+        """True once the job timed out, was cancelled or the worker is shutting down; long sync
+        loops should check it and stop (a handler that saw it true and returned is taken to have
+        stopped part-way: a stopping worker gives its job back rather than record it done)."""
+        if self._cancelled:
+            self.saw_cancel = True
         return self._cancelled
 
     def cancel(self) -> None:

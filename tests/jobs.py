@@ -287,6 +287,14 @@ class Stubborn(Job):
         return 1
 
 
+class StubbornThenRaises(Stubborn):
+    """Like Stubborn, but once let go it raises: it did not finish its work."""
+
+    def handle(self, ctx: Context) -> str:
+        super().handle(ctx)
+        raise RuntimeError("stopped part-way")
+
+
 class SeedRetryDelay(Job):
     """The spec's RetryDelay(): no arguments."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,9 +88,27 @@ def test_graceful_stop_never_releases_a_job_whose_thread_still_runs(
     other = qm.worker("q", 1)
     assert other.run_once() == 0, "another worker could claim the job while it runs"
     jobs.RELEASE.set()
+    returned = time.monotonic()
     stopper.join(10)
-    record = handle.fetch()  # interrupted by the stop, released once its thread returned
-    assert (record.status, record.attempts, jobs.RECORD.counts["stubborn-start"]) == (Status.QUEUED, 0, 1)
+    assert time.monotonic() - returned < 2, "the worker stops as soon as the thread returns"
+    # Its thread returned normally: the work is done, so it is recorded, not run a second time.
+    assert handle.result(timeout=5) == "finally"
+    assert (handle.fetch().attempts, jobs.RECORD.counts["stubborn-start"]) == (1, 1)
+
+
+def test_graceful_stop_releases_a_sync_job_whose_thread_raises_past_the_grace(qm: QueueManager) -> None:
+    """Stopped part-way (it raised on ctx.cancelled, say): its work isn't done, so it goes back
+    to the queue, its attempt not counted."""
+    handle = qm.dispatch("q", jobs.StubbornThenRaises())
+    worker = qm.worker("q", 1).start()
+    wait_until(lambda: jobs.RECORD.counts["stubborn-start"] == 1, timeout=10, what="the job to start")
+    stopper = threading.Thread(target=worker.stop, kwargs={"grace": 0.1})
+    stopper.start()
+    time.sleep(0.3)
+    jobs.RELEASE.set()
+    stopper.join(10)
+    record = handle.fetch()
+    assert (record.status, record.attempts) == (Status.QUEUED, 0)
 
 
 def test_a_worker_stopped_by_max_jobs_starts_again(qm: QueueManager) -> None:

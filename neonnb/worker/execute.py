@@ -141,12 +141,17 @@ class JobRunner:
             try:
                 result: str | None = await self._in_a_thread(ctx, lambda ctx: encode_result(handle(ctx)),
                                                              thread_started)
-                return result
-            finally:
+            except BaseException:
                 if ctx.job_id in self.releasing:
-                    # stop() interrupted it and waited for its thread: however it ended, it goes
-                    # back to the queue like a cancelled async job.
-                    raise asyncio.CancelledError
+                    # stop() interrupted it and waited for its thread, which raised: its work
+                    # isn't done, so it goes back to the queue like a cancelled async job.
+                    raise asyncio.CancelledError from None
+                raise
+            if ctx.job_id in self.releasing and ctx.saw_cancel:
+                raise asyncio.CancelledError  # it returned early because it was asked to: not done
+            # Returned without heeding the stop, even past its grace: its work is done, and is
+            # recorded, not run a second time.
+            return result
         except asyncio.CancelledError:
             if not timed_out:
                 raise

@@ -493,7 +493,8 @@ class Worker:
             tasks[task].ctx.cancel()
             self.runner.releasing.add(tasks[task].record.id)
         # A sync handler's thread can't be stopped: releasing its job while the thread runs
-        # would let another worker run it at the same time. Those are released once it returns.
+        # would let another worker run it at the same time. Its lease is kept until it returns:
+        # then it is recorded as it ended if it returned, released if it raised.
         in_thread = {task for task in unfinished if self.runner.in_thread(tasks[task].record.id)}
         if in_thread:
             logger.warning("worker %s: waiting for %d sync job(s) still running past the grace period (they "
@@ -503,7 +504,8 @@ class Worker:
         for task in cancelled:
             task.cancel()
         await asyncio.gather(*unfinished, return_exceptions=True)
-        jobs = [tasks[task].record for task in unfinished]
+        # Those whose thread returned meanwhile are recorded as they ended; the rest go back.
+        jobs = [tasks[task].record for task in unfinished if task.cancelled()]
         released = await self.outcomes.persist(lambda: self.driver.release(jobs, self.id, self.core.clock()),
                                                "release")
         self.runner.releasing.clear()
