@@ -137,6 +137,8 @@ class Core:
         self._workers_lock = threading.Lock()  # the driver's notification thread reads them
         self._watching = False
         self._next_housekeeping = 0.0
+        self._recover_after = 0.0  # leases expired while the store was away aren't taken before this
+        self.store_failures = 0  # calls to the store that failed: a worker's leases may need taking back
         self.clocks_checked = False  # a worker compared this process's clock with the store's (Worker.start)
 
     # --- the store's registry of workers and schedulers --------------------------------
@@ -317,6 +319,21 @@ class Core:
         if skewed is not None:
             logger.error("%s; leases are not recovered until the clocks agree", skewed)
             return
+        if now >= self._recover_after:
+            await self._recover(now)
+        await self.driver.purge_finished(now - config.result_ttl)
+        await self.driver.drop_members(now - LOST_WORKERS_KEPT)
+        if self.artifacts is not None:
+            await self.artifacts.sweep(now, self._stored, asyncio.to_thread)
+
+    def store_unreachable(self) -> None:
+        """A call to the store failed. Leases run out while it is away, also those of live
+        workers (their heartbeats fail too): once it is back, they get one lease to renew them
+        and to store what their jobs did before this process takes any lease for dead."""
+        self._recover_after = max(self._recover_after, self.clock() + self.config.lease_timeout)
+        self.store_failures += 1
+
+    async def _recover(self, now: float) -> None:
         recovered = await self.driver.recover_expired(now)
         if recovered.requeued:
             logger.warning("requeued %d job(s) whose worker stopped heartbeating", len(recovered.requeued))
@@ -330,10 +347,6 @@ class Core:
                 logger.warning("job %s (%s) failed: its worker stopped heartbeating on its last allowed attempt",
                                record.id, record.name)
                 self.hooks.after_job(record, outcome)
-        await self.driver.purge_finished(now - config.result_ttl)
-        await self.driver.drop_members(now - LOST_WORKERS_KEPT)
-        if self.artifacts is not None:
-            await self.artifacts.sweep(now, self._stored, asyncio.to_thread)
 
     async def _stored(self, job_ids: list[str]) -> set[str]:
         return {record.id for record in await self.driver.get_many(job_ids, None)}

@@ -93,6 +93,18 @@ class SlowAsync(Job):
         return "done"
 
 
+class Counted(Job):
+    """Records each run of job ``n``; takes ``seconds``."""
+
+    n: int
+    seconds: float
+
+    def handle(self, ctx: Context) -> int:
+        RECORD.add(f"ran-{self.n}")
+        time.sleep(self.seconds)
+        return self.n
+
+
 class BlockingSync(Job):
     """Runs until RELEASE is set or the worker asks it to stop."""
 

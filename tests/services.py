@@ -121,8 +121,12 @@ class PostgresServer:
         """`pg_ctl restart -m immediate`: the server stops as if it crashed and recovers from its WAL."""
         self._ctl("restart", "-m", "immediate")
 
-    def stop(self) -> None:
+    def down(self) -> None:
+        """Stopped as if it crashed (its data kept): ``start()`` brings it back."""
         self._ctl("stop", "-m", "immediate")
+
+    def stop(self) -> None:
+        self.down()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def url(self, database: str = "postgres") -> str:

@@ -219,6 +219,30 @@ def test_expired_lease_is_recovered_with_its_attempt_counted(make_manager: MakeM
     assert (failed.error_type, failed.attempts) == ("LeaseExpired", 2)
 
 
+def test_a_worker_takes_back_jobs_that_went_back_to_the_queue_only_if_nobody_claimed_them(
+    make_manager: MakeManager, clock: FakeClock
+) -> None:
+    """After the store was away: a lease recovered meanwhile, or a claim the store lost in a
+    crash, leaves the job queued; its worker takes it back (same attempt) unless another
+    worker claimed it since. Then its acknowledgement counts: the job runs once."""
+    qm = make_manager(clock=clock, lease_timeout=30)
+    recovered, lost, taken = (qm.dispatch("q", jobs.Note(tag)) for tag in ("recovered", "lost", "taken"))
+    held = loop.run_sync(qm.driver.reserve(["q"], 3, "w1", clock(), clock() + 30))
+    by_id = {r.id: r for r in held}
+    loop.run_sync(qm.driver.release([by_id[lost.id]], "w1", clock()))  # as if the claim never happened
+    clock.advance(31)
+    loop.run_sync(qm.driver.recover_expired(clock()))  # "recovered" and "taken" go back, attempt counted
+    [other] = loop.run_sync(qm.driver.reserve(["q"], 1, "w2", clock(), clock() + 30))  # one of them
+    back = set(loop.run_sync(qm.driver.reacquire(held, "w1", clock() + 30)))
+    assert back == {lost.id, recovered.id, taken.id} - {other.id}
+    for job_id in back:
+        record = qm.handle(job_id).fetch()
+        assert (record.status, record.worker_id, record.attempts) == (Status.RUNNING, "w1", 1)
+    assert qm.handle(other.id).fetch().worker_id == "w2", "a job another worker claimed stays its"
+    assert set(loop.run_sync(qm.driver.complete([(by_id[i], None) for i in back], "w1", clock()))) == back
+    assert qm.size("q") == 0
+
+
 def test_what_a_job_prints_and_logs_is_kept_with_it_not_printed(
     make_manager: MakeManager, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -292,3 +292,31 @@ def test_a_job_reporting_progress_constantly_costs_the_store_a_few_writes() -> N
         assert Counting.writes <= 10, f"{Counting.writes} progress writes for 20,000 reports"
     finally:
         qm.close()
+
+
+@pytest.mark.timeout(120)
+def test_jobs_that_finish_while_the_store_is_down_are_not_run_again() -> None:
+    """PostgreSQL down for longer than the leases while handlers finish: when it is back,
+    their acknowledgements are taken (nobody else claimed the jobs), none runs a second time."""
+    pg = PostgresServer()
+    try:
+        config = Config.for_url(pg.new_database(), lease_timeout=3, poll_interval=0.1)
+        managers = [QueueManager(config), QueueManager(config)]  # two "processes"
+        try:
+            handles = managers[0].dispatch_batch("q", [jobs.Counted(n, 1.5) for n in range(8)])
+            workers = [qm.worker("q", 4).start() for qm in managers]
+            wait_until(lambda: sum(jobs.RECORD.counts[f"ran-{n}"] for n in range(8)) == 8, timeout=30,
+                       what="every job to start")
+            pg.down()
+            time.sleep(5)  # the handlers finish; the leases (3 s) run out
+            pg.start()
+            assert [h.result(timeout=60) for h in handles] == list(range(8))
+            ran = {n: jobs.RECORD.counts[f"ran-{n}"] for n in range(8)}
+            assert ran == dict.fromkeys(range(8), 1), f"jobs run again after the outage: {ran}"
+            for worker in workers:
+                worker.stop()
+        finally:
+            for qm in managers:
+                qm.close()
+    finally:
+        pg.stop()

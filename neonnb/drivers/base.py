@@ -66,6 +66,14 @@ class Driver(abc.ABC):
         of those someone asked to stop (``cancel``)."""
 
     @abc.abstractmethod
+    async def reacquire(self, jobs: Sequence[JobRecord], worker_id: str, lease_expires: float) -> list[str]:
+        """Take back, in one atomic step each, jobs this worker runs that went back to the queue
+        while it could not reach the store, if nobody claimed them since: queued with the
+        attempts of this worker's claim (a lease recovered meanwhile) or one fewer (a claim the
+        store lost in a crash). They become this worker's again, running under the same attempt
+        with the new lease. Returns the ids taken back."""
+
+    @abc.abstractmethod
     async def set_progress(self, job: JobRecord, worker_id: str, progress: dict[str, Any]) -> None: ...
 
     @abc.abstractmethod

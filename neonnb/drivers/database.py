@@ -456,6 +456,22 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, PipelinedClaims, StoreC
 
         return await self._transaction(extend, durable=False)
 
+    async def reacquire(self, jobs: Sequence[JobRecord], worker_id: str, lease_expires: float) -> list[str]:
+        c = self.table.c
+
+        def take(conn: Connection) -> list[str]:
+            taken = []
+            for job in jobs:  # rare (after the store was away) and few: one statement each
+                stmt = (update(self.table)
+                        .where(c.id == job.id, c.status == QUEUED, c.attempts.in_([job.attempts, job.attempts - 1]))
+                        .values(status=RUNNING, attempts=job.attempts, worker_id=worker_id,
+                                lease_expires=lease_expires))
+                if conn.execute(stmt).rowcount == 1:
+                    taken.append(job.id)
+            return taken
+
+        return await self._transaction(take) if jobs else []
+
     async def cancel(self, job_id: str, queue: str | None, now: float) -> Status | None:
         c = self.table.c
 

@@ -143,6 +143,19 @@ class MemoryDriver(Driver, BlockingEnqueue):
                         stopping.append(record.id)
         return stopping
 
+    async def reacquire(self, jobs: Sequence[JobRecord], worker_id: str, lease_expires: float) -> list[str]:
+        taken = []
+        with self._lock:
+            for job in jobs:
+                record = self._jobs.get(job.id)
+                if record is not None and record.status is Status.QUEUED and record.attempts in (
+                        job.attempts, job.attempts - 1):
+                    self._entry_seq.pop(job.id, None)  # its queue entries lapse
+                    record.status, record.attempts, record.worker_id, record.lease_expires = (
+                        Status.RUNNING, job.attempts, worker_id, lease_expires)
+                    taken.append(job.id)
+        return taken
+
     async def cancel(self, job_id: str, queue: str | None, now: float) -> Status | None:
         with self._lock:
             record = self._jobs.get(job_id)

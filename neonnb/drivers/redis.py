@@ -301,6 +301,13 @@ class RedisDriver(Driver, BlockingEnqueue, EventFeed, HandOff, PipelinedClaims, 
         stopping = await self._per_queue("extend", _ids_by_queue(jobs), lambda q: [worker_id, _num(lease_expires)])
         return [job_id for ids in stopping for job_id in ids]
 
+    async def reacquire(self, jobs: Sequence[JobRecord], worker_id: str, lease_expires: float) -> list[str]:
+        groups: dict[str, list[Any]] = {}
+        for job in jobs:
+            groups.setdefault(job.queue, []).extend([job.id, str(job.attempts)])
+        taken = await self._per_queue("reacquire", groups, lambda q: [worker_id, _num(lease_expires)])
+        return [job_id for ids in taken for job_id in ids]
+
     async def cancel(self, job_id: str, queue: str | None, now: float) -> Status | None:
         queues = [queue] if queue is not None else await self._reach(self._queues)
         for q in queues:

@@ -221,6 +221,26 @@ for i = 3, #ARGV do
 end
 return stopping
 
+--! reacquire
+-- KEYS: B.  ARGV: worker_id, lease_expires, then (id, attempts of the worker's claim) per job.
+-- A job queued again with those attempts (its lease recovered) or one fewer (a claim lost in a
+-- crash), so claimed by nobody since, is this worker's again. Returns the ids taken back.
+local B, worker, lease = KEYS[1], ARGV[1], ARGV[2]
+local taken = {}
+for i = 3, #ARGV, 2 do
+  local id, attempt = ARGV[i], tonumber(ARGV[i + 1])
+  local key = B .. 'job:' .. id
+  local job = redis.call('HMGET', key, 'status', 'attempts', 'priority')
+  local now_attempts = tonumber(job[2])
+  if job[1] == 'queued' and now_attempts and (now_attempts == attempt or now_attempts == attempt - 1) then
+    redis.call('ZREM', B .. 'ready:' .. band(job[3]), id)
+    redis.call('HSET', key, 'status', 'running', 'attempts', attempt, 'worker_id', worker, 'lease_expires', lease)
+    redis.call('ZADD', B .. 'running', lease, id)
+    taken[#taken + 1] = id
+  end
+end
+return taken
+
 --! cancel
 -- KEYS: B.  ARGV: id, now.   A queued job becomes cancelled; a running one is asked to stop.
 -- Returns the status the job had ("" when there is no such job).

@@ -414,8 +414,13 @@ class Worker:
     async def _give_back_unheld(self, now: float) -> bool:
         """After a failed call: the store may have claimed jobs for us whose reply was lost.
         They go back uncharged, before they could sit out their lease and be charged an
-        attempt that never ran. False while the store is still unreachable."""
-        held = [*self._active, *(record.id for record in self.outcomes.unacknowledged())]
+        attempt that never ran. And the jobs we hold may have gone back to the queue (a claim
+        lost in a crash): taken back first, before any claim could run them a second time.
+        False while the store is still unreachable."""
+        records = [*self._running_records(), *self.outcomes.unacknowledged()]
+        if records and await self.outcomes.take_back(records, now + self.options.lease_timeout) is None:
+            return False
+        held = [record.id for record in records]
         released = await self._guard(self.driver.release_unheld(self.queue_names, self.id, held, now),
                                      "giving back what a lost claim took")
         if released:
@@ -462,6 +467,7 @@ class Worker:
             return await coro
         except Exception as exc:
             self._store_failed = True
+            self.core.store_unreachable()
             pause = self.options.poll_interval
             logger.warning("worker %s: %s failed (%r); retrying within %.1fs", self.id, doing, exc, pause)
             if self._wake is not None:

@@ -104,14 +104,28 @@ class Outcomes:
         """Keep the leases of the jobs ``running()`` and those waiting for their ack alive;
         jobs someone cancelled go to ``stop_job``."""
         interval = self.options.lease_timeout / 3
+        failures_seen = self.core.store_failures
         while True:
             await asyncio.sleep(interval)
             held = [*running(), *self.unacknowledged()]
             if held:
+                failures = self.core.store_failures
                 lease = self.core.clock() + self.options.lease_timeout
                 stopping = await self.guard(self.driver.extend_leases(held, self.worker_id, lease), "extending leases")
                 for job_id in stopping or ():
                     stop_job(job_id)
+                # The store was away: some of these may have gone back to the queue meanwhile.
+                if (stopping is not None and failures != failures_seen
+                        and await self.take_back(held, lease) is not None):
+                    failures_seen = failures
+
+    async def take_back(self, held: list[JobRecord], lease: float) -> list[str] | None:
+        taken: list[str] | None = await self.guard(self.driver.reacquire(held, self.worker_id, lease),
+                                                   "taking back leases")
+        if taken:
+            logger.warning("worker %s: took back %d job(s) that went back to the queue while the store was away "
+                           "and nobody else claimed: they are not run twice", self.worker_id, len(taken))
+        return taken
 
     # --- progress -----------------------------------------------------------------------
 
@@ -184,6 +198,12 @@ class Outcomes:
             results = [(record, outcome.result) for record, outcome in batch]
             write = functools.partial(self.driver.complete, results, self.worker_id, self.core.clock())
             done = set(await self.persist(write, "complete") or ())
+            missed = [(record, result) for record, result in results if record.id not in done]
+            if missed:  # the store was away (a lost claim, a lease recovered): nobody else took them?
+                lease = self.core.clock() + self.options.lease_timeout
+                if await self.take_back([record for record, _ in missed], lease):
+                    again = functools.partial(self.driver.complete, missed, self.worker_id, self.core.clock())
+                    done |= set(await self.persist(again, "complete") or ())
             del self._acks[: len(batch)]  # only now: the heartbeat keeps pending leases alive
             for record, outcome in batch:
                 if record.id in done:
@@ -275,6 +295,7 @@ class Outcomes:
             try:
                 return await write()
             except Exception as exc:
+                self.core.store_unreachable()
                 logger.warning("worker %s: could not %s a job (%r); retrying in %.1fs", self.worker_id, what, exc,
                                delay)
                 await asyncio.sleep(delay)
