@@ -231,7 +231,7 @@ def _cancel(qm: QueueManager, args: argparse.Namespace) -> int:
     if was is None:
         return _not_there(JobNotFound(f"job {args.job_id} not found"))
     if was in (Status.QUEUED, Status.RUNNING):
-        said = "cancelled: it never runs" if was is Status.QUEUED else "asked to stop at its worker's next heartbeat"
+        said = "cancelled: it never runs" if was is Status.QUEUED else "asked to stop: its worker stops it in a second"
         _show_result(args, {"was": was.value}, f"job {args.job_id} {said}")
         return 0
     _show_result(args, {"was": was.value}, f"job {args.job_id} had already ended ({was.value}): nothing to cancel")

@@ -347,8 +347,8 @@ class QueueManager:
 
     async def acancel(self, job_id: str, queue: str | None = None) -> Status | None:
         """Cancel a job: a queued or delayed one never runs; a running one is asked to stop
-        (``ctx.cancelled`` turns true for sync handlers, async ones are cancelled) at its
-        worker's next heartbeat. Returns the status the job had (None: no such job)."""
+        (``ctx.cancelled`` turns true for sync handlers, async ones are cancelled) by its
+        worker within a second. Returns the status the job had (None: no such job)."""
         return await self.core.cancel(check_job_id(job_id), queue)
 
     def cancel(self, job_id: str, queue: str | None = None) -> Status | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -241,6 +242,26 @@ def test_a_worker_takes_back_jobs_that_went_back_to_the_queue_only_if_nobody_cla
     assert qm.handle(other.id).fetch().worker_id == "w2", "a job another worker claimed stays its"
     assert set(loop.run_sync(qm.driver.complete([(by_id[i], None) for i in back], "w1", clock()))) == back
     assert qm.size("q") == 0
+
+
+def test_a_cancel_reaches_a_running_job_within_a_second(make_manager: MakeManager) -> None:
+    """Long before the next heartbeat (10 s with a 30 s lease), from another process: a sync
+    handler sees ctx.cancelled, an async one is cancelled; both end CANCELLED."""
+    qm = make_manager(lease_timeout=30, poll_interval=0.05)
+    other = qm if qm.config.driver == "memory" else make_manager()  # another process's connection
+    sync, async_ = qm.dispatch("q", jobs.BlockingSync()), qm.dispatch("q", jobs.SlowAsync(30))
+    worker = qm.worker("q", 2).start()
+    try:
+        wait_until(lambda: set(worker.running_jobs) == {sync.id, async_.id}, what="both jobs running")
+        time.sleep(1.0)
+        asked = time.monotonic()
+        for handle in (sync, async_):
+            assert other.cancel(handle.id) is Status.RUNNING
+        wait_until(lambda: {sync.status, async_.status} == {Status.CANCELLED}, timeout=5, what="both cancelled")
+        took = time.monotonic() - asked
+        assert took < 3, f"the cancel took {took:.1f}s to land (a heartbeat is 10 s)"
+    finally:
+        worker.stop(grace=0)
 
 
 def test_what_a_job_prints_and_logs_is_kept_with_it_not_printed(

@@ -66,6 +66,11 @@ class Driver(abc.ABC):
         of those someone asked to stop (``cancel``)."""
 
     @abc.abstractmethod
+    async def stopping(self, jobs: Sequence[JobRecord], worker_id: str) -> list[str]:
+        """Of ``jobs``, which this worker holds, the ids someone asked to stop (``cancel``). A
+        read only: workers ask every CANCEL_POLL seconds while they run jobs."""
+
+    @abc.abstractmethod
     async def reacquire(self, jobs: Sequence[JobRecord], worker_id: str, lease_expires: float) -> list[str]:
         """Take back, in one atomic step each, jobs this worker runs that went back to the queue
         while it could not reach the store, if nobody claimed them since: queued with the
@@ -98,7 +103,7 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     async def cancel(self, job_id: str, queue: str | None, now: float) -> Status | None:
         """A queued (or delayed) job becomes CANCELLED and never runs; a running one is asked
-        to stop (its worker learns it at the next heartbeat). Returns the status the job had
+        to stop (its worker learns it with ``stopping``). Returns the status the job had
         (None: no such job)."""
 
     @abc.abstractmethod

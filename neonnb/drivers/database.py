@@ -456,6 +456,13 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, PipelinedClaims, StoreC
 
         return await self._transaction(extend, durable=False)
 
+    async def stopping(self, jobs: Sequence[JobRecord], worker_id: str) -> list[str]:
+        if not jobs:
+            return []
+        rows = await self._rows(self._sql.stopping, {"b_ids": [job.id for job in jobs], "b_owner": worker_id},
+                                durable=False)
+        return [row["id"] for row in rows]
+
     async def reacquire(self, jobs: Sequence[JobRecord], worker_id: str, lease_expires: float) -> list[str]:
         c = self.table.c
 

@@ -143,6 +143,11 @@ class MemoryDriver(Driver, BlockingEnqueue):
                         stopping.append(record.id)
         return stopping
 
+    async def stopping(self, jobs: Sequence[JobRecord], worker_id: str) -> list[str]:
+        with self._lock:
+            return [job.id for job in jobs
+                    if (record := self._owned(job.id, worker_id)) is not None and record.cancel_requested]
+
     async def reacquire(self, jobs: Sequence[JobRecord], worker_id: str, lease_expires: float) -> list[str]:
         taken = []
         with self._lock:

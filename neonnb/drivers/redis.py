@@ -301,6 +301,10 @@ class RedisDriver(Driver, BlockingEnqueue, EventFeed, HandOff, PipelinedClaims, 
         stopping = await self._per_queue("extend", _ids_by_queue(jobs), lambda q: [worker_id, _num(lease_expires)])
         return [job_id for ids in stopping for job_id in ids]
 
+    async def stopping(self, jobs: Sequence[JobRecord], worker_id: str) -> list[str]:
+        asked = await self._per_queue("stopping", _ids_by_queue(jobs), lambda q: [worker_id])
+        return [job_id for ids in asked for job_id in ids]
+
     async def reacquire(self, jobs: Sequence[JobRecord], worker_id: str, lease_expires: float) -> list[str]:
         groups: dict[str, list[Any]] = {}
         for job in jobs:

@@ -221,6 +221,17 @@ for i = 3, #ARGV do
 end
 return stopping
 
+--! stopping
+-- KEYS: B.  ARGV: worker_id, id...   Of these jobs, those the worker holds that someone asked
+-- to stop (cancel). Reads only.
+local B, worker = KEYS[1], ARGV[1]
+local asked = {}
+for i = 2, #ARGV do
+  local held = redis.call('HMGET', B .. 'job:' .. ARGV[i], 'worker_id', 'status', 'cancel_requested')
+  if held[1] == worker and held[2] == 'running' and held[3] == '1' then asked[#asked + 1] = ARGV[i] end
+end
+return asked
+
 --! reacquire
 -- KEYS: B.  ARGV: worker_id, lease_expires, then (id, attempts of the worker's claim) per job.
 -- A job queued again with those attempts (its lease recovered) or one fewer (a claim lost in a

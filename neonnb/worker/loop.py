@@ -32,6 +32,7 @@ from .outcomes import Outcomes
 
 logger = logging.getLogger("neonnb.worker")
 T = TypeVar("T")
+CANCEL_POLL = 0.5  # seconds between a busy worker's looks for jobs someone cancelled
 
 
 def claim_groups(selectors: Sequence[str]) -> list[tuple[list[str], list[int] | None]]:
@@ -310,6 +311,7 @@ class Worker:
         await self.core.feed.look_for_listeners()
         listeners = asyncio.create_task(self.core.feed.follow_listeners())
         heartbeat = asyncio.create_task(self.outcomes.heartbeat(self._running_records, self._stop_job))
+        cancels = asyncio.create_task(self._watch_cancels())
         watch = _LoopWatch(self, asyncio.get_running_loop(), min(1.0, self.options.lease_timeout / 6))
         # A store's hand-off gives an idle worker any job of its queues: not for priority bands.
         bands = any(ranks is not None for _, ranks in self._claims)
@@ -360,6 +362,7 @@ class Worker:
                 await waiter.close()
             watch.stop()
             heartbeat.cancel()
+            cancels.cancel()
             announce.cancel()
             listeners.cancel()
             await self.core.feed.flush()
@@ -474,6 +477,16 @@ class Worker:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), pause)
             return None
+
+    async def _watch_cancels(self) -> None:
+        """A cancel reaches a running job within CANCEL_POLL seconds, not at the next
+        heartbeat (a third of the lease): one small read while the worker runs jobs."""
+        while True:
+            await asyncio.sleep(CANCEL_POLL)
+            records = self._running_records()
+            if records:
+                for job_id in await self._guard(self.driver.stopping(records, self.id), "looking for cancels") or ():
+                    self._stop_job(job_id)
 
     def _stop_job(self, job_id: str) -> None:
         """Someone cancelled a job we run: a sync handler sees ``ctx.cancelled``, an async one
