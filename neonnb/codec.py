@@ -140,20 +140,23 @@ def _has_objects(items: list[Any]) -> bool:
     return any(type(item) in (dict, list) for item in items)
 
 
-def shown(data: Any, *, items: int = 20, chars: int = 200) -> Any:
+def shown(data: Any, *, items: int = 20, chars: int = 200, depth: int = 20) -> Any:
     """Stored JSON data made short and plain for a view (a listing, a page, a table): long
-    strings and lists cut with a note of what was left out, tagged values as text (a frame as
-    ``<DataFrame 1,000,000 rows x 4 columns: id, region, ...>``), without decoding them."""
+    strings and lists cut with a note of what was left out, nesting below ``depth`` levels as
+    "…", tagged values as text (a frame as ``<DataFrame 1,000,000 rows x 4 columns: id,
+    region, ...>``), without decoding them."""
     if type(data) is str:
         return data if len(data) <= chars else data[:chars - 1] + "…"
+    if type(data) in (list, dict) and depth <= 0:
+        return "…"
     if type(data) is list:
-        head = [shown(item, items=items, chars=chars) for item in data[:items]]
+        head = [shown(item, items=items, chars=chars, depth=depth - 1) for item in data[:items]]
         return [*head, f"… {len(data) - items} more"] if len(data) > items else head
     if type(data) is dict:
         if TYPE_KEY in data:
             return _shown_tag(data, items, chars)
         pairs = list(data.items())
-        out = {str(key): shown(item, items=items, chars=chars) for key, item in pairs[:items]}
+        out = {str(key): shown(item, items=items, chars=chars, depth=depth - 1) for key, item in pairs[:items]}
         if len(pairs) > items:
             out["…"] = f"{len(pairs) - items} more"
         return out
@@ -162,10 +165,10 @@ def shown(data: Any, *, items: int = 20, chars: int = 200) -> Any:
 
 def shown_payload(payload: str, *, items: int = 20, chars: int = 200) -> Any:
     """A stored payload (a job's arguments) as ``shown`` makes it; the text itself if it is
-    not JSON (a damaged payload is shown as it is)."""
+    not JSON, or nested too deep for Python's reader (a damaged payload is shown as it is)."""
     try:
         return shown(json.loads(payload), items=items, chars=chars)
-    except ValueError:
+    except (ValueError, RecursionError):
         return shown(payload, chars=chars)
 
 

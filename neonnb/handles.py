@@ -14,7 +14,7 @@ from . import frames, render
 from ._loop import run_sync
 from .artifacts import OFF_LOOP_BYTES, is_reference
 from .codec import loads, shown_payload, untag
-from .errors import JobCancelled, JobFailed, JobNotFound
+from .errors import JobCancelled, JobFailed, JobNotFound, PayloadError
 from .records import FINISHED, JobRecord, Status, check_job_id, check_page, check_queue_name
 
 if TYPE_CHECKING:
@@ -213,7 +213,11 @@ class FailedStore:
         record = await self.core.driver.get(check_job_id(job_id))
         if record is None or record.status is not Status.FAILED:
             raise JobNotFound(f"job {job_id} is not in the failed store")
-        return untag(json.loads(record.payload), record.name)
+        try:
+            return untag(json.loads(record.payload), record.name)
+        except (ValueError, RecursionError) as exc:
+            raise PayloadError(f"job {job_id}: its stored arguments can't be read ({type(exc).__name__}: "
+                               f"{str(exc)[:200]}); `failed.list()` shows them as stored") from None
 
     def arguments(self, job_id: str) -> Any:
         return run_sync(self.aarguments(job_id))

@@ -15,7 +15,17 @@ from typing import Any
 import pytest
 
 import neonnb._loop as loop
-from neonnb import ConfigError, JobCancelled, JobFailed, JobHandle, Priority, QueueManager, SerializationError, Status
+from neonnb import (
+    ConfigError,
+    JobCancelled,
+    JobFailed,
+    JobHandle,
+    PayloadError,
+    Priority,
+    QueueManager,
+    SerializationError,
+    Status,
+)
 from neonnb.core import Counting
 from neonnb.job import decode_job
 from tests import jobs
@@ -580,6 +590,7 @@ def test_progress_takes_numbers_and_old_bad_values_never_break_a_view(make_manag
 
 
 DEEP = "[" * 20_000 + "]" * 20_000  # JSON nested deeper than Python's reader recurses; fits a TEXT column
+NOT_UTF8 = object()  # _corrupt: bytes that aren't UTF-8, stored as text
 
 
 def _corrupt(qm: QueueManager, job_id: str, queue: str, **fields: object) -> None:
@@ -604,6 +615,10 @@ def _corrupt(qm: QueueManager, job_id: str, queue: str, **fields: object) -> Non
     # Untyped SQL: SQLAlchemy's column types would refuse text for a number (SQLite takes it).
     with qm.driver.engine.begin() as conn:  # type: ignore[attr-defined]
         for column, value in fields.items():
+            if value is NOT_UTF8:  # text (not a blob) whose bytes aren't UTF-8: SQLite stores what it is given
+                conn.execute(text(f"UPDATE neonnb_jobs SET {column} = CAST(X'fffe7b' AS TEXT) WHERE id = :id"),
+                             {"id": job_id})
+                continue
             statement = text(f"UPDATE neonnb_jobs SET {column} = :value WHERE id = :id")
             conn.execute(statement, {"value": value, "id": job_id})
 
@@ -617,7 +632,8 @@ def test_an_unreadable_record_fails_alone_and_never_blocks_its_queue(make_manage
     else:
         corruptions += [{"priority": 7}]
     if sqlite:  # (text in attempts or run_at a claim repairs or never finds due)
-        corruptions += [{"max_attempts": "many"}, {"timeout": "long"}]
+        corruptions += [{"max_attempts": "many"}, {"timeout": "long"}, {"payload": NOT_UTF8}]
+    corruptions += [{"payload": '{"rows": ' + DEEP + "}"}]  # listings decode the arguments
     poisoned = [qm.dispatch("q", jobs.Note(f"poison-{i}")) for i in range(len(corruptions))]
     for handle, fields in zip(poisoned, corruptions, strict=True):
         _corrupt(qm, handle.id, "q", **fields)
@@ -637,6 +653,9 @@ def test_an_unreadable_record_fails_alone_and_never_blocks_its_queue(make_manage
     for handle, fields in zip(poisoned, corruptions, strict=True):
         assert handle.id in failed, f"{fields} was not sent to the failed store"
         assert "PayloadError" in failed[handle.id].error_type
+        if "payload" in fields:  # its arguments are asked for whole: a clear error, not a crash
+            with pytest.raises(PayloadError, match="stored arguments can't be read"):
+                qm.failed.arguments(handle.id)
     assert qm.failed_df() is not None and len(qm.jobs_df(limit=1000)) >= 21
 
 

@@ -3,6 +3,7 @@ none), SQLite's set-up (WAL, BEGIN IMMEDIATE), and the turns SQLite writers take
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -35,10 +36,17 @@ def sqlite_engine(url: str) -> Engine:
     return engine
 
 
+_lenient_text = functools.partial(str, encoding="utf-8", errors="replace")
+
+
 def prepare_sqlite(dbapi_connection: Any) -> None:
     """Every neonnb connection to a SQLite file: WAL, and transactions begun explicitly."""
     # Take transaction control from pysqlite so BEGIN IMMEDIATE is what runs.
     dbapi_connection.isolation_level = None
+    # SQLite stores whatever bytes it is given as text; strict decoding would make one bad
+    # value fail every read that touches its row (a claim, a listing). As on Redis, a byte
+    # that isn't UTF-8 reads as U+FFFD, and the job it spoils fails alone.
+    dbapi_connection.text_factory = _lenient_text
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     # A returned dispatch survives any process crash; a power cut may take the last
