@@ -252,11 +252,14 @@ class Core:
         """``text`` (a payload or result of ARTIFACT_BYTES or more) as the record keeps it."""
         if self.artifacts is not None:
             return self.artifacts.put(job_id, part, text)
-        if len(text) > self.config.max_value_bytes:
-            raise error(f"{what} take {len(text):,} bytes encoded, over Config.max_value_bytes "
-                        f"({self.config.max_value_bytes:,}) for values kept in the store itself: set "
-                        "artifacts= (an fsspec URL such as file:///shared/neonnb or s3://bucket/prefix) to "
-                        "keep big values apart")
+        limit, why = self.config.max_value_bytes, "Config.max_value_bytes"
+        store = self.driver.value_limit()
+        if store is not None and store[0] < limit:
+            limit, why = store
+        if len(text) > limit:
+            raise error(f"{what} take {len(text):,} bytes encoded, over the {limit:,} allowed for values kept in "
+                        f"the store itself ({why}): set artifacts= (an fsspec URL such as file:///shared/neonnb or "
+                        "s3://bucket/prefix) to keep big values apart")
         return text
 
     def enqueue_sync(self, record: JobRecord) -> JobRecord:

@@ -105,6 +105,18 @@ class Counted(Job):
         return self.n
 
 
+class Sized(Job):
+    """Returns a text of ``size`` characters."""
+
+    size: int
+
+    def handle(self, ctx: Context) -> str:
+        return "x" * self.size
+
+    def max_attempts(self) -> int:
+        return 3
+
+
 class BlockingSync(Job):
     """Runs until RELEASE is set or the worker asks it to stop."""
 

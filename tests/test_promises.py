@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -320,3 +321,28 @@ def test_jobs_that_finish_while_the_store_is_down_are_not_run_again() -> None:
                 qm.close()
     finally:
         pg.stop()
+
+
+def test_a_result_the_store_refuses_fails_its_job_alone_and_its_batch_mates_are_acknowledged() -> None:
+    """The store refuses one acknowledgement (a value it won't take): that job fails, not
+    retried, saying what the store said; the jobs acknowledged in the same write succeed."""
+    from neonnb import StoreError
+    from neonnb.drivers.memory import MemoryDriver
+
+    class Refusing(MemoryDriver):
+        async def complete(self, results: Any, worker_id: str, now: float) -> list[str]:
+            if any(result == '"refuse me"' for _, result in results):
+                raise StoreError("value too large for column result")
+            return await super().complete(results, worker_id, now)
+
+    qm = QueueManager(Config(driver="memory"), driver=Refusing())
+    try:
+        handles = [qm.dispatch("q", jobs.Note(tag)) for tag in ("a", "refuse me", "b", "c")]
+        worker = qm.worker("q", 4)
+        while worker.run_once():
+            pass
+        assert [handles[i].result(timeout=5) for i in (0, 2, 3)] == ["a", "b", "c"]
+        failed = qm.failed.get(handles[1].id)
+        assert failed.attempts == 1 and "the store refused the job's result: value too large" in failed.error
+    finally:
+        qm.close()

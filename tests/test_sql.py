@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
-from neonnb import Config, QueueManager, StoreError, WorkerOptions
+from neonnb import Config, QueueManager, SerializationError, Status, StoreError, WorkerOptions
 from tests import jobs
 from tests.conftest import connection_for
 from tests.services import PostgresServer
@@ -368,3 +368,24 @@ def test_postgresql_keeps_payloads_and_results_uncompressed(postgres_server: Pos
     finally:
         engine.dispose()
     assert storage == {"payload": "e", "result": "e", "error": "x"}
+
+
+def test_values_over_what_mariadb_takes_are_refused_by_size_not_reported_as_an_outage(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """MariaDB refuses a statement over max_allowed_packet (16 MiB here) by dropping the
+    connection ("server has gone away"). neonnb reads that limit: a bigger argument is refused
+    at dispatch, a bigger result fails its job at once (not retried until its lease runs out),
+    both saying what to do; a small job acknowledged beside it is not dragged down."""
+    with QueueManager(Config(connection=connection_for(request, "mariadb", tmp_path))) as qm:
+        with pytest.raises(SerializationError, match=r"max_allowed_packet.*artifacts="):
+            qm.dispatch("q", jobs.Note("x" * 50_000_000))
+        big, small = qm.dispatch("q", jobs.Sized(20_000_000)), qm.dispatch("q", jobs.Sized(10))
+        worker = qm.worker("q", 2)
+        while worker.run_once():
+            pass
+        assert small.result(timeout=5) == "x" * 10
+        failed = qm.failed.get(big.id)
+        assert (failed.error_type, failed.attempts) == ("neonnb.errors.ResultError", 1)
+        assert "max_allowed_packet" in failed.error
+        assert qm.dispatch("q", jobs.Note("after")).status is Status.QUEUED, "the store is not taken for down"

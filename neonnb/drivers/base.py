@@ -25,6 +25,12 @@ class Driver(abc.ABC):
     capability below, which a driver class adds to its bases (``class RedisDriver(Driver,
     BlockingEnqueue, HandOff, ...)``) and its callers check with ``isinstance``."""
 
+    def value_limit(self) -> tuple[int, str] | None:
+        """The most characters one stored value (a payload, a result) may take in this store,
+        and why, where the store itself sets a limit below ``Config.max_value_bytes``. May
+        ask the store (blocking): called only for values of ARTIFACT_BYTES or more."""
+        return None
+
     @abc.abstractmethod
     async def enqueue(self, records: Sequence[JobRecord]) -> None:
         """Store new jobs, all in one round trip; when this returns they are durable."""

@@ -127,6 +127,7 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, PipelinedClaims, StoreC
         # On PostgreSQL a single statement needs no BEGIN/COMMIT round trips: run it in
         # autocommit. Elsewhere every call is a transaction (BEGIN IMMEDIATE on SQLite).
         self._postgres = dialect == "postgresql"
+        self._packet: int | None = None  # MariaDB's max_allowed_packet, read when first needed
         # Worker bookkeeping (claims, leases, releases, progress) can skip the commit fsync: a
         # write lost to a server crash only means a job runs again, which at-least-once allows.
         # Dispatches and every outcome a user sees (succeeded, failed, retry scheduled, the
@@ -281,6 +282,18 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, PipelinedClaims, StoreC
         if not self._schema_ready:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._ready)
         return await self._async.rows(stmt, params, durable, repeatable)
+
+    def value_limit(self) -> tuple[int, str] | None:
+        # MariaDB and MySQL refuse a statement over max_allowed_packet by dropping the
+        # connection. A value travels escaped inside the statement, where it may take up to
+        # twice its length: half the packet, less room for the rest of the statement.
+        if self.engine.dialect.name not in ("mysql", "mariadb"):
+            return None
+        if self._packet is None:
+            with self._reachable(), self.engine.connect() as conn:
+                self._packet = int(conn.exec_driver_sql("SELECT @@max_allowed_packet").scalar_one())
+        return (self._packet - 65536) // 2, (f"half the server's max_allowed_packet of {self._packet:,}, less 64 KiB: "
+                                             "a value travels escaped in its statement")
 
     def _ready(self) -> None:
         with self._reachable():

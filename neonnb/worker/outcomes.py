@@ -20,7 +20,7 @@ from ..artifacts import ARTIFACT_BYTES
 from ..codec import dumps, encode
 from ..config import WorkerSettings, parse_duration, printable
 from ..core import Core
-from ..errors import ResultError, Retry, SerializationError, error_info
+from ..errors import ResultError, Retry, SerializationError, StoreError, StoreUnavailable, error_info
 from ..hooks import Outcome
 from ..job import takes_no_arguments
 from ..records import JobRecord, Status
@@ -196,21 +196,40 @@ class Outcomes:
         while self._acks:
             batch = self._acks[:]
             results = [(record, outcome.result) for record, outcome in batch]
-            write = functools.partial(self.driver.complete, results, self.worker_id, self.core.clock())
-            done = set(await self.persist(write, "complete") or ())
-            missed = [(record, result) for record, result in results if record.id not in done]
+            done, refused = await self._complete(results)
+            missed = [(record, result) for record, result in results
+                      if record.id not in done and record.id not in refused]
             if missed:  # the store was away (a lost claim, a lease recovered): nobody else took them?
                 lease = self.core.clock() + self.options.lease_timeout
                 if await self.take_back([record for record, _ in missed], lease):
-                    again = functools.partial(self.driver.complete, missed, self.worker_id, self.core.clock())
-                    done |= set(await self.persist(again, "complete") or ())
+                    done |= (await self._complete(missed))[0]
             del self._acks[: len(batch)]  # only now: the heartbeat keeps pending leases alive
             for record, outcome in batch:
-                if record.id in done:
+                if record.id in refused:
+                    await self.failed(record, ResultError(f"the store refused the job's result: {refused[record.id]}"))
+                elif record.id in done:
                     self.jobs_done += 1
                     self.core.hooks.after_job(record, outcome)
                 else:
                     logger.warning("job %s finished, but its lease had passed to another worker", record.id)
+
+    async def _complete(self, results: list[tuple[JobRecord, str | None]]) -> tuple[set[str], dict[str, str]]:
+        """Acknowledge ``results``: the ids stored, and those the store refused (a value it
+        won't take) with what it said. A batch the store refuses is split: one member's value
+        never takes the others' acknowledgements down with it."""
+        write = functools.partial(self.driver.complete, results, self.worker_id, self.core.clock())
+        try:
+            return set(await self.persist(write, "complete", retry_refusals=False) or ()), {}
+        except StoreError as exc:
+            if len(results) == 1:
+                return set(), {results[0][0].id: str(exc)}
+        done: set[str] = set()
+        refused: dict[str, str] = {}
+        for one in results:
+            stored, said = await self._complete([one])
+            done |= stored
+            refused |= said
+        return done, refused
 
     async def errored(self, record: JobRecord, job: Any, exc: Exception) -> None:
         """The attempt raised ``exc``: retry the job (backoff, or its own rules) or fail it."""
@@ -287,14 +306,17 @@ class Outcomes:
         await self.core.hooks.settle(record, outcome)
         return True
 
-    async def persist(self, write: Callable[[], Awaitable[T]], what: str) -> T | None:
+    async def persist(self, write: Callable[[], Awaitable[T]], what: str, retry_refusals: bool = True) -> T | None:
         """Record an outcome, retrying while storage is unreachable. If it never comes back
-        the job's lease runs out and another worker runs it again: at-least-once holds."""
+        the job's lease runs out and another worker runs it again: at-least-once holds.
+        ``retry_refusals=False``: a write the store refuses (StoreError, not unreachable) raises."""
         delay = 0.1
         for _ in range(8):
             try:
                 return await write()
             except Exception as exc:
+                if not retry_refusals and isinstance(exc, StoreError) and not isinstance(exc, StoreUnavailable):
+                    raise
                 self.core.store_unreachable()
                 logger.warning("worker %s: could not %s a job (%r); retrying in %.1fs", self.worker_id, what, exc,
                                delay)
