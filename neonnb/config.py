@@ -136,7 +136,7 @@ class OptionalDuration:
         object.__setattr__(obj, self.attribute, None if value is None else parse_duration(value, self.label))
 
 
-def _positive_int(value: Any, name: str, allow_zero: bool = False) -> int:
+def positive_int(value: Any, name: str, allow_zero: bool = False) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
         least = "0 or more" if allow_zero else "at least 1"
         raise ConfigError(f"{name} must be an integer {least}, got {value!r}")
@@ -182,6 +182,9 @@ class Config:
     # itself up to max_value_bytes for Redis, PostgreSQL and MariaDB (see neonnb.artifacts).
     artifacts: str | None = None
     max_value_bytes: int = 16 * 2**20
+    # Redis: replicas every job write waits for (WAIT) before it returns; 0: none. The URL's
+    # replica_acks query option, where given, wins.
+    replica_acks: int = 0
 
     def __post_init__(self) -> None:
         if self.driver not in DRIVERS:
@@ -222,10 +225,11 @@ class Config:
                 "each jobs table neonnb keeps <table_name>_marks, <table_name>_workers and "
                 "<table_name>_messages, which another app's table could then collide with"
             )
-        self.database = _positive_int(self.database, "Config.database", allow_zero=True)
-        self.max_retries = _positive_int(self.max_retries, "Config.max_retries", allow_zero=True)
-        self.workers = _positive_int(self.workers, "Config.workers")
-        self.max_jobs = _positive_int(self.max_jobs, "Config.max_jobs", allow_zero=True)
+        self.database = positive_int(self.database, "Config.database", allow_zero=True)
+        self.max_retries = positive_int(self.max_retries, "Config.max_retries", allow_zero=True)
+        self.workers = positive_int(self.workers, "Config.workers")
+        self.max_jobs = positive_int(self.max_jobs, "Config.max_jobs", allow_zero=True)
+        self.replica_acks = positive_int(self.replica_acks, "Config.replica_acks", allow_zero=True)
         if self.poll_interval <= 0 or self.lease_timeout <= 0:
             raise ConfigError("Config.poll_interval and Config.lease_timeout must be greater than 0")
 
@@ -360,7 +364,7 @@ class WorkerOptions:
         """Every ``None`` filled in from ``config``, all values validated."""
         max_jobs = config.max_jobs if self.max_jobs is None else self.max_jobs
         return WorkerSettings(
-            max_jobs=_positive_int(max_jobs, "WorkerOptions.max_jobs", allow_zero=True),
+            max_jobs=positive_int(max_jobs, "WorkerOptions.max_jobs", allow_zero=True),
             timeout=config.timeout if self.timeout is None else self.timeout,
             poll_interval=config.poll_interval if self.poll_interval is None else self.poll_interval,
             lease_timeout=config.lease_timeout if self.lease_timeout is None else self.lease_timeout,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import gc
 import logging
 import signal
@@ -14,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -42,6 +44,7 @@ def test_settings_from_urls() -> None:
     assert (sentinel.kind, sentinel.sentinels, sentinel.service, sentinel.db, sentinel.password) == (
         "sentinel", (("10.0.0.1", 26379), ("10.0.0.2", 26379)), "jobs", 2, "pw")
     assert "pw" not in repr(sentinel) and "pw" not in sentinel.where()
+    assert (plain.replica_acks, Settings.from_url("redis://h?replica_acks=2").replica_acks) == (None, 2)
 
 
 @pytest.mark.parametrize(("url", "complaint"), [
@@ -53,6 +56,7 @@ def test_settings_from_urls() -> None:
     ("rediss://h/0?ssl_cert_reqs=maybe", "none, optional or required"),
     ("redis+sentinel://h:26379", "names no service"),
     ("redis://h:99999/0", "from 1 to 65535"),
+    ("redis://h/0?replica_acks=some", "replica_acks in the Redis URL .* must be an integer 0 or more"),
 ])
 def test_bad_urls_are_refused_saying_what_is_wrong(url: str, complaint: str) -> None:
     with pytest.raises(ConfigError, match=complaint):
@@ -577,3 +581,48 @@ def test_a_script_on_redis_prints_nothing_with_warnings_as_errors(
         assert not [key for key in left.scan_iter("*") if key.endswith("idle") and left.zcard(key)]
     finally:
         left.close()
+
+
+def test_with_replica_acks_a_planned_sentinel_failover_loses_no_dispatch_that_returned() -> None:
+    """`SENTINEL FAILOVER` while dispatching: the old master takes writes until it is demoted,
+    and replication is asynchronous, so without replica_acks those writes are lost. With
+    replica_acks=1 a dispatch returns only once a replica holds it (else it raises): every
+    dispatch that returned runs."""
+    sentinel = RedisSentinelServer()
+    qm = QueueManager(Config.for_url(sentinel.url() + "?socket_timeout=2&replica_acks=1", key_prefix="planned:"))
+    returned: list[Any] = []
+    stop = threading.Event()
+
+    def dispatch() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            with contextlib.suppress(StoreError):  # the failover: it said so, the caller knows
+                returned.append(qm.dispatch("fo", jobs.Note(f"n{i}")))
+            time.sleep(0.05)
+
+    try:
+        _replicated(sentinel.master)
+        dispatcher = threading.Thread(target=dispatch)
+        dispatcher.start()
+        time.sleep(1)
+        with redis.Redis(port=sentinel.port) as watcher:
+            watcher.execute_command("SENTINEL", "FAILOVER", "jobs")
+            wait_until(lambda: int(watcher.sentinel_get_master_addr_by_name("jobs")[1]) == sentinel.replica.port,
+                       timeout=30, what="Sentinel to promote the replica")
+        time.sleep(3)  # dispatches go on against the new master
+        stop.set()
+        dispatcher.join(30)
+        assert len(returned) > 20
+        worker = qm.worker("fo", 8).start()
+        try:
+            for handle in returned:
+                handle.wait(timeout=30)
+            lost = [h.id for h in returned if h.status is not Status.SUCCEEDED]
+            assert not lost, f"{len(lost)} of {len(returned)} dispatches that returned were lost"
+        finally:
+            worker.stop()
+    finally:
+        stop.set()
+        qm.close()
+        sentinel.stop()

@@ -23,5 +23,5 @@ def create_driver(config: Config) -> Driver:
 
     return RedisDriver(
         config.connection or "redis://127.0.0.1:6379/0", password=config.password,
-        database=config.database, prefix=config.key_prefix,
+        database=config.database, prefix=config.key_prefix, replica_acks=config.replica_acks,
     )

@@ -75,7 +75,7 @@ class RedisDriver(Driver, BlockingEnqueue, EventFeed, HandOff, PipelinedClaims, 
     claim_piece = 10
 
     def __init__(self, url: str, *, password: str | None = None, database: int | None = None,
-                 prefix: str = "neonnb:") -> None:
+                 prefix: str = "neonnb:", replica_acks: int = 0) -> None:
         if "{" in prefix or "}" in prefix:
             raise ConfigError(
                 f"key_prefix {prefix!r} must not contain braces: neonnb puts each queue's name in "
@@ -85,6 +85,9 @@ class RedisDriver(Driver, BlockingEnqueue, EventFeed, HandOff, PipelinedClaims, 
         self.channel = f"{prefix}wake"
         self.events_channel = f"{prefix}events"
         self.settings = Settings.from_url(url, password=password, database=database)
+        acks = self.settings.replica_acks if self.settings.replica_acks is not None else replica_acks
+        # Each job write waits for this many replicas, for most of the time a reply may take.
+        self._replicas = (acks, int(self.settings.reply_timeout * 800)) if acks else None
         self._where = self.settings.where()  # for messages: never a password
         # Connections belong to the loop that made them: one client per loop, so a call from
         # the caller's loop goes straight to Redis instead of hopping threads. Beside each
@@ -118,7 +121,7 @@ class RedisDriver(Driver, BlockingEnqueue, EventFeed, HandOff, PipelinedClaims, 
                 self._connecting.pop(loop, None)
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> Client:
-        client = Client(await self.settings.connect())
+        client = Client(await self.settings.connect(), self._replicas)
         self._cluster = client.is_cluster
         # Closed with the loop: asyncio.run() (and pytest-asyncio) finalize a loop's async
         # generators before closing it, while it still runs. Without this every asyncio.run()
@@ -214,7 +217,8 @@ class RedisDriver(Driver, BlockingEnqueue, EventFeed, HandOff, PipelinedClaims, 
 
     def enqueue_blocking(self, records: Sequence[JobRecord]) -> bool:
         by_queue = _enqueue_args(records)
-        if len(by_queue) != 1 or not by_queue.keys() <= self._registered:
+        if self._replicas is not None or len(by_queue) != 1 or not by_queue.keys() <= self._registered:
+            # (the loop's way also waits for the replicas replica_acks asks for)
             return False  # the loop's way registers a new queue, and runs one script per queue
         [(queue, args)] = by_queue.items()
         client = None

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from importlib import resources
 from typing import Any
 
+from ..errors import ConfigError, StoreUnavailable
 from .redis_client import ERRORS, AsyncClient, aclose, redis
 
 
@@ -24,13 +25,21 @@ SCRIPTS = _read_scripts()
 SHAS = {name: hashlib.sha1(body.encode()).hexdigest() for name, body in SCRIPTS.items()}
 
 
-class Client:
-    """One loop's redis-py client, its scripts, and what closes it at the loop's end."""
+# Scripts that store or change no job: never waited on for replicas.
+NO_JOB_WRITES = frozenset({"idle", "unidle", "stopping"})
 
-    def __init__(self, client: AsyncClient) -> None:
+
+class Client:
+    """One loop's redis-py client, its scripts, and what closes it at the loop's end.
+    ``replicas``: (how many, within how many ms) every job write waits for (Redis ``WAIT``)."""
+
+    def __init__(self, client: AsyncClient, replicas: tuple[int, int] | None = None) -> None:
         self.redis = client
         self.is_cluster = isinstance(client, redis.asyncio.RedisCluster)
-        self.scripts = {name: Script(client, name) for name in SCRIPTS}
+        if replicas is not None and self.is_cluster:
+            raise ConfigError("replica_acks works with a single Redis server or Sentinel, not a Redis Cluster "
+                              "(each write would have to wait on its own slot's master); leave it at 0")
+        self.scripts = {name: Script(client, name, None if name in NO_JOB_WRITES else replicas) for name in SCRIPTS}
         self.closed = False
         self.closer = close_at_loop_end(self)
 
@@ -60,8 +69,8 @@ class Script:
     moves, those are split between the two nodes. So an ASK (or TRYAGAIN) means: wait for
     the move to end (``_reach`` sends it again)."""
 
-    def __init__(self, client: AsyncClient, name: str) -> None:
-        self.client, self.name = client, name
+    def __init__(self, client: AsyncClient, name: str, replicas: tuple[int, int] | None = None) -> None:
+        self.client, self.name, self.replicas = client, name, replicas
 
     async def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
         target: Any = self.client
@@ -69,15 +78,35 @@ class Script:
             target = slot_owner(self.client, keys[0])
         command = ("EVALSHA", SHAS[self.name], len(keys), *keys, *args)
         try:
-            return await target.execute_command(*command)
+            return await self._run(target, command)
         except redis.exceptions.NoScriptError:
             await target.execute_command("SCRIPT", "LOAD", SCRIPTS[self.name])
-            return await target.execute_command(*command)
+            return await self._run(target, command)
         except redis.exceptions.MovedError as exc:  # the move is over: its new owner, from now on
             nodes = self.client.nodes_manager  # type: ignore[union-attr]
             move_slot = getattr(nodes, "move_slot", None)  # redis-py 6 and later; before, read the map anew
             await (move_slot(exc) if move_slot is not None else nodes.initialize())
             raise
+
+
+    async def _run(self, target: Any, command: tuple[Any, ...]) -> Any:
+        if self.replicas is None:
+            return await target.execute_command(*command)
+        # WAIT counts the replicas that hold this connection's writes: it goes on the same one.
+        pipe = target.pipeline(transaction=False)
+        pipe.execute_command(*command)
+        pipe.execute_command("WAIT", *self.replicas)
+        reply, acked = await pipe.execute()
+        check_replicas(int(acked), self.replicas)
+        return reply
+
+
+def check_replicas(acked: int, replicas: tuple[int, int]) -> None:
+    wanted, within = replicas
+    if acked < wanted:
+        raise StoreUnavailable(f"only {acked} of the {wanted} replica(s) replica_acks asks for acknowledged the write "
+                               f"within {within / 1000:g}s: it is on the master, but may be lost if the master fails "
+                               "now (a failover under way, a replica down)")
 
 
 def slot_owner(cluster: redis.asyncio.RedisCluster, key: str) -> Any:

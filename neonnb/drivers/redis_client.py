@@ -21,7 +21,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from ..config import redact
+from ..config import positive_int, redact
 from ..errors import ConfigError, MissingExtra
 
 try:
@@ -72,6 +72,7 @@ class Settings:
     tls: dict[str, Any] = field(default_factory=dict)  # redis-py's ssl_* options
     connect_timeout: float = 5.0
     reply_timeout: float = 10.0  # longest wait for a command's reply (socket_timeout in the URL)
+    replica_acks: int | None = None  # replicas each job write must reach (replica_acks in the URL)
 
     @classmethod
     def from_url(cls, url: str, *, password: str | None = None, database: int | None = None) -> Settings:
@@ -84,15 +85,18 @@ class Settings:
             raise ConfigError(f"the Redis URL {shown!r} has a '/', '?', '#' or '@' in its user name or password: "
                               "percent-encode them (urllib.parse.quote(password, safe='')), or pass Config.password")
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(parts.query).items()}
-        unknown = set(query) - {"db", "socket_timeout", *_TLS_OPTIONS}
+        unknown = set(query) - {"db", "socket_timeout", "replica_acks", *_TLS_OPTIONS}
         if unknown:
             raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))} in the Redis URL {shown!r}; "
-                              f"known: db, socket_timeout, {', '.join(_TLS_OPTIONS)}")
+                              f"known: db, socket_timeout, replica_acks, {', '.join(_TLS_OPTIONS)}")
         netloc = parts.netloc.rpartition("@")[2]
         common: dict[str, Any] = {
             "username": urllib.parse.unquote(parts.username) if parts.username else None,
             "password": password or (urllib.parse.unquote(parts.password) if parts.password else None),
             "reply_timeout": _seconds(query.get("socket_timeout", "10"), shown),
+            "replica_acks": None if "replica_acks" not in query else positive_int(
+                int(query["replica_acks"]) if query["replica_acks"].isdigit() else query["replica_acks"],
+                f"replica_acks in the Redis URL {shown!r}", allow_zero=True),
         }
         if parts.scheme == "unix":
             return cls(kind="unix", path=parts.path, db=_db(database, query.get("db", "0"), shown), **common)
