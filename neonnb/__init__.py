@@ -5,6 +5,7 @@ from .errors import (
     ClockSkew,
     ConfigError,
     JobCancelled,
+    JobExpired,
     JobFailed,
     JobNotFound,
     JobTimeout,
@@ -28,7 +29,8 @@ from .worker import Worker
 
 __all__ = [
     "ClockSkew", "Config", "ConfigError", "Context", "FailedJob", "Hook", "Job", "JobCancelled", "JobEvent",
-    "JobFailed", "JobHandle", "JobNotFound", "JobRecord", "JobTimeout", "MissingDependency", "MissingExtra",
+    "JobExpired", "JobFailed", "JobHandle", "JobNotFound", "JobRecord", "JobTimeout", "MissingDependency",
+    "MissingExtra",
     "NeonnbError", "Outcome", "PayloadError", "Priority", "QueueCounts", "QueueManager", "Retry", "SchedulerInfo",
     "SerializationError", "Status", "StoreError", "StoreUnavailable", "UnknownJobError", "Worker", "WorkerInfo",
     "WorkerOptions",

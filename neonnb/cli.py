@@ -1,6 +1,6 @@
 """The ``neonnb`` command: ``neonnb worker`` runs a standalone worker; ``stats``, ``jobs``,
-``show``, ``failed``, ``retry``, ``forget``, ``cancel``, ``purge``, ``workers`` and
-``schedules`` look at
+``show``, ``failed``, ``retry``, ``forget``, ``cancel``, ``purge``, ``pause``, ``resume``,
+``workers`` and ``schedules`` look at
 and steer a store from outside a kernel (tables for people, ``--json`` for scripts);
 ``neonnb demo`` shows the queue at work on the embedded SQLite default.
 
@@ -84,6 +84,23 @@ def _integer(text: str) -> int:
     return int(text)
 
 
+def _queues(given: list[str]) -> list[str] | dict[str, float]:
+    """``-q a -q b``: in that order of preference; ``-q a=3 -q b=1``: slots shared by weight."""
+    weighted = [text.rpartition("=") for text in given]
+    if not any(sep for _, sep, _ in weighted):
+        return given
+    weights: dict[str, float] = {}
+    for name, sep, weight in weighted:
+        try:
+            weights[name] = float(weight) if sep else float("nan")
+        except ValueError:
+            weights[name] = float("nan")
+        if not (sep and name and 0 < weights[name] < float("inf")):
+            raise NeonnbError(f"-q {name}{sep}{weight}: give every queue a weight above 0 (-q emails=3 -q reports=1) "
+                              "or none (-q emails -q reports: in that order of preference)")
+    return weights
+
+
 class _Parser(argparse.ArgumentParser):
     """A bad argument is one line on stderr and exit code 2, pointing at --help, not the usage."""
 
@@ -97,7 +114,7 @@ def _worker(args: argparse.Namespace) -> int:
         _import(module)
     manager = load_manager(args.target)
     options = WorkerOptions(max_jobs=args.max_jobs, burst=args.burst)
-    worker = manager.worker(args.queues or None, args.concurrency, options)
+    worker = manager.worker(_queues(args.queues) or None, args.concurrency, options)
     # The worker runs on neonnb's background loop, where the drivers' clients live; this
     # thread only waits, and turns SIGTERM/SIGINT into a graceful stop.
     signals = 0
@@ -141,9 +158,11 @@ def _show_result(args: argparse.Namespace, data: Any, text: str) -> None:
 def _stats(qm: QueueManager, args: argparse.Namespace) -> int:
     counts = qm.stats()
     data = {queue: c.as_data() for queue, c in counts.items()}
-    headers = ["QUEUE", "HIGH", "NORMAL", "LOW", "DELAYED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]
+    headers = ["QUEUE", "HIGH", "NORMAL", "LOW", "DELAYED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED",
+               "STATE"]
     rows = [[queue, *map(str, [c.waiting["high"], c.waiting["normal"], c.waiting["low"], c.delayed, c.running,
-                                c.succeeded, c.failed, c.cancelled])] for queue, c in counts.items()]
+                                c.succeeded, c.failed, c.cancelled, c.expired]), "paused" if c.paused else "active"]
+            for queue, c in counts.items()]
     _show_result(args, data, _table(headers, rows) if rows else "no jobs on this store")
     return 0
 
@@ -252,6 +271,19 @@ def _purge(qm: QueueManager, args: argparse.Namespace) -> int:
     return 0
 
 
+def _pause(qm: QueueManager, args: argparse.Namespace) -> int:
+    qm.pause(args.queue)
+    _show_result(args, {"queue": args.queue, "paused": True},
+                 f"paused {args.queue!r}: no worker starts its jobs until `neonnb resume`")
+    return 0
+
+
+def _resume(qm: QueueManager, args: argparse.Namespace) -> int:
+    qm.resume(args.queue)
+    _show_result(args, {"queue": args.queue, "paused": False}, f"resumed {args.queue!r}")
+    return 0
+
+
 def _not_there(exc: Exception) -> int:
     print(f"neonnb: {printable(exc)}", file=sys.stderr)
     return 1
@@ -356,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run a standalone worker until SIGTERM/SIGINT")
     worker.add_argument("target", help="connection URL (sqlite:///jobs.db), config file (queue.yaml) or module:manager")
     worker.add_argument("-q", "--queue", dest="queues", action="append", default=[],
-                        help="queue to work on; repeat for several (default: the config's default_queue)")
+                        help="queue to work on; repeat for several, in order of preference, or as NAME=WEIGHT to "
+                             "share the slots by weight (default: the config's default_queue)")
     worker.add_argument("-c", "--concurrency", type=_at_least_one, default=None,
                         help="jobs at a time (default: config workers)")
     worker.add_argument("-i", "--import", dest="imports", action="append", default=[],
@@ -395,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     purge = admin("purge", "delete a queue's jobs that have not started (asks first)", _purge)
     purge.add_argument("--queue", required=True, help="the queue to empty")
     purge.add_argument("--yes", action="store_true", help="don't ask")
+    admin("pause", "stop workers everywhere from starting a queue's jobs (dispatches still go in)",
+          _pause).add_argument("--queue", required=True, help="the queue to pause")
+    admin("resume", "let workers take a paused queue's jobs again", _resume).add_argument(
+        "--queue", required=True, help="the queue to resume")
     admin("workers", "the workers on a store, in every process and machine", _workers)
     admin("schedules", "the schedules of every scheduler running on a store", _schedules)
 

@@ -52,6 +52,7 @@ LEASE_ERROR: dict[str, Any] = {
 }
 """The failure recorded when a job's worker kept dying under it."""
 LOST_WORKERS_KEPT = 3600.0  # seconds a lost worker stays listed (as lost) before housekeeping drops it
+PAUSE_LOOK = 1.0  # seconds between reads of which queues are paused, shared by a manager's workers
 
 
 class Counting:
@@ -138,6 +139,7 @@ class Core:
         self._watching = False
         self._next_housekeeping = 0.0
         self._recover_after = 0.0  # leases expired while the store was away aren't taken before this
+        self._paused: tuple[float, set[str]] | None = None  # (when read, the paused queues)
         self.store_failures = 0  # calls to the store that failed: a worker's leases may need taking back
         self.clocks_checked = False  # a worker compared this process's clock with the store's (Worker.start)
 
@@ -328,6 +330,18 @@ class Core:
         await self.driver.drop_members(now - LOST_WORKERS_KEPT)
         if self.artifacts is not None:
             await self.artifacts.sweep(now, self._stored, asyncio.to_thread)
+
+    async def paused(self) -> set[str]:
+        """The queues paused in the store, read at most every PAUSE_LOOK seconds for all of
+        this manager's workers (a pause anywhere reaches them within that)."""
+        now = time.monotonic()
+        if self._paused is None or now - self._paused[0] >= PAUSE_LOOK:
+            self._paused = (now, await self.driver.paused_queues())
+        return self._paused[1]
+
+    def forget_paused(self) -> None:
+        """Paused or resumed here: the next look reads the store."""
+        self._paused = None
 
     def store_unreachable(self) -> None:
         """A call to the store failed. Leases run out while it is away, also those of live

@@ -62,6 +62,10 @@ class JobCancelled(NeonnbError):
     """The job was cancelled before it finished."""
 
 
+class JobExpired(JobCancelled):
+    """The job was not started before its expiry (``dispatch(..., expires=)``): it never ran."""
+
+
 class JobFailed(NeonnbError):
     """The job ended in the failed store."""
 

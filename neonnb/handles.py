@@ -14,7 +14,7 @@ from . import frames, render
 from ._loop import run_sync
 from .artifacts import OFF_LOOP_BYTES, is_reference
 from .codec import loads, shown_payload, untag
-from .errors import JobCancelled, JobFailed, JobNotFound, PayloadError
+from .errors import JobCancelled, JobExpired, JobFailed, JobNotFound, PayloadError
 from .records import FINISHED, JobRecord, Status, check_job_id, check_page, check_queue_name
 
 if TYPE_CHECKING:
@@ -104,6 +104,8 @@ class JobHandle:
         record = await self.await_finished(timeout)
         if record.status is Status.CANCELLED:
             raise JobCancelled(f"job {self.id} ({record.name}) was cancelled")
+        if record.status is Status.EXPIRED:
+            raise JobExpired(f"job {self.id} ({record.name}) expired before it started: it never ran")
         if record.status is Status.FAILED:
             error = record.error or {}
             raise JobFailed(

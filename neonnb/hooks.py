@@ -176,7 +176,7 @@ class JobEvent:
 
 
 _KINDS = {Status.SUCCEEDED: "succeeded", Status.QUEUED: "retrying", Status.FAILED: "failed",
-          Status.CANCELLED: "cancelled"}
+          Status.CANCELLED: "cancelled", Status.EXPIRED: "expired"}
 
 
 class Events(Hook):

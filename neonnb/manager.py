@@ -7,12 +7,13 @@ most, which store the job from the calling thread (``_enqueue_sync``).
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import datetime as dt
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
@@ -164,12 +165,21 @@ class QueueManager:
 
     def worker(
         self,
-        queue: str | Sequence[str] | None = None,
+        queue: str | Sequence[str] | Mapping[str, float] | None = None,
         concurrency: int | None = None,
         options: WorkerOptions | None = None,
     ) -> Worker:
-        """A worker for one queue or several (in order of preference after priority)."""
-        queues = [queue] if isinstance(queue, str) else list(queue or [self.config.default_queue])
+        """A worker for one queue or several. A list is an order of preference: every job of
+        the first queue (highest priority first) before any of the next. A mapping ``{"a": 3,
+        "b": 1}`` shares the slots by weight (3 of every 4 for ``a`` while both have jobs; all
+        of them for whichever has jobs when the other has none)."""
+        queues: Sequence[str] | Mapping[str, float]
+        if isinstance(queue, str):
+            queues = [queue]
+        elif isinstance(queue, Mapping):
+            queues = dict(queue)
+        else:
+            queues = list(queue or [self.config.default_queue])
         concurrency = self.config.workers if concurrency is None else concurrency
         return Worker(self.core, queues, concurrency, options or WorkerOptions())
 
@@ -182,29 +192,57 @@ class QueueManager:
         stored = self.core.enqueue_sync(record)
         return JobHandle(self.core, stored.id, stored.queue)
 
-    async def adispatch(self, queue: str, job: Any) -> JobHandle:
-        """Enqueue ``job`` on ``queue`` now (or after the job's own ``delay()``)."""
-        return (await self._enqueue([self.core.record(queue, job)]))[0]
+    async def adispatch(self, queue: str, job: Any, *, expires: DurationInput | None = None,
+                        expires_at: dt.datetime | float | None = None) -> JobHandle:
+        """Enqueue ``job`` on ``queue`` now (or after the job's own ``delay()``). ``expires``
+        ("10m", seconds, a timedelta) or ``expires_at`` (a datetime or epoch time): a job not
+        started by then never runs, and ends EXPIRED (not in the failed store)."""
+        return (await self._enqueue([self._record(queue, job, expires, expires_at)]))[0]
 
-    async def adispatch_after(self, queue: str, job: Any, delay: DurationInput) -> JobHandle:
+    async def adispatch_after(self, queue: str, job: Any, delay: DurationInput, *,
+                              expires: DurationInput | None = None,
+                              expires_at: dt.datetime | float | None = None) -> JobHandle:
         """Enqueue ``job`` to run ``delay`` from now (seconds, timedelta or "5m")."""
-        return (await self._enqueue([self.core.record(queue, job, run_at=self._after(delay))]))[0]
+        return (await self._enqueue([self._record(queue, job, expires, expires_at, run_at=self._after(delay))]))[0]
 
-    async def adispatch_at(self, queue: str, job: Any, when: dt.datetime | float) -> JobHandle:
+    async def adispatch_at(self, queue: str, job: Any, when: dt.datetime | float, *,
+                           expires: DurationInput | None = None,
+                           expires_at: dt.datetime | float | None = None) -> JobHandle:
         """Enqueue ``job`` to run at ``when`` (an aware or local datetime, or an epoch time)."""
-        return (await self._enqueue([self.core.record(queue, job, run_at=_epoch(when))]))[0]
+        return (await self._enqueue([self._record(queue, job, expires, expires_at, run_at=_epoch(when))]))[0]
 
     def _after(self, delay: DurationInput) -> float:
         return self.clock() + parse_duration(delay, "delay")
 
+    def _record(self, queue: str, job: Any, expires: DurationInput | None, expires_at: dt.datetime | float | None,
+                run_at: float | None = None) -> JobRecord:
+        """The job's record, with its expiry (from dispatch's ``expires`` or ``expires_at``)."""
+        record = self.core.record(queue, job, run_at=run_at)
+        if expires is not None and expires_at is not None:
+            raise ConfigError("give a job's expiry as expires= (how long from now) or expires_at= (when), not both")
+        if expires is not None:
+            until = self.clock() + parse_duration(expires, "expires")
+        elif expires_at is not None:
+            until = _epoch(expires_at)
+        else:
+            return record
+        if until <= record.run_at:
+            raise ConfigError(f"the job would expire before it is due (expires {until - record.run_at:+.1f}s from "
+                              "its start time): it could never run")
+        record.flow = {**(record.flow or {}), "expires_at": until}
+        return record
+
     async def adispatch_with_priority(self, queue: str, job: Any, priority: Priority | str) -> JobHandle:
         return (await self._enqueue([self.core.record(queue, job, priority=priority)]))[0]
 
-    async def adispatch_batch(self, queue: str, jobs: Iterable[Any], *, then: Any = None) -> BatchHandle:
+    async def adispatch_batch(self, queue: str, jobs: Iterable[Any], *, then: Any = None,
+                              expires: DurationInput | None = None,
+                              expires_at: dt.datetime | float | None = None) -> BatchHandle:
         """Enqueue many jobs in one driver round trip; if any can't be encoded, none is. The
         handle is the list of the jobs' handles, with the batch's counts and progress.
-        ``then``: a job to run once every job of the batch has finished (however it ended)."""
-        records = [self.core.record(queue, job) for job in jobs]
+        ``then``: a job to run once every job of the batch has finished (however it ended).
+        ``expires``/``expires_at``: each job's expiry, as for ``dispatch``."""
+        records = [self._record(queue, job, expires, expires_at) for job in jobs]
         callback = None
         if then is not None:
             then_record = self.core.record(queue, then)
@@ -236,25 +274,52 @@ class QueueManager:
     def chain(self, queue: str, jobs: Sequence[Any]) -> ChainHandle:
         return run_sync(self.achain(queue, jobs))
 
-    def dispatch(self, queue: str, job: Any) -> JobHandle:
-        return self._enqueue_sync(self.core.record(queue, job))
+    def dispatch(self, queue: str, job: Any, *, expires: DurationInput | None = None,
+                 expires_at: dt.datetime | float | None = None) -> JobHandle:
+        return self._enqueue_sync(self._record(queue, job, expires, expires_at))
 
-    def dispatch_after(self, queue: str, job: Any, delay: DurationInput) -> JobHandle:
-        return self._enqueue_sync(self.core.record(queue, job, run_at=self._after(delay)))
+    def dispatch_after(self, queue: str, job: Any, delay: DurationInput, *, expires: DurationInput | None = None,
+                       expires_at: dt.datetime | float | None = None) -> JobHandle:
+        return self._enqueue_sync(self._record(queue, job, expires, expires_at, run_at=self._after(delay)))
 
-    def dispatch_at(self, queue: str, job: Any, when: dt.datetime | float) -> JobHandle:
-        return self._enqueue_sync(self.core.record(queue, job, run_at=_epoch(when)))
+    def dispatch_at(self, queue: str, job: Any, when: dt.datetime | float, *, expires: DurationInput | None = None,
+                    expires_at: dt.datetime | float | None = None) -> JobHandle:
+        return self._enqueue_sync(self._record(queue, job, expires, expires_at, run_at=_epoch(when)))
 
     def dispatch_with_priority(self, queue: str, job: Any, priority: Priority | str) -> JobHandle:
         return self._enqueue_sync(self.core.record(queue, job, priority=priority))
 
-    def dispatch_batch(self, queue: str, jobs: Iterable[Any], *, then: Any = None) -> BatchHandle:
-        return run_sync(self.adispatch_batch(queue, jobs, then=then))
+    def dispatch_batch(self, queue: str, jobs: Iterable[Any], *, then: Any = None,
+                       expires: DurationInput | None = None,
+                       expires_at: dt.datetime | float | None = None) -> BatchHandle:
+        return run_sync(self.adispatch_batch(queue, jobs, then=then, expires=expires, expires_at=expires_at))
 
     # --- looking at queues ----------------------------------------------------------------
 
     async def astats(self) -> dict[str, QueueCounts]:
-        return await self.core.counting.counts()
+        counts, paused = await asyncio.gather(self.core.counting.counts(), self.driver.paused_queues())
+        for queue in paused:  # a paused queue shows, with or without jobs
+            counts.setdefault(queue, QueueCounts()).paused = True
+        return counts
+
+    async def apause(self, queue: str) -> None:
+        """Pause ``queue``: no worker, in any process, starts its jobs (within a second)
+        until ``resume``; running ones finish, and dispatches are still stored. The state is
+        kept in the store: it outlives every process."""
+        await self.driver.set_paused(check_queue_name(queue), True)
+        self.core.forget_paused()
+
+    def pause(self, queue: str) -> None:
+        run_sync(self.apause(queue))
+
+    async def aresume(self, queue: str) -> None:
+        """Let workers take ``queue``'s jobs again (within a second)."""
+        await self.driver.set_paused(check_queue_name(queue), False)
+        self.core.forget_paused()
+        self.core.wake(queue)
+
+    def resume(self, queue: str) -> None:
+        run_sync(self.aresume(queue))
 
     async def asize(self, queue: str | None = None) -> int:
         """Jobs of ``queue`` not yet started (waiting and delayed)."""

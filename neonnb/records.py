@@ -102,9 +102,10 @@ class Status(str, enum.Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    EXPIRED = "expired"  # not started before its expiry (dispatch(..., expires=)): it never ran
 
 
-FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.EXPIRED)
 
 
 def parse_status(value: Status | str) -> Status:
@@ -157,10 +158,18 @@ class JobRecord:
     result: str | None = None
     error: dict[str, Any] | None = None
     output: str | None = None  # what the last attempt printed and logged (neonnb.capture)
-    flow: dict[str, Any] | None = None  # a chain step's or batch member's place in it (neonnb.workflows)
+    # What the job carries beyond its arguments: a chain step's or batch member's place in it
+    # (neonnb.workflows), and when it expires ("expires_at", an epoch time).
+    flow: dict[str, Any] | None = None
     unique_key: str | None = None  # at most one queued or running job per key
     cancel_requested: bool = False  # someone asked this running job to stop
     broken: str | None = None  # what could not be read of the stored record (never stored)
+
+    @property
+    def expires_at(self) -> float | None:
+        """When a job not started by then ends EXPIRED instead of running (None: never)."""
+        value = (self.flow or {}).get("expires_at")
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 
@@ -180,7 +189,7 @@ class JobPage(list[JobRecord]):
 def listed_by_finish(status: Status | None) -> bool:
     """Whether a listing of ``status`` orders by when jobs finished (finished states), not
     by when they were created (any status, queued, running)."""
-    return status in FINISHED
+    return status in FINISHED and status is not Status.EXPIRED  # (expired: by creation, as stores index it)
 
 
 def page_cursor(position: float, tiebreak: str | int) -> str:
@@ -330,7 +339,7 @@ def retried(run_at: float, error: dict[str, Any]) -> dict[str, Any]:
 
 
 def ended(status: Status, now: float, error: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The job ended (SUCCEEDED, FAILED or CANCELLED) at ``now``."""
+    """The job ended (SUCCEEDED, FAILED, CANCELLED or EXPIRED) at ``now``."""
     changes: dict[str, Any] = {"status": status, "finished_at": now, "lease_expires": None}
     if error is not None:
         changes["error"] = error
@@ -352,6 +361,8 @@ class QueueCounts:
     succeeded: int = 0
     failed: int = 0
     cancelled: int = 0
+    expired: int = 0
+    paused: bool = False  # no worker claims its jobs until it is resumed
 
     @property
     def size(self) -> int:
@@ -361,7 +372,7 @@ class QueueCounts:
     @property
     def total(self) -> int:
         """Jobs in every state."""
-        return self.size + self.running + self.succeeded + self.failed + self.cancelled
+        return self.size + self.running + self.succeeded + self.failed + self.cancelled + self.expired
 
     def as_data(self) -> dict[str, Any]:
         """Plain JSON data, with the size."""

@@ -28,7 +28,8 @@ __all__ = ["ACCENT", "BORDER", "ERROR", "FG", "MUTED", "SUCCESS", "Raw", "durati
 SUCCESS = "var(--jp-success-color1, #388e3c)"
 STATUS_COLOURS = {
     "queued": MUTED, "running": ACCENT, "succeeded": SUCCESS, "failed": ERROR,
-    "cancelled": "var(--jp-warn-color1, #f57c00)", "stopping": "var(--jp-warn-color1, #f57c00)", "stopped": MUTED,
+    "cancelled": "var(--jp-warn-color1, #f57c00)", "expired": MUTED, "stopping": "var(--jp-warn-color1, #f57c00)",
+    "stopped": MUTED,
 }
 
 
@@ -64,8 +65,8 @@ def progress_bar(fraction: float | None, message: str | None = None) -> Raw:
 
 
 def queue_rows(counts: dict[str, QueueCounts]) -> list[list[Any]]:
-    return [[queue, c.waiting["high"], c.waiting["normal"], c.waiting["low"], c.delayed, c.running, c.succeeded,
-             c.failed] for queue, c in sorted(counts.items())]
+    return [[f"{queue} (paused)" if c.paused else queue, c.waiting["high"], c.waiting["normal"], c.waiting["low"],
+             c.delayed, c.running, c.succeeded, c.failed] for queue, c in sorted(counts.items())]
 
 
 QUEUE_HEADERS = ["queue", "high", "normal", "low", "delayed", "running", "succeeded", "failed"]

@@ -168,6 +168,16 @@ def create_app(qm: QueueManager, *, token: str | None = None, read_only: bool = 
     async def purge(request: Request) -> Response:
         return _json({"purged": await qm.apurge(request.path_params["queue"])})
 
+    async def pause(request: Request) -> Response:
+        queue = request.path_params["queue"]
+        await qm.apause(queue)
+        return _json({"queue": queue, "paused": True})
+
+    async def resume(request: Request) -> Response:
+        queue = request.path_params["queue"]
+        await qm.aresume(queue)
+        return _json({"queue": queue, "paused": False})
+
     async def workers(request: Request) -> Response:
         infos, now = await qm.aknown_workers(), qm.clock()
         return _json({"workers": [info.as_data(now) for info in infos]})
@@ -196,6 +206,8 @@ def create_app(qm: QueueManager, *, token: str | None = None, read_only: bool = 
         Route("/page.js", script),
         Route("/api/queues", guarded(queues)),
         Route("/api/queues/{queue:path}/purge", guarded(purge), methods=["POST"]),
+        Route("/api/queues/{queue:path}/pause", guarded(pause), methods=["POST"]),
+        Route("/api/queues/{queue:path}/resume", guarded(resume), methods=["POST"]),
         Route("/api/jobs", guarded(jobs)),
         Route("/api/jobs/{job_id}", guarded(job)),
         Route("/api/jobs/{job_id}/cancel", guarded(cancel), methods=["POST"]),
@@ -312,7 +324,7 @@ class _Metrics:
         return {"since": self.since, "minute_starts": [m * 60 for m in minutes], "queues": queues}
 
     def _seen(self, event: JobEvent) -> None:
-        if event.kind in ("succeeded", "retrying", "failed", "cancelled"):
+        if event.kind in ("succeeded", "retrying", "failed", "cancelled", "expired"):
             self.finished.labels(event.queue, event.kind).inc()
             if event.duration is not None:
                 self.durations.labels(event.queue).observe(event.duration)
@@ -338,9 +350,13 @@ class _StoreCollector:
         for queue, c in self.counts.items():
             for state, value in (("waiting", sum(c.waiting.values())), ("delayed", c.delayed),
                                  ("running", c.running), ("succeeded", c.succeeded), ("failed", c.failed),
-                                 ("cancelled", c.cancelled)):
+                                 ("cancelled", c.cancelled), ("expired", c.expired)):
                 jobs.add_metric([queue, state], value)
         yield jobs
+        paused = GaugeMetricFamily("neonnb_queue_paused", "1 while a queue is paused (qm.pause)", labels=["queue"])
+        for queue, c in self.counts.items():
+            paused.add_metric([queue], int(c.paused))
+        yield paused
         workers = GaugeMetricFamily("neonnb_workers", "Registered workers, by state", labels=["state"])
         states = [w.state(self.now) for w in self.workers]
         for state in ("running", "stopping", "lost"):

@@ -115,12 +115,14 @@ async function refresh() {
     throughput.title = `${ended} attempts ended in the last hour`;
     const rate = cell(ended ? `${(100 * lost / ended).toFixed(1)}%` : "-", "num failure-rate" + (lost ? " failed" : ""));
     rate.title = `${lost} of ${ended} attempts failed in the last hour`;
-    return [cell(name), cell(now, "num"), cell(c.delayed, "num"), cell(c.running, "num"),
-            cell(c.succeeded, "num"), cell(c.failed, "num" + (c.failed ? " failed" : "")), spark(depth[name]),
-            throughput, rate];
+    const toggle = c.paused ? "Resume" : "Pause";
+    const steer = button(toggle, () => api(`/api/queues/${encodeURIComponent(name)}/${toggle.toLowerCase()}`, "POST"));
+    return [cell(name), cell(c.paused ? "paused" : "active", c.paused ? "failed" : "muted"), cell(now, "num"),
+            cell(c.delayed, "num"), cell(c.running, "num"), cell(c.succeeded, "num"),
+            cell(c.failed, "num" + (c.failed ? " failed" : "")), spark(depth[name]), throughput, rate, steer];
   });
-  fill(document.getElementById("queues"), ["queue", "waiting", "delayed", "running", "succeeded", "failed",
-       "waiting, last minute", "ended per minute, last hour", "failed, last hour"], queueRows, "no jobs yet");
+  fill(document.getElementById("queues"), ["queue", "state", "waiting", "delayed", "running", "succeeded", "failed",
+       "waiting, last minute", "ended per minute, last hour", "failed, last hour", ""], queueRows, "no jobs yet");
   fill(document.getElementById("running"), ["job", "name", "queue", "progress", ""], running.jobs.map(j => {
     const p = j.progress || {}; const td = document.createElement("td");
     const share = p.total ? Math.min(1, p.done / p.total) : 0;

@@ -81,7 +81,7 @@ def join_batch(batch_id: str, records: list[JobRecord], then: JobRecord) -> None
     batch = {"id": batch_id, "size": len(records), "then": _step(then)}
     for index, record in enumerate(records):
         record.id = member_id(batch_id, index)
-        record.flow = {"batch": batch}
+        record.flow = {**(record.flow or {}), "batch": batch}  # (with its expiry, if it has one)
 
 
 class FlowHook(Hook):
@@ -151,7 +151,7 @@ class ChainHandle:
         for index in range(self.length):
             record = await self.core.driver.get(step_id(self.id, index), self.queue)
             steps.append("pending" if record is None else record.status.value)
-        for ended in (Status.FAILED.value, Status.CANCELLED.value):
+        for ended in (Status.FAILED.value, Status.CANCELLED.value, Status.EXPIRED.value):
             if ended in steps:
                 return ChainStatus(ended, steps, steps.index(ended))
         return ChainStatus("succeeded" if steps[-1] == Status.SUCCEEDED.value else "running", steps)
@@ -207,7 +207,7 @@ class BatchHandle(list["JobHandle"]):
         self._done.update(job_id for job_id in unsettled if job_id not in found)
         counts = {"pending": 0, "running": 0, "done": 0, "failed": 0, "cancelled": 0}
         names = {Status.QUEUED: "pending", Status.RUNNING: "running", Status.FAILED: "failed",
-                 Status.CANCELLED: "cancelled"}
+                 Status.CANCELLED: "cancelled", Status.EXPIRED: "cancelled"}
         for record in records:
             if record.status is Status.SUCCEEDED:
                 self._done.add(record.id)

@@ -17,7 +17,7 @@ import neonnb._loop as loop
 from neonnb import Config, NeonnbError, QueueManager, Status
 from neonnb.cli import build_parser
 from tests import jobs
-from tests.conftest import DRIVERS, write_config
+from tests.conftest import DRIVERS, wait_until, write_config
 
 # Every store another process can reach (an in-memory one lives in its process alone).
 REACHABLE = pytest.mark.parametrize("make_manager", [d for d in DRIVERS if d != "memory"], indirect=True)
@@ -185,3 +185,18 @@ def test_the_cli_and_the_workers_log_show_control_characters_escaped(
     assert "\\x1b[31mALERT" in run(capsys, "failed", db)[1]
     logged = [r.getMessage() for r in caplog.records if "failed after" in r.getMessage()]
     assert logged and all("\n" not in line and "\x1b" not in line for line in logged), logged
+
+
+@REACHABLE
+def test_pause_and_resume_a_queue_from_the_command_line(target: tuple[QueueManager, str],
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    qm, config = target
+    qm.dispatch("mail", jobs.Note("held"))
+    assert run(capsys, "pause", config, "--queue", "mail")[0] == 0
+    code, out, _ = run(capsys, "stats", config)
+    assert code == 0 and "paused" in out
+    assert qm.stats()["mail"].paused and qm.worker("mail", 1).run_once() == 0
+    code, out, _ = run(capsys, "resume", config, "--queue", "mail", "--json")
+    assert code == 0 and json.loads(out) == {"queue": "mail", "paused": False}
+    worker = qm.worker("mail", 1)
+    wait_until(lambda: worker.run_once() == 1, timeout=5, what="the resumed queue's job to run (within a second)")

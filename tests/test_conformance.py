@@ -18,6 +18,7 @@ import neonnb._loop as loop
 from neonnb import (
     ConfigError,
     JobCancelled,
+    JobExpired,
     JobFailed,
     JobHandle,
     PayloadError,
@@ -272,6 +273,76 @@ def test_a_cancel_reaches_a_running_job_within_a_second(make_manager: MakeManage
         assert took < 3, f"the cancel took {took:.1f}s to land (a heartbeat is 10 s)"
     finally:
         worker.stop(grace=0)
+
+
+def test_a_worker_on_several_queues_takes_them_in_order_or_by_weight(make_manager: MakeManager) -> None:
+    qm = make_manager()
+    for i in range(5):  # the second queue's jobs are older: order of preference still wins
+        qm.dispatch("qb", jobs.Note(f"b{i}"))
+    for i in range(5):
+        qm.dispatch("qa", jobs.Note(f"a{i}"))
+    strict = qm.worker(["qa", "qb"], 1)
+    while strict.run_once():
+        pass
+    assert "".join(tag[0] for tag in jobs.RECORD.order) == "aaaaabbbbb"
+    jobs.RECORD.__init__()  # type: ignore[misc]
+    for i in range(8):
+        qm.dispatch("wa", jobs.Note(f"a{i}"))
+        qm.dispatch("wb", jobs.Note(f"b{i}"))
+    weighted = qm.worker({"wa": 3, "wb": 1}, 4)
+    assert weighted.run_once() == 4
+    assert sorted(tag[0] for tag in jobs.RECORD.order) == ["a", "a", "a", "b"], "4 slots shared 3 to 1"
+    while weighted.run_once():
+        pass
+    assert len(jobs.RECORD.order) == 16, "the other queue's jobs take the slots the first leaves"
+
+
+def test_a_paused_queue_keeps_its_jobs_until_resumed_on_every_worker(make_manager: MakeManager) -> None:
+    qm = make_manager(poll_interval=0.1)
+    other = qm if qm.config.driver == "memory" else make_manager()  # another process's manager
+    worker = qm.worker(["held", "free"], 2).start()
+    try:
+        other.pause("held")
+        time.sleep(1.2)  # the workers' look at the paused queues comes within a second
+        held = [other.dispatch("held", jobs.Note(f"h{i}")) for i in range(5)]  # still accepted
+        free = other.dispatch("free", jobs.Note("free"))
+        assert free.result(timeout=10) == "free", "another queue of the same worker goes on"
+        time.sleep(1.0)
+        assert {h.status for h in held} == {Status.QUEUED}, "a paused queue's job started"
+        stats = other.stats()
+        assert stats["held"].paused and not stats["free"].paused and stats["held"].size == 5
+        other.resume("held")
+        assert [h.result(timeout=10) for h in held] == [f"h{i}" for i in range(5)]
+        assert not qm.stats()["held"].paused
+    finally:
+        worker.stop()
+
+
+def test_a_job_not_started_before_its_expiry_never_runs_and_ends_expired(
+    make_manager: MakeManager, clock: FakeClock
+) -> None:
+    qm = make_manager(clock=clock)
+    late = qm.dispatch("q", jobs.Note("too late"), expires="1s")
+    batch = qm.dispatch_batch("q", [jobs.Note("late batch")], expires_at=clock() + 1)
+    on_time = qm.dispatch("q", jobs.Note("in time"), expires=3600)
+    plain = qm.dispatch("q", jobs.Note("no expiry"))
+    clock.advance(2)  # no worker for 2 s
+    worker = qm.worker("q", 4)
+    while worker.run_once():
+        pass
+    assert sorted(jobs.RECORD.order) == ["in time", "no expiry"], "an expired job ran"
+    assert (on_time.result(timeout=5), plain.result(timeout=5)) == ("in time", "no expiry")
+    for handle in (late, batch[0]):
+        assert handle.status is Status.EXPIRED
+        with pytest.raises(JobExpired, match="expired before it started"):
+            handle.result(timeout=5)
+    assert qm.failed.list() == [], "an expired job is not a failure"
+    assert qm.stats()["q"].expired == 2
+    assert {r.id for r in qm.jobs(Status.EXPIRED)} == {late.id, batch[0].id}
+    with pytest.raises(ConfigError, match="not both"):
+        qm.dispatch("q", jobs.Note("x"), expires=1, expires_at=clock() + 5)
+    with pytest.raises(ConfigError, match="expire before it is due"):
+        qm.dispatch_after("q", jobs.Note("x"), 60, expires=30)
 
 
 def test_what_a_job_prints_and_logs_is_kept_with_it_not_printed(

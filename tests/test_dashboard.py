@@ -77,6 +77,23 @@ def test_worker_controls_start_and_stop_a_worker(qm: QueueManager) -> None:
     dashboard.close()
 
 
+def test_the_queue_controls_pause_and_resume_a_queue(qm: QueueManager) -> None:
+    qm.dispatch("mail", jobs.Note("held"))
+    qm.dispatch("other", jobs.Note("free"))
+    dashboard = qm.dashboard(interval=None)
+    loop.run_sync(dashboard.refresh())
+    assert dashboard.queue_pick.options == ("mail", "other")
+    dashboard.queue_pick.value = "mail"
+    dashboard.pause_button.click()
+    wait_until(lambda: qm.stats()["mail"].paused, what="the queue to pause")
+    wait_until(lambda: "mail (paused)" in dashboard.queues.value, what="the panel to say so")
+    assert qm.worker(["mail", "other"], 2).run_once() == 1, "only the other queue's job ran"
+    dashboard.resume_button.click()
+    wait_until(lambda: not qm.stats()["mail"].paused, what="the queue to resume")
+    assert qm.worker("mail", 1).run_once() == 1
+    dashboard.close()
+
+
 def test_the_controls_propose_the_stores_only_queue_not_the_default(qm: QueueManager) -> None:
     qm.dispatch("etl", jobs.Note("waiting"))
     dashboard = qm.dashboard(interval=None)

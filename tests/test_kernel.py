@@ -127,8 +127,13 @@ def test_magics_connect_start_status_failed_retry_output_and_debug(
     assert "neonnb-dashboard" in dashboard.widget._dom_classes
     shell.run_line_magic("neonnb", "stop")
     assert not worker.is_running
+    shell.run_line_magic("neonnb", "pause default")
+    assert qm.stats()["default"].paused and "paused 'default'" in capsys.readouterr().out
     handle = shell.run_line_magic("neonnb", f"retry {bad.id}")
     assert handle.id == bad.id and qm.size() == 1
+    assert qm.worker("default", 1).run_once() == 0, "paused"
+    shell.run_line_magic("neonnb", "resume default")
+    assert not qm.stats()["default"].paused
     with pytest.raises(Exception, match="unknown %neonnb command 'frobnicate'"):
         shell.run_line_magic("neonnb", "frobnicate")
 

@@ -79,6 +79,13 @@ def test_the_api_lists_shows_retries_forgets_and_cancels(qm: QueueManager) -> No
         assert client.post("/api/queues/doomed/purge", headers=WRITE).json() == {"purged": 4}
         assert qm.size("doomed") == 0 and qm.size("web") == 2, "the other queues keep theirs"
 
+        assert client.post("/api/queues/web/pause").status_code == 403, "a write without the token"
+        assert client.post("/api/queues/web/pause", headers=WRITE).json() == {"queue": "web", "paused": True}
+        assert client.get("/api/queues").json()["web"]["paused"] is True
+        assert client.post("/api/queues/web/resume", headers=WRITE).json() == {"queue": "web", "paused": False}
+        assert client.get("/api/queues").json()["web"]["paused"] is False
+        assert client.post("/api/queues/bad%00name/pause", headers=WRITE).status_code == 400
+
 
 @REACHABLE
 def test_metrics_parse_with_prometheus_clients_own_parser(qm: QueueManager) -> None:
@@ -94,6 +101,7 @@ def test_metrics_parse_with_prometheus_clients_own_parser(qm: QueueManager) -> N
             families = {f.name: f for f in text_string_to_metric_families(text)}
             jobs_by_state = {(s.labels["queue"], s.labels["state"]): s.value for s in families["neonnb_jobs"].samples}
             assert jobs_by_state[("web", "failed")] == 1
+            assert [s.value for s in families["neonnb_queue_paused"].samples if s.labels["queue"] == "web"] == [0]
             workers = {s.labels["state"]: s.value for s in families["neonnb_workers"].samples}
             assert workers["running"] == 1 and workers["lost"] == 0
             assert [s.value for s in families["neonnb_jobs_finished"].samples] == []

@@ -62,6 +62,12 @@ def test_a_job_failing_elsewhere_shows_within_a_second_and_retry_from_the_page_r
                 assert "told to fail in this process" in page.inner_text("#failed")
                 # The queue's last hour, from the events of that worker process: every attempt failed.
                 page.wait_for_selector("#queues td.failure-rate >> text=100.0%", timeout=5000)
+                page.locator("#queues button[data-action='pause']").first.click()  # the one queue, far
+                page.wait_for_selector("#queues >> text=paused", timeout=5000)
+                assert qm.stats()["far"].paused
+                page.locator("#queues button[data-action='resume']").first.click()
+                page.wait_for_selector("#queues button[data-action='pause']", timeout=5000)
+                assert not qm.stats()["far"].paused
                 ARTIFACTS.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(ARTIFACTS / "web-dashboard.png"), full_page=True)
                 page.fill("#token", "wrong-token")

@@ -72,6 +72,15 @@ class Driver(abc.ABC):
         of those someone asked to stop (``cancel``)."""
 
     @abc.abstractmethod
+    async def set_paused(self, queue: str, paused: bool) -> None:
+        """Pause a queue (no worker claims its jobs; dispatches are still stored) or resume it.
+        Kept in the store: every worker, in any process, sees it."""
+
+    @abc.abstractmethod
+    async def paused_queues(self) -> set[str]:
+        """The queues paused now."""
+
+    @abc.abstractmethod
     async def stopping(self, jobs: Sequence[JobRecord], worker_id: str) -> list[str]:
         """Of ``jobs``, which this worker holds, the ids someone asked to stop (``cancel``). A
         read only: workers ask every CANCEL_POLL seconds while they run jobs."""

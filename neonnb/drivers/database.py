@@ -74,6 +74,7 @@ from .sql_messages import MessagePoller
 from .sql_schema import (
     CANCELLED,
     ENQUEUED_COLUMNS,
+    EXPIRED,
     FAILED,
     FINISHED_STATES,
     QUEUED,
@@ -96,7 +97,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 _BANDS = {p.rank: p.value for p in Priority}
-_COUNTED = {"delayed", RUNNING, SUCCEEDED, FAILED, CANCELLED}
+_COUNTED = {"delayed", RUNNING, SUCCEEDED, FAILED, CANCELLED, EXPIRED}
 CLAIM_PIECE = 100  # jobs per claim statement on PostgreSQL, for a worker with more free slots
 
 class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, PipelinedClaims, StoreClock, WakeUps):
@@ -113,6 +114,7 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, PipelinedClaims, StoreC
         self.table = jobs_table(table_name)
         self.marks = self.table.metadata.tables[f"{table_name}_marks"]
         self.workers = self.table.metadata.tables[f"{table_name}_workers"]
+        self.queues = self.table.metadata.tables[f"{table_name}_queues"]
         self.messages = self.table.metadata.tables[f"{table_name}_messages"]
         self._trimmed_at = 0.0
         self._insert_mark = insert_ignoring(self.marks, dialect)
@@ -469,6 +471,20 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, PipelinedClaims, StoreC
 
         return await self._transaction(extend, durable=False)
 
+    async def set_paused(self, queue: str, paused: bool) -> None:
+        q = self.queues.c
+
+        def save(conn: Connection) -> None:
+            if conn.execute(update(self.queues).where(q.queue == queue).values(paused=int(paused))).rowcount == 0:
+                conn.execute(self.queues.insert().values(queue=queue, paused=int(paused)))
+
+        # Under a lock on the queue's name: two first settings at once would both insert.
+        await self._locked(f"queue:{queue}", save)
+
+    async def paused_queues(self) -> set[str]:
+        stmt = select(self.queues.c.queue).where(self.queues.c.paused == 1)
+        return set(await self._statement(lambda conn: list(conn.execute(stmt).scalars()), durable=False))
+
     async def stopping(self, jobs: Sequence[JobRecord], worker_id: str) -> list[str]:
         if not jobs:
             return []
@@ -606,7 +622,7 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, PipelinedClaims, StoreC
 
     async def purge_finished(self, before: float) -> int:
         c = self.table.c
-        stmt = delete(self.table).where(c.status.in_([SUCCEEDED, CANCELLED]), c.finished_at < before)
+        stmt = delete(self.table).where(c.status.in_([SUCCEEDED, CANCELLED, EXPIRED]), c.finished_at < before)
         old_marks = delete(self.marks).where(self.marks.c.created_at < before)
 
         def purge(conn: Connection) -> int:

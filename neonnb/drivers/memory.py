@@ -43,6 +43,7 @@ class MemoryDriver(Driver, BlockingEnqueue):
         self._ready: dict[tuple[str, int], list[tuple[float, int, str]]] = {}
         self._seq = 0
         self._members: dict[str, str] = {}  # id -> the worker's or scheduler's entry as JSON
+        self._paused: set[str] = set()
 
     def _schedule(self, record: JobRecord) -> None:
         self._seq += 1
@@ -142,6 +143,14 @@ class MemoryDriver(Driver, BlockingEnqueue):
                     if record.cancel_requested:
                         stopping.append(record.id)
         return stopping
+
+    async def set_paused(self, queue: str, paused: bool) -> None:
+        with self._lock:
+            (self._paused.add if paused else self._paused.discard)(queue)
+
+    async def paused_queues(self) -> set[str]:
+        with self._lock:
+            return set(self._paused)
 
     async def stopping(self, jobs: Sequence[JobRecord], worker_id: str) -> list[str]:
         with self._lock:
@@ -255,7 +264,7 @@ class MemoryDriver(Driver, BlockingEnqueue):
         with self._lock:
             old = [
                 r.id for r in self._jobs.values()
-                if r.status in (Status.SUCCEEDED, Status.CANCELLED) and r.finished_at is not None
+                if r.status in (Status.SUCCEEDED, Status.CANCELLED, Status.EXPIRED) and r.finished_at is not None
                 and r.finished_at < before
             ]
             for job_id in old:

@@ -59,7 +59,7 @@ T = TypeVar("T")
 
 _STATUS_KEYS = {
     Status.QUEUED: None, Status.RUNNING: "running", Status.SUCCEEDED: "done", Status.FAILED: "failed",
-    Status.CANCELLED: "cancelled",
+    Status.CANCELLED: "cancelled", Status.EXPIRED: "expired",
 }
 
 
@@ -305,6 +305,21 @@ class RedisDriver(Driver, BlockingEnqueue, EventFeed, HandOff, PipelinedClaims, 
         stopping = await self._per_queue("extend", _ids_by_queue(jobs), lambda q: [worker_id, _num(lease_expires)])
         return [job_id for ids in stopping for job_id in ids]
 
+    async def set_paused(self, queue: str, paused: bool) -> None:
+        # In the queue's own slot, where the dispatch script reads it before handing a job over.
+        key = f"{self._base(queue)}paused"
+        command = ("SET", key, "1") if paused else ("DEL", key)
+        await self._reach(lambda client: client.redis.execute_command(*command))
+        await self._reach(lambda client: client.redis.sadd(f"{self.prefix}queues", queue))
+
+    async def paused_queues(self) -> set[str]:
+        async def read(client: Client) -> set[str]:
+            queues = await self._queues(client)
+            flags = await client.pipeline([("EXISTS", f"{self._base(q)}paused") for q in queues]) if queues else []
+            return {q for q, flag in zip(queues, flags, strict=True) if int(flag)}
+
+        return await self._reach(read)
+
     async def stopping(self, jobs: Sequence[JobRecord], worker_id: str) -> list[str]:
         asked = await self._per_queue("stopping", _ids_by_queue(jobs), lambda q: [worker_id])
         return [job_id for ids in asked for job_id in ids]
@@ -471,7 +486,8 @@ class RedisDriver(Driver, BlockingEnqueue, EventFeed, HandOff, PipelinedClaims, 
                 for p in range(3):
                     commands.append(("ZCOUNT", f"{base}ready:{p}", "-inf", _num(now)))
                     commands.append(("ZCOUNT", f"{base}ready:{p}", f"({_num(now)}", "+inf"))
-                commands += [("ZCARD", f"{base}{name}") for name in ("running", "done", "failed", "cancelled")]
+                commands += [("ZCARD", f"{base}{name}")
+                             for name in ("running", "done", "failed", "cancelled", "expired")]
             values = iter(await client.pipeline(commands))
             result = {}
             for q in queues:
@@ -479,8 +495,8 @@ class RedisDriver(Driver, BlockingEnqueue, EventFeed, HandOff, PipelinedClaims, 
                 for p in range(3):
                     c.waiting[Priority.from_rank(p).value] = next(values)
                     c.delayed += next(values)
-                c.running, c.succeeded, c.failed, c.cancelled = next(values), next(values), next(values), next(values)
-                if c.size or c.running or c.succeeded or c.failed or c.cancelled:
+                c.running, c.succeeded, c.failed, c.cancelled, c.expired = (next(values) for _ in range(5))
+                if c.total:
                     result[q] = c
             return result
 

@@ -23,12 +23,14 @@
 --   B.."failed"          ZSET  the failed store, scored by when they failed
 --   B.."done"            ZSET  succeeded jobs scored by when, pruned after result_ttl
 --   B.."cancelled"       ZSET  cancelled jobs scored by when, pruned after result_ttl
+--   B.."expired"         ZSET  jobs that expired before they started, likewise
 --   B.."idle"            ZSET  workers waiting for a job of this queue, each "lease_seconds worker_id",
 --                              scored by when the wait ends
 --   B.."inbox:"..worker  LIST  jobs handed to a waiting worker, already claimed for it (JSON
 --                              records; "" wakes it with nothing), expiring after a minute
 --   B.."marks:"..group   HASH  a mark set: member -> value (a batch's finished job ids -> results)
 --   B.."marks"           ZSET  the mark sets' names scored by their latest change, for pruning
+--   B.."paused"          STRING "1" while the queue is paused (no claims, no hand-offs)
 --
 -- Each script below starts with a line "--! name"; the driver splits the file there.
 
@@ -59,6 +61,8 @@ local fields = {'id', 'name', 'payload', 'priority', 'status', 'attempts', 'max_
 local stored, waiting = 0, 0
 local result = nil
 local looked, idle = false, nil  -- the first waiting worker, looked up once per hand-off
+-- A paused queue hands nothing over: its jobs wait in their ready sets until it is resumed.
+if redis.call('EXISTS', B .. 'paused') == 1 then looked = true end
 for i = 4, #ARGV do
   local job = cjson.decode(ARGV[i])
   local key = B .. 'job:' .. job[1]
@@ -312,8 +316,8 @@ redis.call('ZADD', B .. 'ready:' .. band(held[3]), ARGV[3], id)
 return 1
 
 --! fail
--- KEYS: B.  ARGV: id, worker_id, now, error_json, status ("failed", or "cancelled" for a job
--- that stopped on request)
+-- KEYS: B.  ARGV: id, worker_id, now, error_json, status ("failed", "cancelled" for a job
+-- that stopped on request, "expired" for one claimed after its expiry)
 local B, id = KEYS[1], ARGV[1]
 local key = B .. 'job:' .. id
 local held = redis.call('HMGET', key, 'worker_id', 'status')
@@ -388,7 +392,7 @@ return {requeued, exhausted}
 -- KEYS: B.  ARGV: before   (succeeded and cancelled jobs past their result TTL)
 local B = KEYS[1]
 local purged = 0
-for _, finished in ipairs({B .. 'done', B .. 'cancelled'}) do
+for _, finished in ipairs({B .. 'done', B .. 'cancelled', B .. 'expired'}) do
   local old = redis.call('ZRANGEBYSCORE', finished, '-inf', '(' .. ARGV[1])
   for _, id in ipairs(old) do
     local unique = redis.call('HGET', B .. 'job:' .. id, 'unique_key')

@@ -34,7 +34,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from ..errors import ConfigError
 from ..records import JobRecord, Status
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (s.value for s in Status)
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, EXPIRED = (s.value for s in Status)
 # The finished index covers these rows only; a query that names this same condition lets
 # SQLite see that the index serves it (it does not infer it from ``status = 'failed'``).
 FINISHED_STATES = [SUCCEEDED, FAILED, CANCELLED]
@@ -43,7 +43,8 @@ FINISHED_STATES = [SUCCEEDED, FAILED, CANCELLED]
 def jobs_table(name: str) -> Table:
     """The jobs table (``name`` comes from ``Config.table_name``); beside it in the same
     MetaData, ``{name}_marks`` holds the driver's ``mark`` sets, ``{name}_workers`` the
-    registry (workers, schedulers, listeners) and ``{name}_messages`` recent messages."""
+    registry (workers, schedulers, listeners), ``{name}_queues`` what is set per queue (paused)
+    and ``{name}_messages`` recent messages."""
     metadata = MetaData()
     Table(
         f"{name}_messages", metadata,  # recent messages between processes (sql_messages)
@@ -56,6 +57,11 @@ def jobs_table(name: str) -> Table:
         Column("id", String(100), primary_key=True),
         Column("last_seen", Double, nullable=False),
         Column("info", Text, nullable=False),  # the WorkerInfo as JSON
+    )
+    Table(
+        f"{name}_queues", metadata,  # what is set for a queue as a whole (paused)
+        Column("queue", String(200), primary_key=True),
+        Column("paused", Integer, nullable=False, default=0),
     )
     Table(
         f"{name}_marks", metadata,

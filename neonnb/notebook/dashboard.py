@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from .. import _loop, render
@@ -110,6 +110,13 @@ class Dashboard:
         self.stop_button = _with_class(w.Button(description="Stop workers", icon="stop"), "neonnb-stop")
         self.start_button.on_click(lambda _: self.start_worker())
         self.stop_button.on_click(lambda _: self.stop_workers())
+        # Pause or resume one queue, for every worker on the store (qm.pause / qm.resume).
+        self.queue_pick = w.Dropdown(options=[], description="queue", style=narrow,
+                                     layout={"width": "200px", "max_width": "100%"})
+        self.pause_button = _with_class(w.Button(description="Pause", icon="pause"), "neonnb-pause")
+        self.resume_button = _with_class(w.Button(description="Resume", icon="play"), "neonnb-resume")
+        self.pause_button.on_click(lambda _: self._steer_queue(self.manager.apause))
+        self.resume_button.on_click(lambda _: self._steer_queue(self.manager.aresume))
         self.worker_state = _with_class(w.HTML(), "neonnb-worker-state")
         self.elsewhere = _with_class(w.HTML(), "neonnb-elsewhere")
         self.log = _with_class(w.HTML(), "neonnb-log")
@@ -118,7 +125,9 @@ class Dashboard:
             return _with_class(w.VBox([w.HTML(render.section_title(title)), *parts]), f"neonnb-section-{name}")
 
         self.sections = {
-            "queues": _with_class(w.VBox([self.queues, self.sparkline]), "neonnb-section-queues"),
+            "queues": _with_class(w.VBox([self.queues, self.sparkline, w.HBox(
+                [self.queue_pick, self.pause_button, self.resume_button],
+                layout={"flex_flow": "row wrap", "max_width": "100%"})]), "neonnb-section-queues"),
             "running": section("running", "running", self.running),
             "recent": section("recent", "recently finished", self.recent),
             "workflows": section("workflows", "chains and batches", self.workflows),
@@ -247,6 +256,7 @@ class Dashboard:
         with self.widget.hold_sync():
             self._set(self.header, "value", self._summary(seen))
             self._set(self.queues, "value", render.queues_table(seen.counts))
+            self._set(self.queue_pick, "options", tuple(sorted(seen.counts)))
             self._set(self.sparkline, "value", render.sparkline(list(self._depths)))
             self._show_running(seen.running)
             self._set(self.recent, "value", render.recent_table(seen.recent))
@@ -363,6 +373,10 @@ class Dashboard:
         retry.on_click(lambda _: self._submit(self.manager.failed.aretry(job_id)))
         forget.on_click(lambda _: self._submit(self.manager.failed.aforget(job_id)))
         return _with_class(w.HBox([retry, forget, text], layout={"width": "100%"}), "neonnb-failed-job")
+
+    def _steer_queue(self, steer: Callable[[str], Coroutine[Any, Any, None]]) -> None:
+        if self.queue_pick.value:
+            self._submit(steer(self.queue_pick.value))
 
     def _submit(self, work: Coroutine[Any, Any, Any]) -> None:
         """From a button: run ``work`` on the loop, then refresh; never block the caller."""

@@ -9,6 +9,7 @@ captured output, and ``%neonnb debug ID`` to re-run a failed job and debug it po
     %neonnb output ID                      # what the job printed and logged
     %neonnb debug ID                       # run it again here; the debugger opens where it fails
     %neonnb stop [--grace 10]              # every worker on this store in the kernel, old managers' too
+    %neonnb pause etl / resume etl         # no worker anywhere starts etl's jobs / they may again
     %neonnb -m other status                # which manager, when the notebook holds several
     %neonnb help                           # this text
 
@@ -153,6 +154,20 @@ class NeonnbMagics(Magics):
             raise UsageError("say which job: `%neonnb retry ID`, or `%neonnb retry --all`")
         return failed.retry(args.job_id)
 
+    @magic_arguments(name="%neonnb pause")
+    @argument("queue", help="the queue no worker should start jobs of (dispatches still go in)")
+    def pause(self, rest: str) -> None:
+        queue = parse_argstring(self.pause, rest).queue
+        self._manager().pause(queue)
+        print(f"paused {queue!r}: no worker on this store starts its jobs until `%neonnb resume {queue}`")
+
+    @magic_arguments(name="%neonnb resume")
+    @argument("queue")
+    def resume(self, rest: str) -> None:
+        queue = parse_argstring(self.resume, rest).queue
+        self._manager().resume(queue)
+        print(f"resumed {queue!r}")
+
     @magic_arguments(name="%neonnb output")
     @argument("job_id")
     def output(self, rest: str) -> None:
@@ -219,5 +234,6 @@ COMMANDS = {
     "connect": NeonnbMagics.connect, "start": NeonnbMagics.start, "stop": NeonnbMagics.stop,
     "status": NeonnbMagics.status, "failed": NeonnbMagics.failed, "retry": NeonnbMagics.retry,
     "output": NeonnbMagics.output, "debug": NeonnbMagics.debug, "help": NeonnbMagics.help,
+    "pause": NeonnbMagics.pause, "resume": NeonnbMagics.resume,
 }
 NeonnbMagics.neonnb.__doc__ = __doc__  # %neonnb? shows every subcommand

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 from .. import capture
 from ..artifacts import OFF_LOOP_BYTES, is_reference
 from ..codec import is_data_value
-from ..errors import JobCancelled, JobTimeout, PayloadError, ResultError, UnknownJobError
+from ..errors import JobCancelled, JobExpired, JobTimeout, PayloadError, ResultError, UnknownJobError
 from ..hooks import Hooks
 from ..job import Context, decode_job, is_async_job
 from ..records import JobRecord, Status
@@ -70,6 +70,12 @@ class JobRunner:
             running.task.cancel()
 
     async def run(self, record: JobRecord, ctx: Context, default_timeout: float | None) -> None:
+        expires_at = record.expires_at
+        if expires_at is not None and self.outcomes.core.clock() >= expires_at:
+            # Claimed after its expiry: it never runs, and ends EXPIRED (not in the failed store).
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(expires_at))
+            await self.outcomes.failed(record, JobExpired(f"not started before its expiry ({when})"), Status.EXPIRED)
+            return
         self.hooks.before_job(record)
         job: Any = None
         output = capture.Output()

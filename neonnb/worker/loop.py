@@ -6,10 +6,12 @@ Running one job is neonnb.worker.execute; what is stored about it, neonnb.worker
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import functools
 import logging
+import math
 import os
 import socket
 import sys
@@ -18,7 +20,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from .. import _loop, render
@@ -35,10 +37,11 @@ T = TypeVar("T")
 CANCEL_POLL = 0.5  # seconds between a busy worker's looks for jobs someone cancelled
 
 
-def claim_groups(selectors: Sequence[str]) -> list[tuple[list[str], list[int] | None]]:
-    """What a worker on ``selectors`` claims, in order: groups of queues with the priority
-    ranks to take from them (None: every priority). ``["emails:high", "emails:normal",
-    "reports"]`` claims ranks 0 and 1 of emails, then all of reports."""
+def claim_groups(selectors: Iterable[str]) -> list[tuple[list[str], list[int] | None]]:
+    """What a worker on ``selectors`` claims, in order: each queue with the priority ranks to
+    take from it (None: every priority). ``["emails:high", "emails:normal", "reports"]``
+    claims ranks 0 and 1 of emails, then all of reports. Each queue is claimed on its own, in
+    the order given: a worker takes the jobs of its first queue before any of the next."""
     wanted: dict[str, set[int] | None] = {}
     for selector in selectors:
         queue, band = split_selector(selector) if isinstance(selector, str) else (selector, None)
@@ -49,16 +52,18 @@ def claim_groups(selectors: Sequence[str]) -> list[tuple[list[str], list[int] | 
             ranks = wanted.setdefault(queue, set())
             assert ranks is not None
             ranks.add(band.rank)
-    groups: list[tuple[list[str], list[int] | None]] = []
-    for queue, ranks in wanted.items():
-        key = None if ranks is None else sorted(ranks)
-        for names, group_ranks in groups:
-            if group_ranks == key:
-                names.append(queue)
-                break
-        else:
-            groups.append(([queue], key))
-    return groups
+    return [([queue], None if ranks is None else sorted(ranks)) for queue, ranks in wanted.items()]
+
+
+def _weights(weights: Mapping[str, float], groups: list[tuple[list[str], list[int] | None]]) -> dict[str, float]:
+    for selector, weight in weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight < float("inf"):
+            raise ValueError(f"worker queue weights must be numbers above 0, got {weight!r} for {selector!r}")
+    by_queue: dict[str, float] = {}
+    for selector, weight in weights.items():
+        queue = split_selector(selector)[0]
+        by_queue[queue] = by_queue.get(queue, 0.0) + float(weight)
+    return {queues[0]: by_queue[queues[0]] for queues, _ in groups}
 
 
 class _LoopWatch:
@@ -134,7 +139,8 @@ class Worker:
     running jobs finish for ``grace`` seconds, then releases the rest back to the queue.
     """
 
-    def __init__(self, core: Core, queues: Sequence[str], concurrency: int, options: WorkerOptions) -> None:
+    def __init__(self, core: Core, queues: Sequence[str] | Mapping[str, float], concurrency: int,
+                 options: WorkerOptions) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ValueError(f"worker concurrency must be an integer of at least 1, got {concurrency!r}")
         if not queues:
@@ -143,6 +149,8 @@ class Worker:
         self.driver = core.driver
         self.queues = list(queues)  # as given: "emails", or "emails:high" for one priority band
         self._claims = claim_groups(self.queues)
+        # {queue: weight}: slots shared by weight; else the queues in strict order of preference.
+        self._weights = _weights(queues, self._claims) if isinstance(queues, Mapping) else None
         self.queue_names = [name for names, _ in self._claims for name in names]
         self.concurrency = concurrency
         self._roster_changed = asyncio.Event()  # a job started or ended: the store's entry follows soon
@@ -408,11 +416,14 @@ class Worker:
         if self._store_failed and not await self._give_back_unheld(now):
             return 0
         self._store_failed = False
+        paused = await self._guard(self.core.paused(), "reading which queues are paused")
+        if paused is None:
+            return 0
         piece = self._piece_size or limit
         if limit <= piece:
-            return await self._claim_piece(limit, now)
+            return await self._claim_piece(limit, now, paused)
         pieces = [min(piece, limit - taken) for taken in range(0, limit, piece)]
-        return sum(await asyncio.gather(*(self._claim_piece(n, now) for n in pieces)))
+        return sum(await asyncio.gather(*(self._claim_piece(n, now, paused) for n in pieces)))
 
     async def _give_back_unheld(self, now: float) -> bool:
         """After a failed call: the store may have claimed jobs for us whose reply was lost.
@@ -431,19 +442,38 @@ class Worker:
                            released)
         return released is not None
 
-    async def _claim_piece(self, limit: int, now: float) -> int:
+    async def _claim_piece(self, limit: int, now: float, paused: set[str]) -> int:
         claimed = 0
-        for queues, ranks in self._claims:
+        for queues, ranks, cap in self._claim_plan(limit, paused):
             if claimed >= limit:
                 break
+            wanted = min(cap, limit - claimed)
+            if wanted <= 0:
+                continue
             lease = now + self.options.lease_timeout
-            records = await self._guard(self.driver.reserve(queues, limit - claimed, self.id, now, lease, ranks),
+            records = await self._guard(self.driver.reserve(queues, wanted, self.id, now, lease, ranks),
                                         "claiming jobs")
             if records is None:
                 break
             self._start(records)
             claimed += len(records)
         return claimed
+
+    def _claim_plan(self, limit: int, paused: set[str]) -> list[tuple[list[str], list[int] | None, int]]:
+        """The claims to make, in order, each with the most it may take; none of a paused
+        queue. In strict order each queue may take every free slot; by weight, first each
+        queue up to its share of the slots (less what it runs now), then whatever is left,
+        heaviest first: no slot idles while any queue has a job."""
+        claims = [(queues, ranks) for queues, ranks in self._claims if queues[0] not in paused]
+        if self._weights is None:
+            return [(queues, ranks, limit) for queues, ranks in claims]
+        weights = self._weights
+        running = collections.Counter(running.record.queue for running in self._active.values())
+        total = sum(weights.values())
+        shares = [(queues, ranks, math.ceil(self.concurrency * weights[queues[0]] / total) - running[queues[0]])
+                  for queues, ranks in claims]
+        rest = sorted(claims, key=lambda group: -weights[group[0][0]])
+        return [*shares, *((queues, ranks, limit) for queues, ranks in rest)]
 
     def _start(self, records: Sequence[JobRecord]) -> None:
         """Run jobs claimed for this worker, each in its own task."""

@@ -278,7 +278,7 @@ class Outcomes:
 
     async def failed(self, record: JobRecord, exc: BaseException, status: Status = Status.FAILED,
                      info: dict[str, Any] | None = None) -> None:
-        """The job ends without success: FAILED (into the failed store) or CANCELLED."""
+        """The job ends without success: FAILED (into the failed store), CANCELLED or EXPIRED."""
         await self._flush_progress(record.id)
         info = info or error_info(exc)
         outcome = Outcome(status, error=info)
@@ -288,8 +288,11 @@ class Outcomes:
         await self._settle(record, outcome)
         now = self.core.clock()
         if await self.persist(lambda: self.driver.fail(record, self.worker_id, now, info, status), status.value):
-            logger.warning("job %s (%s) %s after %d attempt(s): %s: %s", record.id, printable(record.name),
-                           status.value, record.attempts, printable(info["type"]), printable(info["message"]))
+            if status is Status.EXPIRED:
+                logger.info("job %s (%s) expired: %s", record.id, printable(record.name), printable(info["message"]))
+            else:
+                logger.warning("job %s (%s) %s after %d attempt(s): %s: %s", record.id, printable(record.name),
+                               status.value, record.attempts, printable(info["type"]), printable(info["message"]))
             self.jobs_failed += status is Status.FAILED
             self.core.hooks.after_job(record, outcome)
 
