@@ -143,6 +143,27 @@ def positive_int(value: Any, name: str, allow_zero: bool = False) -> int:
     return value
 
 
+@dataclass(frozen=True)
+class Rate:
+    """At most ``count`` starts in any ``window`` seconds (a sliding window)."""
+
+    count: int
+    window: float
+
+
+def parse_rate(text: Any, where: str) -> Rate:
+    """``"10/s"``, ``"100/m"``, ``"1000/h"`` or ``"5/30s"`` (a count over a duration)."""
+    count, sep, per = str(text).partition("/") if isinstance(text, str) else ("", "", "")
+    try:
+        window = parse_duration(f"1{per.strip()}" if per.strip().isalpha() else per.strip(), where)
+        number = int(count.strip())
+    except (ConfigError, ValueError):
+        window, number = 0.0, 0
+    if not sep or number < 1 or not window > 0:
+        raise ConfigError(f"{where} must be a count over a time, such as '10/s', '100/m' or '5/30s', got {text!r}")
+    return Rate(number, window)
+
+
 _OTHER_DRIVERS = {"memory": "memory", "redis": "redis", "rediss": "redis", "unix": "redis"}  # URL scheme -> driver
 
 

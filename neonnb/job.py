@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from . import artifacts
 from .capture import job_logger
 from .codec import decode, decode_fields, dumps, encode, encode_fields, loads
-from .errors import MissingDependency, PayloadError, SerializationError, UnknownJobError
+from .config import Rate, parse_rate
+from .errors import ConfigError, MissingDependency, PayloadError, SerializationError, UnknownJobError
 from .records import MAX_JOB_NAME, JobRecord, Priority, check_queue_name, check_text
 
 if TYPE_CHECKING:
@@ -112,19 +113,42 @@ def _no_arguments(function: Callable[..., Any]) -> bool:
 
 
 class JobType(abc.ABC):
-    """A registry entry: turns a stored payload back into something with ``handle(ctx)``."""
+    """A registry entry: turns a stored payload back into something with ``handle(ctx)``.
+    ``rate``: at most so many starts of this job per window, across every worker; with
+    ``limit_key`` (an argument's name, or a callable of the arguments), per value of it."""
 
     name: str
+    rate: Rate | None = None
+    limit_key: str | Callable[..., Any] | None = None
 
     @abc.abstractmethod
     def decode(self, payload: str) -> Any:
         """The runnable job for ``payload``; raises PayloadError."""
+
+    def _set_limits(self, rate_limit: Any, limit_key: Any) -> None:
+        self.rate = None if rate_limit is None else parse_rate(rate_limit, f"{self.name}: rate_limit")
+        if limit_key is not None and not (callable(limit_key) or isinstance(limit_key, str)):
+            raise ConfigError(f"{self.name}: limit_key must name an argument or be a callable of the arguments, "
+                              f"got {limit_key!r}")
+        if limit_key is not None and self.rate is None:
+            raise ConfigError(f"{self.name}: limit_key limits per key what rate_limit allows; give a rate_limit too")
+        self.limit_key = limit_key
+
+    def permit_key(self, job: Any) -> str:
+        """What the rate limit counts for this (decoded) job: its name, and its key's value."""
+        if self.limit_key is None:
+            return self.name
+        arguments = job.arguments if isinstance(job, FunctionCall) else {
+            f.name: getattr(job, f.name) for f in dataclasses.fields(job)}
+        value = self.limit_key(**arguments) if callable(self.limit_key) else arguments.get(self.limit_key)
+        return f"{self.name}:{value}"
 
 
 class ClassJobType(JobType):
     def __init__(self, cls: type[Job]) -> None:
         self.cls = cls
         self.name = cls.job_name
+        self._set_limits(getattr(cls, "rate_limit", None), getattr(cls, "limit_key", None))
 
     def decode(self, payload: str) -> Any:
         return decode_fields(_loads(payload, self.name), self.cls, self.name)
@@ -171,6 +195,8 @@ class FunctionJob(JobType):
         timeout: float | None = None,
         priority: Priority = Priority.NORMAL,
         unique: bool = False,
+        rate_limit: str | None = None,
+        limit_key: str | Callable[..., Any] | None = None,
     ) -> None:
         self.fn = fn
         self.unique = unique
@@ -187,6 +213,10 @@ class FunctionJob(JobType):
             parameters=[p for p in self.signature.parameters.values() if p.name != "ctx"]
         )
         self.is_async = inspect.iscoroutinefunction(fn)
+        self._set_limits(rate_limit, limit_key)
+        if isinstance(limit_key, str) and limit_key not in self._caller_signature.parameters:
+            raise ConfigError(f"{self.name}: limit_key {limit_key!r} is not one of its arguments "
+                              f"({', '.join(self._caller_signature.parameters) or 'it has none'})")
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
         register(self.name, self)
@@ -334,6 +364,12 @@ def register(name: str, job_type: JobType) -> None:
         if name in _registry:
             logger.debug("job %s re-defined; the new definition replaces the old one", name)
         _registry[name] = job_type
+
+
+def known_type(name: str) -> JobType | None:
+    """The registered type of job ``name``, or None."""
+    with _registry_lock:
+        return _registry.get(name)
 
 
 def lookup(name: str) -> JobType:

@@ -117,6 +117,33 @@ class Sized(Job):
         return 3
 
 
+STARTS: list[tuple[float, str]] = []  # (time.monotonic(), key) of each start of a limited job
+
+
+class Limited(Job):
+    """At most 10 start per second, across every worker."""
+
+    n: int
+    rate_limit = "10/s"
+
+    def handle(self, ctx: Context) -> int:
+        STARTS.append((time.monotonic(), ""))
+        return self.n
+
+
+class LimitedPerCustomer(Job):
+    """At most 5 start per second for each customer."""
+
+    customer: str
+    n: int
+    rate_limit = "5/s"
+    limit_key = "customer"
+
+    def handle(self, ctx: Context) -> int:
+        STARTS.append((time.monotonic(), self.customer))
+        return self.n
+
+
 class BlockingSync(Job):
     """Runs until RELEASE is set or the worker asks it to stop."""
 

@@ -345,6 +345,52 @@ def test_a_job_not_started_before_its_expiry_never_runs_and_ends_expired(
         qm.dispatch_after("q", jobs.Note("x"), 60, expires=30)
 
 
+def _most_in_a_window(starts: list[float], window: float) -> int:
+    return max((sum(1 for t in starts if first <= t < first + window) for first in starts), default=0)
+
+
+def test_a_rate_limit_holds_across_workers_without_charging_attempts(make_manager: MakeManager) -> None:
+    """rate_limit="10/s" over 30 jobs on three workers: never more than 10 starts in a second
+    (measured at the handlers, which start a little after their permits: 0.9 s windows),
+    no attempt charged for waiting, and jobs that are not limited are not held up."""
+    qm = make_manager(poll_interval=0.05)
+    other = qm if qm.config.driver == "memory" else make_manager()
+    jobs.STARTS.clear()
+    limited = qm.dispatch_batch("q", [jobs.Limited(n) for n in range(30)])
+    free = qm.dispatch_batch("q", [jobs.Note(f"free-{i}") for i in range(10)])
+    began = time.monotonic()
+    workers = [qm.worker("q", 4).start(), other.worker("q", 4).start(), other.worker("q", 4).start()]
+    try:
+        assert [h.result(timeout=20) for h in free] == [f"free-{i}" for i in range(10)]
+        free_done = time.monotonic() - began
+        assert [h.result(timeout=30) for h in limited] == list(range(30))
+        took = time.monotonic() - began
+    finally:
+        for worker in workers:
+            worker.stop()
+    starts = [t for t, _ in jobs.STARTS]
+    assert len(starts) == 30 and _most_in_a_window(starts, 0.9) <= 10, "over the limit"
+    assert 1.9 <= took < 8, f"30 jobs at 10/s took {took:.1f}s"
+    assert free_done < took, "the jobs without a limit waited behind the limited ones"
+    assert {h.fetch().attempts for h in limited} == {1}, "waiting for the limit charged attempts"
+
+
+def test_a_rate_limit_per_key_counts_each_key_apart(make_manager: MakeManager) -> None:
+    qm = make_manager(poll_interval=0.05)
+    jobs.STARTS.clear()
+    handles = qm.dispatch_batch("q", [jobs.LimitedPerCustomer(c, n) for n in range(10) for c in ("acme", "globex")])
+    worker = qm.worker("q", 8).start()
+    try:
+        assert sorted(h.result(timeout=30) for h in handles) == sorted(list(range(10)) * 2)
+    finally:
+        worker.stop()
+    for customer in ("acme", "globex"):
+        starts = [t for t, key in jobs.STARTS if key == customer]
+        assert len(starts) == 10 and _most_in_a_window(starts, 0.9) <= 5, customer
+    first_second = [key for t, key in jobs.STARTS if t < jobs.STARTS[0][0] + 0.9]
+    assert sorted(set(first_second)) == ["acme", "globex"], "one key's limit held up the other"
+
+
 def test_what_a_job_prints_and_logs_is_kept_with_it_not_printed(
     make_manager: MakeManager, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -72,6 +72,14 @@ class Driver(abc.ABC):
         of those someone asked to stop (``cancel``)."""
 
     @abc.abstractmethod
+    async def take_permit(self, key: str, count: int, window: float, token: str) -> float:
+        """A rate limit's check and count in one atomic step: if fewer than ``count`` permits
+        of ``key`` were taken in the last ``window`` seconds (a sliding window), take one (named
+        ``token``) and return 0; else take none and return the seconds until one frees. The
+        time is read inside that step (the store's clock where it has one): a caller that
+        waited for the step must not be counted at the moment it asked."""
+
+    @abc.abstractmethod
     async def set_paused(self, queue: str, paused: bool) -> None:
         """Pause a queue (no worker claims its jobs; dispatches are still stored) or resume it.
         Kept in the store: every worker, in any process, sees it."""

@@ -115,6 +115,7 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, PipelinedClaims, StoreC
         self.marks = self.table.metadata.tables[f"{table_name}_marks"]
         self.workers = self.table.metadata.tables[f"{table_name}_workers"]
         self.queues = self.table.metadata.tables[f"{table_name}_queues"]
+        self.permits = self.table.metadata.tables[f"{table_name}_permits"]
         self.messages = self.table.metadata.tables[f"{table_name}_messages"]
         self._trimmed_at = 0.0
         self._insert_mark = insert_ignoring(self.marks, dialect)
@@ -471,6 +472,22 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, PipelinedClaims, StoreC
 
         return await self._transaction(extend, durable=False)
 
+    async def take_permit(self, key: str, count: int, window: float, token: str) -> float:
+        p = self.permits.c
+        mine = p.key == key
+
+        def take(conn: Connection) -> float:
+            now = time.time()  # under the lock (the workers' clocks agree with the store's: ClockSkew)
+            conn.execute(delete(self.permits).where(mine, p.at <= now - window))
+            taken, oldest = conn.execute(select(func.count(), func.min(p.at)).where(mine)).one()
+            if taken < count:
+                conn.execute(self.permits.insert().values(key=key, token=token, at=now))
+                return 0.0
+            return float(oldest) + window - now
+
+        # Under a lock on the key: the check and the count are one step for every worker.
+        return await self._locked(f"permit:{key}", take)
+
     async def set_paused(self, queue: str, paused: bool) -> None:
         q = self.queues.c
 
@@ -624,9 +641,11 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, PipelinedClaims, StoreC
         c = self.table.c
         stmt = delete(self.table).where(c.status.in_([SUCCEEDED, CANCELLED, EXPIRED]), c.finished_at < before)
         old_marks = delete(self.marks).where(self.marks.c.created_at < before)
+        old_permits = delete(self.permits).where(self.permits.c.at < before)  # keys no job uses any more
 
         def purge(conn: Connection) -> int:
             conn.execute(old_marks)
+            conn.execute(old_permits)
             return int(conn.execute(stmt).rowcount)
 
         return await self._transaction(purge)

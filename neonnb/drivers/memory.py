@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import heapq
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -44,6 +46,7 @@ class MemoryDriver(Driver, BlockingEnqueue):
         self._seq = 0
         self._members: dict[str, str] = {}  # id -> the worker's or scheduler's entry as JSON
         self._paused: set[str] = set()
+        self._permits: dict[str, collections.deque[float]] = {}  # key -> when its permits were taken
 
     def _schedule(self, record: JobRecord) -> None:
         self._seq += 1
@@ -143,6 +146,17 @@ class MemoryDriver(Driver, BlockingEnqueue):
                     if record.cancel_requested:
                         stopping.append(record.id)
         return stopping
+
+    async def take_permit(self, key: str, count: int, window: float, token: str) -> float:
+        with self._lock:
+            now = time.time()
+            taken = self._permits.setdefault(key, collections.deque())
+            while taken and taken[0] <= now - window:
+                taken.popleft()
+            if len(taken) < count:
+                taken.append(now)
+                return 0.0
+            return taken[0] + window - now
 
     async def set_paused(self, queue: str, paused: bool) -> None:
         with self._lock:

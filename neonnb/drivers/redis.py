@@ -63,6 +63,7 @@ _STATUS_KEYS = {
 }
 
 
+PERMITS = "_permits"  # the pseudo-queue whose slot holds the rate limits' permits
 PURGE_PIECE = 1000  # queued jobs one purge script deletes
 RESENDS = 3  # a command that may be sent again is, this many times, after a dropped connection
 
@@ -304,6 +305,11 @@ class RedisDriver(Driver, BlockingEnqueue, EventFeed, HandOff, PipelinedClaims, 
     async def extend_leases(self, jobs: Sequence[JobRecord], worker_id: str, lease_expires: float) -> list[str]:
         stopping = await self._per_queue("extend", _ids_by_queue(jobs), lambda q: [worker_id, _num(lease_expires)])
         return [job_id for ids in stopping for job_id in ids]
+
+    async def take_permit(self, key: str, count: int, window: float, token: str) -> float:
+        # Every permit in one slot of its own ({permits}), whichever queues the jobs are on.
+        wait = await self._script("permit", [PERMITS], [key, count, _num(window), token])
+        return float(wait)
 
     async def set_paused(self, queue: str, paused: bool) -> None:
         # In the queue's own slot, where the dispatch script reads it before handing a job over.

@@ -225,6 +225,23 @@ for i = 3, #ARGV do
 end
 return stopping
 
+--! permit
+-- KEYS: B (of the permits' own slot).  ARGV: key, count, window, token.   A rate limit's
+-- check and count, by the server's clock: at most `count` permits of `key` in any `window`
+-- seconds. Takes one and returns "0", or returns the seconds until the oldest leaves the window.
+local permits = KEYS[1] .. 'permit:' .. ARGV[1]
+local count, window = tonumber(ARGV[2]), tonumber(ARGV[3])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', permits, '-inf', now - window)
+if redis.call('ZCARD', permits) < count then
+  redis.call('ZADD', permits, now, ARGV[4])
+  redis.call('PEXPIRE', permits, math.ceil(window * 1000) + 1000)
+  return '0'
+end
+local oldest = redis.call('ZRANGE', permits, 0, 0, 'WITHSCORES')
+return tostring(tonumber(oldest[2]) + window - now)
+
 --! stopping
 -- KEYS: B.  ARGV: worker_id, id...   Of these jobs, those the worker holds that someone asked
 -- to stop (cancel). Reads only.

@@ -59,6 +59,12 @@ def jobs_table(name: str) -> Table:
         Column("info", Text, nullable=False),  # the WorkerInfo as JSON
     )
     Table(
+        f"{name}_permits", metadata,  # rate limits' permits, each kept for its window (take_permit)
+        Column("key", String(400), primary_key=True),
+        Column("token", String(36), primary_key=True),
+        Column("at", Double, nullable=False),
+    )
+    Table(
         f"{name}_queues", metadata,  # what is set for a queue as a whole (paused)
         Column("queue", String(200), primary_key=True),
         Column("paused", Integer, nullable=False, default=0),

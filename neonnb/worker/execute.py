@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import contextvars
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
@@ -19,10 +20,11 @@ from ..artifacts import OFF_LOOP_BYTES, is_reference
 from ..codec import is_data_value
 from ..errors import JobCancelled, JobExpired, JobTimeout, PayloadError, ResultError, UnknownJobError
 from ..hooks import Hooks
-from ..job import Context, decode_job, is_async_job
+from ..job import Context, decode_job, is_async_job, known_type
 from ..records import JobRecord, Status
 from .outcomes import Outcomes, encode_result
 
+PERMIT_RETRY = 1.0  # seconds a rate-limited job waits when the store could not say when a permit frees
 
 class Running(NamedTuple):
     """A job a worker has claimed and is running."""
@@ -76,6 +78,8 @@ class JobRunner:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(expires_at))
             await self.outcomes.failed(record, JobExpired(f"not started before its expiry ({when})"), Status.EXPIRED)
             return
+        if await self._over_its_rate(record):
+            return
         self.hooks.before_job(record)
         job: Any = None
         output = capture.Output()
@@ -111,6 +115,26 @@ class JobRunner:
             await self.outcomes.failed(record, exc)
         else:
             await self.outcomes.succeeded(record, result)
+
+    async def _over_its_rate(self, record: JobRecord) -> bool:
+        """A job type with a rate limit takes a permit first (one atomic step in the store);
+        with none left in its window the job goes back to its queue, due when one frees: not
+        charged an attempt, no error, its slot free for the jobs behind it."""
+        job_type = known_type(record.name)
+        if job_type is None or job_type.rate is None or record.broken:
+            return False
+        try:
+            job = decode_job(record) if job_type.limit_key is not None else None
+            key = job_type.permit_key(job) if job is not None else job_type.name
+        except Exception:
+            return False  # the run below meets the same error and records it
+        rate, outcomes = job_type.rate, self.outcomes
+        wait = await outcomes.persist(lambda: outcomes.driver.take_permit(
+            key, rate.count, rate.window, uuid.uuid4().hex), "take a rate permit for")
+        if wait == 0:
+            return False
+        await outcomes.postpone(record, PERMIT_RETRY if wait is None else wait)
+        return True
 
     async def _call(self, job: Any, ctx: Context, timeout: float | None, output: capture.Output) -> str | None:
         """Run the handler in this task and encode what it returned (ResultError if that can't

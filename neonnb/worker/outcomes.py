@@ -258,6 +258,12 @@ class Outcomes:
                         record.id, printable(record.name), record.attempts, printable(info["type"]), delay)
             self.core.hooks.after_job(record, outcome)
 
+    async def postpone(self, record: JobRecord, wait: float) -> None:
+        """Back to the queue uncharged, due in ``wait`` seconds (a rate limit's window)."""
+        run_at = self.core.clock() + wait
+        if await self.persist(lambda: self.driver.postpone(record, self.worker_id, run_at), "put back"):
+            self.core.wake(record.queue, run_at)
+
     async def undefined(self, record: JobRecord, exc: BaseException) -> None:
         """The job's type isn't registered here. One defined in a notebook or script
         (``__main__.``) may be about to be (a kernel restarted, its cells not run yet): it goes
