@@ -351,7 +351,8 @@ def _most_in_a_window(starts: list[float], window: float) -> int:
 
 def test_a_rate_limit_holds_across_workers_without_charging_attempts(make_manager: MakeManager) -> None:
     """rate_limit="10/s" over 30 jobs on three workers: never more than 10 starts in a second
-    (measured at the handlers, which start a little after their permits: 0.9 s windows),
+    (measured where the handlers start, up to ~0.15 s after their permits on a loaded machine:
+    0.8 s windows; a limit not kept, or kept per fixed second, shows as 20 or 30 at once),
     no attempt charged for waiting, and jobs that are not limited are not held up."""
     qm = make_manager(poll_interval=0.05)
     other = qm if qm.config.driver == "memory" else make_manager()
@@ -369,7 +370,7 @@ def test_a_rate_limit_holds_across_workers_without_charging_attempts(make_manage
         for worker in workers:
             worker.stop()
     starts = [t for t, _ in jobs.STARTS]
-    assert len(starts) == 30 and _most_in_a_window(starts, 0.9) <= 10, "over the limit"
+    assert len(starts) == 30 and _most_in_a_window(starts, 0.8) <= 10, "over the limit"
     assert 1.9 <= took < 8, f"30 jobs at 10/s took {took:.1f}s"
     assert free_done < took, "the jobs without a limit waited behind the limited ones"
     assert {h.fetch().attempts for h in limited} == {1}, "waiting for the limit charged attempts"
@@ -386,7 +387,7 @@ def test_a_rate_limit_per_key_counts_each_key_apart(make_manager: MakeManager) -
         worker.stop()
     for customer in ("acme", "globex"):
         starts = [t for t, key in jobs.STARTS if key == customer]
-        assert len(starts) == 10 and _most_in_a_window(starts, 0.9) <= 5, customer
+        assert len(starts) == 10 and _most_in_a_window(starts, 0.8) <= 5, customer
     first_second = [key for t, key in jobs.STARTS if t < jobs.STARTS[0][0] + 0.9]
     assert sorted(set(first_second)) == ["acme", "globex"], "one key's limit held up the other"
 
