@@ -52,7 +52,7 @@ LEASE_ERROR: dict[str, Any] = {
 }
 """The failure recorded when a job's worker kept dying under it."""
 LOST_WORKERS_KEPT = 3600.0  # seconds a lost worker stays listed (as lost) before housekeeping drops it
-PAUSE_LOOK = 1.0  # seconds between reads of which queues are paused, shared by a manager's workers
+SETTINGS_LOOK = 1.0  # seconds between reads of the queues' settings (paused, rate), shared by a manager's workers
 
 
 class Counting:
@@ -139,7 +139,7 @@ class Core:
         self._watching = False
         self._next_housekeeping = 0.0
         self._recover_after = 0.0  # leases expired while the store was away aren't taken before this
-        self._paused: tuple[float, set[str]] | None = None  # (when read, the paused queues)
+        self._settings: tuple[float, dict[str, dict[str, Any]]] | None = None  # (when read, the settings)
         self.store_failures = 0  # calls to the store that failed: a worker's leases may need taking back
         self.clocks_checked = False  # a worker compared this process's clock with the store's (Worker.start)
 
@@ -331,17 +331,17 @@ class Core:
         if self.artifacts is not None:
             await self.artifacts.sweep(now, self._stored, asyncio.to_thread)
 
-    async def paused(self) -> set[str]:
-        """The queues paused in the store, read at most every PAUSE_LOOK seconds for all of
-        this manager's workers (a pause anywhere reaches them within that)."""
+    async def queue_settings(self) -> dict[str, dict[str, Any]]:
+        """The queues' settings in the store, read at most every SETTINGS_LOOK seconds for
+        all of this manager's workers (a pause or a limit set anywhere reaches them within that)."""
         now = time.monotonic()
-        if self._paused is None or now - self._paused[0] >= PAUSE_LOOK:
-            self._paused = (now, await self.driver.paused_queues())
-        return self._paused[1]
+        if self._settings is None or now - self._settings[0] >= SETTINGS_LOOK:
+            self._settings = (now, await self.driver.queue_settings())
+        return self._settings[1]
 
-    def forget_paused(self) -> None:
-        """Paused or resumed here: the next look reads the store."""
-        self._paused = None
+    async def configure_queue(self, queue: str, settings: dict[str, Any]) -> None:
+        await self.driver.configure_queue(check_queue_name(queue), settings)
+        self._settings = None  # set here: the next look reads the store
 
     def store_unreachable(self) -> None:
         """A call to the store failed. Leases run out while it is away, also those of live

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 from . import frames, render, workflows
 from ._loop import close_at_exit, closed, run_sync
-from .config import Config, DurationInput, WorkerOptions, parse_duration, redact
+from .config import Config, DurationInput, WorkerOptions, parse_duration, parse_rate, redact
 from .core import Core
 from .drivers import create_driver
 from .drivers.base import Driver
@@ -303,29 +303,40 @@ class QueueManager:
     # --- looking at queues ----------------------------------------------------------------
 
     async def astats(self) -> dict[str, QueueCounts]:
-        counts, paused = await asyncio.gather(self.core.counting.counts(), self.driver.paused_queues())
-        for queue in paused:  # a paused queue shows, with or without jobs
-            counts.setdefault(queue, QueueCounts()).paused = True
+        counts: dict[str, QueueCounts]
+        counts, settings = await asyncio.gather(self.core.counting.counts(), self.driver.queue_settings())
+        for queue, setting in settings.items():  # a paused or limited queue shows, with or without jobs
+            counts.setdefault(queue, QueueCounts()).paused = bool(setting.get("paused"))
+            counts[queue].rate = setting.get("rate")
         return counts
 
     async def apause(self, queue: str) -> None:
         """Pause ``queue``: no worker, in any process, starts its jobs (within a second)
         until ``resume``; running ones finish, and dispatches are still stored. The state is
         kept in the store: it outlives every process."""
-        await self.driver.set_paused(check_queue_name(queue), True)
-        self.core.forget_paused()
+        await self.core.configure_queue(queue, {"paused": True})
 
     def pause(self, queue: str) -> None:
         run_sync(self.apause(queue))
 
     async def aresume(self, queue: str) -> None:
         """Let workers take ``queue``'s jobs again (within a second)."""
-        await self.driver.set_paused(check_queue_name(queue), False)
-        self.core.forget_paused()
+        await self.core.configure_queue(queue, {"paused": None})
         self.core.wake(queue)
 
     def resume(self, queue: str) -> None:
         run_sync(self.aresume(queue))
+
+    async def alimit_queue(self, queue: str, rate: str | None) -> None:
+        """At most ``rate`` ("100/m", "10/s", "5/30s") of ``queue``'s jobs start in any such
+        window, across every worker and process (as a job's ``rate_limit``, for the queue as a
+        whole); None lifts the limit. Kept in the store; workers see it within a second."""
+        if rate is not None:
+            parse_rate(rate, f"the rate of queue {queue!r}")
+        await self.core.configure_queue(queue, {"rate": rate})
+
+    def limit_queue(self, queue: str, rate: str | None) -> None:
+        run_sync(self.alimit_queue(queue, rate))
 
     async def asize(self, queue: str | None = None) -> int:
         """Jobs of ``queue`` not yet started (waiting and delayed)."""

@@ -363,6 +363,7 @@ class QueueCounts:
     cancelled: int = 0
     expired: int = 0
     paused: bool = False  # no worker claims its jobs until it is resumed
+    rate: str | None = None  # at most so many of its jobs start per window (qm.limit_queue)
 
     @property
     def size(self) -> int:

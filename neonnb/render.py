@@ -65,8 +65,15 @@ def progress_bar(fraction: float | None, message: str | None = None) -> Raw:
 
 
 def queue_rows(counts: dict[str, QueueCounts]) -> list[list[Any]]:
-    return [[f"{queue} (paused)" if c.paused else queue, c.waiting["high"], c.waiting["normal"], c.waiting["low"],
+    return [[_queue_label(queue, c), c.waiting["high"], c.waiting["normal"], c.waiting["low"],
              c.delayed, c.running, c.succeeded, c.failed] for queue, c in sorted(counts.items())]
+
+
+def _queue_label(queue: str, counts: QueueCounts) -> str:
+    """The queue's name, with what holds it back: "emails (paused, at most 100/m)"."""
+    notes = [note for note in ("paused" if counts.paused else "", f"at most {counts.rate}" if counts.rate else "")
+             if note]
+    return f"{queue} ({', '.join(notes)})" if notes else queue
 
 
 QUEUE_HEADERS = ["queue", "high", "normal", "low", "delayed", "running", "succeeded", "failed"]

@@ -173,6 +173,17 @@ def create_app(qm: QueueManager, *, token: str | None = None, read_only: bool = 
         await qm.apause(queue)
         return _json({"queue": queue, "paused": True})
 
+    async def limit(request: Request) -> Response:
+        queue = request.path_params["queue"]
+        try:
+            rate = (await request.json()).get("rate")
+        except (ValueError, AttributeError):
+            return _error(400, 'send JSON: {"rate": "100/m"}, or {"rate": null} to lift the limit')
+        if rate is not None and not isinstance(rate, str):
+            return _error(400, f'rate must be a text such as "100/m", or null, got {rate!r}')
+        await qm.alimit_queue(queue, rate)
+        return _json({"queue": queue, "rate": rate})
+
     async def resume(request: Request) -> Response:
         queue = request.path_params["queue"]
         await qm.aresume(queue)
@@ -208,6 +219,7 @@ def create_app(qm: QueueManager, *, token: str | None = None, read_only: bool = 
         Route("/api/queues/{queue:path}/purge", guarded(purge), methods=["POST"]),
         Route("/api/queues/{queue:path}/pause", guarded(pause), methods=["POST"]),
         Route("/api/queues/{queue:path}/resume", guarded(resume), methods=["POST"]),
+        Route("/api/queues/{queue:path}/limit", guarded(limit), methods=["POST"]),
         Route("/api/jobs", guarded(jobs)),
         Route("/api/jobs/{job_id}", guarded(job)),
         Route("/api/jobs/{job_id}/cancel", guarded(cancel), methods=["POST"]),

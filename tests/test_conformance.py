@@ -392,6 +392,28 @@ def test_a_rate_limit_per_key_counts_each_key_apart(make_manager: MakeManager) -
     assert sorted(set(first_second)) == ["acme", "globex"], "one key's limit held up the other"
 
 
+def test_a_queue_rate_limit_holds_for_the_queue_as_a_whole(make_manager: MakeManager) -> None:
+    qm = make_manager(poll_interval=0.05)
+    other = qm if qm.config.driver == "memory" else make_manager()
+    other.limit_queue("lq", "4/s")  # set in another process: the workers read it from the store
+    assert qm.stats()["lq"].rate == "4/s"
+    jobs.RECORD.__init__()  # type: ignore[misc]
+    handles = qm.dispatch_batch("lq", [jobs.Note(f"n{i}") for i in range(8)])
+    began = time.monotonic()
+    worker = qm.worker("lq", 8).start()
+    try:
+        assert sorted(h.result(timeout=20) for h in handles) == sorted(f"n{i}" for i in range(8))
+        took = time.monotonic() - began
+    finally:
+        worker.stop()
+    assert took >= 0.9, f"8 jobs at 4/s all ran within {took:.2f}s"
+    assert {h.fetch().attempts for h in handles} == {1}
+    with pytest.raises(ConfigError, match="count over a time"):
+        qm.limit_queue("lq", "fast")
+    qm.limit_queue("lq", None)
+    assert qm.stats()["lq"].rate is None
+
+
 def test_what_a_job_prints_and_logs_is_kept_with_it_not_printed(
     make_manager: MakeManager, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -85,6 +85,13 @@ def test_the_api_lists_shows_retries_forgets_and_cancels(qm: QueueManager) -> No
         assert client.post("/api/queues/web/resume", headers=WRITE).json() == {"queue": "web", "paused": False}
         assert client.get("/api/queues").json()["web"]["paused"] is False
         assert client.post("/api/queues/bad%00name/pause", headers=WRITE).status_code == 400
+        assert client.post("/api/queues/web/limit", json={"rate": "100/m"}, headers=WRITE).json() == {
+            "queue": "web", "rate": "100/m"}
+        assert client.get("/api/queues").json()["web"]["rate"] == "100/m"
+        for bad in ({"rate": "fast"}, {"rate": 5}, ["100/m"]):
+            answer = client.post("/api/queues/web/limit", json=bad, headers=WRITE)
+            assert answer.status_code == 400 and "error" in answer.json(), bad
+        assert client.post("/api/queues/web/limit", json={"rate": None}, headers=WRITE).json()["rate"] is None
 
 
 @REACHABLE

@@ -80,13 +80,14 @@ class Driver(abc.ABC):
         waited for the step must not be counted at the moment it asked."""
 
     @abc.abstractmethod
-    async def set_paused(self, queue: str, paused: bool) -> None:
-        """Pause a queue (no worker claims its jobs; dispatches are still stored) or resume it.
-        Kept in the store: every worker, in any process, sees it."""
+    async def configure_queue(self, queue: str, settings: dict[str, Any]) -> None:
+        """Merge ``settings`` into what is kept for ``queue`` as a whole (``paused``: True,
+        ``rate``: "100/m"; a value of None removes the setting). Kept in the store: every
+        worker, in any process, sees it."""
 
     @abc.abstractmethod
-    async def paused_queues(self) -> set[str]:
-        """The queues paused now."""
+    async def queue_settings(self) -> dict[str, dict[str, Any]]:
+        """What is set for each queue that has settings."""
 
     @abc.abstractmethod
     async def stopping(self, jobs: Sequence[JobRecord], worker_id: str) -> list[str]:

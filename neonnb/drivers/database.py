@@ -488,19 +488,25 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, PipelinedClaims, StoreC
         # Under a lock on the key: the check and the count are one step for every worker.
         return await self._locked(f"permit:{key}", take)
 
-    async def set_paused(self, queue: str, paused: bool) -> None:
+    async def configure_queue(self, queue: str, settings: dict[str, Any]) -> None:
         q = self.queues.c
 
         def save(conn: Connection) -> None:
-            if conn.execute(update(self.queues).where(q.queue == queue).values(paused=int(paused))).rowcount == 0:
-                conn.execute(self.queues.insert().values(queue=queue, paused=int(paused)))
+            stored = conn.execute(select(q.settings).where(q.queue == queue)).scalar()
+            merged = {**_settings(stored), **settings}
+            text = json.dumps({name: value for name, value in merged.items() if value is not None})
+            if stored is None:
+                conn.execute(self.queues.insert().values(queue=queue, settings=text))
+            else:
+                conn.execute(update(self.queues).where(q.queue == queue).values(settings=text))
 
-        # Under a lock on the queue's name: two first settings at once would both insert.
+        # Under a lock on the queue's name: a read, then a write that must not lose another's.
         await self._locked(f"queue:{queue}", save)
 
-    async def paused_queues(self) -> set[str]:
-        stmt = select(self.queues.c.queue).where(self.queues.c.paused == 1)
-        return set(await self._statement(lambda conn: list(conn.execute(stmt).scalars()), durable=False))
+    async def queue_settings(self) -> dict[str, dict[str, Any]]:
+        stmt = select(self.queues.c.queue, self.queues.c.settings)
+        rows = await self._statement(lambda conn: list(conn.execute(stmt)), durable=False)
+        return {queue: settings for queue, text in rows if (settings := _settings(text))}
 
     async def stopping(self, jobs: Sequence[JobRecord], worker_id: str) -> list[str]:
         if not jobs:
@@ -859,3 +865,12 @@ def _columns(changes: dict[str, Any]) -> dict[str, Any]:
     """A state change (neonnb.records) as column values: statuses by name, JSON as text."""
     return {name: value.value if isinstance(value, Status) else json.dumps(value) if isinstance(value, dict)
             else value for name, value in changes.items()}
+
+
+def _settings(text: str | None) -> dict[str, Any]:
+    """A queue's stored settings; nothing of a value this version can't read."""
+    try:
+        settings = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return settings if isinstance(settings, dict) else {}

@@ -45,7 +45,7 @@ class MemoryDriver(Driver, BlockingEnqueue):
         self._ready: dict[tuple[str, int], list[tuple[float, int, str]]] = {}
         self._seq = 0
         self._members: dict[str, str] = {}  # id -> the worker's or scheduler's entry as JSON
-        self._paused: set[str] = set()
+        self._queue_settings: dict[str, dict[str, Any]] = {}
         self._permits: dict[str, collections.deque[float]] = {}  # key -> when its permits were taken
 
     def _schedule(self, record: JobRecord) -> None:
@@ -158,13 +158,14 @@ class MemoryDriver(Driver, BlockingEnqueue):
                 return 0.0
             return taken[0] + window - now
 
-    async def set_paused(self, queue: str, paused: bool) -> None:
+    async def configure_queue(self, queue: str, settings: dict[str, Any]) -> None:
         with self._lock:
-            (self._paused.add if paused else self._paused.discard)(queue)
+            merged = {**self._queue_settings.get(queue, {}), **settings}
+            self._queue_settings[queue] = {name: value for name, value in merged.items() if value is not None}
 
-    async def paused_queues(self) -> set[str]:
+    async def queue_settings(self) -> dict[str, dict[str, Any]]:
         with self._lock:
-            return set(self._paused)
+            return {queue: dict(settings) for queue, settings in self._queue_settings.items() if settings}
 
     async def stopping(self, jobs: Sequence[JobRecord], worker_id: str) -> list[str]:
         with self._lock:

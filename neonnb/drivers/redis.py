@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -311,18 +312,25 @@ class RedisDriver(Driver, BlockingEnqueue, EventFeed, HandOff, PipelinedClaims, 
         wait = await self._script("permit", [PERMITS], [key, count, _num(window), token])
         return float(wait)
 
-    async def set_paused(self, queue: str, paused: bool) -> None:
-        # In the queue's own slot, where the dispatch script reads it before handing a job over.
-        key = f"{self._base(queue)}paused"
-        command = ("SET", key, "1") if paused else ("DEL", key)
-        await self._reach(lambda client: client.redis.execute_command(*command))
-        await self._reach(lambda client: client.redis.sadd(f"{self.prefix}queues", queue))
+    async def configure_queue(self, queue: str, settings: dict[str, Any]) -> None:
+        # A hash in the queue's own slot, where the dispatch script reads "paused" before
+        # handing a job over; each value as JSON.
+        key = f"{self._base(queue)}settings"
+        commands: list[tuple[Any, ...]] = [("SADD", f"{self.prefix}queues", queue)]
+        for name, value in settings.items():
+            commands.append(("HDEL", key, name) if value is None else ("HSET", key, name, json.dumps(value)))
+        for command in commands:  # (two slots: one at a time)
+            await self._command(command)
 
-    async def paused_queues(self) -> set[str]:
-        async def read(client: Client) -> set[str]:
+    async def _command(self, command: tuple[Any, ...]) -> Any:
+        return await self._reach(lambda client: client.redis.execute_command(*command))
+
+    async def queue_settings(self) -> dict[str, dict[str, Any]]:
+        async def read(client: Client) -> dict[str, dict[str, Any]]:
             queues = await self._queues(client)
-            flags = await client.pipeline([("EXISTS", f"{self._base(q)}paused") for q in queues]) if queues else []
-            return {q for q, flag in zip(queues, flags, strict=True) if int(flag)}
+            stored = await client.pipeline([("HGETALL", f"{self._base(q)}settings") for q in queues]) if queues else []
+            return {q: settings for q, fields in zip(queues, stored, strict=True)
+                    if (settings := _read_settings(fields))}
 
         return await self._reach(read)
 
@@ -738,3 +746,15 @@ def _pairs(reply: Any) -> list[tuple[str, float]]:
     if reply and isinstance(reply[0], (list, tuple)):
         return [(str(member), float(score)) for member, score in reply]
     return [(str(reply[i]), float(reply[i + 1])) for i in range(0, len(reply), 2)]
+
+
+def _read_settings(fields: Any) -> dict[str, Any]:
+    """A queue's settings hash (a dict, or a flat list from a pipeline); values this version
+    can't read are left out."""
+    if isinstance(fields, list):
+        fields = dict(zip(fields[::2], fields[1::2], strict=True))
+    settings = {}
+    for name, text in (fields or {}).items():
+        with contextlib.suppress(ValueError):
+            settings[str(name)] = json.loads(text)
+    return settings

@@ -30,7 +30,7 @@
 --                              records; "" wakes it with nothing), expiring after a minute
 --   B.."marks:"..group   HASH  a mark set: member -> value (a batch's finished job ids -> results)
 --   B.."marks"           ZSET  the mark sets' names scored by their latest change, for pruning
---   B.."paused"          STRING "1" while the queue is paused (no claims, no hand-offs)
+--   B.."settings"        HASH  what is set for the queue (paused: no claims, no hand-offs; rate), JSON values
 --
 -- Each script below starts with a line "--! name"; the driver splits the file there.
 
@@ -62,7 +62,7 @@ local stored, waiting = 0, 0
 local result = nil
 local looked, idle = false, nil  -- the first waiting worker, looked up once per hand-off
 -- A paused queue hands nothing over: its jobs wait in their ready sets until it is resumed.
-if redis.call('EXISTS', B .. 'paused') == 1 then looked = true end
+if redis.call('HEXISTS', B .. 'settings', 'paused') == 1 then looked = true end
 for i = 4, #ARGV do
   local job = cjson.decode(ARGV[i])
   local key = B .. 'job:' .. job[1]

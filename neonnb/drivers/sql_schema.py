@@ -43,7 +43,7 @@ FINISHED_STATES = [SUCCEEDED, FAILED, CANCELLED]
 def jobs_table(name: str) -> Table:
     """The jobs table (``name`` comes from ``Config.table_name``); beside it in the same
     MetaData, ``{name}_marks`` holds the driver's ``mark`` sets, ``{name}_workers`` the
-    registry (workers, schedulers, listeners), ``{name}_queues`` what is set per queue (paused)
+    registry (workers, schedulers, listeners), ``{name}_queues`` what is set per queue (paused, rate)
     and ``{name}_messages`` recent messages."""
     metadata = MetaData()
     Table(
@@ -65,9 +65,9 @@ def jobs_table(name: str) -> Table:
         Column("at", Double, nullable=False),
     )
     Table(
-        f"{name}_queues", metadata,  # what is set for a queue as a whole (paused)
+        f"{name}_queues", metadata,  # what is set for a queue as a whole (paused, rate), as JSON
         Column("queue", String(200), primary_key=True),
-        Column("paused", Integer, nullable=False, default=0),
+        Column("settings", Text, nullable=False),
     )
     Table(
         f"{name}_marks", metadata,

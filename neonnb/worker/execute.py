@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import time
 import uuid
 from collections.abc import Callable
@@ -18,7 +19,8 @@ from typing import Any, NamedTuple
 from .. import capture
 from ..artifacts import OFF_LOOP_BYTES, is_reference
 from ..codec import is_data_value
-from ..errors import JobCancelled, JobExpired, JobTimeout, PayloadError, ResultError, UnknownJobError
+from ..config import Rate, parse_rate
+from ..errors import ConfigError, JobCancelled, JobExpired, JobTimeout, PayloadError, ResultError, UnknownJobError
 from ..hooks import Hooks
 from ..job import Context, decode_job, is_async_job, known_type
 from ..records import JobRecord, Status
@@ -117,24 +119,35 @@ class JobRunner:
             await self.outcomes.succeeded(record, result)
 
     async def _over_its_rate(self, record: JobRecord) -> bool:
-        """A job type with a rate limit takes a permit first (one atomic step in the store);
-        with none left in its window the job goes back to its queue, due when one frees: not
-        charged an attempt, no error, its slot free for the jobs behind it."""
+        """A job of a rate-limited queue or type takes a permit of each limit first (one
+        atomic step in the store each); with none left in a window the job goes back to its
+        queue, due when one frees: not charged an attempt, no error, its slot free for the
+        jobs behind it."""
+        limits = await self._limits(record)
+        outcomes = self.outcomes
+        for key, rate in limits:
+            take = functools.partial(outcomes.driver.take_permit, key, rate.count, rate.window, uuid.uuid4().hex)
+            wait = await outcomes.persist(take, "take a rate permit for")
+            if wait != 0:
+                await outcomes.postpone(record, PERMIT_RETRY if wait is None else wait)
+                return True
+        return False
+
+    async def _limits(self, record: JobRecord) -> list[tuple[str, Rate]]:
+        """(permit key, rate) of each limit on this job: its queue's, then its type's."""
+        limits = []
+        queue_rate = (await self.outcomes.core.queue_settings()).get(record.queue, {}).get("rate")
+        if isinstance(queue_rate, str):
+            with contextlib.suppress(ConfigError):  # a rate this version can't read limits nothing
+                limits.append((f"queue:{record.queue}", parse_rate(queue_rate, "queue rate")))
         job_type = known_type(record.name)
-        if job_type is None or job_type.rate is None or record.broken:
-            return False
-        try:
-            job = decode_job(record) if job_type.limit_key is not None else None
-            key = job_type.permit_key(job) if job is not None else job_type.name
-        except Exception:
-            return False  # the run below meets the same error and records it
-        rate, outcomes = job_type.rate, self.outcomes
-        wait = await outcomes.persist(lambda: outcomes.driver.take_permit(
-            key, rate.count, rate.window, uuid.uuid4().hex), "take a rate permit for")
-        if wait == 0:
-            return False
-        await outcomes.postpone(record, PERMIT_RETRY if wait is None else wait)
-        return True
+        if job_type is not None and job_type.rate is not None and not record.broken:
+            try:
+                key = job_type.permit_key(decode_job(record)) if job_type.limit_key is not None else job_type.name
+            except Exception:
+                return limits  # the run meets the same error and records it
+            limits.append((key, job_type.rate))
+        return limits
 
     async def _call(self, job: Any, ctx: Context, timeout: float | None, output: capture.Output) -> str | None:
         """Run the handler in this task and encode what it returned (ResultError if that can't

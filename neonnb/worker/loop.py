@@ -416,9 +416,10 @@ class Worker:
         if self._store_failed and not await self._give_back_unheld(now):
             return 0
         self._store_failed = False
-        paused = await self._guard(self.core.paused(), "reading which queues are paused")
-        if paused is None:
+        settings = await self._guard(self.core.queue_settings(), "reading the queues' settings")
+        if settings is None:
             return 0
+        paused = {queue for queue, setting in settings.items() if setting.get("paused")}
         piece = self._piece_size or limit
         if limit <= piece:
             return await self._claim_piece(limit, now, paused)
