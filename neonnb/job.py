@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from . import artifacts
 from .capture import job_logger
 from .codec import decode, decode_fields, dumps, encode, encode_fields, loads
-from .config import Rate, parse_rate
+from .config import Rate, parse_rate, positive_int
 from .errors import ConfigError, MissingDependency, PayloadError, SerializationError, UnknownJobError
 from .records import MAX_JOB_NAME, JobRecord, Priority, check_queue_name, check_text
 
@@ -114,24 +114,28 @@ def _no_arguments(function: Callable[..., Any]) -> bool:
 
 class JobType(abc.ABC):
     """A registry entry: turns a stored payload back into something with ``handle(ctx)``.
-    ``rate``: at most so many starts of this job per window, across every worker; with
-    ``limit_key`` (an argument's name, or a callable of the arguments), per value of it."""
+    ``rate``: at most so many starts of this job per window, across every worker;
+    ``concurrency``: at most so many running at once; with ``limit_key`` (an argument's
+    name, or a callable of the arguments), each per value of it."""
 
     name: str
     rate: Rate | None = None
+    concurrency: int | None = None
     limit_key: str | Callable[..., Any] | None = None
 
     @abc.abstractmethod
     def decode(self, payload: str) -> Any:
         """The runnable job for ``payload``; raises PayloadError."""
 
-    def _set_limits(self, rate_limit: Any, limit_key: Any) -> None:
+    def _set_limits(self, rate_limit: Any, limit_key: Any, concurrency: Any = None) -> None:
         self.rate = None if rate_limit is None else parse_rate(rate_limit, f"{self.name}: rate_limit")
+        if concurrency is not None:
+            self.concurrency = positive_int(concurrency, f"{self.name}: concurrency")
         if limit_key is not None and not (callable(limit_key) or isinstance(limit_key, str)):
             raise ConfigError(f"{self.name}: limit_key must name an argument or be a callable of the arguments, "
                               f"got {limit_key!r}")
-        if limit_key is not None and self.rate is None:
-            raise ConfigError(f"{self.name}: limit_key limits per key what rate_limit allows; give a rate_limit too")
+        if limit_key is not None and self.rate is None and self.concurrency is None:
+            raise ConfigError(f"{self.name}: limit_key applies rate_limit or concurrency per key; give one of them")
         self.limit_key = limit_key
 
     def permit_key(self, job: Any) -> str:
@@ -148,7 +152,8 @@ class ClassJobType(JobType):
     def __init__(self, cls: type[Job]) -> None:
         self.cls = cls
         self.name = cls.job_name
-        self._set_limits(getattr(cls, "rate_limit", None), getattr(cls, "limit_key", None))
+        self._set_limits(getattr(cls, "rate_limit", None), getattr(cls, "limit_key", None),
+                         getattr(cls, "concurrency", None))
 
     def decode(self, payload: str) -> Any:
         return decode_fields(_loads(payload, self.name), self.cls, self.name)
@@ -197,6 +202,7 @@ class FunctionJob(JobType):
         unique: bool = False,
         rate_limit: str | None = None,
         limit_key: str | Callable[..., Any] | None = None,
+        concurrency: int | None = None,
     ) -> None:
         self.fn = fn
         self.unique = unique
@@ -213,7 +219,7 @@ class FunctionJob(JobType):
             parameters=[p for p in self.signature.parameters.values() if p.name != "ctx"]
         )
         self.is_async = inspect.iscoroutinefunction(fn)
-        self._set_limits(rate_limit, limit_key)
+        self._set_limits(rate_limit, limit_key, concurrency)
         if isinstance(limit_key, str) and limit_key not in self._caller_signature.parameters:
             raise ConfigError(f"{self.name}: limit_key {limit_key!r} is not one of its arguments "
                               f"({', '.join(self._caller_signature.parameters) or 'it has none'})")

@@ -134,6 +134,7 @@ class QueueManager:
         self, fn: None = None, /, *, queue: str | None = ..., max_attempts: int | None = ...,
         timeout: DurationInput | None = ..., priority: Priority | str = ..., name: str | None = ..., unique: bool = ...,
         rate_limit: str | None = ..., limit_key: str | Callable[..., Any] | None = ...,
+        concurrency: int | None = ...,
     ) -> Callable[[Callable[..., Any]], FunctionJob]: ...
 
     def job(
@@ -149,13 +150,15 @@ class QueueManager:
         unique: bool = False,
         rate_limit: str | None = None,
         limit_key: str | Callable[..., Any] | None = None,
+        concurrency: int | None = None,
     ) -> FunctionJob | Callable[[Callable[..., Any]], FunctionJob]:
         """Register a function as a job: ``@qm.job`` or ``@qm.job(queue="etl", max_attempts=5)``.
         ``unique=True``: while a call with the same arguments is queued or running, dispatching
         it again returns that job's handle instead of enqueuing another. ``rate_limit="10/s"``
         (or "100/m", "5/30s"): at most so many start in any such window, across every worker
         and process; with ``limit_key`` (an argument's name, or a callable of the arguments),
-        per value of it. A job over its limit waits in its queue, uncharged."""
+        per value of it. ``concurrency=2``: at most 2 running at once, across every worker (per
+        ``limit_key`` value, if given). A job over a limit waits in its queue, uncharged."""
         if max_attempts is not None and (not isinstance(max_attempts, int) or max_attempts < 1):
             raise ConfigError(f"job max_attempts must be an integer of at least 1, got {max_attempts!r}")
         seconds = None if timeout is None else parse_duration(timeout, "job timeout")
@@ -164,7 +167,7 @@ class QueueManager:
         def register(f: Callable[..., Any]) -> FunctionJob:
             return FunctionJob(
                 f, self, name=name, queue=queue, max_attempts=max_attempts, timeout=seconds, priority=prio,
-                unique=unique, rate_limit=rate_limit, limit_key=limit_key,
+                unique=unique, rate_limit=rate_limit, limit_key=limit_key, concurrency=concurrency,
             )
 
         return register if fn is None else register(fn)

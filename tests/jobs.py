@@ -144,6 +144,24 @@ class LimitedPerCustomer(Job):
         return self.n
 
 
+RUNS: list[tuple[float, float, str]] = []  # (start, end, key) of each run of a Crowded job
+
+
+class Crowded(Job):
+    """At most 2 run at once for each customer; each takes 0.2 s."""
+
+    customer: str
+    n: int
+    concurrency = 2
+    limit_key = "customer"
+
+    def handle(self, ctx: Context) -> int:
+        start = time.monotonic()
+        time.sleep(0.2)
+        RUNS.append((start, time.monotonic(), self.customer))
+        return self.n
+
+
 class BlockingSync(Job):
     """Runs until RELEASE is set or the worker asks it to stop."""
 

@@ -392,6 +392,26 @@ def test_a_rate_limit_per_key_counts_each_key_apart(make_manager: MakeManager) -
     assert sorted(set(first_second)) == ["acme", "globex"], "one key's limit held up the other"
 
 
+def test_concurrency_per_key_never_runs_more_at_once_across_workers(make_manager: MakeManager) -> None:
+    qm = make_manager(poll_interval=0.05)
+    other = qm if qm.config.driver == "memory" else make_manager()
+    jobs.RUNS.clear()
+    handles = qm.dispatch_batch("q", [jobs.Crowded(c, n) for n in range(6) for c in ("acme", "globex")])
+    workers = [qm.worker("q", 4).start(), other.worker("q", 4).start(), other.worker("q", 4).start()]
+    try:
+        assert sorted(h.result(timeout=30) for h in handles) == sorted(list(range(6)) * 2)
+    finally:
+        for worker in workers:
+            worker.stop()
+    for customer in ("acme", "globex"):
+        runs = [(start, end) for start, end, key in jobs.RUNS if key == customer]
+        most = max(sum(1 for s, e in runs if s <= start < e) for start, _ in runs)
+        assert len(runs) == 6 and most <= 2, f"{customer}: {most} ran at once"
+    assert max(sum(1 for s, e, _ in jobs.RUNS if s <= start < e) for start, _, _ in jobs.RUNS) >= 3, (
+        "the keys held each other up")
+    assert {h.fetch().attempts for h in handles} == {1}, "waiting for a place charged attempts"
+
+
 def test_a_queue_rate_limit_holds_for_the_queue_as_a_whole(make_manager: MakeManager) -> None:
     qm = make_manager(poll_interval=0.05)
     other = qm if qm.config.driver == "memory" else make_manager()

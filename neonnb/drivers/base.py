@@ -80,6 +80,16 @@ class Driver(abc.ABC):
         waited for the step must not be counted at the moment it asked."""
 
     @abc.abstractmethod
+    async def take_slot(self, queue: str, key: str, limit: int, job_id: str) -> bool:
+        """Concurrency per key, in one atomic step: unless ``limit`` running jobs of ``queue``
+        hold a slot of ``key``, the job takes one. A holder that is no longer running (it
+        ended, or its dead worker's lease was recovered) no longer counts."""
+
+    @abc.abstractmethod
+    async def release_slot(self, queue: str, key: str, job_id: str) -> None:
+        """The job's attempt ended: its slot frees at once."""
+
+    @abc.abstractmethod
     async def configure_queue(self, queue: str, settings: dict[str, Any]) -> None:
         """Merge ``settings`` into what is kept for ``queue`` as a whole (``paused``: True,
         ``rate``: "100/m"; a value of None removes the setting). Kept in the store: every

@@ -116,6 +116,7 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, PipelinedClaims, StoreC
         self.workers = self.table.metadata.tables[f"{table_name}_workers"]
         self.queues = self.table.metadata.tables[f"{table_name}_queues"]
         self.permits = self.table.metadata.tables[f"{table_name}_permits"]
+        self.slots = self.table.metadata.tables[f"{table_name}_slots"]
         self.messages = self.table.metadata.tables[f"{table_name}_messages"]
         self._trimmed_at = 0.0
         self._insert_mark = insert_ignoring(self.marks, dialect)
@@ -487,6 +488,29 @@ class DatabaseDriver(Driver, BlockingEnqueue, EventFeed, PipelinedClaims, StoreC
 
         # Under a lock on the key: the check and the count are one step for every worker.
         return await self._locked(f"permit:{key}", take)
+
+    async def take_slot(self, queue: str, key: str, limit: int, job_id: str) -> bool:
+        s, c = self.slots.c, self.table.c
+        slot = f"{queue}:{key}"
+        running = select(c.id).where(c.status == RUNNING)
+
+        def take(conn: Connection) -> bool:
+            # Holders that stopped running (ended, or recovered from a dead worker) free their slots.
+            conn.execute(delete(self.slots).where(s.key == slot, s.job_id != job_id, s.job_id.not_in(running)))
+            held = set(conn.execute(select(s.job_id).where(s.key == slot)).scalars())
+            if job_id in held:
+                return True
+            if len(held) >= limit:
+                return False
+            conn.execute(self.slots.insert().values(key=slot, job_id=job_id))
+            return True
+
+        return await self._locked(f"slot:{slot}", take)
+
+    async def release_slot(self, queue: str, key: str, job_id: str) -> None:
+        s = self.slots.c
+        stmt = delete(self.slots).where(s.key == f"{queue}:{key}", s.job_id == job_id)
+        await self._statement(lambda conn: conn.execute(stmt), durable=False)
 
     async def configure_queue(self, queue: str, settings: dict[str, Any]) -> None:
         q = self.queues.c

@@ -46,6 +46,7 @@ class MemoryDriver(Driver, BlockingEnqueue):
         self._seq = 0
         self._members: dict[str, str] = {}  # id -> the worker's or scheduler's entry as JSON
         self._queue_settings: dict[str, dict[str, Any]] = {}
+        self._slots: dict[tuple[str, str], set[str]] = {}  # (queue, key) -> the jobs holding its slots
         self._permits: dict[str, collections.deque[float]] = {}  # key -> when its permits were taken
 
     def _schedule(self, record: JobRecord) -> None:
@@ -157,6 +158,20 @@ class MemoryDriver(Driver, BlockingEnqueue):
                 taken.append(now)
                 return 0.0
             return taken[0] + window - now
+
+    async def take_slot(self, queue: str, key: str, limit: int, job_id: str) -> bool:
+        with self._lock:
+            holders = self._slots.setdefault((queue, key), set())
+            holders -= {held for held in holders if held != job_id and (
+                (record := self._jobs.get(held)) is None or record.status is not Status.RUNNING)}
+            if job_id in holders or len(holders) < limit:
+                holders.add(job_id)
+                return True
+            return False
+
+    async def release_slot(self, queue: str, key: str, job_id: str) -> None:
+        with self._lock:
+            self._slots.get((queue, key), set()).discard(job_id)
 
     async def configure_queue(self, queue: str, settings: dict[str, Any]) -> None:
         with self._lock:

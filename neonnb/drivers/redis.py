@@ -312,6 +312,12 @@ class RedisDriver(Driver, BlockingEnqueue, EventFeed, HandOff, PipelinedClaims, 
         wait = await self._script("permit", [PERMITS], [key, count, _num(window), token])
         return float(wait)
 
+    async def take_slot(self, queue: str, key: str, limit: int, job_id: str) -> bool:
+        return bool(await self._script("slot", [queue], ["take", key, limit, job_id]))
+
+    async def release_slot(self, queue: str, key: str, job_id: str) -> None:
+        await self._script("slot", [queue], ["release", key, 0, job_id])
+
     async def configure_queue(self, queue: str, settings: dict[str, Any]) -> None:
         # A hash in the queue's own slot, where the dispatch script reads "paused" before
         # handing a job over; each value as JSON.

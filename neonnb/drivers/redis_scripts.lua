@@ -30,6 +30,7 @@
 --                              records; "" wakes it with nothing), expiring after a minute
 --   B.."marks:"..group   HASH  a mark set: member -> value (a batch's finished job ids -> results)
 --   B.."marks"           ZSET  the mark sets' names scored by their latest change, for pruning
+--   B.."slots:"..key     SET   the running jobs holding a place of a concurrency key
 --   B.."settings"        HASH  what is set for the queue (paused: no claims, no hand-offs; rate), JSON values
 --
 -- Each script below starts with a line "--! name"; the driver splits the file there.
@@ -241,6 +242,26 @@ if redis.call('ZCARD', permits) < count then
 end
 local oldest = redis.call('ZRANGE', permits, 0, 0, 'WITHSCORES')
 return tostring(tonumber(oldest[2]) + window - now)
+
+--! slot
+-- KEYS: B.  ARGV: "take" or "release", key, limit, job id.   Concurrency per key, within the
+-- queue's slot: a holder no longer running frees its place; "take" returns 1 if the job holds
+-- one of the `limit` places (now or already), else 0.
+local slots = KEYS[1] .. 'slots:' .. ARGV[2]
+local id = ARGV[4]
+if ARGV[1] == 'release' then
+  redis.call('SREM', slots, id)
+  return 0
+end
+for _, held in ipairs(redis.call('SMEMBERS', slots)) do
+  if held ~= id and redis.call('HGET', KEYS[1] .. 'job:' .. held, 'status') ~= 'running' then
+    redis.call('SREM', slots, held)
+  end
+end
+if redis.call('SISMEMBER', slots, id) == 1 then return 1 end
+if redis.call('SCARD', slots) >= tonumber(ARGV[3]) then return 0 end
+redis.call('SADD', slots, id)
+return 1
 
 --! stopping
 -- KEYS: B.  ARGV: worker_id, id...   Of these jobs, those the worker holds that someone asked

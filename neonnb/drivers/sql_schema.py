@@ -65,6 +65,11 @@ def jobs_table(name: str) -> Table:
         Column("at", Double, nullable=False),
     )
     Table(
+        f"{name}_slots", metadata,  # concurrency per key: the jobs holding a slot (take_slot)
+        Column("key", String(400), primary_key=True),
+        Column("job_id", String(36), primary_key=True),
+    )
+    Table(
         f"{name}_queues", metadata,  # what is set for a queue as a whole (paused, rate), as JSON
         Column("queue", String(200), primary_key=True),
         Column("settings", Text, nullable=False),

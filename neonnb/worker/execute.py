@@ -27,6 +27,7 @@ from ..records import JobRecord, Status
 from .outcomes import Outcomes, encode_result
 
 PERMIT_RETRY = 1.0  # seconds a rate-limited job waits when the store could not say when a permit frees
+SLOT_RETRY = 0.5  # seconds a job waits for a place of its concurrency key (a place frees when a job ends)
 
 class Running(NamedTuple):
     """A job a worker has claimed and is running."""
@@ -82,6 +83,32 @@ class JobRunner:
             return
         if await self._over_its_rate(record):
             return
+        slot = await self._slot_key(record)
+        if slot is not None:
+            taken = await self.outcomes.persist(functools.partial(
+                self.outcomes.driver.take_slot, record.queue, slot[0], slot[1], record.id), "take a place for")
+            if not taken:  # every place of its key is held: back to the queue, uncharged
+                await self.outcomes.postpone(record, SLOT_RETRY)
+                return
+        try:
+            await self._run(record, ctx, default_timeout)
+        finally:
+            if slot is not None:
+                with contextlib.suppress(Exception):  # else it frees when this job is no longer running
+                    await self.outcomes.driver.release_slot(record.queue, slot[0], record.id)
+
+    async def _slot_key(self, record: JobRecord) -> tuple[str, int] | None:
+        """(key, limit) of the job type's concurrency limit (per its limit_key's value)."""
+        job_type = known_type(record.name)
+        if job_type is None or job_type.concurrency is None or record.broken:
+            return None
+        try:
+            key = job_type.permit_key(decode_job(record)) if job_type.limit_key is not None else job_type.name
+        except Exception:
+            return None  # the run meets the same error and records it
+        return key, job_type.concurrency
+
+    async def _run(self, record: JobRecord, ctx: Context, default_timeout: float | None) -> None:
         self.hooks.before_job(record)
         job: Any = None
         output = capture.Output()
