@@ -26,6 +26,7 @@ from .config import WorkerOptions, printable
 from .errors import JobNotFound, MissingExtra, NeonnbError
 from .manager import QueueManager, connect
 from .records import MAX_OFFSET, MAX_PAGE, JobRecord, QueueCounts, Status, record_data, schedules_data
+from .render import queue_state
 
 
 def load_manager(target: str) -> QueueManager:
@@ -161,7 +162,7 @@ def _stats(qm: QueueManager, args: argparse.Namespace) -> int:
     headers = ["QUEUE", "HIGH", "NORMAL", "LOW", "DELAYED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED",
                "STATE"]
     rows = [[queue, *map(str, [c.waiting["high"], c.waiting["normal"], c.waiting["low"], c.delayed, c.running,
-                                c.succeeded, c.failed, c.cancelled, c.expired]), _state(c)]
+                                c.succeeded, c.failed, c.cancelled, c.expired]), queue_state(c)]
             for queue, c in counts.items()]
     _show_result(args, data, _table(headers, rows) if rows else "no jobs on this store")
     return 0
@@ -278,16 +279,16 @@ def _pause(qm: QueueManager, args: argparse.Namespace) -> int:
     return 0
 
 
-def _state(counts: QueueCounts) -> str:
-    state = "paused" if counts.paused else "active"
-    return f"{state}, at most {counts.rate}" if counts.rate else state
-
-
 def _limit(qm: QueueManager, args: argparse.Namespace) -> int:
-    rate = None if args.rate.lower() == "none" else args.rate
-    qm.limit_queue(args.queue, rate)
-    said = f"at most {rate} of {args.queue!r}'s jobs start" if rate else f"{args.queue!r} has no rate limit"
-    _show_result(args, {"queue": args.queue, "rate": rate}, said)
+    given: dict[str, Any] = {}
+    if args.rate is not None:
+        given["rate"] = None if args.rate.lower() == "none" else args.rate
+    if args.concurrency is not None:
+        text = args.concurrency.strip()
+        given["concurrency"] = None if text.lower() == "none" else int(text) if text.isdigit() else text
+    qm.limit_queue(args.queue, **given)
+    state = queue_state(qm.stats().get(args.queue, QueueCounts()))
+    _show_result(args, {"queue": args.queue, **given}, f"{args.queue}: {state}")
     return 0
 
 
@@ -445,9 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
           _pause).add_argument("--queue", required=True, help="the queue to pause")
     admin("resume", "let workers take a paused queue's jobs again", _resume).add_argument(
         "--queue", required=True, help="the queue to resume")
-    limit = admin("limit", "limit how many of a queue's jobs start per second, minute or hour, everywhere", _limit)
+    limit = admin("limit", "limit how many of a queue's jobs start per time and run at once, everywhere", _limit)
     limit.add_argument("--queue", required=True, help="the queue to limit")
-    limit.add_argument("--rate", required=True, help="a count over a time: 100/m, 10/s, 5/30s; none lifts it")
+    limit.add_argument("--rate", help="a count over a time: 100/m, 10/s, 5/30s; none lifts it")
+    limit.add_argument("--concurrency", help="at most this many running at once; none lifts it")
     admin("workers", "the workers on a store, in every process and machine", _workers)
     admin("schedules", "the schedules of every scheduler running on a store", _schedules)
 

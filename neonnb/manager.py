@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 from . import frames, render, workflows
 from ._loop import close_at_exit, closed, run_sync
-from .config import Config, DurationInput, WorkerOptions, parse_duration, parse_rate, redact
+from .config import Config, DurationInput, WorkerOptions, parse_duration, parse_rate, positive_int, redact
 from .core import Core
 from .drivers import create_driver
 from .drivers.base import Driver
@@ -50,6 +50,16 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from .notebook.dashboard import Dashboard
+
+
+class _Keep:
+    """limit_queue's "not given": the limit stays as it is (None lifts it)."""
+
+    def __repr__(self) -> str:
+        return "unchanged"
+
+
+KEEP = _Keep()
 
 class QueueManager:
     """The spec's ``queue.Manager``: ``QueueManager(Config(...))`` or ``neonnb.connect(url)``.
@@ -311,6 +321,7 @@ class QueueManager:
         for queue, setting in settings.items():  # a paused or limited queue shows, with or without jobs
             counts.setdefault(queue, QueueCounts()).paused = bool(setting.get("paused"))
             counts[queue].rate = setting.get("rate")
+            counts[queue].concurrency = setting.get("concurrency")
         return counts
 
     async def apause(self, queue: str) -> None:
@@ -330,16 +341,27 @@ class QueueManager:
     def resume(self, queue: str) -> None:
         run_sync(self.aresume(queue))
 
-    async def alimit_queue(self, queue: str, rate: str | None) -> None:
-        """At most ``rate`` ("100/m", "10/s", "5/30s") of ``queue``'s jobs start in any such
-        window, across every worker and process (as a job's ``rate_limit``, for the queue as a
-        whole); None lifts the limit. Kept in the store; workers see it within a second."""
-        if rate is not None:
-            parse_rate(rate, f"the rate of queue {queue!r}")
-        await self.core.configure_queue(queue, {"rate": rate})
+    async def alimit_queue(self, queue: str, rate: str | _Keep | None = KEEP,
+                           concurrency: int | _Keep | None = KEEP) -> None:
+        """Limits on ``queue`` as a whole, across every worker and process: at most ``rate``
+        ("100/m", "10/s", "5/30s") of its jobs start in any such window, at most
+        ``concurrency`` run at once. None lifts a limit; one not given stays as it is. Kept in
+        the store; workers see it within a second."""
+        settings: dict[str, Any] = {}
+        if not isinstance(rate, _Keep):
+            if rate is not None:
+                parse_rate(rate, f"the rate of queue {queue!r}")
+            settings["rate"] = rate
+        if not isinstance(concurrency, _Keep):
+            settings["concurrency"] = None if concurrency is None else positive_int(
+                concurrency, f"the concurrency of queue {queue!r}")
+        if not settings:
+            raise ConfigError("limit_queue needs rate= or concurrency= (None lifts one)")
+        await self.core.configure_queue(queue, settings)
 
-    def limit_queue(self, queue: str, rate: str | None) -> None:
-        run_sync(self.alimit_queue(queue, rate))
+    def limit_queue(self, queue: str, rate: str | _Keep | None = KEEP,
+                    concurrency: int | _Keep | None = KEEP) -> None:
+        run_sync(self.alimit_queue(queue, rate, concurrency))
 
     async def asize(self, queue: str | None = None) -> int:
         """Jobs of ``queue`` not yet started (waiting and delayed)."""

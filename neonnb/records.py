@@ -364,6 +364,7 @@ class QueueCounts:
     expired: int = 0
     paused: bool = False  # no worker claims its jobs until it is resumed
     rate: str | None = None  # at most so many of its jobs start per window (qm.limit_queue)
+    concurrency: int | None = None  # at most so many of its jobs run at once (qm.limit_queue)
 
     @property
     def size(self) -> int:

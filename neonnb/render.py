@@ -71,9 +71,15 @@ def queue_rows(counts: dict[str, QueueCounts]) -> list[list[Any]]:
 
 def _queue_label(queue: str, counts: QueueCounts) -> str:
     """The queue's name, with what holds it back: "emails (paused, at most 100/m)"."""
-    notes = [note for note in ("paused" if counts.paused else "", f"at most {counts.rate}" if counts.rate else "")
-             if note]
-    return f"{queue} ({', '.join(notes)})" if notes else queue
+    state = queue_state(counts)
+    return queue if state == "active" else f"{queue} ({state})"
+
+
+def queue_state(counts: QueueCounts) -> str:
+    """"active", or what holds the queue back: "paused, at most 100/m, at most 5 at once"."""
+    notes = [note for note in ("paused" if counts.paused else "", f"at most {counts.rate}" if counts.rate else "",
+                               f"at most {counts.concurrency} at once" if counts.concurrency else "") if note]
+    return ", ".join(notes) or "active"
 
 
 QUEUE_HEADERS = ["queue", "high", "normal", "low", "delayed", "running", "succeeded", "failed"]

@@ -176,13 +176,16 @@ def create_app(qm: QueueManager, *, token: str | None = None, read_only: bool = 
     async def limit(request: Request) -> Response:
         queue = request.path_params["queue"]
         try:
-            rate = (await request.json()).get("rate")
-        except (ValueError, AttributeError):
-            return _error(400, 'send JSON: {"rate": "100/m"}, or {"rate": null} to lift the limit')
-        if rate is not None and not isinstance(rate, str):
-            return _error(400, f'rate must be a text such as "100/m", or null, got {rate!r}')
-        await qm.alimit_queue(queue, rate)
-        return _json({"queue": queue, "rate": rate})
+            sent = await request.json()
+            given = {name: sent[name] for name in ("rate", "concurrency") if name in sent}
+        except (ValueError, TypeError, AttributeError):
+            given = {}
+        if not given:
+            return _error(400, 'send JSON: {"rate": "100/m"} and/or {"concurrency": 5}; null lifts a limit')
+        if given.get("rate") is not None and not isinstance(given["rate"], str):
+            return _error(400, f'rate must be a text such as "100/m", or null, got {given["rate"]!r}')
+        await qm.alimit_queue(queue, **given)
+        return _json({"queue": queue, **given})
 
     async def resume(request: Request) -> Response:
         queue = request.path_params["queue"]

@@ -117,7 +117,8 @@ async function refresh() {
     rate.title = `${lost} of ${ended} attempts failed in the last hour`;
     const toggle = c.paused ? "Resume" : "Pause";
     const steer = button(toggle, () => api(`/api/queues/${encodeURIComponent(name)}/${toggle.toLowerCase()}`, "POST"));
-    const state = (c.paused ? "paused" : "active") + (c.rate ? `, at most ${c.rate}` : "");
+    const state = [c.paused ? "paused" : "active", c.rate ? `at most ${c.rate}` : "",
+                   c.concurrency ? `at most ${c.concurrency} at once` : ""].filter(Boolean).join(", ");
     return [cell(name), cell(state, c.paused ? "failed" : "muted"), cell(now, "num"),
             cell(c.delayed, "num"), cell(c.running, "num"), cell(c.succeeded, "num"),
             cell(c.failed, "num" + (c.failed ? " failed" : "")), spark(depth[name]), throughput, rate, steer];

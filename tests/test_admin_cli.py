@@ -202,7 +202,9 @@ def test_pause_and_resume_a_queue_from_the_command_line(target: tuple[QueueManag
     wait_until(lambda: worker.run_once() == 1, timeout=5, what="the resumed queue's job to run (within a second)")
     assert run(capsys, "limit", config, "--queue", "mail", "--rate", "100/m")[0] == 0
     assert qm.stats()["mail"].rate == "100/m" and "at most 100/m" in run(capsys, "stats", config)[1]
-    assert run(capsys, "limit", config, "--queue", "mail", "--rate", "none")[0] == 0
+    assert run(capsys, "limit", config, "--queue", "mail", "--rate", "none", "--concurrency", "3")[0] == 0
+    assert (qm.stats()["mail"].rate, qm.stats()["mail"].concurrency) == (None, 3)
+    assert run(capsys, "limit", config, "--queue", "mail", "--concurrency", "none")[0] == 0
     assert qm.stats().get("mail") is None or qm.stats()["mail"].rate is None
     with pytest.raises(NeonnbError, match="count over a time"):  # (main() prints it, exit code 2)
         run(capsys, "limit", config, "--queue", "mail", "--rate", "often")

@@ -434,6 +434,27 @@ def test_a_queue_rate_limit_holds_for_the_queue_as_a_whole(make_manager: MakeMan
     assert qm.stats()["lq"].rate is None
 
 
+def test_a_queue_concurrency_limit_holds_for_the_queue_as_a_whole(make_manager: MakeManager) -> None:
+    qm = make_manager(poll_interval=0.05)
+    other = qm if qm.config.driver == "memory" else make_manager()
+    other.limit_queue("cq", concurrency=2)
+    assert qm.stats()["cq"].concurrency == 2
+    jobs.RUNS.clear()
+    handles = qm.dispatch_batch("cq", [jobs.Crowded(f"c{n}", n) for n in range(6)])  # each its own key
+    workers = [qm.worker("cq", 4).start(), other.worker("cq", 4).start()]
+    try:
+        assert sorted(h.result(timeout=30) for h in handles) == list(range(6))
+    finally:
+        for worker in workers:
+            worker.stop()
+    most = max(sum(1 for s, e, _ in jobs.RUNS if s <= start < e) for start, _, _ in jobs.RUNS)
+    assert most <= 2, f"{most} of the queue's jobs ran at once"
+    qm.limit_queue("cq", concurrency=None)
+    assert qm.stats()["cq"].concurrency is None
+    with pytest.raises(ConfigError, match="rate= or concurrency="):
+        qm.limit_queue("cq")
+
+
 def test_what_a_job_prints_and_logs_is_kept_with_it_not_printed(
     make_manager: MakeManager, capsys: pytest.CaptureFixture[str]
 ) -> None:

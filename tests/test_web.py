@@ -92,6 +92,9 @@ def test_the_api_lists_shows_retries_forgets_and_cancels(qm: QueueManager) -> No
             answer = client.post("/api/queues/web/limit", json=bad, headers=WRITE)
             assert answer.status_code == 400 and "error" in answer.json(), bad
         assert client.post("/api/queues/web/limit", json={"rate": None}, headers=WRITE).json()["rate"] is None
+        assert client.post("/api/queues/web/limit", json={"concurrency": 3}, headers=WRITE).json()["concurrency"] == 3
+        assert client.post("/api/queues/web/limit", json={"concurrency": 0}, headers=WRITE).status_code == 400
+        assert client.post("/api/queues/web/limit", json={}, headers=WRITE).status_code == 400
 
 
 @REACHABLE

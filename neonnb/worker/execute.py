@@ -22,7 +22,7 @@ from ..codec import is_data_value
 from ..config import Rate, parse_rate
 from ..errors import ConfigError, JobCancelled, JobExpired, JobTimeout, PayloadError, ResultError, UnknownJobError
 from ..hooks import Hooks
-from ..job import Context, decode_job, is_async_job, known_type
+from ..job import Context, JobType, decode_job, is_async_job, known_type
 from ..records import JobRecord, Status
 from .outcomes import Outcomes, encode_result
 
@@ -83,30 +83,32 @@ class JobRunner:
             return
         if await self._over_its_rate(record):
             return
-        slot = await self._slot_key(record)
-        if slot is not None:
-            taken = await self.outcomes.persist(functools.partial(
-                self.outcomes.driver.take_slot, record.queue, slot[0], slot[1], record.id), "take a place for")
-            if not taken:  # every place of its key is held: back to the queue, uncharged
-                await self.outcomes.postpone(record, SLOT_RETRY)
-                return
+        held: list[str] = []
         try:
+            for key, limit in await self._places(record):
+                taken = await self.outcomes.persist(functools.partial(
+                    self.outcomes.driver.take_slot, record.queue, key, limit, record.id), "take a place for")
+                if not taken:  # every place of a key is held: back to the queue, uncharged
+                    await self.outcomes.postpone(record, SLOT_RETRY)
+                    return
+                held.append(key)
             await self._run(record, ctx, default_timeout)
         finally:
-            if slot is not None:
+            for key in held:
                 with contextlib.suppress(Exception):  # else it frees when this job is no longer running
-                    await self.outcomes.driver.release_slot(record.queue, slot[0], record.id)
+                    await self.outcomes.driver.release_slot(record.queue, key, record.id)
 
-    async def _slot_key(self, record: JobRecord) -> tuple[str, int] | None:
-        """(key, limit) of the job type's concurrency limit (per its limit_key's value)."""
+    async def _places(self, record: JobRecord) -> list[tuple[str, int]]:
+        """(key, limit) of each concurrency limit on this job: its queue's, then its type's
+        (per its limit_key's value)."""
+        places = []
+        queue_limit = (await self.outcomes.core.queue_settings()).get(record.queue, {}).get("concurrency")
+        if isinstance(queue_limit, int) and not isinstance(queue_limit, bool) and queue_limit > 0:
+            places.append(("", queue_limit))  # "": the queue as a whole
         job_type = known_type(record.name)
-        if job_type is None or job_type.concurrency is None or record.broken:
-            return None
-        try:
-            key = job_type.permit_key(decode_job(record)) if job_type.limit_key is not None else job_type.name
-        except Exception:
-            return None  # the run meets the same error and records it
-        return key, job_type.concurrency
+        if job_type is not None and job_type.concurrency is not None and (key := _key_of(record, job_type)):
+            places.append((key, job_type.concurrency))
+        return places
 
     async def _run(self, record: JobRecord, ctx: Context, default_timeout: float | None) -> None:
         self.hooks.before_job(record)
@@ -168,11 +170,7 @@ class JobRunner:
             with contextlib.suppress(ConfigError):  # a rate this version can't read limits nothing
                 limits.append((f"queue:{record.queue}", parse_rate(queue_rate, "queue rate")))
         job_type = known_type(record.name)
-        if job_type is not None and job_type.rate is not None and not record.broken:
-            try:
-                key = job_type.permit_key(decode_job(record)) if job_type.limit_key is not None else job_type.name
-            except Exception:
-                return limits  # the run meets the same error and records it
+        if job_type is not None and job_type.rate is not None and (key := _key_of(record, job_type)):
             limits.append((key, job_type.rate))
         return limits
 
@@ -260,6 +258,19 @@ class JobRunner:
         self._in_thread.discard(job_id)
         self.stuck.discard(job_id)
         self.slot_freed()
+
+
+def _key_of(record: JobRecord, job_type: JobType) -> str | None:
+    """What a limit of ``job_type`` counts this job under (its name, with its limit_key's
+    value); None where the job can't be read: its run meets the same error and records it."""
+    if record.broken:
+        return None
+    if job_type.limit_key is None:
+        return job_type.name
+    try:
+        return job_type.permit_key(decode_job(record))
+    except Exception:
+        return None
 
 
 def is_big(value: Any) -> bool:
