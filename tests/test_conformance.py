@@ -350,10 +350,11 @@ def _most_in_a_window(starts: list[float], window: float) -> int:
 
 
 def test_a_rate_limit_holds_across_workers_without_charging_attempts(make_manager: MakeManager) -> None:
-    """rate_limit="10/s" over 30 jobs on three workers: never more than 10 starts in a second
-    (measured where the handlers start, up to ~0.15 s after their permits on a loaded machine:
-    0.8 s windows; a limit not kept, or kept per fixed second, shows as 20 or 30 at once),
-    no attempt charged for waiting, and jobs that are not limited are not held up."""
+    """rate_limit="10/s" over 30 jobs on three workers: the starts span at least two seconds
+    and no half second holds more than 10 (measured where the handlers start, which on a
+    loaded machine lags their permits by up to ~0.3 s: a limit not kept shows as 30 starts at
+    once, one kept per fixed second as 20), no attempt charged for waiting, and jobs that are
+    not limited are not held up."""
     qm = make_manager(poll_interval=0.05)
     other = qm if qm.config.driver == "memory" else make_manager()
     jobs.STARTS.clear()
@@ -370,7 +371,8 @@ def test_a_rate_limit_holds_across_workers_without_charging_attempts(make_manage
         for worker in workers:
             worker.stop()
     starts = [t for t, _ in jobs.STARTS]
-    assert len(starts) == 30 and _most_in_a_window(starts, 0.8) <= 10, "over the limit"
+    assert len(starts) == 30 and _most_in_a_window(starts, 0.5) <= 10, "over the limit"
+    assert max(starts) - min(starts) >= 1.8, "30 starts at 10/s spread over less than two seconds"
     assert 1.9 <= took < 8, f"30 jobs at 10/s took {took:.1f}s"
     assert free_done < took, "the jobs without a limit waited behind the limited ones"
     assert {h.fetch().attempts for h in limited} == {1}, "waiting for the limit charged attempts"
@@ -387,7 +389,8 @@ def test_a_rate_limit_per_key_counts_each_key_apart(make_manager: MakeManager) -
         worker.stop()
     for customer in ("acme", "globex"):
         starts = [t for t, key in jobs.STARTS if key == customer]
-        assert len(starts) == 10 and _most_in_a_window(starts, 0.8) <= 5, customer
+        assert len(starts) == 10 and _most_in_a_window(starts, 0.5) <= 5, customer
+        assert max(starts) - min(starts) >= 0.8, f"{customer}: 10 starts at 5/s within a second"
     first_second = [key for t, key in jobs.STARTS if t < jobs.STARTS[0][0] + 0.9]
     assert sorted(set(first_second)) == ["acme", "globex"], "one key's limit held up the other"
 
